@@ -1,0 +1,234 @@
+//! Values and indices of the BPF maps. Who writes what is documented in ARCHITECTURE.md
+//! ("Maps and their owners"); in short: userspace writes `CONFIG` once at start and
+//! `NODE` on role/epoch/lease changes; the kernel programs own `SEQ`, `HOLD_CTL`, `HOLD`
+//! and `RETX`; `COUNTERS`/`HOLD_HIST` are written by the kernel and read by userspace.
+use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
+
+use crate::wire::SLOT_DATA;
+
+// ---- roles (NodeState.role) ----
+/// Attached but not serving: client frames for the VM dropped, VM output dropped.
+pub const ROLE_STANDBY: u32 = 0;
+/// Live, replicating: inbound frames duplicated to the backup, output held until acked.
+pub const ROLE_PRIMARY: u32 = 1;
+/// Not live: consumes the log, VM output suppressed, never emits on the client NIC.
+pub const ROLE_BACKUP: u32 = 2;
+/// Live without a backup: inbound frames go to the VM only, output released at once
+/// (still in order behind anything held, still only under a valid lease).
+pub const ROLE_SOLO: u32 = 3;
+
+pub fn role_name(role: u32) -> &'static str {
+    match role {
+        ROLE_STANDBY => "standby",
+        ROLE_PRIMARY => "primary",
+        ROLE_BACKUP => "backup",
+        ROLE_SOLO => "solo",
+        _ => "invalid",
+    }
+}
+
+// ---- Config.flags ----
+/// Hold VM output until the backup acked its dependencies (the output rule). Cleared
+/// only by the benchmark's "gate disabled" baseline.
+pub const CFG_HOLD_OUTPUT: u32 = 1;
+/// Deliver inbound frames to the VM side with the log header kept (a VMM reads the
+/// sequence number); otherwise the header is stripped (plain stand-in VM).
+pub const CFG_VM_TAGGED_INPUT: u32 = 2;
+
+/// Static configuration, written once by the daemon before attaching (map `CONFIG`, 1 entry).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
+pub struct Config {
+    /// `RETX` entries - 1 (entries is a power of two).
+    pub retx_mask: u64,
+    /// `HOLD` entries - 1 (entries is a power of two).
+    pub hold_mask: u64,
+    /// Most log entries allowed in flight (assigned, not yet acked). Less than the
+    /// `RETX` entries by a margin that covers concurrent CPUs, so an unacked entry is
+    /// never overwritten.
+    pub window: u64,
+    pub flags: u32,
+    pub client_ifindex: u32,
+    pub log_ifindex: u32,
+    pub vm_ifindex: u32,
+    /// The protected VM's IPv4 address (network order), for ARP requests.
+    pub vm_ipv4: [u8; 4],
+    pub vm_mac: [u8; 6],
+    pub own_log_mac: [u8; 6],
+    pub peer_log_mac: [u8; 6],
+    pub _pad: [u8; 2],
+}
+
+/// Dynamic node state (map `NODE`, 1 entry), written by the daemon only. Changed in an
+/// order that keeps every intermediate state safe: the deadline is cleared before the
+/// epoch or role changes, and set last.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
+pub struct NodeState {
+    /// Fencing epoch (token from the arbiter). Log frames and acks carry it.
+    pub epoch: u64,
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) until which this node may emit client
+    /// traffic. 0 = no lease. `u64::MAX` = static lease (no arbiter configured).
+    pub lease_deadline_ns: u64,
+    pub role: u32,
+    pub _pad: u32,
+}
+
+/// Name used in map definitions (both sides).
+pub type Lease = NodeState;
+
+/// Sequence state (map `SEQ`, 1 entry), updated with atomics by the kernel programs.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
+pub struct SeqState {
+    /// Primary: highest sequence assigned to an inbound frame (0 = none yet).
+    pub last_seq: u64,
+    /// Primary: highest cumulative ack received from the backup.
+    pub acked: u64,
+    /// Backup: highest contiguous sequence the daemon has taken (written by userspace,
+    /// used by XDP to drop duplicates early).
+    pub delivered: u64,
+    /// `bpf_ktime_get_ns()` of the last valid ack (primary) or log frame (backup).
+    pub last_peer_ns: u64,
+}
+
+/// Control block of the hold ring (map `HOLD_CTL`, 1 entry).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
+pub struct HoldCtl {
+    /// Next ring index to release (only advanced by the lock holder).
+    pub head: u64,
+    /// Next ring index to reserve (advanced by producers with compare-and-swap).
+    pub tail: u64,
+    /// Release try-lock: 0 free, 1 held.
+    pub lock: u32,
+    /// Set by a releaser that found the lock busy; the holder re-checks before leaving.
+    pub kick: u32,
+}
+
+/// One held output frame (map `HOLD`, `hold_mask + 1` entries).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, FromBytes, IntoBytes, Immutable, KnownLayout)]
+pub struct HoldSlot {
+    /// Ring index + 1 once the frame is completely written (publish flag).
+    pub ready: u64,
+    /// Log sequence this frame depends on: released once `SeqState.acked >= dep`.
+    pub dep: u64,
+    /// `bpf_ktime_get_ns()` when the frame was held.
+    pub enq_ns: u64,
+    pub len: u32,
+    pub _pad: u32,
+    pub data: [u8; SLOT_DATA],
+}
+
+/// One log entry kept for retransmission (map `RETX`, `retx_mask + 1` entries).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, FromBytes, IntoBytes, Immutable, KnownLayout)]
+pub struct RetxSlot {
+    pub seq: u64,
+    pub len: u32,
+    pub _pad: u32,
+    pub data: [u8; SLOT_DATA],
+}
+
+/// Entries kept free in `RETX` beyond `Config.window` (covers CPUs racing between the
+/// window check and the sequence increment).
+pub const RETX_MARGIN: u64 = 512;
+
+// ---- hold-time histogram (map `HOLD_HIST`, per-CPU array) ----
+/// Bucket `i` counts hold times in `[2^(i-1), 2^i)` microseconds; bucket 0 is `< 1 us`;
+/// the last bucket is open-ended.
+pub const HIST_BUCKETS: u32 = 28;
+
+/// Upper bound (exclusive), in microseconds, of histogram bucket `i` (None for the last).
+pub fn hist_upper_us(i: u32) -> Option<u64> {
+    if i + 1 >= HIST_BUCKETS { None } else { Some(1u64 << i) }
+}
+
+// ---- counters (map `COUNTERS`, per-CPU array) ----
+macro_rules! counters {
+    ($($(#[$doc:meta])* $name:ident = $idx:expr, $metric:expr, $label:expr;)*) => {
+        $( $(#[$doc])* pub const $name: u32 = $idx; )*
+        /// `(index, metric family, reason label or "")` for every counter.
+        pub const COUNTER_INFO: &[(u32, &str, &str)] = &[ $( ($idx, $metric, $label), )* ];
+    };
+}
+
+counters! {
+    /// Client frames addressed to the VM seen on the client NIC.
+    C_CLIENT_RX_VM = 0, "ft_client_rx_vm_frames_total", "";
+    /// Log frames made by duplication (primary).
+    C_DUP_FRAMES = 1, "ft_log_duplicated_frames_total", "";
+    C_DUP_BYTES = 2, "ft_log_duplicated_bytes_total", "";
+    /// Frames delivered to the VM without a log (solo).
+    C_SOLO_DELIVERED = 3, "ft_solo_delivered_frames_total", "";
+    /// Valid log frames handed to the backup daemon.
+    C_LOG_RX = 4, "ft_log_received_frames_total", "";
+    C_LOG_RX_RETRANSMIT = 5, "ft_log_received_retransmits_total", "";
+    C_HEARTBEAT_RX = 6, "ft_heartbeats_received_total", "";
+    C_ACK_RX = 7, "ft_acks_received_total", "";
+    C_NACK_RX = 8, "ft_nacks_received_total", "";
+    C_RETX_SENT = 9, "ft_log_retransmitted_frames_total", "";
+    C_HOLD_ENQ = 10, "ft_output_held_frames_total", "";
+    C_HOLD_RELEASED = 11, "ft_output_released_frames_total", "";
+    /// Acks that did not advance the cumulative ack (reordered or repeated; harmless).
+    C_ACK_STALE = 12, "ft_acks_stale_total", "";
+    /// Release attempts that found another CPU releasing.
+    C_RELEASE_BUSY = 13, "ft_release_lock_busy_total", "";
+    C_DROP_WINDOW_FULL = 20, "ft_drops_total", "log_window_full";
+    C_DROP_CLIENT_FT = 21, "ft_drops_total", "ft_frame_on_client_nic";
+    C_DROP_BACKUP_CLIENT_IN = 22, "ft_drops_total", "client_frame_on_backup";
+    C_DROP_OVERSIZE = 23, "ft_drops_total", "oversize";
+    C_DROP_DUP = 24, "ft_drops_total", "duplicate_log";
+    C_DROP_SEQ_WINDOW = 25, "ft_drops_total", "log_seq_out_of_window";
+    C_DROP_NO_XSK = 26, "ft_drops_total", "no_afxdp_socket";
+    C_DROP_RETX_MISS = 27, "ft_drops_total", "nack_not_in_store";
+    C_DROP_MALFORMED = 28, "ft_drops_total", "malformed";
+    C_DROP_BAD_PEER = 29, "ft_drops_total", "wrong_peer_mac";
+    C_DROP_BAD_EPOCH = 30, "ft_drops_total", "wrong_epoch";
+    C_DROP_ACK_BEYOND = 31, "ft_drops_total", "ack_beyond_sent";
+    C_DROP_NACK_INVALID = 32, "ft_drops_total", "nack_invalid";
+    C_DROP_UNEXPECTED_KIND = 33, "ft_drops_total", "unexpected_kind";
+    C_DROP_NOT_REPLICATING = 34, "ft_drops_total", "not_replicating";
+    C_DROP_HOLD_FULL = 35, "ft_drops_total", "hold_full";
+    C_DROP_HOLD_CONTENTION = 36, "ft_drops_total", "hold_contention";
+    C_VM_OUT_SUPPRESSED = 37, "ft_drops_total", "vm_output_suppressed";
+    C_FENCED_HOLD = 38, "ft_release_blocked_no_lease_total", "";
+    C_DROP_FENCED_EGRESS = 39, "ft_drops_total", "fenced_egress";
+    C_RELEASE_ERR = 40, "ft_drops_total", "release_error";
+    C_DROP_STANDBY = 41, "ft_drops_total", "standby";
+    C_DROP_RETX_ERR = 42, "ft_drops_total", "retransmit_error";
+}
+
+/// Entries of the `COUNTERS` map.
+pub const COUNTER_SLOTS: u32 = 48;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counter_indices_unique_and_in_range() {
+        for (i, (a, _, _)) in COUNTER_INFO.iter().enumerate() {
+            assert!(*a < COUNTER_SLOTS);
+            for (b, _, _) in &COUNTER_INFO[i + 1..] {
+                assert_ne!(a, b, "duplicate counter index");
+            }
+        }
+    }
+
+    #[test]
+    fn layouts_have_expected_sizes() {
+        assert_eq!(core::mem::size_of::<Config>(), 64);
+        assert_eq!(core::mem::size_of::<NodeState>(), 24);
+        assert_eq!(core::mem::size_of::<HoldSlot>(), 32 + SLOT_DATA);
+        assert_eq!(core::mem::size_of::<RetxSlot>(), 16 + SLOT_DATA);
+    }
+
+    #[test]
+    fn histogram_bounds() {
+        assert_eq!(hist_upper_us(0), Some(1));
+        assert_eq!(hist_upper_us(10), Some(1024));
+        assert_eq!(hist_upper_us(HIST_BUCKETS - 1), None);
+    }
+}
