@@ -9,6 +9,7 @@
 #![no_std]
 
 pub mod maps;
+pub mod vmlog;
 pub mod wire;
 
 #[cfg(feature = "user")]

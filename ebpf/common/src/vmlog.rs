@@ -1,0 +1,1 @@
+//! VMM record/replay log entry types (owned by the VMM work; see vmm/).
