@@ -4,7 +4,7 @@
 set -euo pipefail
 log() { printf '[bootstrap] %s\n' "$*"; }
 
-APT_PKGS=(llvm-22-dev iproute2 ethtool nftables tcpdump bpftool redis-tools etcd-server iperf3 python3 protobuf-compiler)
+APT_PKGS=(llvm-22-dev iproute2 ethtool nftables tcpdump bpftool redis-tools etcd-server iperf3 python3 protobuf-compiler libprotobuf-dev)
 missing=()
 for p in "${APT_PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
