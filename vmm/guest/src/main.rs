@@ -1,0 +1,113 @@
+//! ft-guest: a tiny x86_64 guest for the fault-tolerant VMM.
+//!
+//! The VMM builds GDT/TSS/IDT/page tables and starts us directly in ring 3 (ring-0 code is
+//! emulated on this host, ring 3 runs natively). The only ring-0 code is in
+//! `global_asm!` below: exception stubs that report to the VMM and two interrupt handlers
+//! that bump counters. Everything else — the smoltcp TCP/IP stack and a RESP key-value
+//! server — runs in ring 3 and reaches devices by MMIO.
+//!
+//! Determinism: no RDTSC/RDRAND/CPUID. Time comes from the clock register, randomness
+//! (smoltcp's seed, hence TCP ISNs and ports) from the entropy register, frames from the
+//! RX ring the VMM fills only while the vCPU is stopped at an exit.
+#![no_std]
+#![no_main]
+
+extern crate alloc;
+
+#[allow(dead_code)]
+mod abi;
+mod dev;
+mod kv;
+
+use abi::*;
+use core::arch::global_asm;
+use core::sync::atomic::{AtomicU64, Ordering};
+
+/// Incremented by the ring-0 timer interrupt handler.
+pub static TIMER_TICKS: AtomicU64 = AtomicU64::new(0);
+/// Incremented by the ring-0 NIC interrupt handler.
+pub static NIC_IRQS: AtomicU64 = AtomicU64::new(0);
+
+// Image header (layout = `abi::GuestHeader`), first bytes of the image; addresses are
+// resolved by the linker.
+global_asm!(
+    ".section .header, \"a\"",
+    ".ascii \"FTGUEST1\"",
+    ".long {abi}",
+    ".long 0",
+    ".quad guest_main",
+    ".quad exc_stubs",
+    ".quad irq_timer",
+    ".quad irq_nic",
+    ".quad __image_end",
+    ".previous",
+    abi = const GUEST_ABI_VERSION,
+);
+
+// Ring-0 code. Exception stub N writes N to the fault register (the VMM then stops the VM
+// and reports vector, error code and RIP from the exception frame) and spins. The IRQ
+// handlers only bump a counter: ring-3 code does the real work after `iretq`.
+global_asm!(
+    ".section .text.ring0, \"ax\"",
+    ".balign 16",
+    ".global exc_stubs",
+    "exc_stubs:",
+    ".set vec, 0",
+    ".rept 32",
+    ".balign 16",
+    "mov dword ptr [{fault}], vec",
+    "2: jmp 2b",
+    ".set vec, vec + 1",
+    ".endr",
+    ".balign 16",
+    ".global irq_timer",
+    "irq_timer:",
+    "lock inc qword ptr [rip + {ticks}]",
+    "iretq",
+    ".balign 16",
+    ".global irq_nic",
+    "irq_nic:",
+    "lock inc qword ptr [rip + {nic}]",
+    "iretq",
+    ".previous",
+    fault = const MMIO_BASE + REG_FAULT,
+    ticks = sym TIMER_TICKS,
+    nic = sym NIC_IRQS,
+);
+
+#[global_allocator]
+static ALLOC: linked_list_allocator::LockedHeap = linked_list_allocator::LockedHeap::empty();
+
+/// Ring-3 entry point (the VMM sets rdi = boot info, rsp = stack top).
+#[unsafe(no_mangle)]
+pub extern "C" fn guest_main(boot: *const BootInfo) -> ! {
+    // SAFETY: the VMM writes a BootInfo at this fixed address before the first instruction.
+    let boot = unsafe { core::ptr::read_volatile(boot) };
+    if boot.magic != BOOT_MAGIC {
+        dev::console(b"bad boot info");
+        dev::poweroff(2);
+    }
+    // SAFETY: the heap range is RAM reserved for the guest by the VMM and used by nothing
+    // else; it is initialised exactly once, before any allocation.
+    unsafe {
+        ALLOC
+            .lock()
+            .init(boot.heap_base as *mut u8, (boot.heap_end - boot.heap_base) as usize)
+    };
+    dev::console(b"ft-guest: up");
+    kv::serve(&boot)
+}
+
+#[panic_handler]
+fn panic(info: &core::panic::PanicInfo) -> ! {
+    let mut buf = dev::LineBuf::new();
+    use core::fmt::Write;
+    let _ = write!(buf, "guest panic: {}", info);
+    dev::console(buf.as_bytes());
+    dev::poweroff(101)
+}
+
+/// Ticks seen so far (read by the service loop; written by the ring-0 handler).
+pub fn timer_ticks() -> u64 {
+    TIMER_TICKS.load(Ordering::Relaxed)
+}
