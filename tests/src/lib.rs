@@ -1,1 +1,29 @@
-//! placeholder
+//! Test fixtures for the FT appliance: network namespaces wired like the real
+//! deployment, a deterministic VM stand-in service, and raw-frame / UDP helpers.
+//!
+//! Topology built by [`Testbed::new`] (namespace names `ft<pid>x<n><suffix>`):
+//!
+//! ```text
+//!  client ns "<p>c": br0 10.77.0.1/24 ── pa ── cli0 (10.77.0.11) host A "<p>a" ── vmh ── eth0 VM "<p>va"
+//!                         (bridge)    ── pb ── cli0 (10.77.0.12) host B "<p>b" ── vmh ── eth0 VM "<p>vb"
+//!                                     ── pr ── eth0 (10.77.0.2) arbiter "<p>r"
+//!  host A log0 (10.78.0.1, mtu 2000) ── la ═ wire ns "<p>w" (nft netdev fwd) ═ lb ── log0 host B (10.78.0.2)
+//!  VM eth0 on both sides: 02:f7:00:00:00:64 / 10.77.0.100/24, runs `ft-standin` on UDP 7000.
+//! ```
+//!
+//! Host A's cli0 and vmh are NOT bridged: only the data plane under test connects them.
+//! All setup/teardown commands are scoped to the testbed's own namespaces.
+
+pub mod child;
+pub mod netns;
+pub mod packet;
+pub mod raw;
+pub mod testbed;
+pub mod udp;
+
+pub use child::ChildGuard;
+pub use netns::{fmt_mac, ifindex, ip, mac, ns_exec, run_in_ns, try_run_in_ns};
+pub use packet::{eth_frame, parse_udp, udp_checksums_ok, udp_frame};
+pub use raw::{BlastStats, Capture, CaptureResult, RawSock, blast, blast_on, monotonic_ns};
+pub use testbed::{Host, Testbed, TestbedOptions, cleanup_stale, names, standin_bin};
+pub use udp::{UdpClient, spawn_udp_echo};
