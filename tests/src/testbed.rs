@@ -531,6 +531,42 @@ impl Testbed {
         crate::UdpClient::new(&self.client_ns, (VM_IP, STANDIN_PORT).into())
     }
 
+    /// Human-readable summary (namespaces, MACs, IPs).
+    pub fn describe(&self) -> String {
+        let m = netns::fmt_mac;
+        let mut s = format!(
+            "testbed {}\n  client  ns={} br0={} {}\n  arbiter ns={} eth0={} {}\n  wire    ns={} (la<->lb, nft table netdev {WIRE_TABLE})\n",
+            self.prefix,
+            self.client_ns,
+            m(&self.client_mac),
+            CLIENT_IP,
+            self.arbiter_ns,
+            m(&self.arbiter_mac),
+            ARBITER_IP,
+            self.wire_ns,
+        );
+        for h in [&self.a, &self.b] {
+            s += &format!(
+                "  host {}  ns={} cli0={} {} (ifindex {}) log0={} {} (ifindex {}) vmh={} (ifindex {})\n         vm ns={} eth0={} {}\n",
+                h.label,
+                h.ns,
+                m(&h.cli_mac),
+                h.cli_ip,
+                h.cli_ifindex,
+                m(&h.log_mac),
+                h.log_ip,
+                h.log_ifindex,
+                m(&h.vmh_mac),
+                h.vmh_ifindex,
+                h.vm_ns,
+                m(&VM_MAC),
+                VM_IP,
+            );
+        }
+        s += &format!("  logs    {}\n", self.tmp_dir.display());
+        s
+    }
+
     /// All namespace names of this testbed.
     pub fn namespaces(&self) -> &[String] {
         &self.namespaces

@@ -274,14 +274,17 @@ fn standins_reachable_and_deterministic() {
 #[test]
 fn teardown_even_after_panic_and_stale_cleanup() {
     let names = std::sync::Mutex::new(Vec::new());
+    let tmp = std::sync::Mutex::new(None);
     let r = std::panic::catch_unwind(|| {
         let tb = Testbed::new(TestbedOptions::default()).unwrap();
         names
             .lock()
             .unwrap()
             .extend(tb.namespaces().iter().cloned());
-        let _child = tb.spawn(&tb.client_ns, "sleep", ["30"]).unwrap();
-        panic!("intentional panic inside a testbed");
+        *tmp.lock().unwrap() = Some(tb.tmp_dir.clone());
+        let child = tb.spawn(&tb.client_ns, "sleep", ["30"]).unwrap();
+        assert!(child.is_running());
+        panic!("intentional panic inside a testbed (expected in test output)");
     });
     assert!(r.is_err());
     let names = names.into_inner().unwrap();
@@ -290,6 +293,10 @@ fn teardown_even_after_panic_and_stale_cleanup() {
     for n in &names {
         assert!(!all.contains(n), "{n} left behind");
     }
+    // Logs are kept after a panic (on purpose); this panic was intentional, so clean up.
+    let tmp = tmp.into_inner().unwrap().expect("tmp dir");
+    assert!(tmp.exists());
+    let _ = std::fs::remove_dir_all(&tmp);
     // A namespace named after a dead pid is removed by cleanup_stale / Testbed::new.
     let stale = "ft999999999x0c";
     let _ = ft_testbed::netns::run_cmd("ip", &["netns", "add", stale]);
