@@ -4,7 +4,7 @@
 set -euo pipefail
 log() { printf '[bootstrap] %s\n' "$*"; }
 
-APT_PKGS=(llvm-22-dev iproute2 ethtool nftables tcpdump bpftool redis-tools etcd-server iperf3 python3 protobuf-compiler libprotobuf-dev)
+APT_PKGS=(iproute2 ethtool nftables tcpdump bpftool redis-tools etcd-server iperf3 python3 protobuf-compiler libprotobuf-dev)
 missing=()
 for p in "${APT_PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -21,9 +21,15 @@ fi
 if command -v systemctl >/dev/null 2>&1; then systemctl disable --now etcd >/dev/null 2>&1 || true; fi
 pkill -x etcd 2>/dev/null || true
 
+# eBPF programs build with nightly (-Z build-std=core). Never update an existing nightly
+# here: bpf-linker below is linked against that nightly's own libLLVM.
+if ! rustup toolchain list | grep -q '^nightly'; then
+  log "rustup: installing nightly"
+  rustup toolchain install nightly --profile minimal
+fi
 if ! rustup component list --toolchain nightly --installed 2>/dev/null | grep -q '^rust-src'; then
   log "rustup: nightly rust-src (eBPF build-std)"
-  rustup toolchain install nightly --profile minimal --component rust-src
+  rustup component add rust-src --toolchain nightly
 fi
 if ! rustup target list --installed | grep -q '^x86_64-unknown-none$'; then
   log "rustup: target x86_64-unknown-none (guest kernel)"
@@ -33,10 +39,24 @@ for c in clippy rustfmt; do
   rustup component list --installed | grep -q "^$c" || rustup component add "$c"
 done
 
-if ! command -v bpf-linker >/dev/null 2>&1 || ! bpf-linker --version 2>/dev/null | grep -q '0.13.0'; then
-  log "cargo: bpf-linker 0.13.0 against Debian's LLVM 22 (~80 s)"
-  LLVM_PREFIX=/usr/lib/llvm-22 cargo install bpf-linker --version 0.13.0 --locked \
-    --no-default-features --features llvm-22
+# bpf-linker must read the bitcode the nightly emits, so it is linked against the very
+# libLLVM that ships inside the nightly (no system LLVM needed, and it stays right when
+# the nightly changes: a stamp records which libLLVM it was built for).
+SYSROOT=$(rustc +nightly --print sysroot)
+LIBLLVM=$(ls "$SYSROOT"/lib/libLLVM.so.* 2>/dev/null | head -1)
+LLVM_MAJOR=$(rustc +nightly -vV | sed -n 's/^LLVM version: \([0-9]*\).*/\1/p')
+[[ -n "$LIBLLVM" && -n "$LLVM_MAJOR" ]] || { log "nightly ships no libLLVM.so: cannot build bpf-linker"; exit 1; }
+case "$LLVM_MAJOR" in 21|22|23) ;; *) log "nightly uses LLVM $LLVM_MAJOR; bpf-linker 0.13.0 supports 21-23"; exit 1;; esac
+STAMP="${CARGO_HOME:-$HOME/.cargo}/bpf-linker.libllvm"
+if ! command -v bpf-linker >/dev/null 2>&1 || [[ "$(cat "$STAMP" 2>/dev/null)" != "$LIBLLVM" ]]; then
+  PREFIX="${CARGO_HOME:-$HOME/.cargo}/ft-llvm/$(basename "$LIBLLVM")"
+  mkdir -p "$PREFIX/lib"
+  ln -sf "$LIBLLVM" "$PREFIX/lib/libLLVM.so"
+  ln -sf "$LIBLLVM" "$PREFIX/lib/$(basename "$LIBLLVM")"
+  log "cargo: bpf-linker 0.13.0 against the nightly's LLVM $LLVM_MAJOR (~2 min)"
+  LLVM_PREFIX="$PREFIX" cargo install bpf-linker --version 0.13.0 --locked --force \
+    --no-default-features --features "llvm-$LLVM_MAJOR"
+  echo "$LIBLLVM" > "$STAMP"
 fi
 
 mountpoint -q /sys/fs/bpf || mount -t bpf bpf /sys/fs/bpf || log "warning: could not mount bpffs"

@@ -1,1 +1,2 @@
-//! placeholder
+//! ftd: the fault-tolerance daemon.
+pub mod dataplane;

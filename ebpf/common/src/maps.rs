@@ -37,7 +37,9 @@ pub const CFG_VM_TAGGED_INPUT: u32 = 2;
 
 /// Static configuration, written once by the daemon before attaching (map `CONFIG`, 1 entry).
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
 pub struct Config {
     /// `RETX` entries - 1 (entries is a power of two).
     pub retx_mask: u64,
@@ -63,7 +65,9 @@ pub struct Config {
 /// order that keeps every intermediate state safe: the deadline is cleared before the
 /// epoch or role changes, and set last.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
 pub struct NodeState {
     /// Fencing epoch (token from the arbiter). Log frames and acks carry it.
     pub epoch: u64,
@@ -79,7 +83,9 @@ pub type Lease = NodeState;
 
 /// Sequence state (map `SEQ`, 1 entry), updated with atomics by the kernel programs.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
 pub struct SeqState {
     /// Primary: highest sequence assigned to an inbound frame (0 = none yet).
     pub last_seq: u64,
@@ -94,7 +100,9 @@ pub struct SeqState {
 
 /// Control block of the hold ring (map `HOLD_CTL`, 1 entry).
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
 pub struct HoldCtl {
     /// Next ring index to release (only advanced by the lock holder).
     pub head: u64,
@@ -142,7 +150,11 @@ pub const HIST_BUCKETS: u32 = 28;
 
 /// Upper bound (exclusive), in microseconds, of histogram bucket `i` (None for the last).
 pub fn hist_upper_us(i: u32) -> Option<u64> {
-    if i + 1 >= HIST_BUCKETS { None } else { Some(1u64 << i) }
+    if i + 1 >= HIST_BUCKETS {
+        None
+    } else {
+        Some(1u64 << i)
+    }
 }
 
 // ---- counters (map `COUNTERS`, per-CPU array) ----

@@ -51,7 +51,9 @@ pub const VMLOG_MAX_PAYLOAD: usize = 2048;
 
 /// Header of every log entry.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout, Unaligned)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout, Unaligned,
+)]
 pub struct EntryHdr {
     /// One of the `EV_*` kinds.
     pub kind: u8,

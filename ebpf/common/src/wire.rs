@@ -50,7 +50,9 @@ pub const LOG_OVERHEAD: usize = ETH_HLEN + FT_HLEN;
 pub const MIN_LOG_MTU: usize = MAX_FRAME + LOG_OVERHEAD - ETH_HLEN;
 
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout, Unaligned)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout, Unaligned,
+)]
 pub struct EthHdr {
     pub dst: [u8; 6],
     pub src: [u8; 6],
@@ -58,7 +60,9 @@ pub struct EthHdr {
 }
 
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout, Unaligned)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout, Unaligned,
+)]
 pub struct FtHdr {
     pub magic: u8,
     pub version: u8,
@@ -93,7 +97,9 @@ impl FtHdr {
 
 /// Outer headers of every logging-link frame.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout, Unaligned)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout, Unaligned,
+)]
 pub struct LogHdr {
     pub eth: EthHdr,
     pub ft: FtHdr,
@@ -143,7 +149,11 @@ mod tests {
         let mut ft = FtHdr::new(KIND_LOG, 7, 42);
         ft.len = U16::new(4);
         let hdr = LogHdr {
-            eth: EthHdr { dst: [1; 6], src: [2; 6], ethertype: U16::new(ETHERTYPE_FT) },
+            eth: EthHdr {
+                dst: [1; 6],
+                src: [2; 6],
+                ethertype: U16::new(ETHERTYPE_FT),
+            },
             ft,
         };
         buf[..LOG_OVERHEAD].copy_from_slice(hdr.as_bytes());
@@ -153,7 +163,10 @@ mod tests {
         assert_eq!(h.ft.epoch.get(), 7);
         assert_eq!(p, b"abcd");
         assert_eq!(parse_log_frame(&buf[..20]), Err(ParseError::Truncated));
-        assert_eq!(parse_log_frame(&buf[..LOG_OVERHEAD + 2]), Err(ParseError::BadLength));
+        assert_eq!(
+            parse_log_frame(&buf[..LOG_OVERHEAD + 2]),
+            Err(ParseError::BadLength)
+        );
         let mut bad = buf;
         bad[ETH_HLEN] = 0;
         assert_eq!(parse_log_frame(&bad), Err(ParseError::BadMagic));

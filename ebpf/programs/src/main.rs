@@ -1,1 +1,447 @@
-#![no_std] #![no_main]
+//! The appliance's kernel data plane. See ARCHITECTURE.md for the packet path, the log
+//! path and the map owners. Programs:
+//!
+//! | program            | hook                         | role(s)            |
+//! |--------------------|------------------------------|--------------------|
+//! | `ft_client_rx`     | XDP, client NIC              | all                |
+//! | `ft_strip`         | XDP in DEVMAP (VM side copy) | primary            |
+//! | `ft_log_rx`        | XDP, logging NIC             | all                |
+//! | `ft_log_tc`        | tc ingress, logging NIC      | primary (release)  |
+//! | `ft_vm_tc`         | tc ingress, VM-side NIC      | all (hold/suppress)|
+//! | `ft_client_egress` | tc egress, client NIC        | all (fence guard)  |
+#![no_std]
+#![no_main]
+// BPF has atomics but no `core::sync::atomic` types on this target (atomic-cas=false in
+// the target spec): use the intrinsics, which lower to BPF_ATOMIC instructions.
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
+
+mod hold;
+mod shared;
+
+use aya_ebpf::{
+    bindings::{BPF_F_BROADCAST, TC_ACT_OK, TC_ACT_SHOT, xdp_action},
+    helpers::generated as h,
+    macros::{classifier, xdp},
+    programs::{TcContext, XdpContext},
+};
+use ft_common::{maps::*, wire::*};
+
+use shared::*;
+
+// ------------------------------------------------------------------------------------
+// Client NIC ingress: duplicate frames for the VM into the log (primary), deliver to the
+// VM only (solo), or drop them (backup/standby: the backup's VM is fed from the log).
+// ------------------------------------------------------------------------------------
+
+#[xdp]
+pub fn ft_client_rx(ctx: XdpContext) -> u32 {
+    match try_client_rx(&ctx) {
+        Ok(a) | Err(a) => a,
+    }
+}
+
+fn try_client_rx(ctx: &XdpContext) -> Result<u32, u32> {
+    let cfg = config().ok_or(xdp_action::XDP_PASS)?;
+    let node = node().ok_or(xdp_action::XDP_PASS)?;
+    let data = ctx.data();
+    let end = ctx.data_end();
+    if data + ETH_HLEN > end {
+        return Ok(xdp_action::XDP_PASS);
+    }
+    let ethertype = read_be16(data + 12);
+    if ethertype == ETHERTYPE_FT {
+        // Log frames and acks never come from the client network.
+        count(C_DROP_CLIENT_FT);
+        return Ok(xdp_action::XDP_DROP);
+    }
+    if !frame_is_for_vm(data, end, ethertype, cfg) {
+        return Ok(xdp_action::XDP_PASS);
+    }
+    count(C_CLIENT_RX_VM);
+    match node.role {
+        ROLE_PRIMARY => duplicate(ctx, cfg, node),
+        ROLE_SOLO => {
+            count(C_SOLO_DELIVERED);
+            // SAFETY: plain helper call; an invalid ifindex makes it return XDP_ABORTED.
+            Ok(unsafe { h::bpf_redirect(cfg.vm_ifindex, 0) } as u32)
+        }
+        ROLE_BACKUP => {
+            count(C_DROP_BACKUP_CLIENT_IN);
+            Ok(xdp_action::XDP_DROP)
+        }
+        _ => {
+            count(C_DROP_STANDBY);
+            Ok(xdp_action::XDP_DROP)
+        }
+    }
+}
+
+/// Unicast to the VM's MAC, or an ARP request for the VM's IPv4 address.
+#[inline(always)]
+fn frame_is_for_vm(data: usize, end: usize, ethertype: u16, cfg: &Config) -> bool {
+    if mac_eq(data, &cfg.vm_mac) {
+        return true;
+    }
+    if ethertype != ETHERTYPE_ARP || data + ETH_HLEN + 28 > end {
+        return false;
+    }
+    // ARP target protocol address at offset 24 of the ARP header.
+    let tpa = data + ETH_HLEN + 24;
+    // SAFETY: bounds checked above (data + 42 <= end).
+    unsafe {
+        *(tpa as *const u8) == cfg.vm_ipv4[0]
+            && *((tpa + 1) as *const u8) == cfg.vm_ipv4[1]
+            && *((tpa + 2) as *const u8) == cfg.vm_ipv4[2]
+            && *((tpa + 3) as *const u8) == cfg.vm_ipv4[3]
+    }
+}
+
+/// Primary: assign the next sequence number, keep a copy for retransmission, prepend the
+/// log header and broadcast the frame to the VM side (header stripped by `ft_strip`) and
+/// to the logging NIC.
+#[inline(always)]
+fn duplicate(ctx: &XdpContext, cfg: &Config, node: &NodeState) -> Result<u32, u32> {
+    let seq = seq_state().ok_or(xdp_action::XDP_DROP)?;
+    let len = xdp_len(ctx);
+    if len > MAX_FRAME as u32 {
+        count(C_DROP_OVERSIZE);
+        return Ok(xdp_action::XDP_DROP);
+    }
+    // Back-pressure: never let more entries be in flight than the store keeps.
+    // SAFETY: `seq` points into a live map value; fields are 8-byte aligned.
+    let (last, acked) = unsafe { (load64(&(*seq).last_seq), load64(&(*seq).acked)) };
+    if last.wrapping_sub(acked) >= cfg.window {
+        count(C_DROP_WINDOW_FULL);
+        return Ok(xdp_action::XDP_DROP);
+    }
+    // SAFETY: as above.
+    let s = unsafe { fetch_add64(&mut (*seq).last_seq, 1) } + 1;
+    store_retx(ctx, cfg, s, len);
+
+    // SAFETY: helper call on our own context.
+    if unsafe { h::bpf_xdp_adjust_head(ctx.ctx, -(LOG_OVERHEAD as i32)) } != 0 {
+        // No headroom: the VM still gets the frame; the backup repairs `s` by NACK.
+        count(C_DROP_RETX_ERR);
+        // SAFETY: plain helper call.
+        return Ok(unsafe { h::bpf_redirect(cfg.vm_ifindex, 0) } as u32);
+    }
+    let data = ctx.data();
+    if data + LOG_OVERHEAD > ctx.data_end() {
+        return Ok(xdp_action::XDP_DROP);
+    }
+    let mut ft = FtHdr::new(KIND_LOG, node.epoch, s);
+    ft.len.set(len as u16);
+    let hdr = LogHdr {
+        eth: EthHdr {
+            dst: cfg.peer_log_mac,
+            src: cfg.own_log_mac,
+            ethertype: ETHERTYPE_FT.into(),
+        },
+        ft,
+    };
+    // SAFETY: LOG_OVERHEAD bytes are in bounds (checked above); LogHdr is Unaligned.
+    unsafe { core::ptr::write_unaligned(data as *mut LogHdr, hdr) };
+    count(C_DUP_FRAMES);
+    count_n(C_DUP_BYTES, len as u64);
+    Ok(FANOUT
+        .redirect(0, BPF_F_BROADCAST as u64)
+        .unwrap_or(xdp_action::XDP_ABORTED))
+}
+
+/// Frame length (computing it from packet pointers trips the verifier's 32-bit rules).
+#[inline(always)]
+fn xdp_len(ctx: &XdpContext) -> u32 {
+    // SAFETY: helper call on our own context.
+    let n = unsafe { h::bpf_xdp_get_buff_len(ctx.ctx) } as u64;
+    // Masked in 64 bits so the verifier knows the upper half is zero.
+    (n & 0xffff) as u32
+}
+
+#[inline(always)]
+fn store_retx(ctx: &XdpContext, cfg: &Config, s: u64, len: u32) {
+    let Some(slot) = RETX.get_ptr_mut((s & cfg.retx_mask) as u32) else {
+        return;
+    };
+    let n = len & 0x7ff;
+    if n == 0 || n > SLOT_DATA as u32 {
+        return;
+    }
+    // SAFETY: `slot` is a live map value of RETX; `n` <= SLOT_DATA bytes fit in `data`.
+    unsafe {
+        (*slot).seq = 0;
+        if h::bpf_xdp_load_bytes(ctx.ctx, 0, (*slot).data.as_mut_ptr() as *mut _, n) == 0 {
+            (*slot).len = n;
+            store64(&mut (*slot).seq, s);
+        }
+    }
+}
+
+/// Devmap program for the VM-side copy: remove the log header again.
+#[xdp(map = "devmap")]
+pub fn ft_strip(ctx: XdpContext) -> u32 {
+    // SAFETY: helper call on our own context.
+    if unsafe { h::bpf_xdp_adjust_head(ctx.ctx, LOG_OVERHEAD as i32) } != 0 {
+        return xdp_action::XDP_DROP;
+    }
+    xdp_action::XDP_PASS
+}
+
+// ------------------------------------------------------------------------------------
+// Logging NIC ingress: acks and nacks (primary), log frames and heartbeats (backup).
+// ------------------------------------------------------------------------------------
+
+#[xdp]
+pub fn ft_log_rx(ctx: XdpContext) -> u32 {
+    match try_log_rx(&ctx) {
+        Ok(a) | Err(a) => a,
+    }
+}
+
+fn try_log_rx(ctx: &XdpContext) -> Result<u32, u32> {
+    let cfg = config().ok_or(xdp_action::XDP_PASS)?;
+    let node = node().ok_or(xdp_action::XDP_PASS)?;
+    let data = ctx.data();
+    let end = ctx.data_end();
+    if data + ETH_HLEN > end || read_be16(data + 12) != ETHERTYPE_FT {
+        return Ok(xdp_action::XDP_PASS);
+    }
+    if data + LOG_OVERHEAD > end {
+        return drop(C_DROP_MALFORMED);
+    }
+    // SAFETY: LOG_OVERHEAD bytes are in bounds; LogHdr is Unaligned.
+    let hdr = unsafe { &*(data as *const LogHdr) };
+    if hdr.ft.magic != FT_MAGIC || hdr.ft.version != FT_VERSION {
+        return drop(C_DROP_MALFORMED);
+    }
+    if !mac_eq(data + 6, &cfg.peer_log_mac) || !mac_eq(data, &cfg.own_log_mac) {
+        return drop(C_DROP_BAD_PEER);
+    }
+    if hdr.ft.epoch.get() != node.epoch {
+        return drop(C_DROP_BAD_EPOCH);
+    }
+    let kind = hdr.ft.kind;
+    let fseq = hdr.ft.seq.get();
+    let st = seq_state().ok_or(xdp_action::XDP_DROP)?;
+    match node.role {
+        ROLE_PRIMARY => match kind {
+            KIND_ACK => on_ack(st, fseq),
+            KIND_NACK => on_nack(ctx, cfg, node, st, fseq),
+            _ => drop(C_DROP_UNEXPECTED_KIND),
+        },
+        ROLE_BACKUP => match kind {
+            KIND_LOG => {
+                if hdr.ft.len.get() as usize > end - data - LOG_OVERHEAD {
+                    return drop(C_DROP_MALFORMED);
+                }
+                // SAFETY: live map value, aligned fields.
+                let delivered = unsafe { load64(&(*st).delivered) };
+                if fseq <= delivered {
+                    return drop(C_DROP_DUP);
+                }
+                if fseq - delivered > cfg.window + RETX_MARGIN {
+                    return drop(C_DROP_SEQ_WINDOW);
+                }
+                count(C_LOG_RX);
+                if hdr.ft.flags & FLAG_RETRANSMIT != 0 {
+                    count(C_LOG_RX_RETRANSMIT);
+                }
+                to_daemon(ctx, st)
+            }
+            KIND_HEARTBEAT => {
+                count(C_HEARTBEAT_RX);
+                to_daemon(ctx, st)
+            }
+            _ => drop(C_DROP_UNEXPECTED_KIND),
+        },
+        _ => drop(C_DROP_NOT_REPLICATING),
+    }
+}
+
+#[inline(always)]
+fn drop(counter: u32) -> Result<u32, u32> {
+    count(counter);
+    Ok(xdp_action::XDP_DROP)
+}
+
+/// Backup: hand a log frame to the daemon's AF_XDP socket for this queue.
+#[inline(always)]
+fn to_daemon(ctx: &XdpContext, st: *mut SeqState) -> Result<u32, u32> {
+    // SAFETY: live map value; plain store of a timestamp.
+    unsafe { store64(&mut (*st).last_peer_ns, h::bpf_ktime_get_ns()) };
+    match XSKS.redirect(ctx.rx_queue_index(), 0) {
+        Ok(a) => Ok(a),
+        Err(_) => drop(C_DROP_NO_XSK),
+    }
+}
+
+/// Primary: a cumulative ack. Never beyond what was sent; advances `acked` monotonically.
+/// The frame is passed on to `ft_log_tc`, which releases held output.
+#[inline(always)]
+fn on_ack(st: *mut SeqState, ack: u64) -> Result<u32, u32> {
+    // SAFETY: live map value, aligned fields.
+    let last = unsafe { load64(&(*st).last_seq) };
+    if ack > last {
+        return drop(C_DROP_ACK_BEYOND);
+    }
+    let mut advanced = false;
+    for _ in 0..8 {
+        // SAFETY: as above.
+        let cur = unsafe { load64(&(*st).acked) };
+        if ack <= cur {
+            break;
+        }
+        // SAFETY: as above.
+        if unsafe { cmpxchg64(&mut (*st).acked, cur, ack) } == cur {
+            advanced = true;
+            break;
+        }
+    }
+    count(if advanced { C_ACK_RX } else { C_ACK_STALE });
+    // SAFETY: as above.
+    unsafe { store64(&mut (*st).last_peer_ns, h::bpf_ktime_get_ns()) };
+    Ok(xdp_action::XDP_PASS)
+}
+
+/// Primary: the backup misses entry `want`. Rewrite the nack frame in place into the
+/// stored log frame and send it back out of the logging NIC (XDP_TX): repair without
+/// leaving the kernel.
+#[inline(always)]
+fn on_nack(
+    ctx: &XdpContext,
+    cfg: &Config,
+    node: &NodeState,
+    st: *mut SeqState,
+    want: u64,
+) -> Result<u32, u32> {
+    count(C_NACK_RX);
+    // SAFETY: live map value, aligned fields.
+    let (last, acked) = unsafe { (load64(&(*st).last_seq), load64(&(*st).acked)) };
+    if want == 0 || want > last || want <= acked {
+        return drop(C_DROP_NACK_INVALID);
+    }
+    let slot = RETX
+        .get_ptr((want & cfg.retx_mask) as u32)
+        .ok_or(xdp_action::XDP_DROP)?;
+    // SAFETY: live map value.
+    let (sseq, slen) = unsafe { (load64(&(*slot).seq), (*slot).len) };
+    let n = slen & 0x7ff;
+    if sseq != want || n == 0 || n > SLOT_DATA as u32 {
+        return drop(C_DROP_RETX_MISS);
+    }
+    let cur = xdp_len(ctx) as i32;
+    let delta = (LOG_OVERHEAD as i32 + n as i32) - cur;
+    // SAFETY: helper calls on our own context; `n` bytes are readable from the slot.
+    unsafe {
+        if h::bpf_xdp_adjust_tail(ctx.ctx, delta) != 0 {
+            return drop(C_DROP_RETX_ERR);
+        }
+        if h::bpf_xdp_store_bytes(
+            ctx.ctx,
+            LOG_OVERHEAD as u32,
+            (*slot).data.as_ptr() as *mut _,
+            n,
+        ) != 0
+        {
+            return drop(C_DROP_RETX_ERR);
+        }
+    }
+    let data = ctx.data();
+    if data + LOG_OVERHEAD > ctx.data_end() {
+        return drop(C_DROP_RETX_ERR);
+    }
+    let mut ft = FtHdr::new(KIND_LOG, node.epoch, want);
+    ft.flags = FLAG_RETRANSMIT;
+    ft.len.set(n as u16);
+    let hdr = LogHdr {
+        eth: EthHdr {
+            dst: cfg.peer_log_mac,
+            src: cfg.own_log_mac,
+            ethertype: ETHERTYPE_FT.into(),
+        },
+        ft,
+    };
+    // SAFETY: in bounds (checked above); LogHdr is Unaligned.
+    unsafe { core::ptr::write_unaligned(data as *mut LogHdr, hdr) };
+    count(C_RETX_SENT);
+    Ok(xdp_action::XDP_TX)
+}
+
+/// Primary: an ack that `ft_log_rx` validated and passed up. Use it as the carrier that
+/// releases held output frames, then consume it.
+#[classifier]
+pub fn ft_log_tc(ctx: TcContext) -> i32 {
+    let Some(node) = node() else {
+        return TC_ACT_OK as i32;
+    };
+    if node.role != ROLE_PRIMARY && node.role != ROLE_SOLO {
+        return TC_ACT_OK as i32;
+    }
+    let Ok(et) = ctx.load::<[u8; 2]>(12) else {
+        return TC_ACT_OK as i32;
+    };
+    if u16::from_be_bytes(et) != ETHERTYPE_FT {
+        return TC_ACT_OK as i32;
+    }
+    if let Ok(KIND_ACK) = ctx.load::<u8>(ETH_HLEN + 2) {
+        hold::release(&ctx);
+    }
+    TC_ACT_SHOT as i32
+}
+
+// ------------------------------------------------------------------------------------
+// VM-side NIC ingress (frames the VM emits): hold them until acked (primary/solo), or
+// suppress them (backup/standby).
+// ------------------------------------------------------------------------------------
+
+#[classifier]
+pub fn ft_vm_tc(ctx: TcContext) -> i32 {
+    match try_vm_tc(&ctx) {
+        Ok(a) | Err(a) => a,
+    }
+}
+
+fn try_vm_tc(ctx: &TcContext) -> Result<i32, i32> {
+    let node = node().ok_or(TC_ACT_SHOT as i32)?;
+    if node.role != ROLE_PRIMARY && node.role != ROLE_SOLO {
+        count(C_VM_OUT_SUPPRESSED);
+        return Ok(TC_ACT_SHOT as i32);
+    }
+    let cfg = config().ok_or(TC_ACT_SHOT as i32)?;
+    hold::enqueue(ctx, cfg)?;
+    hold::release(ctx);
+    Ok(TC_ACT_SHOT as i32)
+}
+
+// ------------------------------------------------------------------------------------
+// Client NIC egress: the fence guard. Nothing sourced from the VM's MAC leaves unless this
+// node is live and holds a valid lease — independent of userspace.
+// ------------------------------------------------------------------------------------
+
+#[classifier]
+pub fn ft_client_egress(ctx: TcContext) -> i32 {
+    let (Some(cfg), Some(node)) = (config(), node()) else {
+        return TC_ACT_OK as i32;
+    };
+    let Ok(src) = ctx.load::<[u8; 6]>(6) else {
+        return TC_ACT_OK as i32;
+    };
+    if !mac6_eq(&src, &cfg.vm_mac) {
+        return TC_ACT_OK as i32;
+    }
+    if (node.role == ROLE_PRIMARY || node.role == ROLE_SOLO) && lease_valid(node) {
+        return TC_ACT_OK as i32;
+    }
+    count(C_DROP_FENCED_EGRESS);
+    TC_ACT_SHOT as i32
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";

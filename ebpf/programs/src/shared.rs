@@ -1,0 +1,163 @@
+//! Maps and small helpers shared by all programs.
+use core::intrinsics::{AtomicOrdering::SeqCst, atomic_cxchg, atomic_xadd, atomic_xchg};
+
+use aya_ebpf::{
+    helpers::generated as h,
+    macros::map,
+    maps::{Array, DevMapHash, PerCpuArray, XskMap},
+};
+use ft_common::maps::*;
+
+/// Static configuration (userspace writes once before attaching).
+#[map]
+pub static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
+/// Role, epoch and lease deadline (userspace writes; kernel reads).
+#[map]
+pub static NODE: Array<NodeState> = Array::with_max_entries(1, 0);
+/// Sequence state (kernel-owned atomics; the backup daemon writes `delivered`).
+#[map]
+pub static SEQ: Array<SeqState> = Array::with_max_entries(1, 0);
+/// Hold ring control block and slots (kernel-owned). Sizes are set by the loader.
+#[map]
+pub static HOLD_CTL: Array<HoldCtl> = Array::with_max_entries(1, 0);
+#[map]
+pub static HOLD: Array<HoldSlot> = Array::with_max_entries(1024, 0);
+/// Retransmission store indexed by `seq & retx_mask` (kernel-owned).
+#[map]
+pub static RETX: Array<RetxSlot> = Array::with_max_entries(4096, 0);
+/// Per-CPU counters (indices in ft_common::maps::C_*).
+#[map]
+pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_SLOTS, 0);
+/// Per-CPU hold-time histogram (log2 microsecond buckets).
+#[map]
+pub static HOLD_HIST: PerCpuArray<u64> = PerCpuArray::with_max_entries(HIST_BUCKETS, 0);
+/// Broadcast group of the primary's duplication: the VM-side NIC (with `ft_strip`
+/// unless the VM reads tagged input) and the logging NIC. Filled by userspace.
+#[map]
+pub static FANOUT: DevMapHash = DevMapHash::with_max_entries(4, 0);
+/// Backup: AF_XDP sockets of the daemon, by rx queue.
+#[map]
+pub static XSKS: XskMap = XskMap::with_max_entries(64, 0);
+
+#[inline(always)]
+pub fn config() -> Option<&'static Config> {
+    CONFIG.get(0)
+}
+
+#[inline(always)]
+pub fn node() -> Option<&'static NodeState> {
+    NODE.get(0)
+}
+
+#[inline(always)]
+pub fn seq_state() -> Option<*mut SeqState> {
+    SEQ.get_ptr_mut(0)
+}
+
+#[inline(always)]
+pub fn count(idx: u32) {
+    count_n(idx, 1);
+}
+
+#[inline(always)]
+pub fn count_n(idx: u32, n: u64) {
+    if let Some(p) = COUNTERS.get_ptr_mut(idx) {
+        // SAFETY: per-CPU slot: no other writer while this program runs on this CPU.
+        unsafe { *p += n };
+    }
+}
+
+/// The node may emit client traffic: the lease deadline is in the future.
+#[inline(always)]
+pub fn lease_valid(node: &NodeState) -> bool {
+    // SAFETY: plain helper call.
+    let now = unsafe { h::bpf_ktime_get_ns() };
+    // SAFETY: aligned field of a live map value; read once.
+    let deadline = unsafe { core::ptr::read_volatile(&node.lease_deadline_ns) };
+    now < deadline
+}
+
+/// Reads a big-endian u16 at `addr` (caller checked bounds).
+#[inline(always)]
+pub fn read_be16(addr: usize) -> u16 {
+    // SAFETY: the caller checked that 2 bytes at `addr` are inside the packet.
+    unsafe { u16::from_be_bytes([*(addr as *const u8), *((addr + 1) as *const u8)]) }
+}
+
+/// Compares 6 bytes of packet data at `addr` (caller checked bounds) with `mac`.
+#[inline(always)]
+pub fn mac_eq(addr: usize, mac: &[u8; 6]) -> bool {
+    let p = addr as *const u8;
+    // SAFETY: the caller checked that 6 bytes at `addr` are inside the packet.
+    unsafe {
+        *p == mac[0]
+            && *p.add(1) == mac[1]
+            && *p.add(2) == mac[2]
+            && *p.add(3) == mac[3]
+            && *p.add(4) == mac[4]
+            && *p.add(5) == mac[5]
+    }
+}
+
+#[inline(always)]
+pub fn mac6_eq(a: &[u8; 6], b: &[u8; 6]) -> bool {
+    a[0] == b[0] && a[1] == b[1] && a[2] == b[2] && a[3] == b[3] && a[4] == b[4] && a[5] == b[5]
+}
+
+/// # Safety
+/// `p` points to an 8-byte aligned u64 inside a live map value.
+#[inline(always)]
+pub unsafe fn load64(p: *const u64) -> u64 {
+    // SAFETY: guaranteed by the caller.
+    unsafe { core::ptr::read_volatile(p) }
+}
+
+/// # Safety
+/// As [`load64`].
+#[inline(always)]
+pub unsafe fn store64(p: *mut u64, v: u64) {
+    // SAFETY: guaranteed by the caller.
+    unsafe { core::ptr::write_volatile(p, v) }
+}
+
+/// Atomic exchange (full barrier): used to publish.
+/// # Safety
+/// As [`load64`].
+#[inline(always)]
+pub unsafe fn xchg64(p: *mut u64, v: u64) -> u64 {
+    // SAFETY: guaranteed by the caller; the intrinsic is the BPF atomic xchg.
+    unsafe { atomic_xchg::<u64, { SeqCst }>(p, v) }
+}
+
+/// # Safety
+/// As [`load64`].
+#[inline(always)]
+pub unsafe fn fetch_add64(p: *mut u64, v: u64) -> u64 {
+    // SAFETY: guaranteed by the caller.
+    unsafe { atomic_xadd::<u64, u64, { SeqCst }>(p, v) }
+}
+
+/// Returns the previous value (== `old` on success).
+/// # Safety
+/// As [`load64`].
+#[inline(always)]
+pub unsafe fn cmpxchg64(p: *mut u64, old: u64, new: u64) -> u64 {
+    // SAFETY: guaranteed by the caller.
+    unsafe { atomic_cxchg::<u64, { SeqCst }, { SeqCst }>(p, old, new).0 }
+}
+
+/// # Safety
+/// `p` points to a 4-byte aligned u32 inside a live map value.
+#[inline(always)]
+pub unsafe fn cmpxchg32(p: *mut u32, old: u32, new: u32) -> u32 {
+    // SAFETY: guaranteed by the caller.
+    unsafe { atomic_cxchg::<u32, { SeqCst }, { SeqCst }>(p, old, new).0 }
+}
+
+/// # Safety
+/// As [`cmpxchg32`].
+#[inline(always)]
+pub unsafe fn xchg32(p: *mut u32, v: u32) -> u32 {
+    // SAFETY: guaranteed by the caller.
+    unsafe { atomic_xchg::<u32, { SeqCst }>(p, v) }
+}
