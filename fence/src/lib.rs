@@ -1,1 +1,71 @@
-//! placeholder
+//! Split-brain arbitration for the FT pair (issue 4).
+//!
+//! When primary and backup lose each other, both may try to go live. Like VM-FT's
+//! test-and-set on the shared disk, each node asks an **arbiter** to atomically make it
+//! the owner of the VM ([`Arbiter::test_and_set`]). Exactly one succeeds and gets a
+//! **fencing epoch** (strictly higher than every earlier one, never reused) plus a
+//! **lease**; the other learns who holds it and stays down. The owner keeps the lease
+//! with [`LeaseKeeper`]; the kernel data plane only emits client traffic while
+//! `bpf_ktime_get_ns() < lease_deadline_ns`.
+//!
+//! # Safety argument
+//! * The arbiter refuses `test_and_set` while another node's lease is valid *on the
+//!   arbiter's clock*, and requires the caller's expected epoch to equal the current
+//!   one, so two concurrent callers with the same view cannot both win.
+//! * The node's deadline is `t_send + lease - drift_margin` on CLOCK_MONOTONIC
+//!   ([`LeaseGrant::deadline_monotonic_ns`]), where `t_send` is taken before the request
+//!   leaves. The arbiter starts its timer when it handles the request, i.e. later, so the
+//!   node's lease ends before the arbiter's as long as the clocks' rate difference over
+//!   one lease stays below `drift_margin`. Hence the old owner has stopped emitting before
+//!   a new owner can be granted.
+//! * A failed or late renewal never extends the deadline; an unreachable arbiter means
+//!   nobody goes live (errors say so).
+//! * Epochs are fencing tokens: log frames and acks carry them, so a stale primary's
+//!   frames are refused by a backup that has seen a higher epoch.
+//!
+//! # Backends
+//! * `embedded` ([`embedded`]): one `ft-arbiter` process. Durability: every state change
+//!   is written to a temp file, fsynced, renamed over the state file and the directory
+//!   fsynced BEFORE the reply, so a restart never forgets a winner or reuses an epoch.
+//!   Lease timers are in memory (monotonic); after a restart every lease recorded as held
+//!   is treated as valid for a full lease length from the restart. Renewals are not
+//!   written to disk (a restart re-grants a full lease anyway). The embedded arbiter is a
+//!   single point of failure for *going live* (never for safety); the redundant
+//!   deployment is the `etcd` backend.
+//! * `etcd` ([`etcd`]): a 3- or 5-member etcd cluster; see that module for the keys and
+//!   the compare-and-swap transaction.
+//! * `none`: a static lease for single-host demos (must be configured explicitly).
+//!
+//! # Embedded wire protocol
+//! TCP, frames of a `u32` big-endian length (1..=4096) followed by a JSON body:
+//! request `{"v":1,"id":N,"node":"a","vm":"web","op":{"test_and_set":{"expected_epoch":0,"lease_ms":3000}}}`
+//! (ops `test_and_set`, `renew {epoch, lease_ms}`, `release {epoch}`, `"read"`), reply
+//! `{"v":1,"id":N,"reply":{...}}`. Unknown fields/ops, wrong versions, bad names or lease
+//! lengths get an `error` reply and change nothing; bad lengths (0 or > 4096) and
+//! unparseable bodies get an error reply and the connection is closed; truncated frames
+//! time out (5 s) and close the connection; idle connections close after 60 s.
+//!
+//! Replays: request ids increase per node. The arbiter keeps, per node, the last id
+//! (persisted with every state change) and its reply (memory): the same id again gets
+//! the cached reply without re-applying (safe client retries), an older id is refused
+//! (`stale_request_id`). Independently every op is idempotent by epoch: a replayed
+//! `test_and_set` finds the epoch moved and gets `stale`; `renew`/`release` only act on
+//! the exact `(node, epoch)` that is current.
+#![deny(unsafe_op_in_unsafe_fn)]
+
+mod arbiter;
+pub mod config;
+pub mod embedded;
+pub mod error;
+pub mod etcd;
+mod keeper;
+
+pub use arbiter::{
+    Arbiter, BoxFuture, LeaseGrant, MAX_NAME_LEN, MonoInstant, OwnerInfo, StaticArbiter,
+    TasOutcome, monotonic_now_ns, validate_name,
+};
+pub use config::{Backend, ConfigError, FenceConfig};
+pub use embedded::{EmbeddedArbiter, serve, serve_with};
+pub use error::{FenceError, ServeError};
+pub use etcd::EtcdArbiter;
+pub use keeper::{LeaseKeeper, LeaseState, LeaseTiming};

@@ -1,0 +1,41 @@
+//! `ft-arbiter --listen ADDR --state-dir DIR`: the embedded split-brain arbiter.
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Parser;
+use tracing_subscriber::EnvFilter;
+
+/// Embedded split-brain arbiter for the FT pair. Run it on a third host; state changes
+/// are fsynced to --state-dir before they are answered.
+#[derive(Parser, Debug)]
+#[command(version)]
+struct Args {
+    /// Address to listen on, e.g. 0.0.0.0:7700.
+    #[arg(long)]
+    listen: String,
+    /// Directory for the durable state (local disk; never shared by two arbiters).
+    #[arg(long)]
+    state_dir: PathBuf,
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let listener = tokio::net::TcpListener::bind(&args.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", args.listen))?;
+        tracing::info!(listen = %listener.local_addr()?, state_dir = %args.state_dir.display(), "ft-arbiter up");
+        tokio::select! {
+            r = ft_fence::serve(listener, &args.state_dir) => r.map_err(anyhow::Error::from),
+            _ = tokio::signal::ctrl_c() => { tracing::info!("interrupted"); Ok(()) }
+        }
+    })
+}

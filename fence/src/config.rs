@@ -1,0 +1,363 @@
+//! `[fence]` configuration.
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use crate::arbiter::{Arbiter, StaticArbiter, validate_name};
+use crate::embedded::EmbeddedArbiter;
+use crate::etcd::{DEFAULT_PREFIX, EtcdArbiter};
+use crate::keeper::LeaseTiming;
+
+/// Which arbiter decides who may go live.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Backend {
+    /// One `ft-arbiter` process (`arbiters` = its single `host:port`). Not redundant.
+    Embedded,
+    /// An etcd cluster (`arbiters` = member client endpoints; use 3 or 5 members).
+    Etcd,
+    /// No arbiter: static, never-expiring lease. Single-host demos ONLY: two hosts with
+    /// this setting can both go live.
+    None,
+}
+
+/// The `[fence]` table. Every field has a default except `backend`, which must be set
+/// explicitly (validation fails otherwise), and `vm`/`node`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FenceConfig {
+    pub backend: Option<Backend>,
+    /// `host:port` of the embedded arbiter (exactly one), or etcd client endpoints.
+    pub arbiters: Vec<String>,
+    /// Lease length granted by the arbiter.
+    pub lease_ms: u64,
+    /// How often the owner renews. Must be below half the lease.
+    pub renew_interval_ms: u64,
+    /// Bound on one arbiter request (test-and-set, renew, ...).
+    pub request_timeout_ms: u64,
+    /// Subtracted from the lease when computing the local kernel deadline; covers the
+    /// rate difference between this node's and the arbiter's clocks over one lease.
+    pub drift_margin_ms: u64,
+    /// Name of the protected VM (the arbitrated resource).
+    pub vm: String,
+    /// This host's name, unique among the nodes protecting `vm`.
+    pub node: String,
+    /// etcd key prefix.
+    pub etcd_prefix: String,
+}
+
+impl Default for FenceConfig {
+    fn default() -> Self {
+        Self {
+            backend: None,
+            arbiters: Vec::new(),
+            lease_ms: 3000,
+            renew_interval_ms: 1000,
+            request_timeout_ms: 500,
+            drift_margin_ms: 100,
+            vm: String::new(),
+            node: String::new(),
+            etcd_prefix: DEFAULT_PREFIX.to_string(),
+        }
+    }
+}
+
+/// A `[fence]` setting that cannot work, with what to change.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+#[error("invalid [fence] configuration: {0}")]
+pub struct ConfigError(pub String);
+
+fn bad(msg: impl Into<String>) -> Result<(), ConfigError> {
+    Err(ConfigError(msg.into()))
+}
+
+impl FenceConfig {
+    /// Parses a TOML document holding just the `[fence]` fields (no table header).
+    pub fn from_toml_str(s: &str) -> Result<Self, ConfigError> {
+        let c: FenceConfig = toml::from_str(s).map_err(|e| ConfigError(e.to_string()))?;
+        c.validate()?;
+        Ok(c)
+    }
+
+    pub fn lease(&self) -> Duration {
+        Duration::from_millis(self.lease_ms)
+    }
+    pub fn renew_interval(&self) -> Duration {
+        Duration::from_millis(self.renew_interval_ms)
+    }
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_millis(self.request_timeout_ms)
+    }
+    pub fn drift_margin(&self) -> Duration {
+        Duration::from_millis(self.drift_margin_ms)
+    }
+
+    /// Timing for [`crate::LeaseKeeper`].
+    pub fn timing(&self) -> LeaseTiming {
+        LeaseTiming {
+            renew_interval: self.renew_interval(),
+            request_timeout: self.request_timeout(),
+            drift_margin: self.drift_margin(),
+        }
+    }
+
+    /// Checks every rule; the message says which key to change and why.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let Some(backend) = self.backend else {
+            return bad(
+                "fence.backend is not set: choose \"embedded\" (one ft-arbiter), \"etcd\" (redundant arbiter, recommended) or \"none\" (static lease, single-host demo only)",
+            );
+        };
+        if let Err(e) = validate_name("fence.vm", &self.vm) {
+            return bad(e.to_string());
+        }
+        if let Err(e) = validate_name("fence.node", &self.node) {
+            return bad(e.to_string());
+        }
+        match backend {
+            Backend::Embedded => {
+                if self.arbiters.len() != 1 {
+                    return bad(format!(
+                        "fence.arbiters must hold exactly one \"host:port\" for backend \"embedded\" (got {}); for a redundant arbiter use backend = \"etcd\" with 3 members",
+                        self.arbiters.len()
+                    ));
+                }
+                let a = &self.arbiters[0];
+                let port_ok = a
+                    .rsplit_once(':')
+                    .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0));
+                if !port_ok {
+                    return bad(format!(
+                        "fence.arbiters entry {a:?} is not \"host:port\" (e.g. \"10.0.0.2:7700\")"
+                    ));
+                }
+            }
+            Backend::Etcd => {
+                if self.arbiters.is_empty() {
+                    return bad(
+                        "fence.arbiters must list the etcd client endpoints (e.g. [\"10.0.0.3:2379\", \"10.0.0.4:2379\", \"10.0.0.5:2379\"])",
+                    );
+                }
+                if let Some(a) = self
+                    .arbiters
+                    .iter()
+                    .find(|a| a.is_empty() || a.contains(' '))
+                {
+                    return bad(format!(
+                        "fence.arbiters entry {a:?} is not an etcd endpoint"
+                    ));
+                }
+                if !self.etcd_prefix.starts_with('/') || !self.etcd_prefix.ends_with('/') {
+                    return bad(format!(
+                        "fence.etcd_prefix {:?} must start and end with '/'",
+                        self.etcd_prefix
+                    ));
+                }
+            }
+            Backend::None => {
+                if !self.arbiters.is_empty() {
+                    return bad(
+                        "fence.arbiters is set but backend = \"none\" ignores it; remove the arbiters or choose backend \"embedded\"/\"etcd\"",
+                    );
+                }
+                return Ok(());
+            }
+        }
+        if !(100..=600_000).contains(&self.lease_ms) {
+            return bad(format!(
+                "fence.lease_ms = {} is outside 100..=600000",
+                self.lease_ms
+            ));
+        }
+        if self.renew_interval_ms == 0 || self.renew_interval_ms * 2 >= self.lease_ms {
+            return bad(format!(
+                "fence.renew_interval_ms = {} must be above 0 and below half of fence.lease_ms ({}), so one lost renewal does not lose the lease",
+                self.renew_interval_ms, self.lease_ms
+            ));
+        }
+        if self.request_timeout_ms == 0 || self.request_timeout_ms * 2 >= self.lease_ms {
+            return bad(format!(
+                "fence.request_timeout_ms = {} must be above 0 and below half of fence.lease_ms ({})",
+                self.request_timeout_ms, self.lease_ms
+            ));
+        }
+        if self.drift_margin_ms == 0 {
+            return bad(
+                "fence.drift_margin_ms must be above 0 (clocks drift; e.g. 100 for a 3000 ms lease)",
+            );
+        }
+        let need = self.renew_interval_ms + self.request_timeout_ms + self.drift_margin_ms;
+        if need >= self.lease_ms {
+            return bad(format!(
+                "fence.renew_interval_ms + request_timeout_ms + drift_margin_ms = {need} must be below fence.lease_ms ({}): otherwise the local lease lapses before the next renewal can complete",
+                self.lease_ms
+            ));
+        }
+        Ok(())
+    }
+
+    /// Builds the configured arbiter client (validates first). Connects lazily.
+    pub fn build_arbiter(&self) -> Result<Arc<dyn Arbiter>, ConfigError> {
+        self.validate()?;
+        Ok(match self.backend.expect("validated") {
+            Backend::Embedded => Arc::new(EmbeddedArbiter::new(
+                self.arbiters[0].clone(),
+                self.lease(),
+                self.request_timeout(),
+            )),
+            Backend::Etcd => Arc::new(EtcdArbiter::new(
+                self.arbiters.clone(),
+                self.etcd_prefix.clone(),
+                self.lease(),
+                self.request_timeout(),
+            )),
+            Backend::None => Arc::new(StaticArbiter::new()),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn base() -> FenceConfig {
+        FenceConfig {
+            backend: Some(Backend::Embedded),
+            arbiters: vec!["10.0.0.2:7700".into()],
+            vm: "vm1".into(),
+            node: "host-a".into(),
+            ..Default::default()
+        }
+    }
+
+    fn err(c: &FenceConfig) -> String {
+        c.validate().unwrap_err().to_string()
+    }
+
+    #[test]
+    fn defaults_need_explicit_backend() {
+        let e = err(&FenceConfig::default());
+        assert!(e.contains("fence.backend is not set"), "{e}");
+        assert!(base().validate().is_ok());
+    }
+
+    #[test]
+    fn parses_toml_and_rejects_unknown_keys() {
+        let c = FenceConfig::from_toml_str(
+            r#"
+            backend = "etcd"
+            arbiters = ["10.0.0.3:2379", "10.0.0.4:2379", "10.0.0.5:2379"]
+            lease_ms = 4000
+            renew_interval_ms = 1000
+            request_timeout_ms = 800
+            drift_margin_ms = 200
+            vm = "web"
+            node = "host-b"
+            "#,
+        )
+        .unwrap();
+        assert_eq!(c.backend, Some(Backend::Etcd));
+        assert_eq!(c.arbiters.len(), 3);
+        assert_eq!(c.etcd_prefix, DEFAULT_PREFIX);
+        let e =
+            FenceConfig::from_toml_str("backend = \"none\"\nvm=\"a\"\nnode=\"b\"\nleese_ms = 1")
+                .unwrap_err()
+                .to_string();
+        assert!(e.contains("leese_ms"), "{e}");
+        let e = FenceConfig::from_toml_str("backend = \"zookeeper\"\nvm=\"a\"\nnode=\"b\"")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("zookeeper") || e.contains("unknown variant"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn nests_as_a_table_with_default() {
+        #[derive(Deserialize)]
+        struct Daemon {
+            #[serde(default)]
+            fence: FenceConfig,
+        }
+        let d: Daemon =
+            toml::from_str("[fence]\nbackend = \"none\"\nvm = \"v\"\nnode = \"n\"").unwrap();
+        assert!(d.fence.validate().is_ok());
+        let d: Daemon = toml::from_str("").unwrap();
+        assert!(d.fence.validate().is_err());
+    }
+
+    #[test]
+    fn renew_interval_must_be_below_half_lease() {
+        let mut c = base();
+        c.renew_interval_ms = 1500;
+        assert!(err(&c).contains("below half"), "{}", err(&c));
+        c.renew_interval_ms = 0;
+        assert!(err(&c).contains("renew_interval_ms"));
+    }
+
+    #[test]
+    fn timing_budget() {
+        let mut c = base();
+        c.lease_ms = 2000;
+        c.renew_interval_ms = 900;
+        c.request_timeout_ms = 900;
+        c.drift_margin_ms = 200;
+        assert!(
+            err(&c).contains("lapses before the next renewal"),
+            "{}",
+            err(&c)
+        );
+        c.request_timeout_ms = 1000;
+        assert!(err(&c).contains("request_timeout_ms"));
+        c.request_timeout_ms = 500;
+        c.drift_margin_ms = 0;
+        assert!(err(&c).contains("drift_margin_ms"));
+        c.lease_ms = 50;
+        assert!(err(&c).contains("lease_ms"));
+    }
+
+    #[test]
+    fn arbiter_lists() {
+        let mut c = base();
+        c.arbiters.push("10.0.0.9:7700".into());
+        assert!(err(&c).contains("exactly one"), "{}", err(&c));
+        c.arbiters = vec!["10.0.0.2".into()];
+        assert!(err(&c).contains("host:port"));
+        c.backend = Some(Backend::Etcd);
+        c.arbiters.clear();
+        assert!(err(&c).contains("etcd client endpoints"));
+        c.backend = Some(Backend::None);
+        c.arbiters = vec!["x:1".into()];
+        assert!(err(&c).contains("backend = \"none\" ignores it"));
+    }
+
+    #[test]
+    fn names_checked() {
+        let mut c = base();
+        c.node = String::new();
+        assert!(err(&c).contains("fence.node"));
+        c.node = "a b".into();
+        assert!(err(&c).contains("fence.node"));
+        c.node = "ok".into();
+        c.vm = "x/y".into();
+        assert!(err(&c).contains("fence.vm"));
+    }
+
+    #[test]
+    fn builds_each_backend() {
+        let c = base();
+        assert!(
+            c.build_arbiter()
+                .unwrap()
+                .describe()
+                .contains("10.0.0.2:7700")
+        );
+        let mut c = base();
+        c.backend = Some(Backend::None);
+        c.arbiters.clear();
+        assert_eq!(c.build_arbiter().unwrap().lease_len(), Duration::MAX);
+    }
+}

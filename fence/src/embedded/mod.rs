@@ -1,0 +1,7 @@
+//! Backend `embedded`: a single arbiter process (`ft-arbiter`) and its client.
+mod client;
+pub mod proto;
+mod server;
+
+pub use client::EmbeddedArbiter;
+pub use server::{STATE_FILE, ServerOptions, serve, serve_with};

@@ -1,0 +1,182 @@
+//! Wire protocol of the embedded arbiter: frames of `u32` big-endian length + JSON body.
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Protocol version carried in every request and reply (`v`).
+pub const PROTO_VERSION: u32 = 1;
+/// Largest frame body accepted by either side (bytes). Larger lengths are rejected
+/// before anything is read or allocated.
+pub const MAX_FRAME: usize = 4096;
+
+/// One request. `id` must increase per node for state-changing ops (see lib docs).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Request {
+    pub v: u32,
+    pub id: u64,
+    pub node: String,
+    pub vm: String,
+    pub op: Op,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+pub enum Op {
+    TestAndSet { expected_epoch: u64, lease_ms: u64 },
+    Renew { epoch: u64, lease_ms: u64 },
+    Release { epoch: u64 },
+    Read,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Response {
+    pub v: u32,
+    /// Id of the request answered (0 if the request could not be parsed).
+    pub id: u64,
+    pub reply: Reply,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+pub enum Reply {
+    Won {
+        epoch: u64,
+        lease_ms: u64,
+    },
+    Held {
+        owner: String,
+        epoch: u64,
+        remaining_ms: u64,
+    },
+    Stale {
+        owner: Option<String>,
+        epoch: u64,
+    },
+    Renewed {
+        epoch: u64,
+        lease_ms: u64,
+    },
+    Fenced {
+        owner: Option<String>,
+        epoch: u64,
+    },
+    Released {
+        epoch: u64,
+    },
+    State {
+        owner: Option<String>,
+        epoch: u64,
+        remaining_ms: u64,
+    },
+    Error {
+        code: ErrorCode,
+        message: String,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// Frame length 0 or above [`MAX_FRAME`]; the connection is closed after the reply.
+    FrameTooLarge,
+    /// Body is not a valid request (bad JSON, unknown op or field); connection closed.
+    BadRequest,
+    UnsupportedVersion,
+    /// Invalid vm/node name or lease length.
+    InvalidArgument,
+    /// Request id not above the last one seen from this node (replay or reordering).
+    /// `message` holds the last id seen, so an honest client can resynchronise.
+    StaleRequestId,
+    /// The arbiter could not persist the change; nothing changed.
+    Storage,
+    /// Too many VMs or nodes known.
+    Capacity,
+}
+
+/// Frame I/O errors.
+#[derive(Debug)]
+pub enum FrameError {
+    Io(std::io::Error),
+    /// Length prefix 0 or above [`MAX_FRAME`] (value given).
+    BadLength(u32),
+}
+
+impl From<std::io::Error> for FrameError {
+    fn from(e: std::io::Error) -> Self {
+        FrameError::Io(e)
+    }
+}
+
+/// Reads one frame body. Rejects bad lengths before reading the body.
+pub async fn read_frame<R: AsyncReadExt + Unpin>(r: &mut R) -> Result<Vec<u8>, FrameError> {
+    let len = r.read_u32().await?;
+    if len == 0 || len as usize > MAX_FRAME {
+        return Err(FrameError::BadLength(len));
+    }
+    let mut buf = vec![0u8; len as usize];
+    r.read_exact(&mut buf).await?;
+    Ok(buf)
+}
+
+/// Writes one frame (length prefix + body) and flushes.
+pub async fn write_frame<W: AsyncWriteExt + Unpin>(w: &mut W, body: &[u8]) -> std::io::Result<()> {
+    if body.is_empty() || body.len() > MAX_FRAME {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("frame of {} bytes (max {MAX_FRAME})", body.len()),
+        ));
+    }
+    let mut out = Vec::with_capacity(4 + body.len());
+    out.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    out.extend_from_slice(body);
+    w.write_all(&out).await?;
+    w.flush().await
+}
+
+pub fn encode<T: Serialize>(v: &T) -> Vec<u8> {
+    serde_json::to_vec(v).expect("protocol types always serialize")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_roundtrip_and_strictness() {
+        let r = Request {
+            v: 1,
+            id: 7,
+            node: "a".into(),
+            vm: "vm".into(),
+            op: Op::TestAndSet {
+                expected_epoch: 0,
+                lease_ms: 3000,
+            },
+        };
+        let b = encode(&r);
+        assert_eq!(serde_json::from_slice::<Request>(&b).unwrap(), r);
+        let unknown = br#"{"v":1,"id":1,"node":"a","vm":"b","op":"read","x":1}"#;
+        assert!(serde_json::from_slice::<Request>(unknown).is_err());
+        let bad_op = br#"{"v":1,"id":1,"node":"a","vm":"b","op":"format_disk"}"#;
+        assert!(serde_json::from_slice::<Request>(bad_op).is_err());
+        let ok = br#"{"v":1,"id":1,"node":"a","vm":"b","op":"read"}"#;
+        assert!(serde_json::from_slice::<Request>(ok).is_ok());
+    }
+
+    #[tokio::test]
+    async fn frame_limits() {
+        let mut big = Vec::new();
+        big.extend_from_slice(&(MAX_FRAME as u32 + 1).to_be_bytes());
+        let mut r = &big[..];
+        assert!(matches!(
+            read_frame(&mut r).await,
+            Err(FrameError::BadLength(_))
+        ));
+        let mut trunc = Vec::new();
+        trunc.extend_from_slice(&10u32.to_be_bytes());
+        trunc.extend_from_slice(b"abc");
+        let mut r = &trunc[..];
+        assert!(matches!(read_frame(&mut r).await, Err(FrameError::Io(_))));
+    }
+}

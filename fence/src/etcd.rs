@@ -1,0 +1,395 @@
+//! Backend `etcd`: the arbiter is an etcd cluster (redundant: it keeps working while a
+//! majority of members is up).
+//!
+//! Keys per VM (`prefix` defaults to `/ft-fence/`):
+//! * `{prefix}{vm}/epoch` — persistent, decimal epoch; only ever rewritten to a larger
+//!   value, so epochs are never reused (etcd itself is durable and replicated).
+//! * `{prefix}{vm}/owner` — `"{epoch} {node}"`, attached to an etcd lease whose TTL is
+//!   the lease length rounded up to whole seconds. The key exists exactly while the
+//!   owner's lease is valid: etcd deletes it when the lease expires.
+//!
+//! `test_and_set` reads both keys, decides, and commits with one transaction whose
+//! compares pin the `mod_revision` (or absence) of both keys as read, so any concurrent
+//! change makes the transaction fail and the decision is retaken on fresh data.
+use std::time::Duration;
+
+use etcd_client::{Client, Compare, CompareOp, ConnectOptions, GetOptions, PutOptions, Txn, TxnOp};
+use tokio::sync::Mutex;
+use tokio::time::timeout;
+
+use crate::arbiter::{Arbiter, BoxFuture, LeaseGrant, OwnerInfo, TasOutcome, validate_name};
+use crate::error::FenceError;
+
+/// Default key prefix.
+pub const DEFAULT_PREFIX: &str = "/ft-fence/";
+
+/// Client of an etcd cluster implementing [`Arbiter`].
+pub struct EtcdArbiter {
+    endpoints: Vec<String>,
+    prefix: String,
+    lease: Duration,
+    request_timeout: Duration,
+    client: Mutex<Option<Client>>,
+}
+
+#[derive(Clone, Debug)]
+struct Owner {
+    node: String,
+    epoch: u64,
+    lease_id: i64,
+    mod_revision: i64,
+}
+
+#[derive(Clone, Debug, Default)]
+struct Snapshot {
+    epoch: u64,
+    /// mod_revision of the epoch key (0 = absent).
+    epoch_rev: i64,
+    owner: Option<Owner>,
+}
+
+impl EtcdArbiter {
+    /// `endpoints` like `127.0.0.1:2379` or `http://10.0.0.3:2379`. Nothing is connected
+    /// until the first request.
+    pub fn new(
+        endpoints: Vec<String>,
+        prefix: impl Into<String>,
+        lease: Duration,
+        request_timeout: Duration,
+    ) -> Self {
+        Self {
+            endpoints,
+            prefix: prefix.into(),
+            lease,
+            request_timeout,
+            client: Mutex::new(None),
+        }
+    }
+
+    fn eps(&self) -> String {
+        self.endpoints.join(",")
+    }
+
+    fn err(&self, e: impl std::fmt::Display) -> FenceError {
+        FenceError::Etcd {
+            endpoints: self.eps(),
+            detail: e.to_string(),
+        }
+    }
+
+    fn timeout_err(&self) -> FenceError {
+        FenceError::Timeout {
+            addr: format!("etcd [{}]", self.eps()),
+            after: self.request_timeout,
+        }
+    }
+
+    /// Runs `f` under the request timeout.
+    async fn bounded<T>(
+        &self,
+        f: impl Future<Output = Result<T, FenceError>>,
+    ) -> Result<T, FenceError> {
+        timeout(self.request_timeout, f)
+            .await
+            .unwrap_or_else(|_| Err(self.timeout_err()))
+    }
+
+    async fn client(&self) -> Result<Client, FenceError> {
+        let mut g = self.client.lock().await;
+        if let Some(c) = g.as_ref() {
+            return Ok(c.clone());
+        }
+        let opts = ConnectOptions::new()
+            .with_connect_timeout(self.request_timeout)
+            .with_timeout(self.request_timeout)
+            .with_keep_alive(Duration::from_secs(2), self.request_timeout)
+            .with_require_leader(true);
+        let c = Client::connect(&self.endpoints, Some(opts))
+            .await
+            .map_err(|e| self.err(format!("connect: {e}")))?;
+        *g = Some(c.clone());
+        Ok(c)
+    }
+
+    fn key_prefix(&self, vm: &str) -> String {
+        format!("{}{vm}/", self.prefix)
+    }
+    fn epoch_key(&self, vm: &str) -> String {
+        format!("{}{vm}/epoch", self.prefix)
+    }
+    fn owner_key(&self, vm: &str) -> String {
+        format!("{}{vm}/owner", self.prefix)
+    }
+
+    fn ttl_secs(&self) -> i64 {
+        let ms = self.lease.as_millis().max(1);
+        i64::try_from(ms.div_ceil(1000)).unwrap_or(i64::MAX)
+    }
+
+    async fn snapshot(&self, c: &mut Client, vm: &str) -> Result<Snapshot, FenceError> {
+        let resp = c
+            .get(self.key_prefix(vm), Some(GetOptions::new().with_prefix()))
+            .await
+            .map_err(|e| self.err(e))?;
+        let mut s = Snapshot::default();
+        for kv in resp.kvs() {
+            let key = kv.key();
+            let val = std::str::from_utf8(kv.value()).map_err(|e| self.err(e))?;
+            if key == self.epoch_key(vm).as_bytes() {
+                s.epoch = val
+                    .parse()
+                    .map_err(|_| self.err(format!("corrupt epoch value {val:?}")))?;
+                s.epoch_rev = kv.mod_revision();
+            } else if key == self.owner_key(vm).as_bytes() {
+                let (e, n) = val
+                    .split_once(' ')
+                    .ok_or_else(|| self.err(format!("corrupt owner value {val:?}")))?;
+                s.owner = Some(Owner {
+                    node: n.to_string(),
+                    epoch: e
+                        .parse()
+                        .map_err(|_| self.err(format!("corrupt owner value {val:?}")))?,
+                    lease_id: kv.lease(),
+                    mod_revision: kv.mod_revision(),
+                });
+            }
+        }
+        Ok(s)
+    }
+
+    async fn remaining(&self, c: &mut Client, lease_id: i64) -> Duration {
+        match c.lease_time_to_live(lease_id, None).await {
+            Ok(r) if r.ttl() > 0 => Duration::from_secs(r.ttl() as u64),
+            // Expiring right now; report a small non-zero remainder (the key still exists).
+            _ => Duration::from_millis(1),
+        }
+    }
+
+    async fn tas_inner(
+        &self,
+        vm: &str,
+        node: &str,
+        expected_epoch: u64,
+    ) -> Result<TasOutcome, FenceError> {
+        let mut c = self.client().await?;
+        let mut ours: Vec<i64> = Vec::new();
+        async {
+            for _ in 0..4 {
+                let s = self.snapshot(&mut c, vm).await?;
+                if let Some(o) = &s.owner {
+                    if o.node == node && ours.contains(&o.lease_id) {
+                        // An earlier attempt of this call committed (reply was lost).
+                        return Ok(self.won(o.epoch));
+                    }
+                    if o.node != node {
+                        let lease_remaining = self.remaining(&mut c, o.lease_id).await;
+                        return Ok(TasOutcome::Held {
+                            owner: o.node.clone(),
+                            epoch: s.epoch,
+                            lease_remaining,
+                        });
+                    }
+                }
+                if s.epoch != expected_epoch {
+                    return Ok(TasOutcome::Stale {
+                        owner: s.owner.map(|o| o.node),
+                        epoch: s.epoch,
+                    });
+                }
+                let lease = c
+                    .lease_grant(self.ttl_secs(), None)
+                    .await
+                    .map_err(|e| self.err(e))?;
+                ours.push(lease.id());
+                let new_epoch = s.epoch + 1;
+                let (ek, ok) = (self.epoch_key(vm), self.owner_key(vm));
+                let epoch_cmp = if s.epoch_rev == 0 {
+                    Compare::version(ek.clone(), CompareOp::Equal, 0)
+                } else {
+                    Compare::mod_revision(ek.clone(), CompareOp::Equal, s.epoch_rev)
+                };
+                let owner_cmp = match &s.owner {
+                    None => Compare::version(ok.clone(), CompareOp::Equal, 0),
+                    Some(o) => Compare::mod_revision(ok.clone(), CompareOp::Equal, o.mod_revision),
+                };
+                let txn = Txn::new().when([epoch_cmp, owner_cmp]).and_then([
+                    TxnOp::put(ek, new_epoch.to_string(), None),
+                    TxnOp::put(
+                        ok,
+                        format!("{new_epoch} {node}"),
+                        Some(PutOptions::new().with_lease(lease.id())),
+                    ),
+                ]);
+                let r = c.txn(txn).await.map_err(|e| self.err(e))?;
+                if r.succeeded() {
+                    if let Some(o) = &s.owner {
+                        // Our own previous lease (re-take); drop it, best effort.
+                        let _ = c.lease_revoke(o.lease_id).await;
+                    }
+                    return Ok(self.won(new_epoch));
+                }
+                let _ = c.lease_revoke(lease.id()).await;
+                ours.pop();
+            }
+            // Persistent contention: report what is there now.
+            let s = self.snapshot(&mut c, vm).await?;
+            Ok(match s.owner {
+                Some(o) if o.node != node => TasOutcome::Held {
+                    lease_remaining: self.remaining(&mut c, o.lease_id).await,
+                    owner: o.node,
+                    epoch: s.epoch,
+                },
+                o => TasOutcome::Stale {
+                    owner: o.map(|o| o.node),
+                    epoch: s.epoch,
+                },
+            })
+        }
+        .await
+    }
+
+    fn won(&self, epoch: u64) -> TasOutcome {
+        TasOutcome::Won(LeaseGrant {
+            epoch,
+            lease: self.lease,
+        })
+    }
+
+    fn fenced(&self, vm: &str, node: &str, epoch: u64, s: Snapshot) -> FenceError {
+        FenceError::Fenced {
+            vm: vm.to_string(),
+            node: node.to_string(),
+            epoch,
+            current_owner: s.owner.map(|o| o.node),
+            current_epoch: s.epoch,
+        }
+    }
+
+    async fn renew_inner(
+        &self,
+        vm: &str,
+        node: &str,
+        epoch: u64,
+    ) -> Result<LeaseGrant, FenceError> {
+        let mut c = self.client().await?;
+        let s = self.snapshot(&mut c, vm).await?;
+        let lease_id = match &s.owner {
+            Some(o) if o.node == node && o.epoch == epoch => o.lease_id,
+            _ => return Err(self.fenced(vm, node, epoch, s)),
+        };
+        let (_keeper, mut stream) = c
+            .lease_keep_alive(lease_id)
+            .await
+            .map_err(|e| self.err(e))?;
+        let resp = stream.message().await.map_err(|e| self.err(e))?;
+        match resp {
+            Some(r) if r.ttl() > 0 => Ok(LeaseGrant {
+                epoch,
+                lease: self.lease.min(Duration::from_secs(r.ttl() as u64)),
+            }),
+            // TTL 0: the lease expired before the keep-alive arrived (the owner key is
+            // gone with it), so this node is no longer owner.
+            Some(_) => {
+                let s = self.snapshot(&mut c, vm).await.unwrap_or_default();
+                Err(self.fenced(vm, node, epoch, s))
+            }
+            None => Err(self.err("keep-alive stream closed without an answer")),
+        }
+    }
+
+    async fn release_inner(&self, vm: &str, node: &str, epoch: u64) -> Result<(), FenceError> {
+        let mut c = self.client().await?;
+        let ok = self.owner_key(vm);
+        let txn = Txn::new()
+            .when([Compare::value(
+                ok.clone(),
+                CompareOp::Equal,
+                format!("{epoch} {node}"),
+            )])
+            .and_then([TxnOp::delete(ok, None)]);
+        // Lease id must be read before the delete to revoke it afterwards.
+        let s = self.snapshot(&mut c, vm).await?;
+        let r = c.txn(txn).await.map_err(|e| self.err(e))?;
+        if r.succeeded() {
+            if let Some(o) = s.owner.filter(|o| o.node == node && o.epoch == epoch) {
+                let _ = c.lease_revoke(o.lease_id).await;
+            }
+            return Ok(());
+        }
+        let s = self.snapshot(&mut c, vm).await?;
+        if s.owner.is_none() && s.epoch == epoch {
+            return Ok(()); // already released
+        }
+        Err(self.fenced(vm, node, epoch, s))
+    }
+
+    async fn read_inner(&self, vm: &str) -> Result<OwnerInfo, FenceError> {
+        let mut c = self.client().await?;
+        let s = self.snapshot(&mut c, vm).await?;
+        let lease_remaining = match &s.owner {
+            Some(o) => self.remaining(&mut c, o.lease_id).await,
+            None => Duration::ZERO,
+        };
+        Ok(OwnerInfo {
+            owner: s.owner.map(|o| o.node),
+            epoch: s.epoch,
+            lease_remaining,
+        })
+    }
+}
+
+impl Arbiter for EtcdArbiter {
+    fn test_and_set<'a>(
+        &'a self,
+        vm: &'a str,
+        node: &'a str,
+        expected_epoch: u64,
+    ) -> BoxFuture<'a, Result<TasOutcome, FenceError>> {
+        Box::pin(async move {
+            validate_name("vm name", vm)?;
+            validate_name("node name", node)?;
+            self.bounded(self.tas_inner(vm, node, expected_epoch)).await
+        })
+    }
+
+    fn renew<'a>(
+        &'a self,
+        vm: &'a str,
+        node: &'a str,
+        epoch: u64,
+    ) -> BoxFuture<'a, Result<LeaseGrant, FenceError>> {
+        Box::pin(async move {
+            validate_name("vm name", vm)?;
+            validate_name("node name", node)?;
+            self.bounded(self.renew_inner(vm, node, epoch)).await
+        })
+    }
+
+    fn release<'a>(
+        &'a self,
+        vm: &'a str,
+        node: &'a str,
+        epoch: u64,
+    ) -> BoxFuture<'a, Result<(), FenceError>> {
+        Box::pin(async move {
+            validate_name("vm name", vm)?;
+            validate_name("node name", node)?;
+            self.bounded(self.release_inner(vm, node, epoch)).await
+        })
+    }
+
+    fn read<'a>(&'a self, vm: &'a str) -> BoxFuture<'a, Result<OwnerInfo, FenceError>> {
+        Box::pin(async move {
+            validate_name("vm name", vm)?;
+            self.bounded(self.read_inner(vm)).await
+        })
+    }
+
+    fn lease_len(&self) -> Duration {
+        self.lease
+    }
+
+    fn describe(&self) -> String {
+        format!("etcd cluster [{}] prefix {}", self.eps(), self.prefix)
+    }
+}
