@@ -278,7 +278,11 @@ fn recv_one(fd: RawFd, buf: &mut [u8]) -> Result<Option<(usize, u8)>> {
 /// Result of a capture.
 #[derive(Debug, Default, Clone)]
 pub struct CaptureResult {
-    /// (CLOCK_MONOTONIC ns at user-space receive, frame bytes), in receive order.
+    /// (receive time in CLOCK_MONOTONIC ns, frame bytes), in receive order. The time is
+    /// the kernel's SO_TIMESTAMPNS stamp (taken when the frame reached the socket layer,
+    /// so a backlog in the capture thread does not skew it) converted from
+    /// CLOCK_REALTIME using the offset measured at capture start; it is comparable with
+    /// [`monotonic_ns`] / `Instant` within a few µs.
     pub frames: Vec<(u64, Vec<u8>)>,
     /// Frames the kernel dropped because the socket buffer was full (if > 0 the capture
     /// is incomplete).
@@ -381,37 +385,102 @@ impl Drop for Capture {
     }
 }
 
+fn realtime_ns() -> i128 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid pointer to a timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_REALTIME, &mut ts) };
+    ts.tv_sec as i128 * 1_000_000_000 + ts.tv_nsec as i128
+}
+
+/// Non-blocking recvmsg returning (len, pkttype, kernel SO_TIMESTAMPNS realtime ns).
+fn recv_one_ts(fd: RawFd, buf: &mut [u8]) -> Result<Option<(usize, u8, Option<i128>)>> {
+    // SAFETY: sockaddr_ll is POD; zero is valid.
+    let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr() as *mut libc::c_void,
+        iov_len: buf.len(),
+    };
+    let mut cbuf = [0u64; 16];
+    // SAFETY: msghdr is POD; zero is valid.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_name = &mut sll as *mut libc::sockaddr_ll as *mut libc::c_void;
+    msg.msg_namelen = std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t;
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = cbuf.as_mut_ptr() as *mut libc::c_void;
+    msg.msg_controllen = std::mem::size_of_val(&cbuf);
+    // SAFETY: msg points to valid name, iovec and control buffers alive for the call.
+    let n = unsafe { libc::recvmsg(fd, &mut msg, libc::MSG_DONTWAIT) };
+    if n < 0 {
+        let e = std::io::Error::last_os_error();
+        return match e.raw_os_error() {
+            Some(libc::EAGAIN) | Some(libc::EINTR) => Ok(None),
+            _ => Err(e).context("recvmsg(AF_PACKET)"),
+        };
+    }
+    let mut ts = None;
+    // SAFETY: iterating the control messages the kernel wrote into `msg`'s buffer with
+    // the libc CMSG_* helpers; the buffer outlives the loop.
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(&msg);
+        while !c.is_null() {
+            if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_TIMESTAMPNS {
+                let t: libc::timespec =
+                    std::ptr::read_unaligned(libc::CMSG_DATA(c) as *const libc::timespec);
+                ts = Some(t.tv_sec as i128 * 1_000_000_000 + t.tv_nsec as i128);
+            }
+            c = libc::CMSG_NXTHDR(&msg, c);
+        }
+    }
+    Ok(Some((n as usize, sll.sll_pkttype, ts)))
+}
+
 fn capture_loop(
     sock: RawSock,
     stop: Arc<AtomicBool>,
     count: Arc<AtomicU64>,
 ) -> Result<CaptureResult> {
+    const BURST: usize = 4096;
     let fd = sock.fd.as_raw_fd();
+    // Kernel receive timestamps (CLOCK_REALTIME) mapped onto CLOCK_MONOTONIC.
+    let kernel_ts = setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_TIMESTAMPNS, 1).is_ok();
+    let offset = realtime_ns() - monotonic_ns() as i128;
     let mut buf = vec![0u8; MAX_FRAME];
     let mut out = CaptureResult::default();
     let _ = packet_stats(fd); // reset counters
+    let mut stop_seen: Option<Instant> = None;
     loop {
-        let stopping = stop.load(Ordering::Acquire);
-        // Drain everything queued.
+        if stop_seen.is_none() && stop.load(Ordering::Acquire) {
+            stop_seen = Some(Instant::now());
+        }
+        // Drain what is queued (bursts, so a stop request is noticed).
         let mut got = 0usize;
-        while let Some((len, pkttype)) = recv_one(fd, &mut buf)? {
+        while let Some((len, pkttype, ts)) = recv_one_ts(fd, &mut buf)? {
             got += 1;
-            if pkttype == libc::PACKET_OUTGOING && !sock.include_outgoing {
-                continue;
+            if pkttype != libc::PACKET_OUTGOING || sock.include_outgoing {
+                let t = match ts {
+                    Some(rt) if kernel_ts => (rt - offset).max(0) as u64,
+                    _ => monotonic_ns(),
+                };
+                out.frames.push((t, buf[..len].to_vec()));
+                count.fetch_add(1, Ordering::Relaxed);
             }
-            out.frames.push((monotonic_ns(), buf[..len].to_vec()));
-            count.fetch_add(1, Ordering::Relaxed);
-            if got >= 4096 {
+            if got >= BURST {
                 break;
             }
         }
-        if got >= 4096 {
-            continue;
+        match stop_seen {
+            // After stop: finish draining, but give up after 1 s of continuous traffic.
+            Some(t) if got < BURST || t.elapsed() > Duration::from_secs(1) => break,
+            Some(_) => continue,
+            None if got >= BURST => continue,
+            None => {
+                poll_in(fd, 20)?;
+            }
         }
-        if stopping {
-            break;
-        }
-        poll_in(fd, 20)?;
     }
     if let Ok((_, drops)) = packet_stats(fd) {
         out.kernel_drops = u64::from(drops);
