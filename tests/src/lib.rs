@@ -11,6 +11,21 @@
 //!  VM eth0 on both sides: 02:f7:00:00:00:64 / 10.77.0.100/24, runs `ft-standin` on UDP 7000.
 //! ```
 //!
+//! Usage from another crate: `[dev-dependencies] ft-testbed = { path = "../tests" }`,
+//! run as root, and build the stand-in first (`cargo build -p ft-testbed --bins`, same
+//! profile and target dir; or set `FT_STANDIN_BIN`) — cargo only builds it automatically
+//! for ft-testbed's own tests.
+//!
+//! ```no_run
+//! use ft_testbed::{Testbed, TestbedOptions, names::*};
+//! let tb = Testbed::new(TestbedOptions::default())?;
+//! // load the data plane on tb.a.ns / tb.b.ns (cli0, log0, vmh) ...
+//! let c = tb.vm_client()?; // UDP from the client ns to 10.77.0.100:7000
+//! let reply = c.request("PING", std::time::Duration::from_secs(1))?;
+//! tb.set_log_loss(Some(10))?; // drop every 10th 0x88b5 frame A->B
+//! # Ok::<(), anyhow::Error>(())
+//! ```
+//!
 //! Host A's cli0 and vmh are NOT bridged: only the data plane under test connects them.
 //! All setup/teardown commands are scoped to the testbed's own namespaces.
 
