@@ -59,6 +59,7 @@ pub mod embedded;
 pub mod error;
 pub mod etcd;
 mod keeper;
+pub mod testkit;
 
 pub use arbiter::{
     Arbiter, BoxFuture, LeaseGrant, MAX_NAME_LEN, MonoInstant, OwnerInfo, StaticArbiter,
