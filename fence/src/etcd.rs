@@ -11,6 +11,8 @@
 //! `test_and_set` reads both keys, decides, and commits with one transaction whose
 //! compares pin the `mod_revision` (or absence) of both keys as read, so any concurrent
 //! change makes the transaction fail and the decision is retaken on fresh data.
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex as StdMutex};
 use std::time::Duration;
 
 use etcd_client::{Client, Compare, CompareOp, ConnectOptions, GetOptions, PutOptions, Txn, TxnOp};
@@ -29,7 +31,10 @@ pub struct EtcdArbiter {
     prefix: String,
     lease: Duration,
     request_timeout: Duration,
-    client: Mutex<Option<Client>>,
+    /// One client per endpoint (connected lazily); requests go to `current` and fail
+    /// over to the next endpoint on an etcd/transport error.
+    clients: Vec<Mutex<Option<Client>>>,
+    current: AtomicUsize,
 }
 
 #[derive(Clone, Debug)]
@@ -57,12 +62,14 @@ impl EtcdArbiter {
         lease: Duration,
         request_timeout: Duration,
     ) -> Self {
+        let clients = endpoints.iter().map(|_| Mutex::new(None)).collect();
         Self {
             endpoints,
             prefix: prefix.into(),
             lease,
             request_timeout,
-            client: Mutex::new(None),
+            clients,
+            current: AtomicUsize::new(0),
         }
     }
 
@@ -94,21 +101,61 @@ impl EtcdArbiter {
             .unwrap_or_else(|_| Err(self.timeout_err()))
     }
 
-    async fn client(&self) -> Result<Client, FenceError> {
-        let mut g = self.client.lock().await;
+    async fn client_at(&self, idx: usize) -> Result<Client, FenceError> {
+        let mut g = self.clients[idx].lock().await;
         if let Some(c) = g.as_ref() {
             return Ok(c.clone());
         }
+        // Per-RPC timeout: half the request budget, so one failover always fits.
+        let rpc_timeout = (self.request_timeout / 2).max(Duration::from_millis(50));
         let opts = ConnectOptions::new()
-            .with_connect_timeout(self.request_timeout)
-            .with_timeout(self.request_timeout)
+            .with_connect_timeout(rpc_timeout)
+            .with_timeout(rpc_timeout)
             .with_keep_alive(Duration::from_secs(2), self.request_timeout)
             .with_require_leader(true);
-        let c = Client::connect(&self.endpoints, Some(opts))
+        let c = Client::connect([&self.endpoints[idx]], Some(opts))
             .await
-            .map_err(|e| self.err(format!("connect: {e}")))?;
+            .map_err(|e| self.err(format!("connect to {}: {e}", self.endpoints[idx])))?;
         *g = Some(c.clone());
         Ok(c)
+    }
+
+    /// Runs one attempt of an operation on the current endpoint; on an etcd error
+    /// (member down, no leader, transport) moves to the next endpoint and retries, at
+    /// most twice around the list. Attempts must be safe to repeat.
+    async fn with_failover<'a, T>(
+        &'a self,
+        mut attempt: impl FnMut(Client) -> BoxFuture<'a, Result<T, FenceError>>,
+    ) -> Result<T, FenceError> {
+        if self.endpoints.is_empty() {
+            return Err(self.err("no endpoints configured"));
+        }
+        let n = self.endpoints.len();
+        let mut last = None;
+        for i in 0..2 * n {
+            let idx = self.current.load(Ordering::Relaxed) % n;
+            let res = match self.client_at(idx).await {
+                Ok(c) => attempt(c).await,
+                Err(e) => Err(e),
+            };
+            match res {
+                Err(e @ FenceError::Etcd { .. }) => {
+                    tracing::debug!(endpoint = %self.endpoints[idx], error = %e, "etcd attempt failed; trying next member");
+                    last = Some(e);
+                    let _ = self.current.compare_exchange(
+                        idx,
+                        (idx + 1) % n,
+                        Ordering::Relaxed,
+                        Ordering::Relaxed,
+                    );
+                    if i + 1 >= n {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                }
+                other => return other,
+            }
+        }
+        Err(last.expect("at least one attempt"))
     }
 
     fn key_prefix(&self, vm: &str) -> String {
@@ -165,19 +212,22 @@ impl EtcdArbiter {
         }
     }
 
-    async fn tas_inner(
+    /// One attempt of test-and-set. `ours` lists the etcd leases granted by earlier
+    /// attempts of the same call, to recognise a commit whose reply was lost.
+    async fn tas_once(
         &self,
+        mut c: Client,
         vm: &str,
         node: &str,
         expected_epoch: u64,
+        ours: Arc<StdMutex<Vec<i64>>>,
     ) -> Result<TasOutcome, FenceError> {
-        let mut c = self.client().await?;
-        let mut ours: Vec<i64> = Vec::new();
+        let is_ours = |id: i64| ours.lock().unwrap_or_else(|e| e.into_inner()).contains(&id);
         async {
             for _ in 0..4 {
                 let s = self.snapshot(&mut c, vm).await?;
                 if let Some(o) = &s.owner {
-                    if o.node == node && ours.contains(&o.lease_id) {
+                    if o.node == node && is_ours(o.lease_id) {
                         // An earlier attempt of this call committed (reply was lost).
                         return Ok(self.won(o.epoch));
                     }
@@ -200,7 +250,9 @@ impl EtcdArbiter {
                     .lease_grant(self.ttl_secs(), None)
                     .await
                     .map_err(|e| self.err(e))?;
-                ours.push(lease.id());
+                ours.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push(lease.id());
                 let new_epoch = s.epoch + 1;
                 let (ek, ok) = (self.epoch_key(vm), self.owner_key(vm));
                 let epoch_cmp = if s.epoch_rev == 0 {
@@ -229,7 +281,6 @@ impl EtcdArbiter {
                     return Ok(self.won(new_epoch));
                 }
                 let _ = c.lease_revoke(lease.id()).await;
-                ours.pop();
             }
             // Persistent contention: report what is there now.
             let s = self.snapshot(&mut c, vm).await?;
@@ -267,20 +318,24 @@ impl EtcdArbiter {
 
     async fn renew_inner(
         &self,
+        mut c: Client,
         vm: &str,
         node: &str,
         epoch: u64,
     ) -> Result<LeaseGrant, FenceError> {
-        let mut c = self.client().await?;
         let s = self.snapshot(&mut c, vm).await?;
         let lease_id = match &s.owner {
             Some(o) if o.node == node && o.epoch == epoch => o.lease_id,
             _ => return Err(self.fenced(vm, node, epoch, s)),
         };
-        let (_keeper, mut stream) = c
+        let (mut keeper, mut stream) = c
             .lease_keep_alive(lease_id)
             .await
             .map_err(|e| self.err(e))?;
+        // The request queued while the stream opens is not reliably delivered (seen with
+        // etcd 3.4): send one explicitly and take the first answer (either is a renewal
+        // sent after `t_send`).
+        keeper.keep_alive().await.map_err(|e| self.err(e))?;
         let resp = stream.message().await.map_err(|e| self.err(e))?;
         match resp {
             Some(r) if r.ttl() > 0 => Ok(LeaseGrant {
@@ -297,8 +352,13 @@ impl EtcdArbiter {
         }
     }
 
-    async fn release_inner(&self, vm: &str, node: &str, epoch: u64) -> Result<(), FenceError> {
-        let mut c = self.client().await?;
+    async fn release_inner(
+        &self,
+        mut c: Client,
+        vm: &str,
+        node: &str,
+        epoch: u64,
+    ) -> Result<(), FenceError> {
         let ok = self.owner_key(vm);
         let txn = Txn::new()
             .when([Compare::value(
@@ -323,8 +383,7 @@ impl EtcdArbiter {
         Err(self.fenced(vm, node, epoch, s))
     }
 
-    async fn read_inner(&self, vm: &str) -> Result<OwnerInfo, FenceError> {
-        let mut c = self.client().await?;
+    async fn read_inner(&self, mut c: Client, vm: &str) -> Result<OwnerInfo, FenceError> {
         let s = self.snapshot(&mut c, vm).await?;
         let lease_remaining = match &s.owner {
             Some(o) => self.remaining(&mut c, o.lease_id).await,
@@ -348,7 +407,11 @@ impl Arbiter for EtcdArbiter {
         Box::pin(async move {
             validate_name("vm name", vm)?;
             validate_name("node name", node)?;
-            self.bounded(self.tas_inner(vm, node, expected_epoch)).await
+            let ours = Arc::new(StdMutex::new(Vec::new()));
+            self.bounded(self.with_failover(|c| {
+                Box::pin(self.tas_once(c, vm, node, expected_epoch, ours.clone()))
+            }))
+            .await
         })
     }
 
@@ -361,7 +424,8 @@ impl Arbiter for EtcdArbiter {
         Box::pin(async move {
             validate_name("vm name", vm)?;
             validate_name("node name", node)?;
-            self.bounded(self.renew_inner(vm, node, epoch)).await
+            self.bounded(self.with_failover(|c| Box::pin(self.renew_inner(c, vm, node, epoch))))
+                .await
         })
     }
 
@@ -374,14 +438,16 @@ impl Arbiter for EtcdArbiter {
         Box::pin(async move {
             validate_name("vm name", vm)?;
             validate_name("node name", node)?;
-            self.bounded(self.release_inner(vm, node, epoch)).await
+            self.bounded(self.with_failover(|c| Box::pin(self.release_inner(c, vm, node, epoch))))
+                .await
         })
     }
 
     fn read<'a>(&'a self, vm: &'a str) -> BoxFuture<'a, Result<OwnerInfo, FenceError>> {
         Box::pin(async move {
             validate_name("vm name", vm)?;
-            self.bounded(self.read_inner(vm)).await
+            self.bounded(self.with_failover(|c| Box::pin(self.read_inner(c, vm))))
+                .await
         })
     }
 

@@ -8,7 +8,14 @@ use std::time::{Duration, Instant};
 /// Where to find etcd: `$FT_ETCD_BIN`, else `/usr/bin/etcd`, else `etcd` on `$PATH`.
 pub fn etcd_binary() -> Result<PathBuf, String> {
     if let Ok(p) = std::env::var("FT_ETCD_BIN") {
-        return Ok(PathBuf::from(p));
+        let p = PathBuf::from(p);
+        if p.exists() {
+            return Ok(p);
+        }
+        return Err(format!(
+            "etcd binary not found at $FT_ETCD_BIN={}: fix the variable or install the Debian package etcd-server (scripts/bootstrap.sh does) — the etcd backend tests cannot run without it",
+            p.display()
+        ));
     }
     let std_path = PathBuf::from("/usr/bin/etcd");
     if std_path.exists() {
