@@ -1,0 +1,94 @@
+//! The KVM VM: RAM slot with dirty-page logging, and the system tables (GDT, TSS, IDT,
+//! identity page tables) that the VMM builds so the guest needs almost no ring-0 code.
+use crate::abi::*;
+use crate::error::{Error, Result};
+use crate::image::LoadedImage;
+use crate::vstate::memory::GuestRam;
+use kvm_bindings::{KVM_MEM_LOG_DIRTY_PAGES, kvm_userspace_memory_region};
+use kvm_ioctls::{Kvm, VmFd};
+
+pub struct Vm {
+    pub kvm: Kvm,
+    pub fd: VmFd,
+    pub ram: GuestRam,
+}
+
+impl Vm {
+    /// Creates the VM and registers `ram_size` bytes of RAM at guest physical 0 with
+    /// dirty-page logging enabled.
+    pub fn new(ram_size: usize) -> Result<Self> {
+        let kvm = Kvm::new().map_err(Error::Kvm)?;
+        let fd = kvm.create_vm().map_err(Error::Kvm)?;
+        let ram = GuestRam::new(ram_size)?;
+        let region = kvm_userspace_memory_region {
+            slot: 0,
+            flags: KVM_MEM_LOG_DIRTY_PAGES,
+            guest_phys_addr: 0,
+            memory_size: ram_size as u64,
+            userspace_addr: ram.host_addr(),
+        };
+        // SAFETY: the region maps `ram`, which this struct owns and keeps alive (and
+        // mapped) as long as the VM fd exists; the slot does not overlap any other.
+        unsafe { fd.set_user_memory_region(region) }.map_err(Error::ioctl("KVM_SET_USER_MEMORY_REGION"))?;
+        Ok(Vm { kvm, fd, ram })
+    }
+
+    /// Pages the guest wrote since the last call (KVM dirty bitmap, 1 bit per page).
+    pub fn take_dirty_log(&self) -> Result<Vec<u64>> {
+        self.fd
+            .get_dirty_log(0, self.ram.size())
+            .map_err(Error::ioctl("KVM_GET_DIRTY_LOG"))
+    }
+
+    /// Writes GDT, TSS, IDT, page tables and boot info into RAM.
+    pub fn setup_system_tables(&mut self, img: &LoadedImage, boot: &BootInfo) -> Result<()> {
+        let ram = &mut self.ram;
+        // GDT: null, kernel code64, kernel data, user data, user code64, TSS (16 bytes).
+        let tss_lo: u64 =
+            0x67 | ((TSS_ADDR & 0xff_ffff) << 16) | (0x89u64 << 40) | (((TSS_ADDR >> 24) & 0xff) << 56);
+        let gdt: [u64; 7] = [
+            0,
+            0x00AF_9B00_0000_FFFF,
+            0x00CF_9300_0000_FFFF,
+            0x00CF_F300_0000_FFFF,
+            0x00AF_FB00_0000_FFFF,
+            tss_lo,
+            TSS_ADDR >> 32,
+        ];
+        for (i, e) in gdt.iter().enumerate() {
+            ram.write_u64(GDT_ADDR + 8 * i as u64, *e)?;
+        }
+        // TSS: rsp0 (interrupts from ring 3 switch to this stack), no I/O bitmap.
+        ram.write_u64(TSS_ADDR + 4, IRQ_STACK_TOP)?;
+        ram.write_u16(TSS_ADDR + 102, 0x68)?;
+        // IDT: 32 exception stubs, timer and NIC handlers; other vectors not present.
+        let mut set_gate = |vector: u64, handler: u64| -> Result<()> {
+            let lo: u64 = (handler & 0xffff)
+                | ((SEL_KCODE as u64) << 16)
+                | (0x8Eu64 << 40)
+                | (((handler >> 16) & 0xffff) << 48);
+            ram.write_u64(IDT_ADDR + 16 * vector, lo)?;
+            ram.write_u64(IDT_ADDR + 16 * vector + 8, handler >> 32)
+        };
+        for v in 0..32 {
+            set_gate(v, img.header.exc_stubs + v * EXC_STUB_STRIDE)?;
+        }
+        set_gate(TIMER_VECTOR as u64, img.header.irq_timer)?;
+        set_gate(NIC_VECTOR as u64, img.header.irq_nic)?;
+        // Identity map of the first GiB with 2 MiB pages, user-accessible (the guest is a
+        // single ring-3 program; the device page at MMIO_BASE must be reachable from ring 3).
+        ram.write_u64(PML4_ADDR, PDPT_ADDR | 7)?;
+        ram.write_u64(PDPT_ADDR, PD_ADDR | 7)?;
+        for i in 0..512u64 {
+            ram.write_u64(PD_ADDR + i * 8, (i << 21) | 0x87)?;
+        }
+        // Boot info.
+        // SAFETY: BootInfo is #[repr(C)] plain data without padding holes that matter
+        // (explicit _pad fields); we only view it as bytes.
+        let bytes = unsafe {
+            std::slice::from_raw_parts(boot as *const BootInfo as *const u8, std::mem::size_of::<BootInfo>())
+        };
+        ram.write(BOOT_INFO_ADDR, bytes)?;
+        Ok(())
+    }
+}
