@@ -90,6 +90,8 @@ impl EtcdCluster {
     /// its client port's health endpoint.
     pub fn start(n: usize, dir: &Path, ready_timeout: Duration) -> Result<EtcdCluster, String> {
         let bin = etcd_binary()?;
+        std::fs::create_dir_all(dir)
+            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
         let ports: Vec<(u16, u16)> = (0..n).map(|_| (free_port(), free_port())).collect();
         let initial: Vec<String> = ports
             .iter()
