@@ -29,6 +29,7 @@
 //! Host A's cli0 and vmh are NOT bridged: only the data plane under test connects them.
 //! All setup/teardown commands are scoped to the testbed's own namespaces.
 
+pub mod appliance;
 pub mod child;
 pub mod netns;
 pub mod packet;
@@ -36,6 +37,7 @@ pub mod raw;
 pub mod testbed;
 pub mod udp;
 
+pub use appliance::{Appliance, ApplianceOptions, ftd_bin};
 pub use child::ChildGuard;
 pub use netns::{fmt_mac, ifindex, ip, mac, ns_exec, run_in_ns, try_run_in_ns};
 pub use packet::{eth_frame, parse_udp, udp_checksums_ok, udp_frame};

@@ -1,2 +1,8 @@
-//! ftd: the fault-tolerance daemon.
+//! ftd: the fault-tolerance daemon. See ARCHITECTURE.md for the packet and log paths.
+pub mod channel;
+pub mod config;
+pub mod control;
+pub mod daemon;
 pub mod dataplane;
+pub mod metrics;
+pub mod netif;

@@ -1,25 +1,69 @@
-fn main() {
-    let mut e = aya::Ebpf::load(ftd::dataplane::EBPF_OBJECT).unwrap();
-    for (name, p) in e.programs_mut() {
-        let r = match p {
-            aya::programs::Program::Xdp(x) => x.load(),
-            aya::programs::Program::SchedClassifier(x) => x.load(),
-            _ => Ok(()),
-        };
-        match r {
-            Ok(()) => println!("{name}: OK"),
-            Err(aya::programs::ProgramError::LoadError {
-                io_error,
-                verifier_log,
-            }) => {
-                let s = verifier_log.to_string();
-                let lines: Vec<&str> = s.lines().collect();
-                println!(
-                    "{name}: {io_error}\n{}",
-                    lines[lines.len().saturating_sub(25)..].join("\n")
-                );
-            }
-            Err(e) => println!("{name}: {e}"),
+//! The `ftd` command line: `run`, `status`, `check-config`.
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "ftd",
+    version,
+    about = "Primary/backup fault-tolerance daemon (VMware-FT style)"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Load the data plane and run this node until SIGINT/SIGTERM.
+    Run {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Print the status of a running daemon (JSON).
+    Status {
+        /// The daemon's api.control_socket.
+        #[arg(long, default_value = "/run/ftd/ftd.sock")]
+        socket: PathBuf,
+    },
+    /// Validate a config file and print what is wrong with it.
+    CheckConfig { file: PathBuf },
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let _ = tracing_log::LogTracer::init();
+    match cli.cmd {
+        Cmd::Run { config } => {
+            let cfg = ftd::config::Config::load(&config)?;
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?;
+            rt.block_on(ftd::daemon::run(cfg))
+        }
+        Cmd::Status { socket } => {
+            let v = ftd::control::query(&socket)?;
+            println!("{}", serde_json::to_string_pretty(&v)?);
+            Ok(())
+        }
+        Cmd::CheckConfig { file } => {
+            let cfg = ftd::config::Config::load(&file)?;
+            println!(
+                "{}: ok (node {}, role {:?})",
+                file.display(),
+                cfg.node.name,
+                cfg.node.role
+            );
+            Ok(())
         }
     }
 }

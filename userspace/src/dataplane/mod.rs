@@ -1,2 +1,407 @@
-//! Loading, configuring and attaching the kernel data plane.
+//! Loading, configuring and attaching the kernel data plane (ebpf/programs), and typed
+//! access to its maps. The daemon owns the program links: they detach when it exits.
+use std::sync::Mutex;
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, DevMapHash, MapData, PerCpuArray, XskMap},
+    programs::{SchedClassifier, TcAttachType, Xdp, XdpMode},
+};
+use ft_common::{maps::*, wire::MIN_LOG_MTU};
+use tracing::{info, warn};
+
+use crate::{
+    config::{Config, Role, XdpAttachMode},
+    netif::{Interface, NetifError},
+};
+
 pub const EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ft"));
+
+#[derive(Debug, thiserror::Error)]
+pub enum DataPlaneError {
+    #[error(transparent)]
+    Netif(#[from] NetifError),
+    #[error(
+        "logging NIC {name} has MTU {mtu}; log frames need at least {MIN_LOG_MTU} \
+         (run: ip link set dev {name} mtu 2000 — on both ends of the logging link)"
+    )]
+    LogMtu { name: String, mtu: u32 },
+    #[error("loading the eBPF object failed (is this root, with BPF enabled?): {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("eBPF program {name}: {source}")]
+    Program {
+        name: &'static str,
+        source: aya::programs::ProgramError,
+    },
+    #[error(
+        "attaching {name} to {iface} failed: {source}. Is another XDP/tc program attached, \
+             or does the driver lack native XDP (try interfaces.xdp_mode = \"skb\")?"
+    )]
+    Attach {
+        name: &'static str,
+        iface: String,
+        source: aya::programs::ProgramError,
+    },
+    #[error("BPF map {name}: {source}")]
+    Map {
+        name: &'static str,
+        source: aya::maps::MapError,
+    },
+    #[error("filling the duplication devmap failed: {0}")]
+    DevMap(String),
+}
+
+fn map_err(name: &'static str) -> impl Fn(aya::maps::MapError) -> DataPlaneError {
+    move |source| DataPlaneError::Map { name, source }
+}
+
+/// The resolved NICs of this node.
+#[derive(Clone, Debug)]
+pub struct Nics {
+    pub client: Interface,
+    pub logging: Interface,
+    pub vm: Interface,
+}
+
+impl Nics {
+    pub fn resolve(cfg: &Config) -> Result<Nics, DataPlaneError> {
+        let nics = Nics {
+            client: Interface::lookup(&cfg.interfaces.client)?,
+            logging: Interface::lookup(&cfg.interfaces.logging)?,
+            vm: Interface::lookup(&cfg.interfaces.vm)?,
+        };
+        if (nics.logging.mtu as usize) < MIN_LOG_MTU {
+            return Err(DataPlaneError::LogMtu {
+                name: nics.logging.name.clone(),
+                mtu: nics.logging.mtu,
+            });
+        }
+        Ok(nics)
+    }
+}
+
+/// A loaded and attached data plane. Dropping it detaches every program.
+pub struct DataPlane {
+    // Program links live inside `ebpf`; maps used at run time were taken out of it.
+    _ebpf: Ebpf,
+    node: Mutex<Array<MapData, NodeState>>,
+    seq: Mutex<Array<MapData, SeqState>>,
+    hold_ctl: Array<MapData, HoldCtl>,
+    counters: PerCpuArray<MapData, u64>,
+    hist: PerCpuArray<MapData, u64>,
+    xsks: Mutex<XskMap<MapData>>,
+    pub nics: Nics,
+}
+
+pub fn initial_node_state(cfg: &Config) -> NodeState {
+    NodeState {
+        epoch: cfg.channel.epoch,
+        // Static lease until fencing assigns one (see [fence] / ARCHITECTURE.md).
+        lease_deadline_ns: u64::MAX,
+        role: match cfg.node.role {
+            Role::Primary => ROLE_PRIMARY,
+            Role::Backup => ROLE_BACKUP,
+        },
+        _pad: 0,
+    }
+}
+
+impl DataPlane {
+    /// Loads the programs, writes the configuration and attaches everything.
+    pub fn start(cfg: &Config, node: NodeState) -> Result<DataPlane, DataPlaneError> {
+        raise_memlock();
+        let nics = Nics::resolve(cfg)?;
+        let mut ebpf = EbpfLoader::new()
+            .map_max_entries("RETX", cfg.channel.retx_slots)
+            .map_max_entries("HOLD", cfg.channel.hold_slots)
+            .load(EBPF_OBJECT)?;
+        if let Err(e) = aya_log::EbpfLogger::init(&mut ebpf) {
+            // The programs carry no log statements on the fast path; nothing is lost.
+            tracing::debug!("no eBPF log maps: {e}");
+        }
+
+        let mut flags = 0;
+        if cfg.channel.hold_output {
+            flags |= CFG_HOLD_OUTPUT;
+        } else {
+            warn!("channel.hold_output = false: the output rule is OFF (benchmark baseline only)");
+        }
+        if cfg.vm.tagged_input {
+            flags |= CFG_VM_TAGGED_INPUT;
+        }
+        let config = Config_ {
+            retx_mask: cfg.channel.retx_slots as u64 - 1,
+            hold_mask: cfg.channel.hold_slots as u64 - 1,
+            window: cfg.window(),
+            flags,
+            client_ifindex: nics.client.ifindex,
+            log_ifindex: nics.logging.ifindex,
+            vm_ifindex: nics.vm.ifindex,
+            vm_ipv4: cfg.vm.ipv4.octets(),
+            vm_mac: cfg.vm.mac.0,
+            own_log_mac: nics.logging.mac,
+            peer_log_mac: cfg.interfaces.peer_log_mac.0,
+            _pad: [0; 2],
+        };
+        let mut cfg_map: Array<MapData, Config_> =
+            Array::try_from(ebpf.take_map("CONFIG").expect("CONFIG map"))
+                .map_err(map_err("CONFIG"))?;
+        cfg_map.set(0, config, 0).map_err(map_err("CONFIG"))?;
+        let mut node_map: Array<MapData, NodeState> =
+            Array::try_from(ebpf.take_map("NODE").expect("NODE map")).map_err(map_err("NODE"))?;
+        node_map.set(0, node, 0).map_err(map_err("NODE"))?;
+        let seq: Array<MapData, SeqState> =
+            Array::try_from(ebpf.take_map("SEQ").expect("SEQ map")).map_err(map_err("SEQ"))?;
+        let hold_ctl: Array<MapData, HoldCtl> =
+            Array::try_from(ebpf.take_map("HOLD_CTL").expect("HOLD_CTL map"))
+                .map_err(map_err("HOLD_CTL"))?;
+        let counters = PerCpuArray::try_from(ebpf.take_map("COUNTERS").expect("COUNTERS map"))
+            .map_err(map_err("COUNTERS"))?;
+        let hist = PerCpuArray::try_from(ebpf.take_map("HOLD_HIST").expect("HOLD_HIST map"))
+            .map_err(map_err("HOLD_HIST"))?;
+        let xsks =
+            XskMap::try_from(ebpf.take_map("XSKS").expect("XSKS map")).map_err(map_err("XSKS"))?;
+
+        for name in ["ft_client_rx", "ft_log_rx", "ft_strip"] {
+            xdp(&mut ebpf, name)?
+                .load()
+                .map_err(|source| DataPlaneError::Program { name, source })?;
+        }
+        for name in ["ft_log_tc", "ft_vm_tc", "ft_client_egress"] {
+            tc(&mut ebpf, name)?
+                .load()
+                .map_err(|source| DataPlaneError::Program { name, source })?;
+        }
+
+        // Duplication fan-out: key 1 = VM side (header stripped unless tagged input),
+        // key 2 = logging NIC.
+        let strip_fd = xdp(&mut ebpf, "ft_strip")?
+            .fd()
+            .map_err(|source| DataPlaneError::Program {
+                name: "ft_strip",
+                source,
+            })?
+            .try_clone()
+            .map_err(|e| DataPlaneError::DevMap(e.to_string()))?;
+        let mut fanout = DevMapHash::try_from(ebpf.map_mut("FANOUT").expect("FANOUT map"))
+            .map_err(map_err("FANOUT"))?;
+        let vm_prog = if cfg.vm.tagged_input {
+            None
+        } else {
+            Some(&strip_fd)
+        };
+        fanout
+            .insert(1, nics.vm.ifindex, vm_prog, 0)
+            .map_err(|e| DataPlaneError::DevMap(format!("VM side {}: {e}", nics.vm.name)))?;
+        fanout
+            .insert(2, nics.logging.ifindex, None, 0)
+            .map_err(|e| {
+                DataPlaneError::DevMap(format!("logging NIC {}: {e}", nics.logging.name))
+            })?;
+
+        let mode = match cfg.interfaces.xdp_mode {
+            XdpAttachMode::Driver => XdpMode::Driver,
+            XdpAttachMode::Skb => XdpMode::Skb,
+        };
+        // Order matters: guards and the hold path first, then the inputs.
+        attach_tc(
+            &mut ebpf,
+            "ft_client_egress",
+            &nics.client.name,
+            TcAttachType::Egress,
+        )?;
+        attach_tc(&mut ebpf, "ft_vm_tc", &nics.vm.name, TcAttachType::Ingress)?;
+        attach_tc(
+            &mut ebpf,
+            "ft_log_tc",
+            &nics.logging.name,
+            TcAttachType::Ingress,
+        )?;
+        attach_xdp(&mut ebpf, "ft_log_rx", &nics.logging.name, mode)?;
+        attach_xdp(&mut ebpf, "ft_client_rx", &nics.client.name, mode)?;
+        info!(
+            client = %nics.client.name, logging = %nics.logging.name, vm = %nics.vm.name,
+            role = role_name(node.role), epoch = node.epoch, "data plane attached"
+        );
+        Ok(DataPlane {
+            _ebpf: ebpf,
+            node: Mutex::new(node_map),
+            seq: Mutex::new(seq),
+            hold_ctl,
+            counters,
+            hist,
+            xsks: Mutex::new(xsks),
+            nics,
+        })
+    }
+
+    pub fn node_state(&self) -> Result<NodeState, DataPlaneError> {
+        self.node
+            .lock()
+            .unwrap()
+            .get(&0, 0)
+            .map_err(map_err("NODE"))
+    }
+
+    /// Changes role/epoch/lease in an order that is safe at every step: the lease
+    /// deadline is cleared before the epoch or role changes and set last.
+    pub fn set_node_state(&self, new: NodeState) -> Result<(), DataPlaneError> {
+        let mut m = self.node.lock().unwrap();
+        let cur = m.get(&0, 0).map_err(map_err("NODE"))?;
+        if cur.epoch != new.epoch || cur.role != new.role {
+            m.set(
+                0,
+                NodeState {
+                    lease_deadline_ns: 0,
+                    ..cur
+                },
+                0,
+            )
+            .map_err(map_err("NODE"))?;
+            m.set(
+                0,
+                NodeState {
+                    lease_deadline_ns: 0,
+                    ..new
+                },
+                0,
+            )
+            .map_err(map_err("NODE"))?;
+        }
+        m.set(0, new, 0).map_err(map_err("NODE"))
+    }
+
+    /// Updates only the lease deadline (renewals).
+    pub fn set_lease_deadline(&self, deadline_ns: u64) -> Result<(), DataPlaneError> {
+        let mut m = self.node.lock().unwrap();
+        let cur = m.get(&0, 0).map_err(map_err("NODE"))?;
+        m.set(
+            0,
+            NodeState {
+                lease_deadline_ns: deadline_ns,
+                ..cur
+            },
+            0,
+        )
+        .map_err(map_err("NODE"))
+    }
+
+    pub fn seq_state(&self) -> Result<SeqState, DataPlaneError> {
+        self.seq.lock().unwrap().get(&0, 0).map_err(map_err("SEQ"))
+    }
+
+    /// Backup: tells XDP which entries were taken, so duplicates drop early.
+    /// (Only `delivered` is written; the kernel never writes it on the backup.)
+    pub fn set_delivered(&self, delivered: u64) -> Result<(), DataPlaneError> {
+        let mut m = self.seq.lock().unwrap();
+        let mut s = m.get(&0, 0).map_err(map_err("SEQ"))?;
+        s.delivered = delivered;
+        m.set(0, s, 0).map_err(map_err("SEQ"))
+    }
+
+    pub fn hold_ctl(&self) -> Result<HoldCtl, DataPlaneError> {
+        self.hold_ctl.get(&0, 0).map_err(map_err("HOLD_CTL"))
+    }
+
+    /// Sums of the per-CPU counters, indexed like `COUNTER_INFO`.
+    pub fn counters(&self) -> Result<Vec<u64>, DataPlaneError> {
+        (0..COUNTER_SLOTS)
+            .map(|i| {
+                Ok(self
+                    .counters
+                    .get(&i, 0)
+                    .map_err(map_err("COUNTERS"))?
+                    .iter()
+                    .sum())
+            })
+            .collect()
+    }
+
+    pub fn hold_histogram(&self) -> Result<Vec<u64>, DataPlaneError> {
+        (0..HIST_BUCKETS)
+            .map(|i| {
+                Ok(self
+                    .hist
+                    .get(&i, 0)
+                    .map_err(map_err("HOLD_HIST"))?
+                    .iter()
+                    .sum())
+            })
+            .collect()
+    }
+
+    pub fn register_xsk(
+        &self,
+        queue: u32,
+        fd: impl std::os::fd::AsRawFd,
+    ) -> Result<(), DataPlaneError> {
+        self.xsks
+            .lock()
+            .unwrap()
+            .set(queue, fd, 0)
+            .map_err(map_err("XSKS"))
+    }
+}
+
+// `Config` is also the daemon's config type; alias the map value.
+use ft_common::maps::Config as Config_;
+
+fn xdp<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Xdp, DataPlaneError> {
+    ebpf.program_mut(name)
+        .expect("program present in the object")
+        .try_into()
+        .map_err(|source| DataPlaneError::Program { name, source })
+}
+
+fn tc<'a>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<&'a mut SchedClassifier, DataPlaneError> {
+    ebpf.program_mut(name)
+        .expect("program present in the object")
+        .try_into()
+        .map_err(|source| DataPlaneError::Program { name, source })
+}
+
+fn attach_xdp(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    iface: &str,
+    mode: XdpMode,
+) -> Result<(), DataPlaneError> {
+    xdp(ebpf, name)?
+        .attach(iface, mode)
+        .map(|_| ())
+        .map_err(|source| DataPlaneError::Attach {
+            name,
+            iface: iface.into(),
+            source,
+        })
+}
+
+fn attach_tc(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    iface: &str,
+    ty: TcAttachType,
+) -> Result<(), DataPlaneError> {
+    tc(ebpf, name)?
+        .attach(iface, ty)
+        .map(|_| ())
+        .map_err(|source| DataPlaneError::Attach {
+            name,
+            iface: iface.into(),
+            source,
+        })
+}
+
+fn raise_memlock() {
+    let rlim = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: plain setrlimit call with a valid struct.
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rlim) } != 0 {
+        tracing::debug!("setrlimit(RLIMIT_MEMLOCK) failed; relying on memcg accounting");
+    }
+}

@@ -1,0 +1,235 @@
+//! Runs the real appliance daemon (`ftd`) on a [`Testbed`]: writes one config per host
+//! (into the testbed's temp dir), starts `ftd run` inside host A's and host B's
+//! namespaces, and reads their status over the control socket.
+use std::{
+    io::Read,
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+use serde_json::Value;
+
+use crate::{ChildGuard, Testbed, fmt_mac, names::*};
+
+/// Knobs for the generated configs.
+#[derive(Clone, Debug)]
+pub struct ApplianceOptions {
+    pub hold_output: bool,
+    pub retx_slots: u32,
+    pub hold_slots: u32,
+    pub heartbeat_ms: u64,
+    pub peer_timeout_ms: u64,
+    pub nack_retry_ms: u64,
+    pub epoch_a: u64,
+    pub epoch_b: u64,
+    pub start_backup: bool,
+    /// Roles: host A primary, host B backup (false) or the other way round (true).
+    pub swap_roles: bool,
+    pub xdp_mode: &'static str,
+}
+
+impl Default for ApplianceOptions {
+    fn default() -> Self {
+        ApplianceOptions {
+            hold_output: true,
+            retx_slots: 16384,
+            hold_slots: 4096,
+            heartbeat_ms: 5,
+            peer_timeout_ms: 500,
+            nack_retry_ms: 3,
+            epoch_a: 1,
+            epoch_b: 1,
+            start_backup: true,
+            swap_roles: false,
+            xdp_mode: "driver",
+        }
+    }
+}
+
+/// A running pair of daemons. Dropping it stops them (SIGKILL via the guards).
+pub struct Appliance {
+    pub a: Option<ChildGuard>,
+    pub b: Option<ChildGuard>,
+    pub sock_a: PathBuf,
+    pub sock_b: PathBuf,
+    pub config_a: PathBuf,
+    pub config_b: PathBuf,
+}
+
+/// The `ftd` binary: `$FTD_BIN`, or next to the running test executable.
+pub fn ftd_bin() -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os("FTD_BIN") {
+        return Ok(PathBuf::from(p));
+    }
+    let exe = std::env::current_exe()?;
+    let mut dir = exe.parent();
+    for _ in 0..3 {
+        let Some(d) = dir else { break };
+        if d.join("ftd").is_file() {
+            return Ok(d.join("ftd"));
+        }
+        dir = d.parent();
+    }
+    bail!(
+        "ftd binary not found near {}: run `cargo build --bins` first or set FTD_BIN",
+        exe.display()
+    )
+}
+
+pub fn write_config(tb: &Testbed, host: char, role: &str, o: &ApplianceOptions) -> Result<PathBuf> {
+    let (me, peer, epoch) = match host {
+        'a' => (&tb.a, &tb.b, o.epoch_a),
+        _ => (&tb.b, &tb.a, o.epoch_b),
+    };
+    let sock = tb.tmp_dir.join(format!("ftd-{host}.sock"));
+    let text = format!(
+        r#"[node]
+name = "host-{host}"
+role = "{role}"
+[interfaces]
+client = "{CLI_IF}"
+logging = "{LOG_IF}"
+vm = "{VMH_IF}"
+peer_log_mac = "{peer_mac}"
+xdp_mode = "{xdp}"
+[vm]
+mac = "{vm_mac}"
+ipv4 = "{VM_IP}"
+[channel]
+epoch = {epoch}
+retx_slots = {retx}
+hold_slots = {hold}
+heartbeat_ms = {hb}
+peer_timeout_ms = {pt}
+nack_retry_ms = {nr}
+hold_output = {ho}
+[api]
+metrics_listen = "127.0.0.1:9477"
+control_socket = "{sock}"
+"#,
+        peer_mac = fmt_mac(&peer.log_mac),
+        xdp = o.xdp_mode,
+        vm_mac = fmt_mac(&VM_MAC),
+        retx = o.retx_slots,
+        hold = o.hold_slots,
+        hb = o.heartbeat_ms,
+        pt = o.peer_timeout_ms,
+        nr = o.nack_retry_ms,
+        ho = o.hold_output,
+        sock = sock.display(),
+    );
+    let _ = me;
+    let path = tb.tmp_dir.join(format!("ftd-{host}.toml"));
+    std::fs::write(&path, text)?;
+    Ok(path)
+}
+
+impl Appliance {
+    pub fn start(tb: &Testbed, o: &ApplianceOptions) -> Result<Appliance> {
+        let bin = ftd_bin()?;
+        let (role_a, role_b) = if o.swap_roles {
+            ("backup", "primary")
+        } else {
+            ("primary", "backup")
+        };
+        let config_a = write_config(tb, 'a', role_a, o)?;
+        let config_b = write_config(tb, 'b', role_b, o)?;
+        let sock_a = tb.tmp_dir.join("ftd-a.sock");
+        let sock_b = tb.tmp_dir.join("ftd-b.sock");
+        let _ = std::fs::remove_file(&sock_a);
+        let _ = std::fs::remove_file(&sock_b);
+        // Backup first, so that it is listening before the primary sends the first entry.
+        let mut b = None;
+        if o.start_backup {
+            let g = tb.spawn(
+                &tb.b.ns,
+                &bin,
+                ["run", "--config", config_b.to_str().unwrap()],
+            )?;
+            wait_socket(&sock_b, &g)?;
+            b = Some(g);
+        }
+        let a = tb.spawn(
+            &tb.a.ns,
+            &bin,
+            ["run", "--config", config_a.to_str().unwrap()],
+        )?;
+        wait_socket(&sock_a, &a)?;
+        Ok(Appliance {
+            a: Some(a),
+            b,
+            sock_a,
+            sock_b,
+            config_a,
+            config_b,
+        })
+    }
+
+    pub fn status(&self, host: char) -> Result<Value> {
+        query(if host == 'a' {
+            &self.sock_a
+        } else {
+            &self.sock_b
+        })
+    }
+
+    /// A data-plane counter (`counters.<name>` without the `ft_` prefix) or drop reason.
+    pub fn counter(&self, host: char, name: &str) -> u64 {
+        let Ok(s) = self.status(host) else { return 0 };
+        s["counters"][name]
+            .as_u64()
+            .or_else(|| s["drops"][name].as_u64())
+            .unwrap_or(0)
+    }
+
+    pub fn held(&self, host: char) -> u64 {
+        self.status(host)
+            .ok()
+            .and_then(|s| s["held_frames"].as_u64())
+            .unwrap_or(0)
+    }
+
+    pub fn guard(&self, host: char) -> &ChildGuard {
+        if host == 'a' {
+            self.a.as_ref().unwrap()
+        } else {
+            self.b.as_ref().unwrap()
+        }
+    }
+
+    /// Polls `f` until it returns true or `timeout` passes.
+    pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+        let end = Instant::now() + timeout;
+        while Instant::now() < end {
+            if f() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        f()
+    }
+}
+
+fn wait_socket(sock: &Path, g: &ChildGuard) -> Result<()> {
+    let end = Instant::now() + Duration::from_secs(15);
+    while Instant::now() < end {
+        if query(sock).is_ok() {
+            return Ok(());
+        }
+        if !g.is_running() {
+            bail!("ftd exited during start-up:\n{}", g.log_contents());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    bail!("ftd did not come up within 15 s:\n{}", g.log_contents())
+}
+
+pub fn query(sock: &Path) -> Result<Value> {
+    let mut s = std::os::unix::net::UnixStream::connect(sock)
+        .with_context(|| format!("connect {}", sock.display()))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf)?;
+    Ok(serde_json::from_slice(&buf)?)
+}

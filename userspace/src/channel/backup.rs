@@ -1,0 +1,339 @@
+//! Backup: AF_XDP receive of log frames (XDP `ft_log_rx` redirects validated frames into
+//! the socket's queue), in-order delivery to the VM side, cumulative acks and nacks.
+//!
+//! Why AF_XDP: the frames already sit in a kernel buffer after XDP; AF_XDP moves them to
+//! userspace through shared rings with no per-frame syscall and no skb allocation, and
+//! (on NICs that support it) with zero copy. A BPF ring buffer would copy every frame a
+//! second time and cap records at a fixed size; AF_PACKET would allocate an skb per frame
+//! and see frames only after XDP passed them to the stack.
+use std::{
+    num::NonZeroU32,
+    os::fd::AsRawFd,
+    ptr::NonNull,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering::Relaxed},
+    },
+    time::{Duration, Instant},
+};
+
+use ft_common::wire::*;
+use tracing::{debug, info, warn};
+use xdpilone::{IfInfo, Socket, SocketConfig, Umem, UmemConfig};
+
+use super::{
+    frames::control_frame,
+    reorder::{Outcome, Reorder},
+    status::ChannelStatus,
+};
+use crate::{dataplane::DataPlane, netif::RawSocket};
+
+const FRAME_SIZE: usize = 4096;
+const NUM_FRAMES: usize = 4096;
+const RING: u32 = 2048;
+const BATCH: u32 = 256;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BackupError {
+    #[error(
+        "logging NIC {0} has {1} receive queues; the backup reads queue 0 only. Give the \
+             logging NIC a single queue: ethtool -L {0} combined 1"
+    )]
+    Queues(String, usize),
+    #[error(
+        "AF_XDP socket on {iface}: {what} failed (errno {errno}). The kernel needs \
+             CONFIG_XDP_SOCKETS and the daemon needs root"
+    )]
+    Xsk {
+        iface: String,
+        what: &'static str,
+        errno: String,
+    },
+    #[error("mapping {0} bytes for the AF_XDP UMEM failed: {1}")]
+    Mmap(usize, std::io::Error),
+    #[error(transparent)]
+    DataPlane(#[from] crate::dataplane::DataPlaneError),
+}
+
+/// Where in-order log entries go: the VM side.
+pub trait InputSink: Send {
+    /// `frame` is the client frame (or the whole log frame when tagged input is on).
+    fn deliver(&mut self, seq: u64, frame: &[u8]) -> std::io::Result<()>;
+}
+
+/// Stand-in VM / plain NIC: send the frame out of the VM-side interface.
+pub struct RawSink(pub RawSocket);
+
+impl InputSink for RawSink {
+    fn deliver(&mut self, _seq: u64, frame: &[u8]) -> std::io::Result<()> {
+        // A full device queue is transient: wait for it rather than lose an entry (a lost
+        // input would make the replica diverge). Bounded: ~50 ms, then report the error.
+        let mut tries = 0;
+        loop {
+            match self.0.send(frame) {
+                Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) && tries < 1000 => {
+                    tries += 1;
+                    std::thread::sleep(Duration::from_micros(50));
+                }
+                r => return r,
+            }
+        }
+    }
+}
+
+pub struct BackupParams {
+    pub epoch: u64,
+    pub own_mac: [u8; 6],
+    pub peer_mac: [u8; 6],
+    pub heartbeat: Duration,
+    pub peer_timeout: Duration,
+    pub nack_retry: Duration,
+    pub nack_burst: usize,
+    pub max_pending: u64,
+    pub tagged_input: bool,
+}
+
+struct Mmap {
+    ptr: NonNull<u8>,
+    len: usize,
+}
+
+impl Drop for Mmap {
+    fn drop(&mut self) {
+        // SAFETY: `ptr`/`len` came from a successful mmap and are unmapped once.
+        unsafe { libc::munmap(self.ptr.as_ptr() as *mut _, self.len) };
+    }
+}
+
+fn rx_queues(iface: &str) -> usize {
+    std::fs::read_dir(format!("/sys/class/net/{iface}/queues"))
+        .map(|d| {
+            d.filter_map(Result::ok)
+                .filter(|e| e.file_name().to_string_lossy().starts_with("rx-"))
+                .count()
+        })
+        .unwrap_or(1)
+}
+
+/// Runs the backup receive loop on the calling thread until `stop` is set.
+pub fn run(
+    dp: Arc<DataPlane>,
+    params: BackupParams,
+    mut sink: Box<dyn InputSink>,
+    status: Arc<ChannelStatus>,
+    stop: Arc<AtomicBool>,
+) -> Result<(), BackupError> {
+    let iface = dp.nics.logging.clone();
+    let nq = rx_queues(&iface.name);
+    if nq > 1 {
+        return Err(BackupError::Queues(iface.name.clone(), nq));
+    }
+    let xerr = |what: &'static str| {
+        let name = iface.name.clone();
+        move |e: xdpilone::Errno| BackupError::Xsk {
+            iface: name,
+            what,
+            errno: e.to_string(),
+        }
+    };
+    let len = FRAME_SIZE * NUM_FRAMES;
+    // SAFETY: anonymous private mapping; checked for MAP_FAILED below.
+    let area = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_POPULATE,
+            -1,
+            0,
+        )
+    };
+    if area == libc::MAP_FAILED {
+        return Err(BackupError::Mmap(len, std::io::Error::last_os_error()));
+    }
+    let map = Mmap {
+        ptr: NonNull::new(area as *mut u8).expect("mmap returned null"),
+        len,
+    };
+    let region = NonNull::slice_from_raw_parts(map.ptr, len);
+    let cfg = UmemConfig {
+        fill_size: RING,
+        complete_size: RING,
+        frame_size: FRAME_SIZE as u32,
+        headroom: 0,
+        flags: 0,
+    };
+    // SAFETY: `region` is a valid mapping that outlives the UMEM (`map` is dropped after
+    // every ring and socket at the end of this function).
+    let umem = unsafe { Umem::new(cfg, region) }.map_err(xerr("UMEM registration"))?;
+    let mut info = IfInfo::invalid();
+    let cname = std::ffi::CString::new(iface.name.clone()).expect("interface name has no NUL");
+    info.from_name(&cname).map_err(xerr("interface lookup"))?;
+    info.set_queue(0);
+    let sock = Socket::with_shared(&info, &umem).map_err(xerr("socket"))?;
+    let mut device = umem.fq_cq(&sock).map_err(xerr("fill/completion rings"))?;
+    let rxtx = umem
+        .rx_tx(
+            &sock,
+            &SocketConfig {
+                rx_size: NonZeroU32::new(RING),
+                tx_size: None,
+                bind_flags: 0,
+            },
+        )
+        .map_err(xerr("rx ring"))?;
+    umem.bind(&rxtx).map_err(xerr("bind"))?;
+    let mut rx = rxtx.map_rx().map_err(xerr("rx ring mmap"))?;
+    dp.register_xsk(0, RawFdRef(rxtx.as_raw_fd()))?;
+    {
+        let mut w = device.fill(RING);
+        w.insert((0..RING as u64).map(|i| i * FRAME_SIZE as u64));
+        w.commit();
+    }
+    let mut free: Vec<u64> = (RING as u64..NUM_FRAMES as u64)
+        .map(|i| i * FRAME_SIZE as u64)
+        .collect();
+    let out = RawSocket::open(&iface).map_err(|e| BackupError::Xsk {
+        iface: iface.name.clone(),
+        what: "ack socket",
+        errno: e.to_string(),
+    })?;
+    info!(iface = %iface.name, "backup: receiving the log over AF_XDP");
+
+    let mut reorder = Reorder::new(1, params.max_pending);
+    let mut last_ack_sent = (0u64, Instant::now() - params.heartbeat);
+    let mut last_rx = Instant::now();
+    let mut recycled: Vec<u64> = Vec::with_capacity(BATCH as usize);
+    let poll_ms = params.heartbeat.as_millis().clamp(1, 100) as i32;
+    let send = |frame: &[u8], counter: &std::sync::atomic::AtomicU64| match out.send(frame) {
+        Ok(()) => ChannelStatus::inc(counter),
+        Err(e) => {
+            ChannelStatus::inc(&status.send_errors);
+            debug!("logging-link send failed: {e}");
+        }
+    };
+    while !stop.load(Relaxed) {
+        let mut pfd = libc::pollfd {
+            fd: rxtx.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd for the duration of the call.
+        unsafe { libc::poll(&mut pfd, 1, poll_ms) };
+        let now = Instant::now();
+        let before = reorder.acked();
+        {
+            let mut r = rx.receive(BATCH);
+            while let Some(desc) = r.read() {
+                let off = desc.addr as usize;
+                let n = (desc.len as usize).min(FRAME_SIZE);
+                if off + n <= len {
+                    // SAFETY: the descriptor lies inside our UMEM (checked) and the kernel
+                    // has handed this frame to us until we put it back on the fill ring.
+                    let frame = unsafe { std::slice::from_raw_parts(map.ptr.as_ptr().add(off), n) };
+                    last_rx = now;
+                    handle_frame(frame, &params, &mut reorder, sink.as_mut(), &status);
+                }
+                recycled.push(desc.addr & !(FRAME_SIZE as u64 - 1));
+            }
+            r.release();
+        }
+        free.append(&mut recycled);
+        if !free.is_empty() {
+            let mut w = device.fill(free.len() as u32);
+            let k = w.insert(free.iter().copied());
+            w.commit();
+            free.drain(..k as usize);
+        }
+        let acked = reorder.acked();
+        if acked != before {
+            dp.set_delivered(acked)?;
+        }
+        status.delivered.store(acked, Relaxed);
+        status.high.store(reorder.high(), Relaxed);
+        status.buffered.store(reorder.buffered() as u64, Relaxed);
+        // Cumulative ack on progress, and as a keep-alive.
+        if acked != last_ack_sent.0 || now.duration_since(last_ack_sent.1) >= params.heartbeat {
+            let f = control_frame(
+                KIND_ACK,
+                params.own_mac,
+                params.peer_mac,
+                params.epoch,
+                acked,
+                0,
+            );
+            send(&f, &status.acks_sent);
+            last_ack_sent = (acked, now);
+        }
+        for s in reorder.nacks(now, params.nack_retry, params.nack_burst) {
+            let f = control_frame(
+                KIND_NACK,
+                params.own_mac,
+                params.peer_mac,
+                params.epoch,
+                s,
+                0,
+            );
+            send(&f, &status.nacks_sent);
+        }
+        let alive = now.duration_since(last_rx) < params.peer_timeout;
+        if status.peer_alive.swap(alive, Relaxed) && !alive {
+            ChannelStatus::inc(&status.peer_down_events);
+            warn!(
+                silence_ms = now.duration_since(last_rx).as_millis() as u64,
+                "primary silent on the logging channel: reported down"
+            );
+        }
+    }
+    drop(rx);
+    drop(rxtx);
+    drop(device);
+    drop(sock);
+    drop(umem);
+    drop(map);
+    Ok(())
+}
+
+fn handle_frame(
+    frame: &[u8],
+    params: &BackupParams,
+    reorder: &mut Reorder,
+    sink: &mut dyn InputSink,
+    status: &ChannelStatus,
+) {
+    // XDP validated peer, epoch and header; parse defensively anyway.
+    let Ok((hdr, payload)) = parse_log_frame(frame) else {
+        return;
+    };
+    match hdr.ft.kind {
+        KIND_HEARTBEAT => reorder.on_heartbeat(hdr.ft.aux.get()),
+        KIND_LOG => {
+            let seq = hdr.ft.seq.get();
+            let data = if params.tagged_input {
+                &frame[..LOG_OVERHEAD + payload.len()]
+            } else {
+                payload
+            };
+            let mut deliver = |s: u64, f: &[u8]| match sink.deliver(s, f) {
+                Ok(()) => ChannelStatus::inc(&status.frames_to_vm),
+                Err(e) => {
+                    ChannelStatus::inc(&status.vm_deliver_errors);
+                    debug!("delivering entry {s} to the VM side failed: {e}");
+                }
+            };
+            match reorder.on_log(seq, data, &mut deliver) {
+                Outcome::Duplicate => ChannelStatus::inc(&status.duplicates),
+                Outcome::TooFar => ChannelStatus::inc(&status.too_far),
+                _ => {}
+            }
+        }
+        _ => {}
+    }
+}
+
+struct RawFdRef(i32);
+impl AsRawFd for RawFdRef {
+    fn as_raw_fd(&self) -> i32 {
+        self.0
+    }
+}

@@ -1,0 +1,27 @@
+//! Live channel status shared between the channel threads, metrics and `ftd status`.
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+
+#[derive(Default, Debug)]
+pub struct ChannelStatus {
+    /// Backup: highest entry delivered in order (= cumulative ack).
+    pub delivered: AtomicU64,
+    /// Backup: highest entry known to exist.
+    pub high: AtomicU64,
+    pub buffered: AtomicU64,
+    pub acks_sent: AtomicU64,
+    pub nacks_sent: AtomicU64,
+    pub heartbeats_sent: AtomicU64,
+    pub frames_to_vm: AtomicU64,
+    pub vm_deliver_errors: AtomicU64,
+    pub send_errors: AtomicU64,
+    pub duplicates: AtomicU64,
+    pub too_far: AtomicU64,
+    pub peer_alive: AtomicBool,
+    pub peer_down_events: AtomicU64,
+}
+
+impl ChannelStatus {
+    pub fn inc(c: &AtomicU64) {
+        c.fetch_add(1, Relaxed);
+    }
+}

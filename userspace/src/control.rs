@@ -1,0 +1,85 @@
+//! `ftd status`: a Unix socket answering one JSON document per connection.
+use std::{collections::BTreeMap, path::Path, sync::Arc, sync::atomic::Ordering::Relaxed};
+
+use ft_common::maps::{COUNTER_INFO, role_name};
+use serde_json::{Value, json};
+use tokio::io::AsyncWriteExt;
+
+use crate::{daemon::Shared, metrics::lease_remaining_s};
+
+pub fn status_json(sh: &Shared) -> Value {
+    let dp = &sh.dp;
+    let mut drops = BTreeMap::new();
+    let mut counters = BTreeMap::new();
+    if let Ok(c) = dp.counters() {
+        for (idx, family, reason) in COUNTER_INFO {
+            let v = c.get(*idx as usize).copied().unwrap_or(0);
+            if reason.is_empty() {
+                counters.insert(family.trim_start_matches("ft_").to_string(), v);
+            } else {
+                drops.insert(reason.to_string(), v);
+            }
+        }
+    }
+    let seq = dp.seq_state().ok();
+    let ctl = dp.hold_ctl().ok();
+    let node = dp.node_state().ok();
+    let s = &sh.status;
+    json!({
+        "node": sh.node_name,
+        "role": node.map(|n| role_name(n.role)),
+        "epoch": node.map(|n| n.epoch),
+        "lease_remaining_s": node.map(|n| {
+            let r = lease_remaining_s(n.lease_deadline_ns);
+            if r.is_finite() { json!(r) } else { json!("static") }
+        }),
+        "interfaces": {
+            "client": dp.nics.client.name, "logging": dp.nics.logging.name, "vm": dp.nics.vm.name,
+        },
+        "log": seq.map(|q| json!({
+            "last_seq": q.last_seq, "acked": q.acked, "delivered": q.delivered,
+        })),
+        "held_frames": ctl.map(|c| c.tail.wrapping_sub(c.head)),
+        "peer_alive": s.peer_alive.load(Relaxed),
+        "channel": {
+            "acks_sent": s.acks_sent.load(Relaxed),
+            "nacks_sent": s.nacks_sent.load(Relaxed),
+            "heartbeats_sent": s.heartbeats_sent.load(Relaxed),
+            "frames_to_vm": s.frames_to_vm.load(Relaxed),
+            "buffered": s.buffered.load(Relaxed),
+            "high": s.high.load(Relaxed),
+        },
+        "counters": counters,
+        "drops": drops,
+    })
+}
+
+pub async fn serve(path: &Path, sh: Arc<Shared>) -> std::io::Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let _ = std::fs::remove_file(path);
+    let listener = tokio::net::UnixListener::bind(path)?;
+    loop {
+        let (mut conn, _) = listener.accept().await?;
+        let body = serde_json::to_vec_pretty(&status_json(&sh)).unwrap_or_default();
+        tokio::spawn(async move {
+            let _ = conn.write_all(&body).await;
+        });
+    }
+}
+
+/// Client side of `ftd status`.
+pub fn query(path: &Path) -> anyhow::Result<Value> {
+    use std::io::Read;
+    let mut s = std::os::unix::net::UnixStream::connect(path).map_err(|e| {
+        anyhow::anyhow!(
+            "cannot reach ftd at {} ({e}); is the daemon running with this control_socket?",
+            path.display()
+        )
+    })?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(5)))?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf)?;
+    Ok(serde_json::from_slice(&buf)?)
+}

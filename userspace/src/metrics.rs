@@ -1,0 +1,124 @@
+//! Prometheus text exposition of the data plane's counters and the channel status, and a
+//! minimal HTTP/1.1 endpoint serving it (GET /metrics).
+use std::{fmt::Write as _, sync::Arc, sync::atomic::Ordering::Relaxed};
+
+use ft_common::maps::{COUNTER_INFO, HIST_BUCKETS, hist_upper_us, role_name};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::{channel::primary::monotonic_ns, daemon::Shared};
+
+pub fn render(sh: &Shared) -> String {
+    let mut o = String::new();
+    let dp = &sh.dp;
+    let counters = dp.counters().unwrap_or_default();
+    let mut families: Vec<&str> = Vec::new();
+    for (idx, family, reason) in COUNTER_INFO {
+        if !families.contains(family) {
+            families.push(family);
+            let _ = writeln!(o, "# TYPE {family} counter");
+        }
+        let v = counters.get(*idx as usize).copied().unwrap_or(0);
+        if reason.is_empty() {
+            let _ = writeln!(o, "{family} {v}");
+        } else {
+            let _ = writeln!(o, "{family}{{reason=\"{reason}\"}} {v}");
+        }
+    }
+    let hist = dp.hold_histogram().unwrap_or_default();
+    let _ = writeln!(
+        o,
+        "# HELP ft_output_hold_seconds Time VM output frames were held by the output rule"
+    );
+    let _ = writeln!(o, "# TYPE ft_output_hold_seconds histogram");
+    let mut cum = 0u64;
+    for i in 0..HIST_BUCKETS {
+        cum += hist.get(i as usize).copied().unwrap_or(0);
+        match hist_upper_us(i) {
+            Some(us) => {
+                let _ = writeln!(
+                    o,
+                    "ft_output_hold_seconds_bucket{{le=\"{}\"}} {cum}",
+                    us as f64 / 1e6
+                );
+            }
+            None => {
+                let _ = writeln!(o, "ft_output_hold_seconds_bucket{{le=\"+Inf\"}} {cum}");
+            }
+        }
+    }
+    let _ = writeln!(o, "ft_output_hold_seconds_count {cum}");
+    if let (Ok(seq), Ok(ctl), Ok(node)) = (dp.seq_state(), dp.hold_ctl(), dp.node_state()) {
+        let gauges: [(&str, u64); 6] = [
+            ("ft_log_last_seq", seq.last_seq),
+            ("ft_log_acked_seq", seq.acked),
+            ("ft_log_delivered_seq", seq.delivered),
+            ("ft_output_held_frames", ctl.tail.wrapping_sub(ctl.head)),
+            ("ft_epoch", node.epoch),
+            ("ft_peer_alive", sh.status.peer_alive.load(Relaxed) as u64),
+        ];
+        for (name, v) in gauges {
+            let _ = writeln!(o, "# TYPE {name} gauge\n{name} {v}");
+        }
+        let lease = lease_remaining_s(node.lease_deadline_ns);
+        let _ = writeln!(
+            o,
+            "# TYPE ft_lease_remaining_seconds gauge\nft_lease_remaining_seconds {lease}"
+        );
+        let _ = writeln!(
+            o,
+            "# TYPE ft_role gauge\nft_role{{role=\"{}\"}} 1",
+            role_name(node.role)
+        );
+    }
+    let s = &sh.status;
+    for (name, v) in [
+        ("ft_channel_acks_sent_total", &s.acks_sent),
+        ("ft_channel_nacks_sent_total", &s.nacks_sent),
+        ("ft_channel_heartbeats_sent_total", &s.heartbeats_sent),
+        ("ft_channel_frames_to_vm_total", &s.frames_to_vm),
+        ("ft_channel_vm_deliver_errors_total", &s.vm_deliver_errors),
+        ("ft_channel_send_errors_total", &s.send_errors),
+        ("ft_channel_peer_down_events_total", &s.peer_down_events),
+    ] {
+        let _ = writeln!(o, "# TYPE {name} counter\n{name} {}", v.load(Relaxed));
+    }
+    o
+}
+
+pub fn lease_remaining_s(deadline_ns: u64) -> f64 {
+    if deadline_ns == u64::MAX {
+        return f64::INFINITY;
+    }
+    deadline_ns.saturating_sub(monotonic_ns()) as f64 / 1e9
+}
+
+/// Serves GET /metrics until the listener fails. One short request per connection.
+pub async fn serve(listener: tokio::net::TcpListener, sh: Arc<Shared>) {
+    loop {
+        let Ok((mut conn, _)) = listener.accept().await else {
+            continue;
+        };
+        let sh = sh.clone();
+        tokio::spawn(async move {
+            let mut buf = [0u8; 2048];
+            let n =
+                match tokio::time::timeout(std::time::Duration::from_secs(2), conn.read(&mut buf))
+                    .await
+                {
+                    Ok(Ok(n)) => n,
+                    _ => return,
+                };
+            let req = String::from_utf8_lossy(&buf[..n]);
+            let (status, body) = if req.starts_with("GET /metrics") {
+                ("200 OK", render(&sh))
+            } else {
+                ("404 Not Found", "try GET /metrics\n".to_string())
+            };
+            let resp = format!(
+                "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = conn.write_all(resp.as_bytes()).await;
+        });
+    }
+}
