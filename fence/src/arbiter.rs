@@ -120,6 +120,49 @@ pub trait Arbiter: Send + Sync {
     fn describe(&self) -> String;
 }
 
+/// Result of [`try_acquire`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Acquire {
+    /// This node is the live owner: write `epoch` and `deadline_monotonic_ns` to the
+    /// kernel's `NodeState` (deadline last), then start a [`crate::LeaseKeeper`].
+    Live {
+        grant: LeaseGrant,
+        deadline_monotonic_ns: u64,
+    },
+    /// Not live (`Held` or `Stale`); stay standby/backup and retry later.
+    NotLive(TasOutcome),
+}
+
+/// The daemon's "may I go live?" step: reads the current epoch, then test-and-sets with
+/// it, taking the CLOCK_MONOTONIC send instant just before the test-and-set leaves so the
+/// returned deadline is `t_send + lease - drift_margin`. An error means "not live".
+pub async fn try_acquire(
+    arbiter: &dyn Arbiter,
+    vm: &str,
+    node: &str,
+    drift_margin: Duration,
+) -> Result<Acquire, FenceError> {
+    let info = arbiter.read(vm).await?;
+    if let Some(owner) = &info.owner
+        && owner != node
+        && info.lease_remaining > Duration::ZERO
+    {
+        return Ok(Acquire::NotLive(TasOutcome::Held {
+            owner: owner.clone(),
+            epoch: info.epoch,
+            lease_remaining: info.lease_remaining,
+        }));
+    }
+    let sent = MonoInstant::now();
+    Ok(match arbiter.test_and_set(vm, node, info.epoch).await? {
+        TasOutcome::Won(grant) => Acquire::Live {
+            grant,
+            deadline_monotonic_ns: grant.deadline_monotonic_ns(sent, drift_margin),
+        },
+        other => Acquire::NotLive(other),
+    })
+}
+
 /// An instant of CLOCK_MONOTONIC, in nanoseconds (the clock of `bpf_ktime_get_ns()`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct MonoInstant(pub u64);
@@ -210,7 +253,7 @@ impl Arbiter for StaticArbiter {
                 });
             }
             e.0 = Some(node.to_string());
-            e.1 += 1;
+            e.1 = e.1.saturating_add(1);
             Ok(TasOutcome::Won(LeaseGrant {
                 epoch: e.1,
                 lease: Duration::MAX,

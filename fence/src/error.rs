@@ -70,7 +70,7 @@ impl FenceError {
 #[derive(Debug, Error)]
 pub enum ServeError {
     #[error(
-        "arbiter state file {path} is unreadable or corrupt ({cause}); refusing to start because starting empty could reuse epochs: restore the file from the other arbiter copy/backup, or delete it only if no node is live"
+        "arbiter state file {path} is unreadable or corrupt ({cause}); refusing to start because starting empty would reuse epochs: restore the file from a backup, or (only with both FT nodes stopped) move it away to start over"
     )]
     CorruptState { path: String, cause: String },
 

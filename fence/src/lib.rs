@@ -62,8 +62,8 @@ mod keeper;
 pub mod testkit;
 
 pub use arbiter::{
-    Arbiter, BoxFuture, LeaseGrant, MAX_NAME_LEN, MonoInstant, OwnerInfo, StaticArbiter,
-    TasOutcome, monotonic_now_ns, validate_name,
+    Acquire, Arbiter, BoxFuture, LeaseGrant, MAX_NAME_LEN, MonoInstant, OwnerInfo, StaticArbiter,
+    TasOutcome, monotonic_now_ns, try_acquire, validate_name,
 };
 pub use config::{Backend, ConfigError, FenceConfig};
 pub use embedded::{EmbeddedArbiter, serve, serve_with};

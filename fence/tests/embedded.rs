@@ -609,3 +609,65 @@ async fn lease_keeper_reports_fenced_at_once() {
     .await
     .expect("test budget exceeded");
 }
+
+#[tokio::test]
+async fn try_acquire_goes_live_once_and_computes_deadline_from_send_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let arb = ArbiterProc::start(dir.path());
+    timeout(TEST_BUDGET, async {
+        let a = client(&arb.addr, 2000);
+        let b = client(&arb.addr, 2000);
+        let drift = Duration::from_millis(100);
+        let before = monotonic_now_ns();
+        let got = ft_fence::try_acquire(a.as_ref(), "vm", "a", drift)
+            .await
+            .unwrap();
+        let after = monotonic_now_ns();
+        let ft_fence::Acquire::Live {
+            grant,
+            deadline_monotonic_ns,
+        } = got
+        else {
+            panic!("a should go live: {got:?}")
+        };
+        assert_eq!(grant.epoch, 1);
+        assert!(deadline_monotonic_ns >= before + 1_900_000_000);
+        assert!(deadline_monotonic_ns <= after + 1_900_000_000);
+        match ft_fence::try_acquire(b.as_ref(), "vm", "b", drift)
+            .await
+            .unwrap()
+        {
+            ft_fence::Acquire::NotLive(TasOutcome::Held { owner, epoch, .. }) => {
+                assert_eq!((owner.as_str(), epoch), ("a", 1))
+            }
+            o => panic!("b must not go live: {o:?}"),
+        }
+        // A restarted daemon on the owner node re-takes with a higher epoch.
+        let again = ft_fence::try_acquire(a.as_ref(), "vm", "a", drift)
+            .await
+            .unwrap();
+        assert!(matches!(again, ft_fence::Acquire::Live { grant, .. } if grant.epoch == 2));
+    })
+    .await
+    .expect("test budget exceeded");
+}
+
+#[tokio::test]
+async fn corrupt_state_file_refuses_to_start() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join(ft_fence::embedded::STATE_FILE),
+        b"{\"version\":1,\"vms\":",
+    )
+    .unwrap();
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let e = timeout(Duration::from_secs(5), ft_fence::serve(l, dir.path()))
+        .await
+        .expect("serve must fail at once")
+        .unwrap_err();
+    let msg = e.to_string();
+    assert!(
+        msg.contains("corrupt") && msg.contains("reuse epochs"),
+        "{msg}"
+    );
+}

@@ -258,6 +258,10 @@ async fn handle(sh: &Shared, req: Request) -> Reply {
                 owner: cur.owner.clone(),
                 epoch: cur.epoch,
             },
+            _ if cur.epoch == u64::MAX => error(
+                ErrorCode::Capacity,
+                "epoch space exhausted for this VM; use a new VM name".to_string(),
+            ),
             _ => {
                 next.epoch = cur.epoch + 1;
                 next.owner = Some(req.node.clone());
