@@ -172,7 +172,7 @@ async fn crash_and_restart_remembers_winner_and_never_reuses_epochs() {
         );
         assert_eq!(info.epoch, g.epoch);
         assert!(
-            info.lease_remaining > Duration::from_millis(500),
+            info.lease_remaining > Duration::from_millis(300),
             "restart must re-grant a full lease: {info:?}"
         );
         match b.test_and_set("vm", "b", g.epoch).await.unwrap() {
@@ -569,7 +569,10 @@ async fn lease_keeper_renews_and_never_extends_after_arbiter_loss() {
             lost_at >= last_deadline,
             "Lost reported before the deadline passed"
         );
-        assert!(lost_at < last_deadline + 200_000_000, "Lost reported late");
+        assert!(
+            lost_at < last_deadline + 1_000_000_000,
+            "Lost reported late"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert!(keeper.is_finished());
     })
