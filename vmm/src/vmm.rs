@@ -66,6 +66,9 @@ pub struct VmmConfig {
     pub console_echo: bool,
     /// Replay: when the log ends, go live instead of stopping (END) or failing (truncated).
     pub go_live_at_end: bool,
+    /// Replay: when the log ends, wait for a go-live (or stop) request instead of
+    /// stopping (END) or failing (truncated). For a backup fed by a live stream.
+    pub wait_for_go_live: bool,
 }
 
 impl Default for VmmConfig {
@@ -83,6 +86,7 @@ impl Default for VmmConfig {
             capture_tx: false,
             console_echo: false,
             go_live_at_end: false,
+            wait_for_go_live: false,
         }
     }
 }
@@ -424,7 +428,7 @@ impl Vmm {
                         }
                     }
                     Recv::End => {
-                        if go_live || self.cfg.go_live_at_end {
+                        if go_live || self.cfg.go_live_at_end || self.wait_for_go_live_request()? {
                             self.go_live()?;
                             return Ok(None);
                         }
@@ -495,6 +499,26 @@ impl Vmm {
             Mode::Free => {}
         }
         Ok(())
+    }
+
+    /// With `wait_for_go_live`: blocks until go-live (true) or stop (Err(Stopped)).
+    fn wait_for_go_live_request(&mut self) -> Result<bool> {
+        if !self.cfg.wait_for_go_live {
+            return Ok(false);
+        }
+        self.flush_log()?;
+        loop {
+            if self.control.go_live_requested() {
+                return Ok(true);
+            }
+            if self.control.stop_requested() {
+                return Err(Error::Stopped);
+            }
+            let mut fds = [libc::pollfd { fd: self.control.wake.as_raw_fd(), events: libc::POLLIN, revents: 0 }];
+            // SAFETY: poll(2) on one initialised pollfd we own.
+            unsafe { libc::poll(fds.as_mut_ptr(), 1, 50) };
+            self.control.drain();
+        }
     }
 
     fn go_live(&mut self) -> Result<()> {
@@ -907,7 +931,10 @@ impl Vmm {
                         )));
                     }
                     self.stats.checkpoints_verified += 1;
-                    if self.cfg.go_live_at_end || self.control.go_live_requested() {
+                    if self.cfg.go_live_at_end
+                        || self.control.go_live_requested()
+                        || self.wait_for_go_live_request()?
+                    {
                         self.go_live()?;
                     } else {
                         return Ok(RunOutcome::ReplayComplete);

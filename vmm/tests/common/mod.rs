@@ -1,0 +1,178 @@
+//! Shared fixtures: network namespaces with a tap (torn down on drop, also on panic),
+//! stock redis-cli/redis-benchmark runs inside them, VMM threads, a tiny ELF builder.
+#![allow(dead_code)]
+
+use ft_vmm::abi::*;
+use ft_vmm::net::{Tap, in_netns};
+use ft_vmm::{Control, RunReport, Vmm, VmmConfig};
+use std::process::{Command, Output};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+pub const GUEST_IP: &str = "10.0.0.2";
+pub const HOST_IP: &str = "10.0.0.1";
+pub const TAP: &str = "ftap0";
+
+/// A network namespace `ftvmm-<tag>-<pid>` with a persistent tap `ftap0` (host side
+/// 10.0.0.1/24). Deleted on drop.
+pub struct NetNs {
+    pub name: String,
+}
+
+fn sh(args: &[&str]) -> Output {
+    Command::new(args[0]).args(&args[1..]).output().expect("spawn command")
+}
+
+impl NetNs {
+    pub fn new(tag: &str) -> NetNs {
+        let name = format!("ftvmm-{tag}-{}", std::process::id());
+        let _ = sh(&["ip", "netns", "del", &name]);
+        let o = sh(&["ip", "netns", "add", &name]);
+        assert!(o.status.success(), "ip netns add: {}", String::from_utf8_lossy(&o.stderr));
+        let ns = NetNs { name };
+        ns.must(&["ip", "link", "set", "lo", "up"]);
+        ns.must(&["ip", "tuntap", "add", "dev", TAP, "mode", "tap"]);
+        ns.must(&["ip", "addr", "add", &format!("{HOST_IP}/24"), "dev", TAP]);
+        ns.must(&["ip", "link", "set", TAP, "up"]);
+        ns
+    }
+
+    pub fn exec(&self, args: &[&str]) -> Output {
+        let mut full = vec!["ip", "netns", "exec", &self.name, "timeout", "120"];
+        full.extend_from_slice(args);
+        sh(&full)
+    }
+
+    pub fn must(&self, args: &[&str]) -> String {
+        let o = self.exec(args);
+        assert!(
+            o.status.success(),
+            "{args:?} failed: {}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    }
+
+    /// One redis-cli command against the guest; returns trimmed stdout.
+    pub fn redis(&self, args: &[&str]) -> String {
+        let mut a = vec!["redis-cli", "-h", GUEST_IP];
+        a.extend_from_slice(args);
+        self.must(&a).trim().to_string()
+    }
+
+    /// Waits until the guest answers PING.
+    pub fn wait_ready(&self, timeout: Duration) {
+        let t = Instant::now();
+        while t.elapsed() < timeout {
+            let o = self.exec(&["redis-cli", "-h", GUEST_IP, "PING"]);
+            if String::from_utf8_lossy(&o.stdout).contains("PONG") {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("guest did not answer PING within {timeout:?}");
+    }
+
+    /// Opens the namespace's tap for a VMM.
+    pub fn open_tap(&self) -> Tap {
+        let ns = self.name.clone();
+        in_netns(&ns, || Tap::open(TAP)).expect("open tap in netns")
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let _ = sh(&["ip", "netns", "del", &self.name]);
+    }
+}
+
+pub fn cfg(mode: ft_vmm::Mode) -> VmmConfig {
+    VmmConfig { mode, capture_tx: true, checkpoint_interval: 500, ..Default::default() }
+}
+
+pub struct VmmThread {
+    pub control: Arc<Control>,
+    pub handle: JoinHandle<Result<(RunReport, Vec<Vec<u8>>), ft_vmm::Error>>,
+}
+
+/// Builds a VMM on a new thread (`setup` attaches sinks/sources/backends) and runs it.
+pub fn spawn_vmm(
+    cfg: VmmConfig,
+    setup: impl FnOnce(&mut Vmm) + Send + 'static,
+) -> VmmThread {
+    let control = Control::new();
+    let c = control.clone();
+    let handle = std::thread::spawn(move || {
+        let mut vmm = Vmm::new(cfg, ft_vmm::GUEST_ELF, c)?;
+        setup(&mut vmm);
+        let r = vmm.run()?;
+        Ok((r, vmm.captured_tx().map(|c| c.to_vec()).unwrap_or_default()))
+    });
+    VmmThread { control, handle }
+}
+
+impl VmmThread {
+    pub fn stop(self) -> Result<(RunReport, Vec<Vec<u8>>), ft_vmm::Error> {
+        self.control.request_stop();
+        self.handle.join().expect("vmm thread panicked")
+    }
+}
+
+/// Runs `f` on a thread and fails the test if it takes longer than `limit`.
+pub fn with_timeout<T: Send + 'static>(limit: Duration, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(limit).unwrap_or_else(|_| panic!("timed out after {limit:?} (hang)"))
+}
+
+/// A minimal guest ELF: header + 32 exception stubs + iretq handlers + `code` at entry.
+pub fn build_elf(code: &[u8]) -> Vec<u8> {
+    let base = IMAGE_BASE;
+    let stubs_off = 0x40u64;
+    let irq_off = stubs_off + 32 * EXC_STUB_STRIDE;
+    let entry_off = irq_off + 16;
+    let mut seg = vec![0u8; entry_off as usize];
+    seg[..8].copy_from_slice(&GUEST_MAGIC);
+    seg[8..12].copy_from_slice(&GUEST_ABI_VERSION.to_le_bytes());
+    let words = [base + entry_off, base + stubs_off, base + irq_off, base + irq_off, base + entry_off + code.len() as u64];
+    for (i, w) in words.iter().enumerate() {
+        seg[16 + 8 * i..24 + 8 * i].copy_from_slice(&w.to_le_bytes());
+    }
+    for v in 0..32u64 {
+        let o = (stubs_off + v * EXC_STUB_STRIDE) as usize;
+        // mov dword ptr [MMIO_BASE + REG_FAULT], v ; jmp $
+        let a = ((MMIO_BASE + REG_FAULT) as u32).to_le_bytes();
+        let s = [0xC7, 0x04, 0x25, a[0], a[1], a[2], a[3], v as u8, 0, 0, 0, 0xEB, 0xFE];
+        seg[o..o + s.len()].copy_from_slice(&s);
+    }
+    seg[irq_off as usize..irq_off as usize + 2].copy_from_slice(&[0x48, 0xCF]); // iretq
+    seg.extend_from_slice(code);
+    let mut elf = vec![0u8; 64 + 56];
+    elf[..4].copy_from_slice(b"\x7fELF");
+    elf[4] = 2;
+    elf[5] = 1;
+    elf[6] = 1;
+    elf[16..18].copy_from_slice(&2u16.to_le_bytes());
+    elf[18..20].copy_from_slice(&62u16.to_le_bytes());
+    elf[20..24].copy_from_slice(&1u32.to_le_bytes());
+    elf[24..32].copy_from_slice(&(base + entry_off).to_le_bytes());
+    elf[32..40].copy_from_slice(&64u64.to_le_bytes());
+    elf[52..54].copy_from_slice(&64u16.to_le_bytes());
+    elf[54..56].copy_from_slice(&56u16.to_le_bytes());
+    elf[56..58].copy_from_slice(&1u16.to_le_bytes());
+    let ph = 64;
+    elf[ph..ph + 4].copy_from_slice(&1u32.to_le_bytes());
+    elf[ph + 4..ph + 8].copy_from_slice(&5u32.to_le_bytes());
+    elf[ph + 8..ph + 16].copy_from_slice(&120u64.to_le_bytes());
+    elf[ph + 16..ph + 24].copy_from_slice(&base.to_le_bytes());
+    elf[ph + 24..ph + 32].copy_from_slice(&base.to_le_bytes());
+    elf[ph + 32..ph + 40].copy_from_slice(&(seg.len() as u64).to_le_bytes());
+    elf[ph + 40..ph + 48].copy_from_slice(&(seg.len() as u64).to_le_bytes());
+    elf[ph + 48..ph + 56].copy_from_slice(&1u64.to_le_bytes());
+    elf.extend_from_slice(&seg);
+    elf
+}
