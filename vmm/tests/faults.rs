@@ -1,0 +1,105 @@
+//! Malformed images, guest exceptions, triple faults and bad device accesses end the run
+//! with a clear error (never a hang).
+mod common;
+
+use common::*;
+use ft_vmm::{Control, Error, Mode, Vmm};
+use std::time::Duration;
+
+fn run_image(elf: Vec<u8>) -> Result<ft_vmm::RunReport, Error> {
+    with_timeout(Duration::from_secs(20), move || {
+        let mut vmm = Vmm::new(cfg(Mode::Free), &elf, Control::new())?;
+        vmm.run()
+    })
+}
+
+#[test]
+fn malformed_images_are_rejected() {
+    let good = ft_vmm::GUEST_ELF.to_vec();
+    let mut cases: Vec<(&str, Vec<u8>)> = vec![
+        ("empty", vec![]),
+        ("not elf", b"MZ this is not an ELF image at all, sorry................................".to_vec()),
+        ("truncated", good[..good.len() / 3].to_vec()),
+    ];
+    let mut wrong_machine = good.clone();
+    wrong_machine[18] = 183; // aarch64
+    cases.push(("wrong machine", wrong_machine));
+    let mut bad_magic = good.clone();
+    let at = bad_magic.windows(8).position(|w| w == b"FTGUEST1").expect("header in image");
+    bad_magic[at] = b'X';
+    cases.push(("bad header magic", bad_magic));
+    let mut bad_entry = build_elf(&[0x0F, 0x0B]);
+    bad_entry[24..32].copy_from_slice(&0x4000_0000u64.to_le_bytes());
+    cases.push(("entry outside image", bad_entry));
+    let mut too_big = build_elf(&[0x0F, 0x0B]);
+    let ph = 64;
+    too_big[ph + 40..ph + 48].copy_from_slice(&(64u64 << 20).to_le_bytes()); // memsz 64 MiB
+    cases.push(("image too large", too_big));
+    for (name, img) in cases {
+        match run_image(img) {
+            Err(e @ Error::Image(_)) => {
+                let msg = e.to_string();
+                eprintln!("{name}: {msg}");
+                assert!(msg.contains("invalid guest image"), "{name}: {msg}");
+            }
+            other => panic!("{name}: expected an image error, got {:?}", other.map(|r| r.outcome)),
+        }
+    }
+}
+
+#[test]
+fn guest_exception_is_reported() {
+    // ud2 at the entry point.
+    match run_image(build_elf(&[0x0F, 0x0B])) {
+        Err(Error::GuestFault { vector: 6, rip, .. }) => assert_eq!(rip, ft_vmm::abi::IMAGE_BASE + 0x40 + 32 * 16 + 16),
+        other => panic!("expected #UD, got {:?}", other.map(|r| r.outcome)),
+    }
+    // Port I/O from ring 3 (IOPL 0) is a #GP.
+    match run_image(build_elf(&[0xE6, 0x80])) {
+        Err(Error::GuestFault { vector: 13, .. }) => {}
+        other => panic!("expected #GP, got {:?}", other.map(|r| r.outcome)),
+    }
+    // A page fault: read above the 1 GiB identity map.
+    match run_image(build_elf(&[0x48, 0x8B, 0x04, 0x25, 0x00, 0x00, 0x00, 0x80])) {
+        Err(e @ Error::GuestFault { vector: 14, .. }) => eprintln!("{e}"),
+        other => panic!("expected #PF, got {:?}", other.map(|r| r.outcome)),
+    }
+}
+
+#[test]
+fn triple_fault_is_reported() {
+    // The guest wipes IDT gates 6 (#UD), 8 (#DF) and 13 (#GP), then executes ud2:
+    // #UD -> not-present gate -> #GP -> not present -> #DF -> not present -> shutdown.
+    let mut code = vec![0x31, 0xC0]; // xor eax, eax
+    for off in [0x60u32, 0x68, 0x80, 0x88, 0xD0, 0xD8] {
+        code.extend_from_slice(&[0x48, 0x89, 0x04, 0x25]); // mov [disp32], rax
+        code.extend_from_slice(&(ft_vmm::abi::IDT_ADDR as u32 + off).to_le_bytes());
+    }
+    code.extend_from_slice(&[0x0F, 0x0B]);
+    match run_image(build_elf(&code)) {
+        Err(e @ Error::TripleFault { .. }) => eprintln!("{e}"),
+        other => panic!("expected a triple fault, got {:?}", other.map(|r| r.outcome)),
+    }
+}
+
+#[test]
+fn bad_device_accesses_are_reported() {
+    use ft_vmm::abi::*;
+    let unknown = ((MMIO_BASE + 0x800) as u32).to_le_bytes();
+    let clock = ((MMIO_BASE + REG_CLOCK_NS) as u32).to_le_bytes();
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        // mov rax, [unknown register]
+        ("unknown register", vec![0x48, 0x8B, 0x04, 0x25, unknown[0], unknown[1], unknown[2], unknown[3]]),
+        // mov eax, [clock] (4-byte access)
+        ("narrow access", vec![0x8B, 0x04, 0x25, clock[0], clock[1], clock[2], clock[3]]),
+        // mov [clock], rax (write to a read-only register)
+        ("write to clock", vec![0x48, 0x89, 0x04, 0x25, clock[0], clock[1], clock[2], clock[3]]),
+    ];
+    for (name, mut code) in cases {
+        code.extend_from_slice(&[0xEB, 0xFE]);
+        match run_image(build_elf(&code)) {
+            Err(e @ Error::BadDeviceAccess { .. }) => eprintln!("{name}: {e}"),
+            other => panic!("{name}: expected BadDeviceAccess, got {:?}", other.map(|r| r.outcome)),
+        }
+    }
+}
