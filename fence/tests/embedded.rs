@@ -674,3 +674,38 @@ async fn corrupt_state_file_refuses_to_start() {
         "{msg}"
     );
 }
+
+#[tokio::test]
+async fn stalled_and_idle_connections_are_closed_by_the_server() {
+    let dir = tempfile::tempdir().unwrap();
+    timeout(TEST_BUDGET, async {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        let opts = ft_fence::embedded::ServerOptions {
+            idle_timeout: Duration::from_millis(500),
+            io_timeout: Duration::from_millis(200),
+            ..Default::default()
+        };
+        let path = dir.path().to_path_buf();
+        let srv = tokio::spawn(async move { ft_fence::serve_with(l, path, opts).await });
+        // Length prefix says 100 bytes, only 5 arrive: closed after io_timeout.
+        let mut stalled = Raw::connect(&addr).await;
+        stalled
+            .send_raw(&[0, 0, 0, 100, b'{', b'"', b'v', b'"', b':'])
+            .await;
+        let t0 = Instant::now();
+        assert!(stalled.closed().await);
+        assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
+        // Idle connection: closed after idle_timeout.
+        let mut idle = Raw::connect(&addr).await;
+        let t0 = Instant::now();
+        assert!(idle.closed().await);
+        assert!(t0.elapsed() >= Duration::from_millis(400));
+        // The server still works.
+        let a = client(&addr, 1000);
+        assert_eq!(a.read("vm").await.unwrap().epoch, 0);
+        srv.abort();
+    })
+    .await
+    .expect("test budget exceeded");
+}
