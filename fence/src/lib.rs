@@ -51,6 +51,21 @@
 //! (`stale_request_id`). Independently every op is idempotent by epoch: a replayed
 //! `test_and_set` finds the epoch moved and gets `stale`; `renew`/`release` only act on
 //! the exact `(node, epoch)` that is current.
+//!
+//! # Using it from the daemon
+//! Build one client per node with [`FenceConfig::build_arbiter`] and share the `Arc`
+//! (the embedded client numbers its requests; two clients with the same node name work
+//! but cost extra round trips). Go live with [`try_acquire`]; on `Live`, write epoch and
+//! deadline to the kernel and start a [`LeaseKeeper`] whose callback writes each new
+//! deadline (`Valid`) or clears it (`Lost`).
+//!
+//! # Operational notes
+//! * Never delete the etcd prefix or the embedded state file while a node may be live:
+//!   epochs would restart at 0.
+//! * CLOCK_MONOTONIC does not advance while a host is suspended; a node that can be
+//!   suspended (or frozen as a VM) with a lease could emit after resuming until its
+//!   local deadline. Production hosts must not suspend (CLOCK_BOOTTIME /
+//!   `bpf_ktime_get_boot_ns()` on both sides would close this gap).
 #![deny(unsafe_op_in_unsafe_fn)]
 
 mod arbiter;

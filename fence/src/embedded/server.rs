@@ -55,8 +55,10 @@ impl Default for ServerOptions {
 }
 
 /// Serve the arbiter protocol on `listener` with state in `state_dir` (created if
-/// missing) until the future is dropped or the listener fails. Dropping the future
-/// closes every connection.
+/// missing, locked with `flock` so two arbiters never share it). Returns only on a
+/// startup error (unusable/locked directory, corrupt state); otherwise runs until the
+/// future is dropped, which closes every connection. State changes are durable before
+/// they are answered, so dropping (or killing the process) at any point is safe.
 pub async fn serve(listener: TcpListener, state_dir: impl AsRef<Path>) -> Result<(), ServeError> {
     serve_with(listener, state_dir, ServerOptions::default()).await
 }
