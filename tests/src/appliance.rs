@@ -198,6 +198,38 @@ impl Appliance {
         }
     }
 
+    /// SIGSTOPs a daemon and waits until every one of its threads is stopped (signal
+    /// delivery is asynchronous: a thread could otherwise still send an ack).
+    pub fn pause(&self, host: char) -> Result<()> {
+        let g = self.guard(host);
+        g.pause()?;
+        let pid = g.pid();
+        let stopped = Self::wait_until(Duration::from_secs(5), || {
+            let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+                return false;
+            };
+            tasks.filter_map(|t| t.ok()).all(|t| {
+                std::fs::read_to_string(t.path().join("stat"))
+                    .ok()
+                    .and_then(|s| {
+                        s.rsplit_once(')')
+                            .map(|(_, r)| r.trim_start().starts_with('T'))
+                    })
+                    .unwrap_or(false)
+            })
+        });
+        if !stopped {
+            bail!("daemon {host} (pid {pid}) did not stop");
+        }
+        // Frames it had already handed to the kernel before stopping are still in flight.
+        std::thread::sleep(Duration::from_millis(20));
+        Ok(())
+    }
+
+    pub fn resume(&self, host: char) -> Result<()> {
+        self.guard(host).resume()
+    }
+
     /// Polls `f` until it returns true or `timeout` passes.
     pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
         let end = Instant::now() + timeout;

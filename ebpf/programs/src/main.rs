@@ -305,7 +305,8 @@ fn on_ack(st: *mut SeqState, ack: u64) -> Result<u32, u32> {
 
 /// Primary: the backup misses entry `want`. Rewrite the nack frame in place into the
 /// stored log frame and send it back out of the logging NIC (XDP_TX): repair without
-/// leaving the kernel.
+/// leaving the kernel. The backup pads nacks to a full log frame, so this only shrinks
+/// the frame (growing depends on driver tailroom and may fail; that is counted).
 #[inline(always)]
 fn on_nack(
     ctx: &XdpContext,

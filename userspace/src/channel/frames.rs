@@ -22,8 +22,16 @@ pub fn control_frame(
         ft,
     };
     let mut v = hdr.as_bytes().to_vec();
-    // Pad to the Ethernet minimum so that NICs that pad do not change the length.
-    v.resize(v.len().max(60), 0);
+    // Pad to the Ethernet minimum so that NICs that pad do not change the length. A nack
+    // is padded to a full log frame: the primary's XDP rewrites it in place into the
+    // missing entry, and shrinking a frame always works where growing it may not (the
+    // driver decides the tailroom).
+    let size = if kind == KIND_NACK {
+        LOG_OVERHEAD + MAX_FRAME
+    } else {
+        60
+    };
+    v.resize(size, 0);
     v
 }
 
@@ -34,7 +42,8 @@ mod tests {
     #[test]
     fn control_frames_parse_back() {
         let f = control_frame(KIND_NACK, [1; 6], [2; 6], 9, 77, 0);
-        assert_eq!(f.len(), 60);
+        assert_eq!(f.len(), LOG_OVERHEAD + MAX_FRAME);
+        assert_eq!(control_frame(KIND_ACK, [1; 6], [2; 6], 9, 77, 0).len(), 60);
         let (h, payload) = parse_log_frame(&f).unwrap();
         assert_eq!(
             (h.ft.kind, h.ft.epoch.get(), h.ft.seq.get()),
