@@ -27,6 +27,9 @@ pub struct ApplianceOptions {
     /// Roles: host A primary, host B backup (false) or the other way round (true).
     pub swap_roles: bool,
     pub xdp_mode: &'static str,
+    /// Body of the `[fence]` table (without `vm`/`node`, which are filled per host).
+    /// Default: `backend = "none"`.
+    pub fence: String,
 }
 
 impl Default for ApplianceOptions {
@@ -43,6 +46,7 @@ impl Default for ApplianceOptions {
             start_backup: true,
             swap_roles: false,
             xdp_mode: "driver",
+            fence: "backend = \"none\"".into(),
         }
     }
 }
@@ -59,21 +63,69 @@ pub struct Appliance {
 
 /// The `ftd` binary: `$FTD_BIN`, or next to the running test executable.
 pub fn ftd_bin() -> Result<PathBuf> {
-    if let Some(p) = std::env::var_os("FTD_BIN") {
+    workspace_bin("ftd", "FTD_BIN")
+}
+
+/// A binary of the workspace: `$<env>`, or next to the running executable.
+pub fn workspace_bin(name: &str, env: &str) -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os(env) {
         return Ok(PathBuf::from(p));
     }
     let exe = std::env::current_exe()?;
     let mut dir = exe.parent();
     for _ in 0..3 {
         let Some(d) = dir else { break };
-        if d.join("ftd").is_file() {
-            return Ok(d.join("ftd"));
+        if d.join(name).is_file() {
+            return Ok(d.join(name));
         }
         dir = d.parent();
     }
     bail!(
-        "ftd binary not found near {}: run `cargo build --bins` first or set FTD_BIN",
+        "{name} binary not found near {}: run `cargo build --bins` first or set {env}",
         exe.display()
+    )
+}
+
+/// Address of the embedded arbiter started by [`start_arbiter`].
+pub const ARBITER_ADDR: &str = "10.77.0.2:7700";
+
+/// Starts `ft-arbiter` in the testbed's arbiter namespace (state in the temp dir).
+pub fn start_arbiter(tb: &Testbed) -> Result<ChildGuard> {
+    let bin = workspace_bin("ft-arbiter", "FT_ARBITER_BIN")?;
+    let dir = tb.tmp_dir.join("arbiter-state");
+    std::fs::create_dir_all(&dir)?;
+    let g = tb.spawn(
+        &tb.arbiter_ns,
+        &bin,
+        [
+            "--listen",
+            ARBITER_ADDR,
+            "--state-dir",
+            dir.to_str().unwrap(),
+        ],
+    )?;
+    let ok = Appliance::wait_until(Duration::from_secs(10), || {
+        crate::netns::try_run_in_ns(&tb.client_ns, || {
+            std::net::TcpStream::connect_timeout(
+                &ARBITER_ADDR.parse().unwrap(),
+                Duration::from_millis(200),
+            )
+            .is_ok()
+        })
+        .unwrap_or(false)
+    });
+    if !ok {
+        bail!("ft-arbiter did not come up:\n{}", g.log_contents());
+    }
+    Ok(g)
+}
+
+/// `[fence]` body for the embedded arbiter started by [`start_arbiter`].
+pub fn embedded_fence(lease_ms: u64, renew_ms: u64) -> String {
+    format!(
+        "backend = \"embedded\"\narbiters = [\"{ARBITER_ADDR}\"]\nlease_ms = {lease_ms}\n\
+         renew_interval_ms = {renew_ms}\nrequest_timeout_ms = {}\ndrift_margin_ms = 20",
+        (renew_ms / 2).max(10)
     )
 }
 
@@ -107,7 +159,16 @@ hold_output = {ho}
 [api]
 metrics_listen = "127.0.0.1:9477"
 control_socket = "{sock}"
+[fence]
+{fence}
+{fence_ids}
 "#,
+        fence = o.fence,
+        fence_ids = if o.fence.contains("\"none\"") {
+            String::new()
+        } else {
+            format!("vm = \"vm1\"\nnode = \"host-{host}\"")
+        },
         peer_mac = fmt_mac(&peer.log_mac),
         xdp = o.xdp_mode,
         vm_mac = fmt_mac(&VM_MAC),

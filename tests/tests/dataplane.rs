@@ -148,7 +148,7 @@ fn burst_test(loss_every: Option<u32>) {
     let cap_a = Capture::start(&tb.a.vm_ns, VM_IF).unwrap();
     let frames = burst_frames(N);
     // Paced so that a 2-core machine keeps up; back-pressure drops are asserted zero below.
-    blast(&tb.client_ns, BRIDGE, &frames, Some(40_000)).unwrap();
+    blast(&tb.client_ns, BRIDGE, &frames, Some(30_000)).unwrap();
     assert!(
         cap_b.wait_for(N as u64, Duration::from_secs(60)) >= N as u64,
         "backup replica got {} of {N}\nprimary: {:#}\nbackup: {:#}",
@@ -171,10 +171,10 @@ fn burst_test(loss_every: Option<u32>) {
         "backup: every frame exactly once, in order (got {} frames)",
         got_b.len()
     );
-    if loss_every.is_some() {
+    if let Some(every) = loss_every {
         let retx = app.counter('a', "log_retransmitted_frames_total");
         assert!(
-            retx >= (N / loss_every.unwrap()) as u64,
+            retx >= (N / every) as u64,
             "gaps repaired by retransmission: {retx}"
         );
         assert!(app.counter('b', "log_received_retransmits_total") > 0);
@@ -287,9 +287,9 @@ fn bad_acks_and_frames_never_release_output() {
         );
         assert!(app.held('a') >= 1, "{what}: reply no longer held");
     }
-    assert_eq!(
+    assert!(
         app.status('a').unwrap()["log"]["acked"].as_u64().unwrap() < last,
-        true
+        "no bad ack advanced the cumulative ack"
     );
     app.resume('b').unwrap();
     assert_eq!(

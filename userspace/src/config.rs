@@ -92,6 +92,8 @@ pub struct Config {
     pub channel: Channel,
     #[serde(default)]
     pub api: Api,
+    /// Split-brain arbitration (ft-fence): who may go live, with which epoch and lease.
+    pub fence: ft_fence::FenceConfig,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -205,10 +207,18 @@ impl Config {
     }
 
     pub fn parse(text: &str) -> Result<Config, ConfigError> {
-        let cfg: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+        let mut cfg: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: PathBuf::new(),
             message: e.to_string(),
         })?;
+        // The arbiter knows this node by node.name unless [fence] says otherwise; a
+        // static lease ("none") needs no VM name.
+        if cfg.fence.node.is_empty() {
+            cfg.fence.node = cfg.node.name.clone();
+        }
+        if cfg.fence.vm.is_empty() && cfg.fence.backend == Some(ft_fence::Backend::None) {
+            cfg.fence.vm = "vm".into();
+        }
         cfg.validate()?;
         Ok(cfg)
     }
@@ -285,6 +295,15 @@ impl Config {
         if self.api.control_socket.as_os_str().is_empty() {
             return invalid("api.control_socket must be a path");
         }
+        self.fence
+            .validate()
+            .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        if !self.fence.node.is_empty() && self.fence.node != self.node.name {
+            return invalid(format!(
+                "fence.node = {:?} differs from node.name = {:?}; the arbiter must know this node by its name",
+                self.fence.node, self.node.name
+            ));
+        }
         Ok(())
     }
 
@@ -310,6 +329,8 @@ peer_log_mac = "02:00:00:00:00:02"
 [vm]
 mac = "02:f7:00:00:00:64"
 ipv4 = "10.77.0.100"
+[fence]
+backend = "none"
 "#;
 
     fn with(extra: &str) -> Result<Config, ConfigError> {
@@ -358,6 +379,17 @@ ipv4 = "10.77.0.100"
         assert!(err(Config::parse(&same_nic)).contains("three different"));
         let mcast = GOOD.replace("02:f7:00:00:00:64", "01:00:5e:00:00:01");
         assert!(err(Config::parse(&mcast)).contains("unicast"));
+    }
+
+    #[test]
+    fn fence_section_is_validated() {
+        let no_backend = GOOD.replace("backend = \"none\"\n", "");
+        assert!(err(Config::parse(&no_backend)).contains("fence"));
+        let other = GOOD.replace(
+            "backend = \"none\"",
+            "backend = \"embedded\"\narbiters = [\"10.0.0.2:7700\"]\nvm = \"vm1\"\nnode = \"b\"",
+        );
+        assert!(err(Config::parse(&other)).contains("differs from node.name"));
     }
 
     #[test]

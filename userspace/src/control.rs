@@ -41,6 +41,7 @@ pub fn status_json(sh: &Shared) -> Value {
         })),
         "held_frames": ctl.map(|c| c.tail.wrapping_sub(c.head)),
         "peer_alive": s.peer_alive.load(Relaxed),
+        "halted": s.halted.load(Relaxed),
         "channel": {
             "acks_sent": s.acks_sent.load(Relaxed),
             "nacks_sent": s.nacks_sent.load(Relaxed),

@@ -9,7 +9,9 @@ use std::{
 };
 
 use anyhow::Context as _;
-use tracing::{error, info};
+use ft_common::maps::{NodeState, ROLE_BACKUP, ROLE_STANDBY};
+use ft_fence::Backend;
+use tracing::{error, info, warn};
 
 use crate::{
     channel::{backup, primary, status::ChannelStatus},
@@ -26,10 +28,45 @@ pub struct Shared {
 }
 
 pub async fn run(cfg: Config) -> anyhow::Result<()> {
-    let node = initial_node_state(&cfg);
+    let arbiter = match cfg.fence.backend {
+        Some(Backend::None) | None => {
+            warn!(
+                "[fence] backend = \"none\": static lease, no split-brain protection (demo only)"
+            );
+            None
+        }
+        Some(_) => Some(
+            cfg.fence
+                .build_arbiter()
+                .context("building the arbiter client")?,
+        ),
+    };
+    let mut node = initial_node_state(&cfg);
+    if arbiter.is_some() {
+        // Not live and no epoch until the arbiter says so.
+        node = NodeState {
+            epoch: 0,
+            lease_deadline_ns: 0,
+            role: if cfg.node.role == Role::Primary {
+                ROLE_STANDBY
+            } else {
+                ROLE_BACKUP
+            },
+            _pad: 0,
+        };
+    }
     let dp = Arc::new(DataPlane::start(&cfg, node).context("starting the data plane")?);
     let status = Arc::new(ChannelStatus::default());
     status.peer_alive.store(true, Relaxed);
+    status.epoch.store(node.epoch, Relaxed);
+    if let Some(arb) = arbiter {
+        tokio::spawn(crate::fencing::run(
+            cfg.clone(),
+            dp.clone(),
+            status.clone(),
+            arb,
+        ));
+    }
     let stop = Arc::new(AtomicBool::new(false));
     let sh = Arc::new(Shared {
         dp: dp.clone(),
@@ -43,7 +80,6 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         match cfg.node.role {
             Role::Primary => {
                 let p = primary::PrimaryParams {
-                    epoch: node.epoch,
                     peer_mac: cfg.interfaces.peer_log_mac.0,
                     heartbeat: Duration::from_millis(ch.heartbeat_ms),
                     peer_timeout: Duration::from_millis(ch.peer_timeout_ms),
@@ -57,7 +93,6 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             }
             Role::Backup => {
                 let p = backup::BackupParams {
-                    epoch: node.epoch,
                     own_mac: dp.nics.logging.mac,
                     peer_mac: cfg.interfaces.peer_log_mac.0,
                     heartbeat: Duration::from_millis(ch.heartbeat_ms),

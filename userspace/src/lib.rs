@@ -4,5 +4,6 @@ pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod dataplane;
+pub mod fencing;
 pub mod metrics;
 pub mod netif;

@@ -82,7 +82,6 @@ impl InputSink for RawSink {
 }
 
 pub struct BackupParams {
-    pub epoch: u64,
     pub own_mac: [u8; 6],
     pub peer_mac: [u8; 6],
     pub heartbeat: Duration,
@@ -245,6 +244,10 @@ pub fn run(
             w.commit();
             free.drain(..k as usize);
         }
+        let epoch = status.epoch.load(Relaxed);
+        if epoch == 0 {
+            continue; // epoch not known yet (XDP drops log frames until it is)
+        }
         let acked = reorder.acked();
         if acked != before {
             dp.set_delivered(acked)?;
@@ -254,26 +257,12 @@ pub fn run(
         status.buffered.store(reorder.buffered() as u64, Relaxed);
         // Cumulative ack on progress, and as a keep-alive.
         if acked != last_ack_sent.0 || now.duration_since(last_ack_sent.1) >= params.heartbeat {
-            let f = control_frame(
-                KIND_ACK,
-                params.own_mac,
-                params.peer_mac,
-                params.epoch,
-                acked,
-                0,
-            );
+            let f = control_frame(KIND_ACK, params.own_mac, params.peer_mac, epoch, acked, 0);
             send(&f, &status.acks_sent);
             last_ack_sent = (acked, now);
         }
         for s in reorder.nacks(now, params.nack_retry, params.nack_burst) {
-            let f = control_frame(
-                KIND_NACK,
-                params.own_mac,
-                params.peer_mac,
-                params.epoch,
-                s,
-                0,
-            );
+            let f = control_frame(KIND_NACK, params.own_mac, params.peer_mac, epoch, s, 0);
             send(&f, &status.nacks_sent);
         }
         let alive = now.duration_since(last_rx) < params.peer_timeout;

@@ -26,7 +26,6 @@ pub fn monotonic_ns() -> u64 {
 }
 
 pub struct PrimaryParams {
-    pub epoch: u64,
     pub peer_mac: [u8; 6],
     pub heartbeat: Duration,
     pub peer_timeout: Duration,
@@ -51,12 +50,16 @@ pub fn run(
     let started = monotonic_ns();
     while !stop.load(Relaxed) {
         std::thread::sleep(p.heartbeat);
+        let epoch = status.epoch.load(Relaxed);
         let Ok(seq) = dp.seq_state() else { continue };
+        if epoch == 0 {
+            continue; // not live yet
+        }
         let f = control_frame(
             KIND_HEARTBEAT,
             iface.mac,
             p.peer_mac,
-            p.epoch,
+            epoch,
             0,
             seq.last_seq,
         );

@@ -3,6 +3,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 
 #[derive(Default, Debug)]
 pub struct ChannelStatus {
+    /// Epoch of the channel (from the arbiter); 0 while unknown: nothing is sent.
+    pub epoch: AtomicU64,
+    /// Set when this node lost its lease and halted (fail-stop).
+    pub halted: AtomicBool,
     /// Backup: highest entry delivered in order (= cumulative ack).
     pub delivered: AtomicU64,
     /// Backup: highest entry known to exist.

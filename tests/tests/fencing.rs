@@ -1,0 +1,126 @@
+//! Fencing on the real testbed: the primary goes live only after winning test-and-set at
+//! the arbiter, and the kernel stops its client output when the lease runs out, even
+//! when the daemon hangs (no userspace action involved).
+use std::time::{Duration, Instant};
+
+use ft_testbed::{
+    Appliance, ApplianceOptions, Testbed, TestbedOptions, embedded_fence, start_arbiter,
+};
+
+const T: Duration = Duration::from_secs(2);
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn role(app: &Appliance, host: char) -> String {
+    app.status(host)
+        .ok()
+        .and_then(|s| s["role"].as_str().map(String::from))
+        .unwrap_or_default()
+}
+
+fn fenced_options(lease_ms: u64) -> ApplianceOptions {
+    ApplianceOptions {
+        fence: embedded_fence(lease_ms, lease_ms / 5),
+        ..Default::default()
+    }
+}
+
+#[test]
+fn expired_lease_stops_output_in_kernel_even_if_daemon_hangs() {
+    let _s = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let tb = Testbed::new(TestbedOptions {
+        quiet_standins: true,
+        ..Default::default()
+    })
+    .unwrap();
+    let _arb = start_arbiter(&tb).unwrap();
+    let app = Appliance::start(&tb, &fenced_options(1000)).unwrap();
+    assert!(
+        Appliance::wait_until(Duration::from_secs(10), || role(&app, 'a') == "primary"),
+        "A never went live"
+    );
+    let c = tb.vm_client().unwrap();
+    assert_eq!(c.request("INCR n", T).unwrap().as_deref(), Some("1"));
+    let epoch_a = app.status('a').unwrap()["epoch"].as_u64().unwrap();
+    assert!(Appliance::wait_until(
+        T,
+        || app.status('b').unwrap()["epoch"].as_u64() == Some(epoch_a)
+    ));
+
+    // The primary's daemon hangs: nobody renews its lease. The backup keeps acking, so
+    // the only thing that can stop the output is the kernel's lease check.
+    let hung_at = Instant::now();
+    app.pause('a').unwrap();
+    // Still within the lease: output flows without any userspace on the primary.
+    assert_eq!(
+        c.request("INCR n", Duration::from_millis(300))
+            .unwrap()
+            .as_deref(),
+        Some("2")
+    );
+    let remaining = Duration::from_millis(1100).saturating_sub(hung_at.elapsed());
+    std::thread::sleep(remaining);
+    assert_eq!(
+        c.request("INCR n", Duration::from_millis(700)).unwrap(),
+        None,
+        "output after the lease expired"
+    );
+
+    // Wake the daemon: it finds its lease gone and halts (fail-stop); the counters show
+    // that the kernel refused the release while it was hung.
+    app.resume('a').unwrap();
+    assert!(
+        Appliance::wait_until(T, || app.status('a').unwrap()["halted"] == true),
+        "daemon did not halt"
+    );
+    assert_eq!(role(&app, 'a'), "standby");
+    assert!(
+        app.counter('a', "release_blocked_no_lease_total") >= 1,
+        "kernel lease check not hit"
+    );
+    assert!(app.held('a') >= 1, "the reply stays held, never released");
+    assert_eq!(
+        c.request("PING", Duration::from_millis(300)).unwrap(),
+        None,
+        "a halted node serves nothing"
+    );
+}
+
+#[test]
+fn arbiter_unreachable_nobody_goes_live_until_it_returns() {
+    let _s = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let tb = Testbed::new(TestbedOptions {
+        quiet_standins: true,
+        ..Default::default()
+    })
+    .unwrap();
+    let app = Appliance::start(&tb, &fenced_options(1000)).unwrap();
+    let c = tb.vm_client().unwrap();
+    std::thread::sleep(Duration::from_millis(800));
+    assert_eq!(role(&app, 'a'), "standby", "went live without the arbiter");
+    assert_eq!(
+        c.request("PING", Duration::from_millis(500)).unwrap(),
+        None,
+        "served without a lease"
+    );
+    assert!(
+        app.counter('a', "standby") >= 1,
+        "client frames dropped while not live"
+    );
+    let log = app.guard('a').log_contents();
+    assert!(
+        log.contains("not going live") && log.contains("10.77.0.2:7700"),
+        "error should name the arbiter:\n{log}"
+    );
+
+    let _arb = start_arbiter(&tb).unwrap();
+    assert!(
+        Appliance::wait_until(Duration::from_secs(10), || role(&app, 'a') == "primary"),
+        "A did not go live"
+    );
+    assert!(Appliance::wait_until(Duration::from_secs(5), || {
+        c.request("PING", Duration::from_millis(300))
+            .unwrap()
+            .as_deref()
+            == Some("PONG")
+    }));
+}
