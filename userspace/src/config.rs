@@ -167,7 +167,7 @@ impl Default for Channel {
             heartbeat_ms: 5,
             peer_timeout_ms: 500,
             nack_retry_ms: 3,
-            nack_burst: 256,
+            nack_burst: 64,
             hold_output: true,
         }
     }

@@ -79,6 +79,9 @@ pub fn render(sh: &Shared) -> String {
         ("ft_channel_vm_deliver_errors_total", &s.vm_deliver_errors),
         ("ft_channel_send_errors_total", &s.send_errors),
         ("ft_channel_peer_down_events_total", &s.peer_down_events),
+        ("ft_afxdp_rx_dropped_total", &s.xsk_rx_dropped),
+        ("ft_afxdp_rx_ring_full_total", &s.xsk_rx_ring_full),
+        ("ft_afxdp_fill_ring_empty_total", &s.xsk_fill_ring_empty),
     ] {
         let _ = writeln!(o, "# TYPE {name} counter\n{name} {}", v.load(Relaxed));
     }

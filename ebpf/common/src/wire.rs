@@ -140,7 +140,7 @@ mod tests {
         assert_eq!(core::mem::size_of::<EthHdr>(), ETH_HLEN);
         assert_eq!(core::mem::size_of::<FtHdr>(), FT_HLEN);
         assert_eq!(core::mem::size_of::<LogHdr>(), LOG_OVERHEAD);
-        assert!(SLOT_DATA >= MAX_FRAME);
+        const { assert!(SLOT_DATA >= MAX_FRAME) };
     }
 
     #[test]

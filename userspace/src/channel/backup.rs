@@ -202,6 +202,7 @@ pub fn run(
     let mut reorder = Reorder::new(1, params.max_pending);
     let mut last_ack_sent = (0u64, Instant::now() - params.heartbeat);
     let mut last_rx = Instant::now();
+    let mut last_stats = Instant::now();
     let mut recycled: Vec<u64> = Vec::with_capacity(BATCH as usize);
     let poll_ms = params.heartbeat.as_millis().clamp(1, 100) as i32;
     let send = |frame: &[u8], counter: &std::sync::atomic::AtomicU64| match out.send(frame) {
@@ -264,6 +265,16 @@ pub fn run(
         for s in reorder.nacks(now, params.nack_retry, params.nack_burst) {
             let f = control_frame(KIND_NACK, params.own_mac, params.peer_mac, epoch, s, 0);
             send(&f, &status.nacks_sent);
+        }
+        if now.duration_since(last_stats) >= Duration::from_millis(100) {
+            last_stats = now;
+            if let Ok(st) = rxtx.statistics_v2() {
+                status.xsk_rx_dropped.store(st.rx_dropped, Relaxed);
+                status.xsk_rx_ring_full.store(st.rx_ring_full, Relaxed);
+                status
+                    .xsk_fill_ring_empty
+                    .store(st.rx_fill_ring_empty_descs, Relaxed);
+            }
         }
         let alive = now.duration_since(last_rx) < params.peer_timeout;
         if status.peer_alive.swap(alive, Relaxed) && !alive {

@@ -21,7 +21,8 @@ pub struct Reorder {
     next: u64,
     high: u64,
     pending: BTreeMap<u64, Vec<u8>>,
-    nacked: BTreeMap<u64, Instant>,
+    /// Missing entry -> (when last asked for, how many times).
+    nacked: BTreeMap<u64, (Instant, u32)>,
     max_pending: u64,
 }
 
@@ -87,21 +88,24 @@ impl Reorder {
         self.high = self.high.max(last_assigned);
     }
 
-    /// Missing entries to ask for now: not received, not asked for within `retry`; at
-    /// most `burst` of them, oldest first.
+    /// Missing entries to ask for now, oldest first, at most `burst`: not received, and
+    /// not asked for within `retry * 2^(asks-1)` (exponential backoff, capped at 32x).
+    /// Backing off matters: re-asking for every gap at a fixed short interval turns a
+    /// loss burst into a nack/retransmit storm that overflows the very queues that lost
+    /// the frames (congestion collapse).
     pub fn nacks(&mut self, now: Instant, retry: Duration, burst: usize) -> Vec<u64> {
         let mut out = Vec::new();
         let mut s = self.next;
         let limit = self.high.min(self.next.saturating_add(self.max_pending));
         while s <= limit && out.len() < burst {
             if !self.pending.contains_key(&s) {
-                let due = self
-                    .nacked
-                    .get(&s)
-                    .is_none_or(|t| now.duration_since(*t) >= retry);
+                let (due, asks) = match self.nacked.get(&s) {
+                    None => (true, 0),
+                    Some(&(t, n)) => (now.duration_since(t) >= retry * (1u32 << n.min(5)) / 2, n),
+                };
                 if due {
                     out.push(s);
-                    self.nacked.insert(s, now);
+                    self.nacked.insert(s, (now, asks + 1));
                 }
             }
             s += 1;

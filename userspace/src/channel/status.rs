@@ -20,6 +20,10 @@ pub struct ChannelStatus {
     pub send_errors: AtomicU64,
     pub duplicates: AtomicU64,
     pub too_far: AtomicU64,
+    /// AF_XDP socket statistics (frames the kernel could not hand to the daemon).
+    pub xsk_rx_dropped: AtomicU64,
+    pub xsk_rx_ring_full: AtomicU64,
+    pub xsk_fill_ring_empty: AtomicU64,
     pub peer_alive: AtomicBool,
     pub peer_down_events: AtomicU64,
 }
