@@ -51,6 +51,9 @@ struct Args {
     /// Size of each burst frame in bytes (Ethernet header included, no FCS).
     #[arg(long, default_value_t = 128)]
     frame_size: usize,
+    /// Throughput rounds (each measures every path once; order alternates).
+    #[arg(long, default_value_t = 2)]
+    tput_rounds: usize,
     /// Skip phase 1 (latency).
     #[arg(long)]
     skip_latency: bool,
@@ -123,7 +126,10 @@ fn print_header() {
     println!(
         "machine: nproc={nproc} kernel={} cpu=\"{cpu}\" loadavg={}",
         kernel.trim(),
-        load.split_whitespace().take(3).collect::<Vec<_>>().join(" ")
+        load.split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" ")
     );
     println!(
         "ftd: {}",
@@ -253,7 +259,10 @@ fn send_frame(fd: RawFd, frame: &[u8]) -> bool {
             return true;
         }
         let e = std::io::Error::last_os_error().raw_os_error();
-        if !matches!(e, Some(libc::ENOBUFS) | Some(libc::EAGAIN) | Some(libc::EINTR)) {
+        if !matches!(
+            e,
+            Some(libc::ENOBUFS) | Some(libc::EAGAIN) | Some(libc::EINTR)
+        ) {
             return false;
         }
         std::thread::sleep(Duration::from_micros(50));
@@ -309,6 +318,56 @@ fn netdev_stats_in(ns: &str, ifname: &str) -> (u64, u64, u64, u64) {
         .ok()
         .flatten()
         .unwrap_or_default()
+}
+
+/// `ethtool -S` counters of an interface (empty on failure).
+fn ethtool_stats(ns: &str, ifname: &str) -> std::collections::BTreeMap<String, u64> {
+    let out = ft_testbed::ns_exec(ns, "ethtool", &["-S", ifname]).unwrap_or_default();
+    out.lines()
+        .filter_map(|l| {
+            let (k, v) = l.rsplit_once(':')?;
+            Some((k.trim().to_string(), v.trim().parse().ok()?))
+        })
+        .collect()
+}
+
+/// The interfaces on the burst path whose `ethtool -S` deltas are reported.
+fn path_ifaces(tb: &Testbed) -> Vec<(String, String, &'static str)> {
+    vec![
+        (tb.a.ns.clone(), "A".into(), CLI_IF),
+        (tb.a.ns.clone(), "A".into(), LOG_IF),
+        (tb.wire_ns.clone(), "wire".into(), WIRE_A),
+        (tb.wire_ns.clone(), "wire".into(), WIRE_B),
+        (tb.b.ns.clone(), "B".into(), LOG_IF),
+    ]
+}
+
+type EthSnap = Vec<std::collections::BTreeMap<String, u64>>;
+
+fn ethtool_snap(tb: &Testbed) -> EthSnap {
+    path_ifaces(tb)
+        .iter()
+        .map(|(ns, _, i)| ethtool_stats(ns, i))
+        .collect()
+}
+
+/// Non-zero deltas of drop/error/xdp counters between two snapshots.
+fn ethtool_delta(tb: &Testbed, before: &EthSnap, after: &EthSnap) -> Vec<String> {
+    let mut out = Vec::new();
+    for ((_, host, ifname), (b, a)) in path_ifaces(tb).iter().zip(before.iter().zip(after)) {
+        let mut parts = Vec::new();
+        for (k, v) in a {
+            let d = v.saturating_sub(b.get(k).copied().unwrap_or(0));
+            let interesting = k.contains("drop") || k.contains("err") || k.contains("xdp");
+            if d > 0 && interesting && !k.contains("bytes") {
+                parts.push(format!("{k}=+{d}"));
+            }
+        }
+        if !parts.is_empty() {
+            out.push(format!("ethtool {host}/{ifname}: {}", parts.join(" ")));
+        }
+    }
+    out
 }
 
 // ------------------------------------------------------------------------------------
@@ -452,10 +511,7 @@ fn link_round_trips(tb: &Testbed, n: usize, budget: Duration, out: &mut Series) 
                 continue;
             }
             while let Some((len, pkttype)) = recv_nb(fd, &mut buf) {
-                if pkttype != libc::PACKET_OUTGOING
-                    && len >= 22
-                    && buf[14..22] == i.to_be_bytes()
-                {
+                if pkttype != libc::PACKET_OUTGOING && len >= 22 && buf[14..22] == i.to_be_bytes() {
                     got = true;
                 }
             }
@@ -723,29 +779,30 @@ fn burst(n: usize, size: usize) -> Vec<Vec<u8>> {
 }
 
 /// Samples rx_packets of `ifname` in `ns` every ms until `stop` (bounded by `lifetime`).
-/// Returns (start count, last count, time of last change).
+/// Publishes the count since start in `live` and returns every change as (time, count).
 fn spawn_rx_watch(
     ns: &str,
     ifname: &str,
     stop: Arc<AtomicBool>,
     live: Arc<AtomicU64>,
     lifetime: Duration,
-) -> Result<JoinHandle<(u64, u64, Instant)>> {
+) -> Result<JoinHandle<Vec<(Instant, u64)>>> {
     let ifname = ifname.to_string();
     spawn_in_ns(ns, "rx-watch", move || {
         let end = Instant::now() + lifetime;
         let c0 = netdev_stats(&ifname).map(|s| s.0).unwrap_or(0);
-        let (mut last, mut t_last) = (c0, Instant::now());
+        let mut last = c0;
+        let mut changes = vec![(Instant::now(), 0)];
         while !stop.load(Ordering::Relaxed) && Instant::now() < end {
             std::thread::sleep(Duration::from_millis(1));
             let c = netdev_stats(&ifname).map(|s| s.0).unwrap_or(last);
             if c != last {
                 last = c;
-                t_last = Instant::now();
+                changes.push((Instant::now(), c - c0));
                 live.store(c - c0, Ordering::Relaxed);
             }
         }
-        (c0, last, t_last)
+        changes
     })
 }
 
@@ -772,26 +829,35 @@ fn measure_burst(tb: &Testbed, frames: &[Vec<u8>], name: &str) -> Result<TputRes
         Duration::from_secs(60),
     )?;
     std::thread::sleep(Duration::from_millis(20));
+    let eth0 = ethtool_snap(tb);
     let t0 = Instant::now();
     let bs = blast(&tb.client_ns, BRIDGE, frames, None)?;
-    // Wait until B's counter is quiet for 300 ms (bounded).
-    let mut last = live.load(Ordering::Relaxed);
-    let mut t_change = Instant::now();
+    // Done when B's counter gains fewer than 100 frames in 300 ms (the primary's
+    // heartbeats keep it ticking at ~200/s, so "no change at all" never happens).
+    let mut checkpoint = live.load(Ordering::Relaxed);
+    let mut t_progress = Instant::now();
     let end = Instant::now() + Duration::from_secs(20);
-    while Instant::now() < end && t_change.elapsed() < Duration::from_millis(300) {
+    while Instant::now() < end && t_progress.elapsed() < Duration::from_millis(300) {
         std::thread::sleep(Duration::from_millis(5));
         let c = live.load(Ordering::Relaxed);
-        if c != last {
-            last = c;
-            t_change = Instant::now();
+        if c >= checkpoint + 100 {
+            checkpoint = c;
+            t_progress = Instant::now();
         }
     }
     stop.store(true, Ordering::Relaxed);
-    let (c0, c1, t_last) = watch
+    let changes = watch
         .join()
         .map_err(|_| anyhow::anyhow!("rx watch panicked"))?;
     let a1 = netdev_stats_in(&tb.a.ns, CLI_IF);
-    let at_b = c1 - c0;
+    let eth1 = ethtool_snap(tb);
+    // The burst ended when the count first reached the last checkpoint.
+    let (t_last, at_b) = changes
+        .iter()
+        .find(|(_, c)| *c >= checkpoint)
+        .copied()
+        .unwrap_or((t0, 0));
+    let total_b = changes.last().map(|c| c.1).unwrap_or(0);
     let secs = t_last.saturating_duration_since(t0).as_secs_f64().max(1e-6);
     Ok(TputResult {
         name: name.into(),
@@ -801,14 +867,23 @@ fn measure_burst(tb: &Testbed, frames: &[Vec<u8>], name: &str) -> Result<TputRes
         at_b,
         b_fps: at_b as f64 / secs,
         extra: vec![format!(
-            "host A cli0 rx_dropped +{}, B log0 rx over {:.3}s",
+            "host A cli0 rx_dropped +{}; B log0: {at_b} frames in {:.3}s after blast start \
+             ({total_b} incl. the quiet tail)",
             a1.1 - a0.1,
             secs
-        )],
+        )]
+        .into_iter()
+        .chain(ethtool_delta(tb, &eth0, &eth1))
+        .collect(),
     })
 }
 
-fn xdp_run(tb: &Testbed, frames: &[Vec<u8>], o: &ApplianceOptions, name: &str) -> Result<TputResult> {
+fn xdp_run(
+    tb: &Testbed,
+    frames: &[Vec<u8>],
+    o: &ApplianceOptions,
+    name: &str,
+) -> Result<TputResult> {
     let app = start_appliance(tb, o)?;
     let keys_a = [
         "log_duplicated_frames_total",
@@ -861,7 +936,54 @@ fn xdp_run(tb: &Testbed, frames: &[Vec<u8>], o: &ApplianceOptions, name: &str) -
         }
         r.extra.push(s);
         let st = app.status('a').unwrap_or_default();
-        r.extra.push(format!("primary log state after: {}", st["log"]));
+        r.extra.push(format!(
+            "primary log state when B went quiet: {}",
+            st["log"]
+        ));
+        // Does the backup catch up (acked == last_seq) once the burst is over? If not,
+        // trace the repair loop once a second (bounded).
+        let t = Instant::now();
+        let mut caught_up = false;
+        for step in 0..10 {
+            caught_up = Appliance::wait_until(Duration::from_secs(1), || {
+                let st = app.status('a').unwrap_or_default();
+                st["log"]["acked"] == st["log"]["last_seq"]
+            });
+            if caught_up {
+                break;
+            }
+            let (sa, sb) = (
+                app.status('a').unwrap_or_default(),
+                app.status('b').unwrap_or_default(),
+            );
+            r.extra.push(format!(
+                "  stalled t+{}s: A acked={} last_seq={} nacks_rx={} retx_sent={} nack_invalid={} \
+                 retx_miss={} retx_err={} | B delivered={} nacks_sent={} log_rx={} retx_rx={} \
+                 dup={} out_of_window={} buffered={} high={}",
+                step + 1,
+                sa["log"]["acked"],
+                sa["log"]["last_seq"],
+                sa["counters"]["nacks_received_total"],
+                sa["counters"]["log_retransmitted_frames_total"],
+                sa["drops"]["nack_invalid"],
+                sa["drops"]["nack_not_in_store"],
+                sa["drops"]["retransmit_error"],
+                sb["log"]["delivered"],
+                sb["channel"]["nacks_sent"],
+                sb["counters"]["log_received_frames_total"],
+                sb["counters"]["log_received_retransmits_total"],
+                sb["drops"]["duplicate_log"],
+                sb["drops"]["log_seq_out_of_window"],
+                sb["channel"]["buffered"],
+                sb["channel"]["high"],
+            ));
+        }
+        let st = app.status('a').unwrap_or_default();
+        r.extra.push(format!(
+            "backup caught up: {caught_up} after {:.2}s; primary log {}",
+            t.elapsed().as_secs_f64(),
+            st["log"],
+        ));
     }
     stop_appliance(app);
     Ok(r)
@@ -870,7 +992,9 @@ fn xdp_run(tb: &Testbed, frames: &[Vec<u8>], o: &ApplianceOptions, name: &str) -
 /// Userspace baseline: no daemon; a forwarder thread in host A's namespace reads frames
 /// for the VM from cli0 and sends each, with a log header prepended, out of log0.
 fn userspace_run(tb: &Testbed, frames: &[Vec<u8>]) -> Result<TputResult> {
-    let rx = RawSock::open(&tb.a.ns, CLI_IF)?;
+    let rx = Arc::new(RawSock::open(&tb.a.ns, CLI_IF)?);
+    let _ = rx.stats(); // reset the kernel's drop counter
+    let rx2 = rx.clone();
     let (tx, _) = packet_sock(&tb.a.ns, LOG_IF, 0)?;
     let stop = Arc::new(AtomicBool::new(false));
     let fwd_stop = stop.clone();
@@ -881,7 +1005,7 @@ fn userspace_run(tb: &Testbed, frames: &[Vec<u8>]) -> Result<TputResult> {
             let end = Instant::now() + Duration::from_secs(60);
             let mut buf = vec![0u8; LOG_OVERHEAD + 65_536];
             let (mut seq, mut send_fail) = (0u64, 0u64);
-            let fd = rx.as_raw_fd();
+            let fd = rx2.as_raw_fd();
             while !fwd_stop.load(Ordering::Relaxed) && Instant::now() < end {
                 if !poll_in(fd, 20) {
                     continue;
@@ -920,59 +1044,93 @@ fn userspace_run(tb: &Testbed, frames: &[Vec<u8>]) -> Result<TputResult> {
     let (fwd_n, fail) = fwd
         .join()
         .map_err(|_| anyhow::anyhow!("forwarder panicked"))?;
-    r.extra
-        .push(format!("forwarder: forwarded={fwd_n} send_failures={fail}"));
+    let (_, rx_drops) = rx.stats().unwrap_or_default();
+    r.extra.push(format!(
+        "forwarder: forwarded={fwd_n} send_failures={fail} cli0 socket drops (rcvbuf full)={rx_drops}"
+    ));
     Ok(r)
 }
 
 fn throughput_phase(tb: &Testbed, args: &Args) -> Result<()> {
     println!(
-        "\n== Phase 2: logging-channel throughput ({} frames of {} bytes, full speed from the client ns) ==",
-        args.burst_frames, args.frame_size
+        "\n== Phase 2: logging-channel throughput ({} rounds x {} frames of {} bytes, full speed \
+         from the client ns; order alternates) ==",
+        args.tput_rounds, args.burst_frames, args.frame_size
     );
     let frames = burst(args.burst_frames, args.frame_size);
     let big_retx = (args.burst_frames as u64 + 512)
         .next_power_of_two()
         .clamp(1024, 1 << 20) as u32;
-    let mut results = Vec::new();
-    results.push(xdp_run(
-        tb,
-        &frames,
-        &ApplianceOptions::default(),
-        "XDP, backup running (retx_slots=16384)",
-    )?);
-    results.push(xdp_run(
-        tb,
-        &frames,
-        &ApplianceOptions {
-            start_backup: false,
-            retx_slots: big_retx,
-            // Nothing would ever ack the output (and the warm-up PING) without a backup.
-            hold_output: false,
-            ..Default::default()
-        },
-        &format!("XDP, no backup daemon (retx_slots={big_retx})"),
-    )?);
-    results.push(userspace_run(tb, &frames)?);
+    let names = [
+        "XDP, backup running (retx_slots=16384)".to_string(),
+        format!("XDP, no backup daemon (retx_slots={big_retx})"),
+        "userspace AF_PACKET forwarder".to_string(),
+    ];
+    let mut results: Vec<Vec<TputResult>> = vec![Vec::new(), Vec::new(), Vec::new()];
+    for round in 0..args.tput_rounds {
+        let order: [usize; 3] = if round % 2 == 0 { [0, 1, 2] } else { [2, 1, 0] };
+        for k in order {
+            let r = match k {
+                0 => xdp_run(tb, &frames, &ApplianceOptions::default(), &names[0])?,
+                1 => xdp_run(
+                    tb,
+                    &frames,
+                    &ApplianceOptions {
+                        start_backup: false,
+                        retx_slots: big_retx,
+                        // Nothing would ever ack the output (or the warm-up PING)
+                        // without a backup.
+                        hold_output: false,
+                        ..Default::default()
+                    },
+                    &names[1],
+                )?,
+                _ => userspace_run(tb, &frames)?,
+            };
+            println!(
+                "  round {round}: {:<44} offered {:>8.0} f/s, B log0 {:>8.0} f/s ({} frames)",
+                r.name, r.offered_fps, r.b_fps, r.at_b
+            );
+            results[k].push(r);
+        }
+    }
     println!(
-        "\n  {:<44} {:>8} {:>12} {:>10} {:>10} {:>12}",
-        "path", "sent", "offered f/s", "at A cli0", "at B log0", "B log0 f/s"
+        "\n  {:<44} {:>6} {:>8} {:>12} {:>10} {:>10} {:>12}",
+        "path (per run)", "round", "sent", "offered f/s", "at A cli0", "at B log0", "B log0 f/s"
     );
-    for r in &results {
+    for (k, rs) in results.iter().enumerate() {
+        for (round, r) in rs.iter().enumerate() {
+            println!(
+                "  {:<44} {:>6} {:>8} {:>12.0} {:>10} {:>10} {:>12.0}",
+                names[k], round, r.sent, r.offered_fps, r.arrived_a, r.at_b, r.b_fps
+            );
+        }
+    }
+    let mean = |rs: &[TputResult], f: fn(&TputResult) -> f64| {
+        rs.iter().map(f).sum::<f64>() / rs.len().max(1) as f64
+    };
+    println!(
+        "\n  {:<44} {:>12} {:>12} {:>14}",
+        "path (mean over rounds)", "offered f/s", "B log0 f/s", "vs userspace"
+    );
+    let us = mean(&results[2], |r| r.b_fps);
+    for (k, rs) in results.iter().enumerate() {
+        let b = mean(rs, |r| r.b_fps);
         println!(
-            "  {:<44} {:>8} {:>12.0} {:>10} {:>10} {:>12.0}",
-            r.name, r.sent, r.offered_fps, r.arrived_a, r.at_b, r.b_fps
+            "  {:<44} {:>12.0} {:>12.0} {:>14.2}",
+            names[k],
+            mean(rs, |r| r.offered_fps),
+            b,
+            b / us
         );
     }
-    let us = results.last().map(|r| r.b_fps).unwrap_or(f64::NAN);
-    for r in &results[..results.len() - 1] {
-        println!("  ratio {} / userspace: {:.2}", r.name, r.b_fps / us);
-    }
     println!();
-    for r in &results {
-        println!("  {}:", r.name);
-        for e in &r.extra {
-            println!("    {e}");
+    for rs in &results {
+        for (round, r) in rs.iter().enumerate() {
+            println!("  {} (round {round}):", r.name);
+            for e in &r.extra {
+                println!("    {e}");
+            }
         }
     }
     Ok(())
