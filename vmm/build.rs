@@ -8,13 +8,26 @@ fn main() {
     let guest = manifest.join("guest");
     let out = PathBuf::from(std::env::var("OUT_DIR").unwrap());
     let target_dir = out.join("guest-target");
-    for p in ["src", "Cargo.toml", "Cargo.lock", "link.ld", "build.rs", ".cargo/config.toml"] {
+    for p in [
+        "src",
+        "Cargo.toml",
+        "Cargo.lock",
+        "link.ld",
+        "build.rs",
+        ".cargo/config.toml",
+    ] {
         println!("cargo:rerun-if-changed={}", guest.join(p).display());
     }
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut cmd = Command::new(cargo);
     cmd.current_dir(&guest)
-        .args(["build", "--release", "--target", "x86_64-unknown-none", "--target-dir"])
+        .args([
+            "build",
+            "--release",
+            "--target",
+            "x86_64-unknown-none",
+            "--target-dir",
+        ])
         .arg(&target_dir);
     // Do not leak the host build's flags, wrappers (clippy) or target into the guest build.
     for (k, _) in std::env::vars() {
@@ -47,7 +60,9 @@ fn main() {
             cmd.env_remove(&k);
         }
     }
-    let status = cmd.status().expect("failed to run cargo for the guest (vmm/guest)");
+    let status = cmd
+        .status()
+        .expect("failed to run cargo for the guest (vmm/guest)");
     if !status.success() {
         panic!(
             "building the guest failed (cd vmm/guest && cargo build --release shows the error; \

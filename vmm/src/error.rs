@@ -3,13 +3,20 @@ use std::io;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("cannot open /dev/kvm or create the VM ({0}); check that /dev/kvm exists and is accessible (run as root)")]
+    #[error(
+        "cannot open /dev/kvm or create the VM ({0}); check that /dev/kvm exists and is accessible (run as root)"
+    )]
     Kvm(#[source] kvm_ioctls::Error),
     #[error("KVM ioctl {op} failed: {err}; the host KVM module may not support it")]
-    KvmIoctl { op: &'static str, err: kvm_ioctls::Error },
+    KvmIoctl {
+        op: &'static str,
+        err: kvm_ioctls::Error,
+    },
     #[error("guest memory: {0}")]
     Memory(String),
-    #[error("invalid guest image: {0}; rebuild the guest (cargo build -p ft-vmm builds vmm/guest) or pass the right file")]
+    #[error(
+        "invalid guest image: {0}; rebuild the guest (cargo build -p ft-vmm builds vmm/guest) or pass the right file"
+    )]
     Image(String),
     #[error(
         "guest triple fault (KVM shutdown) at rip={rip:#x}; the guest's IDT/stack is broken — check the guest image"
@@ -18,11 +25,22 @@ pub enum Error {
     #[error(
         "guest exception {name} (vector {vector}) at rip={rip:#x} error_code={error_code:#x} cr2={cr2:#x}; this is a guest bug"
     )]
-    GuestFault { vector: u64, name: &'static str, rip: u64, error_code: u64, cr2: u64 },
+    GuestFault {
+        vector: u64,
+        name: &'static str,
+        rip: u64,
+        error_code: u64,
+        cr2: u64,
+    },
     #[error(
         "bad device access by the guest: {what} at {addr:#x} (len {len}) rip={rip:#x}; devices take 8-byte MMIO accesses to documented registers only (see DEVICES.md)"
     )]
-    BadDeviceAccess { what: &'static str, addr: u64, len: usize, rip: u64 },
+    BadDeviceAccess {
+        what: &'static str,
+        addr: u64,
+        len: usize,
+        rip: u64,
+    },
     #[error("guest halted (HLT in ring 0 with nothing to wake it) at rip={rip:#x}")]
     GuestHalted { rip: u64 },
     #[error("guest panicked (exit code {code}): {message}")]
@@ -31,7 +49,9 @@ pub enum Error {
     VcpuFailed(String),
     #[error("log I/O error: {0}")]
     LogIo(#[from] io::Error),
-    #[error("log is corrupt at byte {offset}: {what}; the log file was damaged or is not an ft-vmm log")]
+    #[error(
+        "log is corrupt at byte {offset}: {what}; the log file was damaged or is not an ft-vmm log"
+    )]
     LogCorrupt { offset: u64, what: String },
     #[error(
         "log was recorded with a different configuration (log {log:#x}, this VMM {ours:#x}); replay with the same guest image and --guest-ip/--mac as the recording"
@@ -41,7 +61,9 @@ pub enum Error {
         "log truncated: it ends after exit {after_exit} without an END entry; the primary died or the file is incomplete — use go-live to continue from here, or get the complete log"
     )]
     LogTruncated { after_exit: u64 },
-    #[error("DIVERGENCE at exit {exit} (rip {rip:#x}): {what}; the backup no longer mirrors the primary — discard it and create a new one from a snapshot")]
+    #[error(
+        "DIVERGENCE at exit {exit} (rip {rip:#x}): {what}; the backup no longer mirrors the primary — discard it and create a new one from a snapshot"
+    )]
     Divergence { exit: u64, rip: u64, what: String },
     #[error(
         "received frame with log sequence {seq} is not in the frame store; the data plane must keep frames until the backup has replayed them"

@@ -9,7 +9,9 @@ pub fn hash_bytes(data: &[u8], seed: u64) -> u64 {
         h = (h ^ w).wrapping_mul(0xFF51_AFD7_ED55_8CCD).rotate_left(31);
     }
     for &b in chunks.remainder() {
-        h = (h ^ b as u64).wrapping_mul(0xC4CE_B9FE_1A85_EC53).rotate_left(17);
+        h = (h ^ b as u64)
+            .wrapping_mul(0xC4CE_B9FE_1A85_EC53)
+            .rotate_left(17);
     }
     h ^ (h >> 29)
 }

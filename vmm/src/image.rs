@@ -43,7 +43,9 @@ pub fn load(elf: &[u8], ram: &mut GuestRam) -> Result<LoadedImage> {
         return Err(Error::Image("not a little-endian ELF64 file".into()));
     }
     if u16_at(elf, 16)? != 2 {
-        return Err(Error::Image("ELF type is not EXEC (static, non-PIE executable expected)".into()));
+        return Err(Error::Image(
+            "ELF type is not EXEC (static, non-PIE executable expected)".into(),
+        ));
     }
     if u16_at(elf, 18)? != 62 {
         return Err(Error::Image("ELF machine is not x86-64".into()));
@@ -52,7 +54,9 @@ pub fn load(elf: &[u8], ram: &mut GuestRam) -> Result<LoadedImage> {
     let phentsize = u16_at(elf, 54)? as usize;
     let phnum = u16_at(elf, 56)? as usize;
     if phentsize < 56 || phnum == 0 || phnum > 64 {
-        return Err(Error::Image(format!("bad program header table ({phnum} entries of {phentsize} bytes)")));
+        return Err(Error::Image(format!(
+            "bad program header table ({phnum} entries of {phentsize} bytes)"
+        )));
     }
     let mut loaded_any = false;
     for i in 0..phnum {
@@ -67,15 +71,21 @@ pub fn load(elf: &[u8], ram: &mut GuestRam) -> Result<LoadedImage> {
         if memsz < filesz as u64 {
             return Err(Error::Image(format!("segment {i}: memsz < filesz")));
         }
-        let end = paddr.checked_add(memsz).ok_or_else(|| Error::Image(format!("segment {i}: size overflow")))?;
+        let end = paddr
+            .checked_add(memsz)
+            .ok_or_else(|| Error::Image(format!("segment {i}: size overflow")))?;
         if !in_image(paddr) || end > IMAGE_LIMIT {
             return Err(Error::Image(format!(
                 "segment {i} at {paddr:#x}..{end:#x} is outside the image window {IMAGE_BASE:#x}..{IMAGE_LIMIT:#x} (image too large or linked at the wrong address)"
             )));
         }
         let data = elf
-            .get(offset..offset.checked_add(filesz).unwrap_or(usize::MAX))
-            .ok_or_else(|| Error::Image(format!("segment {i}: file data beyond end of file (truncated image)")))?;
+            .get(offset..offset.saturating_add(filesz))
+            .ok_or_else(|| {
+                Error::Image(format!(
+                    "segment {i}: file data beyond end of file (truncated image)"
+                ))
+            })?;
         ram.write(paddr, data)?;
         loaded_any = true;
     }
@@ -86,7 +96,8 @@ pub fn load(elf: &[u8], ram: &mut GuestRam) -> Result<LoadedImage> {
     ram.read(IMAGE_BASE, &mut hb)?;
     // SAFETY: GuestHeader is #[repr(C)] plain data (arrays and integers), valid for any
     // bit pattern; the buffer has exactly its size; read_unaligned has no alignment needs.
-    let header: GuestHeader = unsafe { std::ptr::read_unaligned(hb.as_ptr() as *const GuestHeader) };
+    let header: GuestHeader =
+        unsafe { std::ptr::read_unaligned(hb.as_ptr() as *const GuestHeader) };
     if header.magic != GUEST_MAGIC {
         return Err(Error::Image(format!(
             "no ft-guest header at {IMAGE_BASE:#x} (magic {:02x?}, expected \"FTGUEST1\")",
@@ -107,7 +118,9 @@ pub fn load(elf: &[u8], ram: &mut GuestRam) -> Result<LoadedImage> {
         ("NIC handler", header.irq_nic),
     ] {
         if !in_image(addr) {
-            return Err(Error::Image(format!("{name} address {addr:#x} is outside the image")));
+            return Err(Error::Image(format!(
+                "{name} address {addr:#x} is outside the image"
+            )));
         }
     }
     if header.entry != elf_entry {
@@ -122,5 +135,8 @@ pub fn load(elf: &[u8], ram: &mut GuestRam) -> Result<LoadedImage> {
             header.image_end
         )));
     }
-    Ok(LoadedImage { header, hash: ft_common::vmlog::fnv1a(elf, ft_common::vmlog::FNV_OFFSET) })
+    Ok(LoadedImage {
+        header,
+        hash: ft_common::vmlog::fnv1a(elf, ft_common::vmlog::FNV_OFFSET),
+    })
 }

@@ -16,7 +16,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 #[derive(Parser)]
-#[command(name = "ft-vmm", about = "Record/replay KVM VMM for the fault-tolerance appliance")]
+#[command(
+    name = "ft-vmm",
+    about = "Record/replay KVM VMM for the fault-tolerance appliance"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -112,7 +115,9 @@ fn install_signals(control: std::sync::Arc<Control>) {
 fn parse_ip(s: &str) -> Result<([u8; 4], u8)> {
     let (ip, prefix) = s.split_once('/').unwrap_or((s, "24"));
     let ip: std::net::Ipv4Addr = ip.parse().with_context(|| format!("bad --guest-ip {s}"))?;
-    let prefix: u8 = prefix.parse().with_context(|| format!("bad prefix in {s}"))?;
+    let prefix: u8 = prefix
+        .parse()
+        .with_context(|| format!("bad prefix in {s}"))?;
     if prefix > 32 {
         bail!("prefix length {prefix} > 32");
     }
@@ -125,7 +130,8 @@ fn parse_mac(s: &str) -> Result<[u8; 6]> {
         .map(|p| u8::from_str_radix(p, 16))
         .collect::<std::result::Result<_, _>>()
         .with_context(|| format!("bad --mac {s}"))?;
-    v.try_into().map_err(|_| anyhow::anyhow!("--mac needs 6 bytes"))
+    v.try_into()
+        .map_err(|_| anyhow::anyhow!("--mac needs 6 bytes"))
 }
 
 fn open_tap(name: String, netns: Option<String>) -> ft_vmm::error::Result<Box<dyn NetBackend>> {
@@ -191,7 +197,8 @@ fn main() -> Result<()> {
                 ..Default::default()
             };
             let elf = match &guest {
-                Some(p) => std::fs::read(p).with_context(|| format!("reading guest image {}", p.display()))?,
+                Some(p) => std::fs::read(p)
+                    .with_context(|| format!("reading guest image {}", p.display()))?,
                 None => ft_vmm::GUEST_ELF.to_vec(),
             };
             let control = Control::new();

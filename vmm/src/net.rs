@@ -37,7 +37,12 @@ impl Tap {
             return Err(Error::Net(format!("tap name {name:?} must be 1..15 bytes")));
         }
         // SAFETY: plain open(2) of a NUL-terminated path literal.
-        let raw = unsafe { libc::open(c"/dev/net/tun".as_ptr(), libc::O_RDWR | libc::O_NONBLOCK | libc::O_CLOEXEC) };
+        let raw = unsafe {
+            libc::open(
+                c"/dev/net/tun".as_ptr(),
+                libc::O_RDWR | libc::O_NONBLOCK | libc::O_CLOEXEC,
+            )
+        };
         if raw < 0 {
             return Err(Error::Net(format!(
                 "cannot open /dev/net/tun: {}; load the tun module and run as root",
@@ -46,7 +51,11 @@ impl Tap {
         }
         // SAFETY: `raw` is a freshly opened fd that nothing else owns.
         let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-        let mut req = IfReq { name: [0; 16], flags: IFF_TAP | IFF_NO_PI, _pad: [0; 22] };
+        let mut req = IfReq {
+            name: [0; 16],
+            flags: IFF_TAP | IFF_NO_PI,
+            _pad: [0; 22],
+        };
         req.name[..name.len()].copy_from_slice(name.as_bytes());
         // SAFETY: TUNSETIFF reads/writes a `struct ifreq` (40 bytes), which `IfReq` matches
         // in size and layout for the name and flags fields.
@@ -57,7 +66,10 @@ impl Tap {
                 std::io::Error::last_os_error()
             )));
         }
-        Ok(Tap { fd, name: name.to_string() })
+        Ok(Tap {
+            fd,
+            name: name.to_string(),
+        })
     }
 
     pub fn name(&self) -> &str {
@@ -68,7 +80,13 @@ impl Tap {
 impl NetBackend for Tap {
     fn recv(&mut self, buf: &mut [u8]) -> Result<Option<usize>> {
         // SAFETY: read(2) into a valid, writable buffer of the given length.
-        let n = unsafe { libc::read(self.fd.as_raw_fd(), buf.as_mut_ptr() as *mut libc::c_void, buf.len()) };
+        let n = unsafe {
+            libc::read(
+                self.fd.as_raw_fd(),
+                buf.as_mut_ptr() as *mut libc::c_void,
+                buf.len(),
+            )
+        };
         if n < 0 {
             let e = std::io::Error::last_os_error();
             return match e.kind() {
@@ -81,11 +99,20 @@ impl NetBackend for Tap {
 
     fn send(&mut self, frame: &[u8]) -> Result<()> {
         // SAFETY: write(2) from a valid buffer of the given length.
-        let n = unsafe { libc::write(self.fd.as_raw_fd(), frame.as_ptr() as *const libc::c_void, frame.len()) };
+        let n = unsafe {
+            libc::write(
+                self.fd.as_raw_fd(),
+                frame.as_ptr() as *const libc::c_void,
+                frame.len(),
+            )
+        };
         if n < 0 {
             let e = std::io::Error::last_os_error();
             // A full tap queue or a down link drops the frame, like a real NIC; TCP recovers.
-            if matches!(e.raw_os_error(), Some(libc::EAGAIN) | Some(libc::EIO) | Some(libc::ENOBUFS)) {
+            if matches!(
+                e.raw_os_error(),
+                Some(libc::EAGAIN) | Some(libc::EIO) | Some(libc::ENOBUFS)
+            ) {
                 return Ok(());
             }
             return Err(Error::Net(format!("write to tap {}: {e}", self.name)));
@@ -101,14 +128,23 @@ impl NetBackend for Tap {
 /// Runs `f` on a helper thread that has joined the network namespace `/var/run/netns/NAME`
 /// (as made by `ip netns add`). File descriptors created there (a tap) stay in that
 /// namespace wherever they are used afterwards.
-pub fn in_netns<T: Send + 'static>(netns: &str, f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+pub fn in_netns<T: Send + 'static>(
+    netns: &str,
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
     let path = format!("/var/run/netns/{netns}");
     std::thread::spawn(move || {
-        let ns = std::fs::File::open(&path)
-            .map_err(|e| Error::Net(format!("cannot open {path}: {e}; create it with `ip netns add`")))?;
+        let ns = std::fs::File::open(&path).map_err(|e| {
+            Error::Net(format!(
+                "cannot open {path}: {e}; create it with `ip netns add`"
+            ))
+        })?;
         // SAFETY: setns(2) on a valid namespace fd; it only affects this helper thread.
         if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-            return Err(Error::Net(format!("setns {path}: {}", std::io::Error::last_os_error())));
+            return Err(Error::Net(format!(
+                "setns {path}: {}",
+                std::io::Error::last_os_error()
+            )));
         }
         f()
     })

@@ -25,7 +25,8 @@ fn w64(w: &mut dyn Write, v: u64) -> Result<()> {
 
 fn r64(r: &mut dyn Read) -> Result<u64> {
     let mut b = [0u8; 8];
-    r.read_exact(&mut b).map_err(|e| Error::Snapshot(format!("truncated snapshot: {e}")))?;
+    r.read_exact(&mut b)
+        .map_err(|e| Error::Snapshot(format!("truncated snapshot: {e}")))?;
     Ok(u64::from_le_bytes(b))
 }
 
@@ -51,7 +52,8 @@ fn read_pod<T: Copy + Default>(r: &mut dyn Read) -> Result<T> {
         )));
     }
     let mut buf = vec![0u8; n];
-    r.read_exact(&mut buf).map_err(|e| Error::Snapshot(format!("truncated snapshot: {e}")))?;
+    r.read_exact(&mut buf)
+        .map_err(|e| Error::Snapshot(format!("truncated snapshot: {e}")))?;
     let mut v = T::default();
     // SAFETY: `buf` holds exactly size_of::<T>() bytes written by `write_pod` for the same
     // plain-data KVM struct type; every bit pattern of these integer structs is valid.
@@ -62,6 +64,8 @@ fn read_pod<T: Copy + Default>(r: &mut dyn Read) -> Result<T> {
 impl Vmm {
     /// Writes a full snapshot. Call between runs (e.g. after [`crate::RunOutcome::ExitLimit`]).
     pub fn snapshot(&mut self, w: &mut dyn Write) -> Result<()> {
+        let (exit_rip, ready) = self.vcpu_mut().exit_state();
+        self.vcpu_mut().complete_pending_io()?;
         let st = self.vcpu().save_state()?;
         w.write_all(&SNAP_MAGIC)?;
         w64(w, SNAP_VERSION)?;
@@ -76,6 +80,8 @@ impl Vmm {
         w64(w, self.nic.tx_bytes)?;
         w64(w, self.nic.tx_hash)?;
         w64(w, self.stats.entries_consumed)?;
+        w64(w, exit_rip)?;
+        w64(w, ready as u64)?;
         write_pod(w, &st.regs)?;
         write_pod(w, &st.sregs)?;
         write_pod(w, &st.fpu)?;
@@ -98,10 +104,16 @@ impl Vmm {
     /// configuration hash). In replay mode, give the restored VMM a log source positioned
     /// at the start of the log: the entries the original had consumed are skipped
     /// ([`Vmm::skip_consumed`]).
-    pub fn restore(cfg: VmmConfig, guest_elf: &[u8], control: Arc<Control>, r: &mut dyn Read) -> Result<Vmm> {
+    pub fn restore(
+        cfg: VmmConfig,
+        guest_elf: &[u8],
+        control: Arc<Control>,
+        r: &mut dyn Read,
+    ) -> Result<Vmm> {
         let mut vmm = Vmm::new(cfg, guest_elf, control)?;
         let mut magic = [0u8; 8];
-        r.read_exact(&mut magic).map_err(|e| Error::Snapshot(format!("truncated snapshot: {e}")))?;
+        r.read_exact(&mut magic)
+            .map_err(|e| Error::Snapshot(format!("truncated snapshot: {e}")))?;
         if magic != SNAP_MAGIC {
             return Err(Error::Snapshot("not an ft-vmm snapshot (bad magic)".into()));
         }
@@ -127,6 +139,8 @@ impl Vmm {
         vmm.nic.tx_bytes = r64(r)?;
         vmm.nic.tx_hash = r64(r)?;
         let consumed = r64(r)?;
+        let exit_rip = r64(r)?;
+        let ready = r64(r)? != 0;
         let regs = read_pod(r)?;
         let sregs = read_pod(r)?;
         let fpu = read_pod(r)?;
@@ -144,13 +158,25 @@ impl Vmm {
             return Err(Error::Snapshot(format!("RAM size {size} != {RAM_SIZE}")));
         }
         let mut ram = vec![0u8; size as usize];
-        r.read_exact(&mut ram).map_err(|e| Error::Snapshot(format!("truncated RAM image: {e}")))?;
+        r.read_exact(&mut ram)
+            .map_err(|e| Error::Snapshot(format!("truncated RAM image: {e}")))?;
         vmm.vm_mut().ram.write(0, &ram)?;
-        vmm.vcpu().restore_state(&VcpuState { regs, sregs, fpu, events, msrs })?;
+        vmm.vcpu().restore_state(&VcpuState {
+            regs,
+            sregs,
+            fpu,
+            events,
+            msrs,
+        })?;
+        vmm.vcpu_mut().complete_pending_io()?;
+        vmm.vcpu_mut().set_exit_state(exit_rip, ready);
         let _ = vmm.vm().take_dirty_log()?;
         vmm.vm_mut().ram.rehash_all();
         vmm.vm_mut().ram.clear_snapshot_dirty();
-        vmm.stats = Stats { entries_consumed: consumed, ..Default::default() };
+        vmm.stats = Stats {
+            entries_consumed: consumed,
+            ..Default::default()
+        };
         // The log header was consumed (replay) or written (record) by the original.
         vmm.log_started = true;
         Ok(vmm)
@@ -196,7 +222,8 @@ impl Vmm {
 /// whose RAM starts at `ram_offset`.
 pub fn apply_pages(snapshot: &mut [u8], ram_offset: usize, r: &mut dyn Read) -> Result<usize> {
     let mut magic = [0u8; 8];
-    r.read_exact(&mut magic).map_err(|e| Error::Snapshot(format!("truncated delta: {e}")))?;
+    r.read_exact(&mut magic)
+        .map_err(|e| Error::Snapshot(format!("truncated delta: {e}")))?;
     if magic != PAGES_MAGIC {
         return Err(Error::Snapshot("not a page delta".into()));
     }
@@ -207,7 +234,8 @@ pub fn apply_pages(snapshot: &mut [u8], ram_offset: usize, r: &mut dyn Read) -> 
         let dst = snapshot
             .get_mut(off..off + PAGE_SIZE)
             .ok_or_else(|| Error::Snapshot(format!("page {p} outside RAM")))?;
-        r.read_exact(dst).map_err(|e| Error::Snapshot(format!("truncated delta: {e}")))?;
+        r.read_exact(dst)
+            .map_err(|e| Error::Snapshot(format!("truncated delta: {e}")))?;
     }
     Ok(n)
 }

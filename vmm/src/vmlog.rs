@@ -82,7 +82,10 @@ pub struct WriteSink<W: Write + Send> {
 
 impl<W: Write + Send> WriteSink<W> {
     pub fn new(w: W) -> Self {
-        WriteSink { w: BufWriter::with_capacity(1 << 16, w), buf: Vec::with_capacity(2048) }
+        WriteSink {
+            w: BufWriter::with_capacity(1 << 16, w),
+            buf: Vec::with_capacity(2048),
+        }
     }
 }
 
@@ -107,15 +110,26 @@ impl<W: Write + Send> LogSink for WriteSink<W> {
 
 /// Decodes one entry from the front of `buf`; `None` if incomplete.
 pub fn decode(buf: &[u8], offset: u64) -> Result<Option<(LogEntry, usize)>> {
-    let Ok((hdr, rest)) = EntryHdr::read_from_prefix(buf) else { return Ok(None) };
+    let Ok((hdr, rest)) = EntryHdr::read_from_prefix(buf) else {
+        return Ok(None);
+    };
     let len = hdr.len.get() as usize;
     if hdr.kind == 0 || hdr.kind > format::EV_END || len > VMLOG_MAX_PAYLOAD {
-        return Err(Error::LogCorrupt { offset, what: format!("bad entry header (kind {}, len {len})", hdr.kind) });
+        return Err(Error::LogCorrupt {
+            offset,
+            what: format!("bad entry header (kind {}, len {len})", hdr.kind),
+        });
     }
     if rest.len() < len {
         return Ok(None);
     }
-    Ok(Some((LogEntry { hdr, payload: rest[..len].to_vec() }, ENTRY_HLEN + len)))
+    Ok(Some((
+        LogEntry {
+            hdr,
+            payload: rest[..len].to_vec(),
+        },
+        ENTRY_HLEN + len,
+    )))
 }
 
 /// Source reading encoded entries from any reader (a file, a pipe). End of input is
@@ -127,7 +141,10 @@ pub struct ReadSource<R: Read + Send> {
 
 impl<R: Read + Send> ReadSource<R> {
     pub fn new(r: R) -> Self {
-        ReadSource { r: BufReader::with_capacity(1 << 16, r), offset: 0 }
+        ReadSource {
+            r: BufReader::with_capacity(1 << 16, r),
+            offset: 0,
+        }
     }
 }
 
@@ -158,7 +175,10 @@ impl<R: Read + Send> LogSource for ReadSource<R> {
             return Ok(Recv::End);
         }
         if n < ENTRY_HLEN {
-            return Err(Error::LogCorrupt { offset: self.offset, what: "partial entry header at end of log".into() });
+            return Err(Error::LogCorrupt {
+                offset: self.offset,
+                what: "partial entry header at end of log".into(),
+            });
         }
         let hdr = EntryHdr::read_from_bytes(&hb).expect("exact size");
         let len = hdr.len.get() as usize;
@@ -170,7 +190,10 @@ impl<R: Read + Send> LogSource for ReadSource<R> {
         }
         let mut payload = vec![0u8; len];
         if read_full(&mut self.r, &mut payload)? < len {
-            return Err(Error::LogCorrupt { offset: self.offset, what: "partial entry payload at end of log".into() });
+            return Err(Error::LogCorrupt {
+                offset: self.offset,
+                what: "partial entry payload at end of log".into(),
+            });
         }
         self.offset += (ENTRY_HLEN + len) as u64;
         Ok(Recv::Entry(LogEntry { hdr, payload }))
@@ -182,8 +205,17 @@ impl<R: Read + Send> LogSource for ReadSource<R> {
 pub fn channel(capacity_batches: usize) -> (ChannelSink, ChannelSource) {
     let (tx, rx) = std::sync::mpsc::sync_channel(capacity_batches);
     (
-        ChannelSink { tx, batch: Vec::with_capacity(CHANNEL_BATCH * 2), bytes_sent: 0 },
-        ChannelSource { rx, buf: Vec::new(), pos: 0, offset: 0 },
+        ChannelSink {
+            tx,
+            batch: Vec::with_capacity(CHANNEL_BATCH * 2),
+            bytes_sent: 0,
+        },
+        ChannelSource {
+            rx,
+            buf: Vec::new(),
+            pos: 0,
+            offset: 0,
+        },
     )
 }
 
@@ -217,10 +249,12 @@ impl LogSink for ChannelSink {
         self.bytes_sent += b.len() as u64;
         match self.tx.try_send(b) {
             Ok(()) => Ok(()),
-            Err(TrySendError::Full(b)) => self
-                .tx
-                .send(b)
-                .map_err(|_| Error::LogIo(io::Error::new(io::ErrorKind::BrokenPipe, "log receiver gone"))),
+            Err(TrySendError::Full(b)) => self.tx.send(b).map_err(|_| {
+                Error::LogIo(io::Error::new(
+                    io::ErrorKind::BrokenPipe,
+                    "log receiver gone",
+                ))
+            }),
             // A vanished backup must not stop the primary.
             Err(TrySendError::Disconnected(_)) => Ok(()),
         }
@@ -265,7 +299,10 @@ impl LogSource for ChannelSource {
                 Err(RecvTimeoutError::Timeout) => return Ok(Recv::Empty),
                 Err(RecvTimeoutError::Disconnected) => {
                     if self.pos < self.buf.len() {
-                        return Err(Error::LogCorrupt { offset: self.offset, what: "partial entry at end of stream".into() });
+                        return Err(Error::LogCorrupt {
+                            offset: self.offset,
+                            what: "partial entry at end of stream".into(),
+                        });
                     }
                     return Ok(Recv::End);
                 }
@@ -281,13 +318,19 @@ pub struct VecSource {
 
 impl VecSource {
     pub fn new(entries: Vec<LogEntry>) -> Self {
-        VecSource { entries: entries.into() }
+        VecSource {
+            entries: entries.into(),
+        }
     }
 }
 
 impl LogSource for VecSource {
     fn recv(&mut self, _timeout: Duration) -> Result<Recv> {
-        Ok(self.entries.pop_front().map(Recv::Entry).unwrap_or(Recv::End))
+        Ok(self
+            .entries
+            .pop_front()
+            .map(Recv::Entry)
+            .unwrap_or(Recv::End))
     }
 }
 
@@ -324,10 +367,17 @@ pub struct MemFrameStore {
 
 impl FrameStore for MemFrameStore {
     fn put(&self, seq: u64, frame: &[u8]) {
-        self.frames.lock().expect("frame store lock").insert(seq, frame.to_vec());
+        self.frames
+            .lock()
+            .expect("frame store lock")
+            .insert(seq, frame.to_vec());
     }
     fn get(&self, seq: u64) -> Option<Vec<u8>> {
-        self.frames.lock().expect("frame store lock").get(&seq).cloned()
+        self.frames
+            .lock()
+            .expect("frame store lock")
+            .get(&seq)
+            .cloned()
     }
 }
 

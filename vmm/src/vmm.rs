@@ -120,10 +120,18 @@ impl Control {
     pub fn new() -> Arc<Control> {
         // SAFETY: eventfd(2) with valid flags; the result is checked before use.
         let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
-        assert!(fd >= 0, "eventfd failed: {}", std::io::Error::last_os_error());
+        assert!(
+            fd >= 0,
+            "eventfd failed: {}",
+            std::io::Error::last_os_error()
+        );
         // SAFETY: `fd` is a fresh descriptor owned by nobody else.
         let wake = unsafe { OwnedFd::from_raw_fd(fd) };
-        Arc::new(Control { stop: AtomicBool::new(false), go_live: AtomicBool::new(false), wake })
+        Arc::new(Control {
+            stop: AtomicBool::new(false),
+            go_live: AtomicBool::new(false),
+            wake,
+        })
     }
 
     /// Stops the VMM at the next exit (a recording VMM writes END first).
@@ -150,13 +158,25 @@ impl Control {
     fn kick(&self) {
         let one: u64 = 1;
         // SAFETY: writes 8 bytes from a live local to our eventfd.
-        unsafe { libc::write(self.wake.as_raw_fd(), &one as *const u64 as *const libc::c_void, 8) };
+        unsafe {
+            libc::write(
+                self.wake.as_raw_fd(),
+                &one as *const u64 as *const libc::c_void,
+                8,
+            )
+        };
     }
 
     fn drain(&self) {
         let mut v: u64 = 0;
         // SAFETY: reads 8 bytes into a live local from our non-blocking eventfd.
-        unsafe { libc::read(self.wake.as_raw_fd(), &mut v as *mut u64 as *mut libc::c_void, 8) };
+        unsafe {
+            libc::read(
+                self.wake.as_raw_fd(),
+                &mut v as *mut u64 as *mut libc::c_void,
+                8,
+            )
+        };
     }
 }
 
@@ -206,6 +226,9 @@ pub struct RunReport {
     pub elapsed: Duration,
 }
 
+/// Opens a network backend later (at go-live).
+pub type NetFactory = Box<dyn FnOnce() -> Result<Box<dyn NetBackend>> + Send>;
+
 const PENDING_TIMER: u32 = 1;
 const PENDING_NIC: u32 = 2;
 
@@ -220,7 +243,7 @@ pub struct Vmm {
     pub(crate) nic: Nic,
     console: Console,
     net: Option<Box<dyn NetBackend>>,
-    net_on_live: Option<Box<dyn FnOnce() -> Result<Box<dyn NetBackend>> + Send>>,
+    net_on_live: Option<NetFactory>,
     sink: Option<Box<dyn LogSink>>,
     source: Option<Box<dyn LogSource>>,
     peeked: Option<LogEntry>,
@@ -237,8 +260,8 @@ pub struct Vmm {
 
 fn exc_name(v: u64) -> &'static str {
     const N: [&str; 21] = [
-        "#DE", "#DB", "NMI", "#BP", "#OF", "#BR", "#UD", "#NM", "#DF", "CSO", "#TS", "#NP", "#SS", "#GP", "#PF", "?",
-        "#MF", "#AC", "#MC", "#XM", "#VE",
+        "#DE", "#DB", "NMI", "#BP", "#OF", "#BR", "#UD", "#NM", "#DF", "CSO", "#TS", "#NP", "#SS",
+        "#GP", "#PF", "?", "#MF", "#AC", "#MC", "#XM", "#VE",
     ];
     N.get(v as usize).copied().unwrap_or("exception")
 }
@@ -269,7 +292,9 @@ impl Vmm {
             &[
                 img.hash,
                 RAM_SIZE,
-                u64::from_le_bytes([cfg.mac[0], cfg.mac[1], cfg.mac[2], cfg.mac[3], cfg.mac[4], cfg.mac[5], 0, 0]),
+                u64::from_le_bytes([
+                    cfg.mac[0], cfg.mac[1], cfg.mac[2], cfg.mac[3], cfg.mac[4], cfg.mac[5], 0, 0,
+                ]),
                 u32::from_be_bytes(cfg.ip) as u64,
                 u32::from_be_bytes(cfg.gateway) as u64,
                 cfg.prefix_len as u64,
@@ -278,8 +303,14 @@ impl Vmm {
             ],
             0,
         );
-        let nic = Nic { capture: cfg.capture_tx.then(Vec::new), ..Default::default() };
-        let console = Console { echo: cfg.console_echo, ..Default::default() };
+        let nic = Nic {
+            capture: cfg.capture_tx.then(Vec::new),
+            ..Default::default()
+        };
+        let console = Console {
+            echo: cfg.console_echo,
+            ..Default::default()
+        };
         Ok(Vmm {
             vcpu,
             vm,
@@ -313,7 +344,7 @@ impl Vmm {
 
     /// Replay: the backend to open when going live (the tap is usually still held by the
     /// primary while replaying).
-    pub fn set_net_on_live(&mut self, f: Box<dyn FnOnce() -> Result<Box<dyn NetBackend>> + Send>) {
+    pub fn set_net_on_live(&mut self, f: NetFactory) {
         self.net_on_live = Some(f);
     }
 
@@ -378,13 +409,27 @@ impl Vmm {
         &self.vcpu
     }
 
+    pub(crate) fn vcpu_mut(&mut self) -> &mut Vcpu {
+        &mut self.vcpu
+    }
+
     // ---------------------------------------------------------------- log plumbing
 
-    fn log(&mut self, kind: u8, rip: u64, value: u64, aux: u64, arg: u32, payload: &[u8]) -> Result<()> {
+    fn log(
+        &mut self,
+        kind: u8,
+        rip: u64,
+        value: u64,
+        aux: u64,
+        arg: u32,
+        payload: &[u8],
+    ) -> Result<()> {
         if self.mode != Mode::Record {
             return Ok(());
         }
-        let Some(sink) = self.sink.as_mut() else { return Ok(()) };
+        let Some(sink) = self.sink.as_mut() else {
+            return Ok(());
+        };
         let mut h = EntryHdr::new(kind, self.exits, rip, value);
         h.aux.set(aux);
         h.arg.set(arg);
@@ -412,7 +457,11 @@ impl Vmm {
             };
             loop {
                 let go_live = self.control.go_live_requested();
-                let timeout = if go_live { Duration::ZERO } else { Duration::from_millis(20) };
+                let timeout = if go_live {
+                    Duration::ZERO
+                } else {
+                    Duration::from_millis(20)
+                };
                 match src.recv(timeout)? {
                     Recv::Entry(e) => {
                         self.peeked = Some(e);
@@ -432,7 +481,9 @@ impl Vmm {
                             self.go_live()?;
                             return Ok(None);
                         }
-                        return Err(Error::LogTruncated { after_exit: self.exits });
+                        return Err(Error::LogTruncated {
+                            after_exit: self.exits,
+                        });
                     }
                 }
             }
@@ -443,7 +494,9 @@ impl Vmm {
     /// Consumes the next entry if it is for the current exit and of one of `kinds`.
     fn take_if(&mut self, kinds: &[u8]) -> Result<Option<LogEntry>> {
         let exits = self.exits;
-        let Some(e) = self.peek()? else { return Ok(None) };
+        let Some(e) = self.peek()? else {
+            return Ok(None);
+        };
         if e.exit() < exits {
             let what = format!(
                 "log has a {} entry for exit {} that the guest never reached in that form",
@@ -460,7 +513,11 @@ impl Vmm {
     }
 
     fn divergence(&self, what: String) -> Error {
-        Error::Divergence { exit: self.exits, rip: self.vcpu.sync_regs().rip, what }
+        Error::Divergence {
+            exit: self.exits,
+            rip: self.vcpu.exit_rip(),
+            what,
+        }
     }
 
     fn check_rip(&self, e: &LogEntry, rip: u64) -> Result<()> {
@@ -487,13 +544,22 @@ impl Vmm {
             }
             Mode::Replay => {
                 let Some(e) = self.take_if(&[EV_HEADER])? else {
-                    return Err(Error::LogCorrupt { offset: 0, what: "log does not start with a header entry".into() });
+                    return Err(Error::LogCorrupt {
+                        offset: 0,
+                        what: "log does not start with a header entry".into(),
+                    });
                 };
                 if e.payload != VMLOG_MAGIC || e.hdr.aux.get() != VMLOG_VERSION {
-                    return Err(Error::LogCorrupt { offset: 0, what: "bad log magic or version".into() });
+                    return Err(Error::LogCorrupt {
+                        offset: 0,
+                        what: "bad log magic or version".into(),
+                    });
                 }
                 if e.value() != self.config_hash {
-                    return Err(Error::LogConfigMismatch { log: e.value(), ours: self.config_hash });
+                    return Err(Error::LogConfigMismatch {
+                        log: e.value(),
+                        ours: self.config_hash,
+                    });
                 }
             }
             Mode::Free => {}
@@ -514,7 +580,11 @@ impl Vmm {
             if self.control.stop_requested() {
                 return Err(Error::Stopped);
             }
-            let mut fds = [libc::pollfd { fd: self.control.wake.as_raw_fd(), events: libc::POLLIN, revents: 0 }];
+            let mut fds = [libc::pollfd {
+                fd: self.control.wake.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            }];
             // SAFETY: poll(2) on one initialised pollfd we own.
             unsafe { libc::poll(fds.as_mut_ptr(), 1, 50) };
             self.control.drain();
@@ -527,10 +597,10 @@ impl Vmm {
         self.source = None;
         self.clock.resync();
         self.went_live_at = Some(self.exits);
-        if self.net.is_none() {
-            if let Some(f) = self.net_on_live.take() {
-                self.net = Some(f()?);
-            }
+        if self.net.is_none()
+            && let Some(f) = self.net_on_live.take()
+        {
+            self.net = Some(f()?);
         }
         if self.cfg.console_echo {
             eprintln!("ft-vmm: went live at exit {}", self.exits);
@@ -544,7 +614,11 @@ impl Vmm {
     pub fn state_hash(&mut self, full: bool) -> Result<(u64, u64, u64)> {
         let dirty = self.vm.take_dirty_log()?;
         self.vm.ram.update_hashes(&dirty);
-        let mem = if full { self.vm.ram.full_hash() } else { self.vm.ram.memory_hash() };
+        let mem = if full {
+            self.vm.ram.full_hash()
+        } else {
+            self.vm.ram.memory_hash()
+        };
         let regs = regs_hash(&self.vcpu.regs()?);
         Ok((hash_words(&[regs, mem], 0xc4ec), regs, mem))
     }
@@ -567,9 +641,9 @@ impl Vmm {
             }
             Mode::Record => {
                 let k = self.cfg.checkpoint_interval;
-                if k > 0 && self.exits % k == 0 {
+                if k > 0 && self.exits.is_multiple_of(k) {
                     let (h, _, _) = self.state_hash(false)?;
-                    let rip = self.vcpu.sync_regs().rip;
+                    let rip = self.vcpu.exit_rip();
                     let tx = self.nic.tx_frames;
                     self.log(EV_CHECKPOINT, rip, h, tx, 0, &[])?;
                     self.stats.checkpoints += 1;
@@ -598,10 +672,17 @@ impl Vmm {
                     .as_ref()
                     .map(|e| format!("{} entry at exit {}", kind_name(e.kind()), e.exit()))
                     .unwrap_or_default();
-                return Err(self.divergence(format!("guest read the {} but the log has {next}", kind_name(kind))));
+                return Err(self.divergence(format!(
+                    "guest read the {} but the log has {next}",
+                    kind_name(kind)
+                )));
             }
         }
-        let v = if kind == EV_CLOCK { self.clock.read_live() } else { entropy::host_random() };
+        let v = if kind == EV_CLOCK {
+            self.clock.read_live()
+        } else {
+            entropy::host_random()
+        };
         self.log(kind, rip, v, 0, 0, &[])?;
         Ok(v)
     }
@@ -613,7 +694,9 @@ impl Vmm {
             let mut free = self.nic.rx_free(&self.vm.ram)?;
             let mut n = 0;
             while free > 0 {
-                let Some(len) = self.net.as_mut().expect("checked").recv(&mut self.rxbuf)? else { break };
+                let Some(len) = self.net.as_mut().expect("checked").recv(&mut self.rxbuf)? else {
+                    break;
+                };
                 let buf = std::mem::take(&mut self.rxbuf);
                 let r = self.deliver_live(&buf[..len]);
                 self.rxbuf = buf;
@@ -634,21 +717,21 @@ impl Vmm {
     }
 
     fn deliver_live(&mut self, buf: &[u8]) -> Result<()> {
-        let rip = self.vcpu.sync_regs().rip;
-        if self.cfg.tagged_input {
-            if let Ok((hdr, rest)) = LogHdr::ref_from_prefix(buf) {
-                if hdr.eth.ethertype.get() == ETHERTYPE_FT && hdr.ft.magic == FT_MAGIC {
-                    let len = (hdr.ft.len.get() as usize).min(rest.len());
-                    let frame = &rest[..len];
-                    let seq = hdr.ft.seq.get();
-                    if let Some(s) = self.frames.as_ref() {
-                        s.put(seq, frame);
-                    }
-                    self.nic.deliver(&mut self.vm.ram, frame)?;
-                    let h = fnv1a(frame, FNV_OFFSET);
-                    return self.log(EV_RX_FRAME_REF, rip, seq, h, frame.len() as u32, &[]);
-                }
+        let rip = self.vcpu.exit_rip();
+        if self.cfg.tagged_input
+            && let Ok((hdr, rest)) = LogHdr::ref_from_prefix(buf)
+            && hdr.eth.ethertype.get() == ETHERTYPE_FT
+            && hdr.ft.magic == FT_MAGIC
+        {
+            let len = (hdr.ft.len.get() as usize).min(rest.len());
+            let frame = &rest[..len];
+            let seq = hdr.ft.seq.get();
+            if let Some(s) = self.frames.as_ref() {
+                s.put(seq, frame);
             }
+            self.nic.deliver(&mut self.vm.ram, frame)?;
+            let h = fnv1a(frame, FNV_OFFSET);
+            return self.log(EV_RX_FRAME_REF, rip, seq, h, frame.len() as u32, &[]);
         }
         self.nic.deliver(&mut self.vm.ram, buf)?;
         self.log(EV_RX_FRAME, rip, 0, 0, 0, buf)
@@ -658,7 +741,9 @@ impl Vmm {
     fn replay_frames(&mut self) -> Result<()> {
         while let Some(e) = self.take_if(&[EV_RX_FRAME, EV_RX_FRAME_REF])? {
             if self.nic.rx_free(&self.vm.ram)? == 0 {
-                return Err(self.divergence("log delivers a frame but the backup's RX ring is full".into()));
+                return Err(
+                    self.divergence("log delivers a frame but the backup's RX ring is full".into())
+                );
             }
             if e.kind() == EV_RX_FRAME {
                 self.nic.deliver(&mut self.vm.ram, &e.payload)?;
@@ -666,7 +751,9 @@ impl Vmm {
                 let seq = e.value();
                 let store = self.frames.as_ref().ok_or(Error::FrameMissing { seq })?;
                 let frame = store.get(seq).ok_or(Error::FrameMissing { seq })?;
-                if frame.len() != e.hdr.arg.get() as usize || fnv1a(&frame, FNV_OFFSET) != e.hdr.aux.get() {
+                if frame.len() != e.hdr.arg.get() as usize
+                    || fnv1a(&frame, FNV_OFFSET) != e.hdr.aux.get()
+                {
                     return Err(self.divergence(format!(
                         "frame {seq} from the frame store does not match the logged length/hash"
                     )));
@@ -684,16 +771,28 @@ impl Vmm {
             if self.poll_inputs()? || self.pending_irqs != 0 {
                 return Ok(());
             }
-            if self.control.stop_requested() || (self.timer.deadline.is_none() && self.net.is_none()) {
+            if self.control.stop_requested()
+                || (self.timer.deadline.is_none() && self.net.is_none())
+            {
                 return Ok(());
             }
             let timeout_ms = match self.timer.deadline {
-                Some(d) => (d.saturating_sub(self.clock.host_now()).div_ceil(1_000_000)).min(100) as i32,
+                Some(d) => {
+                    (d.saturating_sub(self.clock.host_now()).div_ceil(1_000_000)).min(100) as i32
+                }
                 None => 100,
             };
             let mut fds = [
-                libc::pollfd { fd: self.control.wake.as_raw_fd(), events: libc::POLLIN, revents: 0 },
-                libc::pollfd { fd: self.net.as_ref().and_then(|n| n.poll_fd()).unwrap_or(-1), events: libc::POLLIN, revents: 0 },
+                libc::pollfd {
+                    fd: self.control.wake.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+                libc::pollfd {
+                    fd: self.net.as_ref().and_then(|n| n.poll_fd()).unwrap_or(-1),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
             ];
             // SAFETY: poll(2) on an array of two initialised pollfd structs we own.
             unsafe { libc::poll(fds.as_mut_ptr(), 2, timeout_ms) };
@@ -707,9 +806,11 @@ impl Vmm {
         if self.mode == Mode::Replay {
             while let Some(e) = self.take_if(&[EV_IRQ])? {
                 if !self.vcpu.can_inject() {
-                    return Err(self.divergence("log injects an interrupt but the backup's guest cannot take one".into()));
+                    return Err(self.divergence(
+                        "log injects an interrupt but the backup's guest cannot take one".into(),
+                    ));
                 }
-                self.check_rip(&e, self.vcpu.sync_regs().rip)?;
+                self.check_rip(&e, self.vcpu.exit_rip())?;
                 self.vcpu.inject(e.hdr.arg.get())?;
                 self.count_irq(e.hdr.arg.get());
             }
@@ -727,7 +828,7 @@ impl Vmm {
             self.pending_irqs &= !bit;
             self.vcpu.inject(vector)?;
             self.count_irq(vector);
-            let rip = self.vcpu.sync_regs().rip;
+            let rip = self.vcpu.exit_rip();
             self.log(EV_IRQ, rip, 0, 0, vector, &[])?;
         }
         Ok(())
@@ -745,25 +846,44 @@ impl Vmm {
     // ---------------------------------------------------------------- exits
 
     fn run_vcpu(&mut self) -> Result<Exit> {
+        self.vcpu.clear_exit_override();
         match self.vcpu.fd.run() {
-            Ok(VcpuExit::MmioRead(addr, data)) => Ok(Exit::MmioRead { addr, len: data.len() }),
+            Ok(VcpuExit::MmioRead(addr, data)) => Ok(Exit::MmioRead {
+                addr,
+                len: data.len(),
+            }),
             Ok(VcpuExit::MmioWrite(addr, data)) => {
                 let mut v = [0u8; 8];
                 let n = data.len().min(8);
                 v[..n].copy_from_slice(&data[..n]);
-                Ok(Exit::MmioWrite { addr, len: data.len(), value: u64::from_le_bytes(v) })
+                Ok(Exit::MmioWrite {
+                    addr,
+                    len: data.len(),
+                    value: u64::from_le_bytes(v),
+                })
             }
             Ok(VcpuExit::IoIn(port, _)) => Ok(Exit::Io { port, write: false }),
             Ok(VcpuExit::IoOut(port, _)) => Ok(Exit::Io { port, write: true }),
-            Ok(VcpuExit::Hlt) => Err(Error::GuestHalted { rip: self.vcpu.sync_regs().rip }),
-            Ok(VcpuExit::Shutdown) => Err(Error::TripleFault { rip: self.vcpu.regs().map(|r| r.rip).unwrap_or(0) }),
-            Ok(VcpuExit::FailEntry(reason, _)) => {
-                Err(Error::VcpuFailed(format!("KVM_EXIT_FAIL_ENTRY, hardware reason {reason:#x}")))
-            }
-            Ok(VcpuExit::InternalError) => Err(Error::VcpuFailed("KVM_EXIT_INTERNAL_ERROR (emulation failure)".into())),
+            Ok(VcpuExit::Hlt) => Err(Error::GuestHalted {
+                rip: self.vcpu.exit_rip(),
+            }),
+            Ok(VcpuExit::Shutdown) => Err(Error::TripleFault {
+                rip: self.vcpu.regs().map(|r| r.rip).unwrap_or(0),
+            }),
+            Ok(VcpuExit::FailEntry(reason, _)) => Err(Error::VcpuFailed(format!(
+                "KVM_EXIT_FAIL_ENTRY, hardware reason {reason:#x}"
+            ))),
+            Ok(VcpuExit::InternalError) => Err(Error::VcpuFailed(
+                "KVM_EXIT_INTERNAL_ERROR (emulation failure)".into(),
+            )),
             Ok(other) => Err(Error::VcpuFailed(format!("unexpected exit {other:?}"))),
-            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Ok(Exit::Interrupted),
-            Err(e) => Err(Error::KvmIoctl { op: "KVM_RUN", err: e }),
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                Ok(Exit::Interrupted)
+            }
+            Err(e) => Err(Error::KvmIoctl {
+                op: "KVM_RUN",
+                err: e,
+            }),
         }
     }
 
@@ -781,24 +901,37 @@ impl Vmm {
         let regs = self.vcpu.regs().ok();
         let rsp = regs.map(|r| r.rsp).unwrap_or(0);
         let (err, rip) = if has_error_code(vector) {
-            (self.vm.ram.read_u64(rsp).unwrap_or(0), self.vm.ram.read_u64(rsp + 8).unwrap_or(0))
+            (
+                self.vm.ram.read_u64(rsp).unwrap_or(0),
+                self.vm.ram.read_u64(rsp + 8).unwrap_or(0),
+            )
         } else {
             (0, self.vm.ram.read_u64(rsp).unwrap_or(0))
         };
         let cr2 = self.vcpu.sregs().map(|s| s.cr2).unwrap_or(0);
-        Error::GuestFault { vector, name: exc_name(vector), rip, error_code: err, cr2 }
+        Error::GuestFault {
+            vector,
+            name: exc_name(vector),
+            rip,
+            error_code: err,
+            cr2,
+        }
     }
 
     /// Handles one guest-caused exit; returns `Some(outcome)` to end the run.
     fn handle(&mut self, exit: Exit) -> Result<Option<RunOutcome>> {
         self.exits += 1;
-        let rip = self.vcpu.sync_regs().rip;
+        let rip = self.vcpu.exit_rip();
         let mut idle = false;
         match exit {
             Exit::Interrupted => unreachable!("not counted"),
             Exit::Io { port, write } => {
                 return Err(Error::BadDeviceAccess {
-                    what: if write { "port I/O write" } else { "port I/O read" },
+                    what: if write {
+                        "port I/O write"
+                    } else {
+                        "port I/O read"
+                    },
                     addr: port as u64,
                     len: 0,
                     rip,
@@ -807,7 +940,12 @@ impl Vmm {
             Exit::MmioRead { addr, len } => {
                 let off = addr.wrapping_sub(MMIO_BASE);
                 if len != 8 || off >= MMIO_SIZE {
-                    return Err(Error::BadDeviceAccess { what: "MMIO read", addr, len, rip });
+                    return Err(Error::BadDeviceAccess {
+                        what: "MMIO read",
+                        addr,
+                        len,
+                        rip,
+                    });
                 }
                 let v = match off {
                     REG_CLOCK_NS => {
@@ -818,7 +956,14 @@ impl Vmm {
                         self.stats.entropy_reads += 1;
                         self.input_value(EV_ENTROPY, rip)?
                     }
-                    _ => return Err(Error::BadDeviceAccess { what: "MMIO read of a write-only/unknown register", addr, len, rip }),
+                    _ => {
+                        return Err(Error::BadDeviceAccess {
+                            what: "MMIO read of a write-only/unknown register",
+                            addr,
+                            len,
+                            rip,
+                        });
+                    }
                 };
                 self.set_mmio_read_value(v, len);
             }
@@ -828,7 +973,12 @@ impl Vmm {
                     return Err(self.fault(value & 0xff));
                 }
                 if len != 8 || off >= MMIO_SIZE {
-                    return Err(Error::BadDeviceAccess { what: "MMIO write", addr, len, rip });
+                    return Err(Error::BadDeviceAccess {
+                        what: "MMIO write",
+                        addr,
+                        len,
+                        rip,
+                    });
                 }
                 match off {
                     REG_TIMER_DEADLINE => self.timer.write(value),
@@ -855,7 +1005,14 @@ impl Vmm {
                             message: self.console.lines.last().cloned().unwrap_or_default(),
                         });
                     }
-                    _ => return Err(Error::BadDeviceAccess { what: "MMIO write to a read-only/unknown register", addr, len, rip }),
+                    _ => {
+                        return Err(Error::BadDeviceAccess {
+                            what: "MMIO write to a read-only/unknown register",
+                            addr,
+                            len,
+                            rip,
+                        });
+                    }
                 }
             }
         }
@@ -877,7 +1034,7 @@ impl Vmm {
     fn finish_record(&mut self) -> Result<()> {
         if self.mode == Mode::Record {
             let (h, _, _) = self.state_hash(true)?;
-            let rip = self.vcpu.sync_regs().rip;
+            let rip = self.vcpu.exit_rip();
             let tx = self.nic.tx_frames;
             self.log(EV_END, rip, h, tx, 0, &[])?;
         }
@@ -944,27 +1101,27 @@ impl Vmm {
                 self.finish_record()?;
                 return Ok(RunOutcome::Stopped);
             }
-            if let Some(max) = self.cfg.max_exits {
-                if self.exits >= max {
-                    self.flush_log()?;
-                    return Ok(RunOutcome::ExitLimit);
-                }
+            if let Some(max) = self.cfg.max_exits
+                && self.exits >= max
+            {
+                self.flush_log()?;
+                return Ok(RunOutcome::ExitLimit);
             }
             // Stage B: interrupts for this exit.
             self.inject_stage()?;
             // Stage C: nothing of this exit may be left in the log.
             if self.mode == Mode::Replay {
                 let exits = self.exits;
-                if let Some(e) = self.peek()? {
-                    if e.exit() <= exits {
-                        let what = format!(
-                            "log has an unconsumed {} entry for exit {} (value {:#x})",
-                            kind_name(e.kind()),
-                            e.exit(),
-                            e.value()
-                        );
-                        return Err(self.divergence(what));
-                    }
+                if let Some(e) = self.peek()?
+                    && e.exit() <= exits
+                {
+                    let what = format!(
+                        "log has an unconsumed {} entry for exit {} (value {:#x})",
+                        kind_name(e.kind()),
+                        e.exit(),
+                        e.value()
+                    );
+                    return Err(self.divergence(what));
                 }
             }
             let exit = self.run_vcpu()?;

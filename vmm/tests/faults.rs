@@ -18,14 +18,20 @@ fn malformed_images_are_rejected() {
     let good = ft_vmm::GUEST_ELF.to_vec();
     let mut cases: Vec<(&str, Vec<u8>)> = vec![
         ("empty", vec![]),
-        ("not elf", b"MZ this is not an ELF image at all, sorry................................".to_vec()),
+        (
+            "not elf",
+            b"MZ this is not an ELF image at all, sorry................................".to_vec(),
+        ),
         ("truncated", good[..good.len() / 3].to_vec()),
     ];
     let mut wrong_machine = good.clone();
     wrong_machine[18] = 183; // aarch64
     cases.push(("wrong machine", wrong_machine));
     let mut bad_magic = good.clone();
-    let at = bad_magic.windows(8).position(|w| w == b"FTGUEST1").expect("header in image");
+    let at = bad_magic
+        .windows(8)
+        .position(|w| w == b"FTGUEST1")
+        .expect("header in image");
     bad_magic[at] = b'X';
     cases.push(("bad header magic", bad_magic));
     let mut bad_entry = build_elf(&[0x0F, 0x0B]);
@@ -42,7 +48,10 @@ fn malformed_images_are_rejected() {
                 eprintln!("{name}: {msg}");
                 assert!(msg.contains("invalid guest image"), "{name}: {msg}");
             }
-            other => panic!("{name}: expected an image error, got {:?}", other.map(|r| r.outcome)),
+            other => panic!(
+                "{name}: expected an image error, got {:?}",
+                other.map(|r| r.outcome)
+            ),
         }
     }
 }
@@ -51,7 +60,9 @@ fn malformed_images_are_rejected() {
 fn guest_exception_is_reported() {
     // ud2 at the entry point.
     match run_image(build_elf(&[0x0F, 0x0B])) {
-        Err(Error::GuestFault { vector: 6, rip, .. }) => assert_eq!(rip, ft_vmm::abi::IMAGE_BASE + 0x40 + 32 * 16 + 16),
+        Err(Error::GuestFault { vector: 6, rip, .. }) => {
+            assert_eq!(rip, ft_vmm::abi::IMAGE_BASE + 0x40 + 32 * 16 + 16)
+        }
         other => panic!("expected #UD, got {:?}", other.map(|r| r.outcome)),
     }
     // Port I/O from ring 3 (IOPL 0) is a #GP.
@@ -78,7 +89,10 @@ fn triple_fault_is_reported() {
     code.extend_from_slice(&[0x0F, 0x0B]);
     match run_image(build_elf(&code)) {
         Err(e @ Error::TripleFault { .. }) => eprintln!("{e}"),
-        other => panic!("expected a triple fault, got {:?}", other.map(|r| r.outcome)),
+        other => panic!(
+            "expected a triple fault, got {:?}",
+            other.map(|r| r.outcome)
+        ),
     }
 }
 
@@ -89,17 +103,33 @@ fn bad_device_accesses_are_reported() {
     let clock = ((MMIO_BASE + REG_CLOCK_NS) as u32).to_le_bytes();
     let cases: Vec<(&str, Vec<u8>)> = vec![
         // mov rax, [unknown register]
-        ("unknown register", vec![0x48, 0x8B, 0x04, 0x25, unknown[0], unknown[1], unknown[2], unknown[3]]),
+        (
+            "unknown register",
+            vec![
+                0x48, 0x8B, 0x04, 0x25, unknown[0], unknown[1], unknown[2], unknown[3],
+            ],
+        ),
         // mov eax, [clock] (4-byte access)
-        ("narrow access", vec![0x8B, 0x04, 0x25, clock[0], clock[1], clock[2], clock[3]]),
+        (
+            "narrow access",
+            vec![0x8B, 0x04, 0x25, clock[0], clock[1], clock[2], clock[3]],
+        ),
         // mov [clock], rax (write to a read-only register)
-        ("write to clock", vec![0x48, 0x89, 0x04, 0x25, clock[0], clock[1], clock[2], clock[3]]),
+        (
+            "write to clock",
+            vec![
+                0x48, 0x89, 0x04, 0x25, clock[0], clock[1], clock[2], clock[3],
+            ],
+        ),
     ];
     for (name, mut code) in cases {
         code.extend_from_slice(&[0xEB, 0xFE]);
         match run_image(build_elf(&code)) {
             Err(e @ Error::BadDeviceAccess { .. }) => eprintln!("{name}: {e}"),
-            other => panic!("{name}: expected BadDeviceAccess, got {:?}", other.map(|r| r.outcome)),
+            other => panic!(
+                "{name}: expected BadDeviceAccess, got {:?}",
+                other.map(|r| r.outcome)
+            ),
         }
     }
 }

@@ -35,7 +35,18 @@ fn backup_goes_live_and_counter_never_goes_backwards() {
         assert!(v > last);
         last = v;
     }
-    ns.must(&["redis-benchmark", "-h", GUEST_IP, "-c", "10", "-n", "1000", "-t", "set,get", "-q"]);
+    ns.must(&[
+        "redis-benchmark",
+        "-h",
+        GUEST_IP,
+        "-c",
+        "10",
+        "-n",
+        "1000",
+        "-t",
+        "set,get",
+        "-q",
+    ]);
     assert_eq!(ns.redis(&["SET", "before", "failover"]), "OK");
     let v: i64 = ns.redis(&["INCR", "counter"]).parse().unwrap();
     assert_eq!(v, last + 1);
@@ -54,21 +65,45 @@ fn backup_goes_live_and_counter_never_goes_backwards() {
         if let Ok(v) = s.parse::<i64>() {
             break v;
         }
-        assert!(t.elapsed() < Duration::from_secs(30), "backup did not answer after go-live: {s}");
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "backup did not answer after go-live: {s}"
+        );
         std::thread::sleep(Duration::from_millis(100));
     };
-    eprintln!("backup answered after {:?}: counter {last} -> {first}", t.elapsed());
+    eprintln!(
+        "backup answered after {:?}: counter {last} -> {first}",
+        t.elapsed()
+    );
     assert_eq!(first, last + 1, "counter went backwards or lost updates");
     assert_eq!(ns.redis(&["GET", "before"]), "failover");
     for i in 1..=5 {
         let v: i64 = ns.redis(&["INCR", "counter"]).parse().unwrap();
         assert_eq!(v, first + i);
     }
-    ns.must(&["redis-benchmark", "-h", GUEST_IP, "-c", "10", "-n", "500", "-t", "incr", "-q"]);
+    ns.must(&[
+        "redis-benchmark",
+        "-h",
+        GUEST_IP,
+        "-c",
+        "10",
+        "-n",
+        "500",
+        "-t",
+        "incr",
+        "-q",
+    ]);
     let (brec, _) = backup.stop().expect("backup run");
     assert_eq!(brec.outcome, RunOutcome::Stopped);
     let live_at = brec.went_live_at_exit.expect("backup went live");
-    assert!(live_at >= prec.exits, "backup went live at exit {live_at} before the primary's end {}", prec.exits);
-    assert_eq!(brec.stats.entries_consumed, prec.stats.log_entries, "every logged entry was consumed");
+    assert!(
+        live_at >= prec.exits,
+        "backup went live at exit {live_at} before the primary's end {}",
+        prec.exits
+    );
+    assert_eq!(
+        brec.stats.entries_consumed, prec.stats.log_entries,
+        "every logged entry was consumed"
+    );
     assert!(brec.stats.checkpoints_verified > 0);
 }

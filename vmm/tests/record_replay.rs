@@ -28,10 +28,42 @@ fn traffic(ns: &NetNs) {
     assert_eq!(ns.redis(&["DEL", "k1"]), "1");
     assert_eq!(ns.redis(&["EXISTS", "k1"]), "0");
     assert!(ns.redis(&["FLUSHALL"]).contains("ERR"));
-    let out = ns.must(&["redis-benchmark", "-h", GUEST_IP, "-c", "10", "-n", "2000", "-t", "set,get,incr", "-q"]);
-    assert_eq!(out.matches("requests per second").count(), 3, "benchmark output: {out}");
-    let out = ns.must(&["redis-benchmark", "-h", GUEST_IP, "-c", "4", "-n", "2000", "-P", "16", "-t", "set,get", "-q"]);
-    assert_eq!(out.matches("requests per second").count(), 2, "pipelined benchmark output: {out}");
+    let out = ns.must(&[
+        "redis-benchmark",
+        "-h",
+        GUEST_IP,
+        "-c",
+        "10",
+        "-n",
+        "2000",
+        "-t",
+        "set,get,incr",
+        "-q",
+    ]);
+    assert_eq!(
+        out.matches("requests per second").count(),
+        3,
+        "benchmark output: {out}"
+    );
+    let out = ns.must(&[
+        "redis-benchmark",
+        "-h",
+        GUEST_IP,
+        "-c",
+        "4",
+        "-n",
+        "2000",
+        "-P",
+        "16",
+        "-t",
+        "set,get",
+        "-q",
+    ]);
+    assert_eq!(
+        out.matches("requests per second").count(),
+        2,
+        "pipelined benchmark output: {out}"
+    );
     assert_eq!(ns.redis(&["INCR", "ctr"]), "4");
     // Let some timers fire while idle (delayed ACKs, TIME-WAIT, idle deadline).
     std::thread::sleep(Duration::from_millis(400));
@@ -53,11 +85,18 @@ fn recording() -> &'static Recording {
         let (report, tx) = t.stop().expect("record run");
         let entries = read_all(&log).unwrap();
         let _ = std::fs::remove_file(&log);
-        Recording { report, tx, entries }
+        Recording {
+            report,
+            tx,
+            entries,
+        }
     })
 }
 
-fn replay(entries: Vec<LogEntry>, store: Option<MemFrameStore>) -> Result<(RunReport, Vec<Vec<u8>>), Error> {
+fn replay(
+    entries: Vec<LogEntry>,
+    store: Option<MemFrameStore>,
+) -> Result<(RunReport, Vec<Vec<u8>>), Error> {
     with_timeout(Duration::from_secs(60), move || {
         let mut vmm = Vmm::new(cfg(Mode::Replay), ft_vmm::GUEST_ELF, ft_vmm::Control::new())?;
         vmm.set_source(Box::new(VecSource::new(entries)));
@@ -81,7 +120,11 @@ fn replay_reproduces_state_and_output() {
     assert!(count(e, EV_CLOCK) > 100, "clock reads logged");
     assert_eq!(count(e, EV_ENTROPY), 1, "entropy read logged");
     assert!(count(e, EV_RX_FRAME) > 1000, "received frames logged");
-    assert!(rec.report.stats.timer_irqs > 0 && rec.report.stats.nic_irqs > 0, "{:?}", rec.report.stats);
+    assert!(
+        rec.report.stats.timer_irqs > 0 && rec.report.stats.nic_irqs > 0,
+        "{:?}",
+        rec.report.stats
+    );
     assert_eq!(count(e, EV_IRQ) as u64, rec.report.stats.irqs_injected);
     assert!(count(e, EV_CHECKPOINT) > 0);
     assert_eq!(e.last().unwrap().kind(), EV_END);
@@ -102,9 +145,14 @@ fn replay_reproduces_state_and_output() {
 
 fn expect_divergence(entries: Vec<LogEntry>, what: &str) {
     match replay(entries, None) {
-        Err(Error::Divergence { exit, what: w, .. }) => eprintln!("{what}: divergence at exit {exit}: {w}"),
+        Err(Error::Divergence { exit, what: w, .. }) => {
+            eprintln!("{what}: divergence at exit {exit}: {w}")
+        }
         Err(other) => panic!("{what}: expected a divergence, got error: {other}"),
-        Ok((r, _)) => panic!("{what}: altered log replayed without error ({:?})", r.outcome),
+        Ok((r, _)) => panic!(
+            "{what}: altered log replayed without error ({:?})",
+            r.outcome
+        ),
     }
 }
 
@@ -152,7 +200,10 @@ fn truncated_log_is_detected() {
     let v = e[..e.len() * 2 / 3].to_vec();
     match replay(v, None) {
         Err(Error::LogTruncated { after_exit }) => assert!(after_exit > 0),
-        other => panic!("expected LogTruncated, got {:?}", other.map(|r| r.0.outcome)),
+        other => panic!(
+            "expected LogTruncated, got {:?}",
+            other.map(|r| r.0.outcome)
+        ),
     }
     // A log file cut in the middle of an entry.
     let path = PathBuf::from(format!("/tmp/ftvmm-trunc-{}.log", std::process::id()));
@@ -177,7 +228,10 @@ fn truncated_log_is_detected() {
     let mut v = e.clone();
     let nv = v[0].value() ^ 1;
     v[0].hdr.value.set(nv);
-    assert!(matches!(replay(v, None), Err(Error::LogConfigMismatch { .. })));
+    assert!(matches!(
+        replay(v, None),
+        Err(Error::LogConfigMismatch { .. })
+    ));
 }
 
 #[test]
@@ -203,7 +257,13 @@ fn snapshot_mid_run_restores_identically() {
     let b = with_timeout(Duration::from_secs(60), move || {
         let mut cfg = cfg(Mode::Replay);
         cfg.capture_tx = false;
-        let mut vmm = Vmm::restore(cfg, ft_vmm::GUEST_ELF, ft_vmm::Control::new(), &mut snap.as_slice()).unwrap();
+        let mut vmm = Vmm::restore(
+            cfg,
+            ft_vmm::GUEST_ELF,
+            ft_vmm::Control::new(),
+            &mut snap.as_slice(),
+        )
+        .unwrap();
         assert_eq!(vmm.exits(), half);
         let mut src = VecSource::new(entries);
         vmm.skip_consumed(&mut src).unwrap();
@@ -231,12 +291,18 @@ impl NetBackend for TaggingTap {
     fn recv(&mut self, buf: &mut [u8]) -> ft_vmm::error::Result<Option<usize>> {
         use ft_common::wire::*;
         use zerocopy::IntoBytes;
-        let Some(n) = self.inner.recv(&mut self.buf)? else { return Ok(None) };
+        let Some(n) = self.inner.recv(&mut self.buf)? else {
+            return Ok(None);
+        };
         self.seq += 1;
         let mut ft = FtHdr::new(KIND_LOG, 1, self.seq);
         ft.len.set(n as u16);
         let hdr = LogHdr {
-            eth: EthHdr { dst: [0xff; 6], src: [2, 0, 0, 0, 0, 0x99], ethertype: ETHERTYPE_FT.into() },
+            eth: EthHdr {
+                dst: [0xff; 6],
+                src: [2, 0, 0, 0, 0, 0x99],
+                ethertype: ETHERTYPE_FT.into(),
+            },
             ft,
         };
         buf[..LOG_OVERHEAD].copy_from_slice(hdr.as_bytes());
@@ -257,7 +323,12 @@ fn tagged_input_logs_sequence_numbers() {
     let ns = NetNs::new("tag");
     let store = MemFrameStore::default();
     let log = PathBuf::from(format!("/tmp/ftvmm-tag-{}.log", std::process::id()));
-    let backend = TaggingTap { inner: ns.open_tap(), store: store.clone(), seq: 0, buf: vec![0; 65536] };
+    let backend = TaggingTap {
+        inner: ns.open_tap(),
+        store: store.clone(),
+        seq: 0,
+        buf: vec![0; 65536],
+    };
     let sink = WriteSink::create(&log).unwrap();
     let mut c = cfg(Mode::Record);
     c.tagged_input = true;
@@ -267,7 +338,18 @@ fn tagged_input_logs_sequence_numbers() {
     });
     ns.wait_ready(Duration::from_secs(20));
     assert_eq!(ns.redis(&["SET", "t", "tagged"]), "OK");
-    ns.must(&["redis-benchmark", "-h", GUEST_IP, "-c", "4", "-n", "300", "-t", "set,incr", "-q"]);
+    ns.must(&[
+        "redis-benchmark",
+        "-h",
+        GUEST_IP,
+        "-c",
+        "4",
+        "-n",
+        "300",
+        "-t",
+        "set,incr",
+        "-q",
+    ]);
     assert_eq!(ns.redis(&["GET", "t"]), "tagged");
     let (rec, rec_tx) = t.stop().unwrap();
     drop(ns);
@@ -276,11 +358,18 @@ fn tagged_input_logs_sequence_numbers() {
     assert_eq!(count(&entries, EV_RX_FRAME), 0);
     assert!(count(&entries, EV_RX_FRAME_REF) as u64 == rec.rx_frames && rec.rx_frames > 100);
     let ref_bytes: usize = entries.iter().map(|e| e.wire_len()).sum();
-    eprintln!("tagged log: {} entries, {ref_bytes} bytes for {} frames", entries.len(), rec.rx_frames);
+    eprintln!(
+        "tagged log: {} entries, {ref_bytes} bytes for {} frames",
+        entries.len(),
+        rec.rx_frames
+    );
     let (r, tx) = replay(entries.clone(), Some(store)).expect("replay with frame store");
     assert_eq!(r.outcome, RunOutcome::ReplayComplete);
     assert_eq!(r.state_hash, rec.state_hash);
     assert!(tx == rec_tx);
     // Without the frames the replay stops with a clear error.
-    assert!(matches!(replay(entries, Some(MemFrameStore::default())), Err(Error::FrameMissing { .. })));
+    assert!(matches!(
+        replay(entries, Some(MemFrameStore::default())),
+        Err(Error::FrameMissing { .. })
+    ));
 }

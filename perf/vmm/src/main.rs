@@ -34,7 +34,10 @@ impl NetNs {
         let ns = NetNs(name);
         ns.run(&["ip", "netns", "add", &ns.0], false)?;
         ns.run(&["ip", "link", "set", "lo", "up"], true)?;
-        ns.run(&["ip", "tuntap", "add", "dev", "ftap0", "mode", "tap"], true)?;
+        ns.run(
+            &["ip", "tuntap", "add", "dev", "ftap0", "mode", "tap"],
+            true,
+        )?;
         ns.run(&["ip", "addr", "add", "10.0.0.1/24", "dev", "ftap0"], true)?;
         ns.run(&["ip", "link", "set", "ftap0", "up"], true)?;
         Ok(ns)
@@ -42,7 +45,8 @@ impl NetNs {
     fn run(&self, args: &[&str], inside: bool) -> Result<String> {
         let mut c = if inside {
             let mut c = Command::new("ip");
-            c.args(["netns", "exec", &self.0, "timeout", "300"]).args(args);
+            c.args(["netns", "exec", &self.0, "timeout", "300"])
+                .args(args);
             c
         } else {
             let mut c = Command::new(args[0]);
@@ -76,7 +80,10 @@ fn parse_csv(out: &str) -> Vec<Row> {
     out.lines()
         .filter(|l| !l.starts_with("\"test\""))
         .filter_map(|l| {
-            let f: Vec<String> = l.split(',').map(|s| s.trim_matches('"').to_string()).collect();
+            let f: Vec<String> = l
+                .split(',')
+                .map(|s| s.trim_matches('"').to_string())
+                .collect();
             (f.len() >= 7).then(|| Row {
                 test: f[0].clone(),
                 rps: f[1].parse().unwrap_or(0.0),
@@ -117,7 +124,11 @@ struct ModeResult {
 }
 
 fn bench_mode(ns: &NetNs, mode: Mode, a: &Args) -> Result<ModeResult> {
-    let cfg = VmmConfig { mode, checkpoint_interval: 1000, ..Default::default() };
+    let cfg = VmmConfig {
+        mode,
+        checkpoint_interval: 1000,
+        ..Default::default()
+    };
     let nsname = ns.0.clone();
     let tap = in_netns(&nsname, || Tap::open("ftap0"))?;
     let control = Control::new();
@@ -141,7 +152,10 @@ fn bench_mode(ns: &NetNs, mode: Mode, a: &Args) -> Result<ModeResult> {
         let mut vmm = Vmm::new(cfg, ft_vmm::GUEST_ELF, c)?;
         vmm.set_net(Box::new(tap));
         if mode == Mode::Record {
-            vmm.set_sink(Box::new(TimedSink { inner: sink, stats: st }));
+            vmm.set_sink(Box::new(TimedSink {
+                inner: sink,
+                stats: st,
+            }));
         } else {
             drop(sink);
         }
@@ -149,7 +163,17 @@ fn bench_mode(ns: &NetNs, mode: Mode, a: &Args) -> Result<ModeResult> {
     });
     let t = Instant::now();
     loop {
-        let o = Command::new("ip").args(["netns", "exec", &ns.0, "redis-cli", "-h", "10.0.0.2", "PING"]).output()?;
+        let o = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &ns.0,
+                "redis-cli",
+                "-h",
+                "10.0.0.2",
+                "PING",
+            ])
+            .output()?;
         if String::from_utf8_lossy(&o.stdout).contains("PONG") {
             break;
         }
@@ -161,19 +185,59 @@ fn bench_mode(ns: &NetNs, mode: Mode, a: &Args) -> Result<ModeResult> {
     }
     let (n, c) = (a.requests.to_string(), a.clients.to_string());
     let mut rows = Vec::new();
-    let out = ns.run(&["redis-benchmark", "-h", "10.0.0.2", "-c", &c, "-n", &n, "-t", "set,get,incr", "--csv"], true)?;
+    let out = ns.run(
+        &[
+            "redis-benchmark",
+            "-h",
+            "10.0.0.2",
+            "-c",
+            &c,
+            "-n",
+            &n,
+            "-t",
+            "set,get,incr",
+            "--csv",
+        ],
+        true,
+    )?;
     rows.extend(parse_csv(&out));
     let p = a.pipeline.to_string();
-    let out = ns.run(&["redis-benchmark", "-h", "10.0.0.2", "-c", &c, "-n", &n, "-P", &p, "-t", "set,get", "--csv"], true)?;
+    let out = ns.run(
+        &[
+            "redis-benchmark",
+            "-h",
+            "10.0.0.2",
+            "-c",
+            &c,
+            "-n",
+            &n,
+            "-P",
+            &p,
+            "-t",
+            "set,get",
+            "--csv",
+        ],
+        true,
+    )?;
     for mut r in parse_csv(&out) {
         r.test = format!("{} -P{}", r.test, a.pipeline);
         rows.push(r);
     }
     control.request_stop();
-    let report = vm.join().map_err(|_| anyhow::anyhow!("vmm thread panicked"))??;
-    let entries = collector.join().map_err(|_| anyhow::anyhow!("collector panicked"))?;
+    let report = vm
+        .join()
+        .map_err(|_| anyhow::anyhow!("vmm thread panicked"))??;
+    let entries = collector
+        .join()
+        .map_err(|_| anyhow::anyhow!("collector panicked"))?;
     let append = *stats.lock().expect("stats");
-    Ok(ModeResult { rows, report, requests: 5 * a.requests as u64, entries, append })
+    Ok(ModeResult {
+        rows,
+        report,
+        requests: 5 * a.requests as u64,
+        entries,
+        append,
+    })
 }
 
 fn micro_sink_cost() -> Result<(f64, f64)> {
@@ -202,13 +266,24 @@ fn micro_sink_cost() -> Result<(f64, f64)> {
 fn main() -> Result<()> {
     let a = Args::parse();
     let ns = NetNs::new()?;
-    println!("ft-vmm benchmark: redis-benchmark -c {} -n {} (guest RESP server, 1 vCPU)", a.clients, a.requests);
+    println!(
+        "ft-vmm benchmark: redis-benchmark -c {} -n {} (guest RESP server, 1 vCPU)",
+        a.clients, a.requests
+    );
     let free = bench_mode(&ns, Mode::Free, &a)?;
     let rec = bench_mode(&ns, Mode::Record, &a)?;
     println!();
     println!(
         "{:<16} {:>11} {:>11} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}",
-        "test", "free rps", "record rps", "free avg", "rec avg", "free p50", "rec p50", "free p99", "rec p99"
+        "test",
+        "free rps",
+        "record rps",
+        "free avg",
+        "rec avg",
+        "free p50",
+        "rec p50",
+        "free p99",
+        "rec p99"
     );
     for (f, r) in free.rows.iter().zip(rec.rows.iter()) {
         println!(
@@ -219,16 +294,33 @@ fn main() -> Result<()> {
     let rr = &rec.report;
     let bytes: usize = rec.entries.iter().map(|e| e.wire_len()).sum();
     println!();
-    println!("record run: {} exits, {} log entries, {} log bytes, {} requests", rr.exits, rec.entries.len(), bytes, rec.requests);
+    println!(
+        "record run: {} exits, {} log entries, {} log bytes, {} requests",
+        rr.exits,
+        rec.entries.len(),
+        bytes,
+        rec.requests
+    );
     let mut kinds = std::collections::BTreeMap::new();
     for e in &rec.entries {
-        let k = kinds.entry(ft_common::vmlog::kind_name(e.kind())).or_insert((0u64, 0u64));
+        let k = kinds
+            .entry(ft_common::vmlog::kind_name(e.kind()))
+            .or_insert((0u64, 0u64));
         k.0 += 1;
         k.1 += e.wire_len() as u64;
     }
-    println!("{:<14} {:>10} {:>12} {:>10}", "entry kind", "entries", "bytes", "bytes/req");
+    println!(
+        "{:<14} {:>10} {:>12} {:>10}",
+        "entry kind", "entries", "bytes", "bytes/req"
+    );
     for (k, (n, b)) in &kinds {
-        println!("{:<14} {:>10} {:>12} {:>10.1}", k, n, b, *b as f64 / rec.requests as f64);
+        println!(
+            "{:<14} {:>10} {:>12} {:>10.1}",
+            k,
+            n,
+            b,
+            *b as f64 / rec.requests as f64
+        );
     }
     println!(
         "log volume per request: {:.2} entries, {:.1} bytes",
@@ -236,9 +328,14 @@ fn main() -> Result<()> {
         bytes as f64 / rec.requests as f64
     );
     let (napp, tapp) = rec.append;
-    println!("in-run LogSink::append (channel): {:.0} ns/entry over {napp} entries", tapp.as_nanos() as f64 / napp.max(1) as f64);
+    println!(
+        "in-run LogSink::append (channel): {:.0} ns/entry over {napp} entries",
+        tapp.as_nanos() as f64 / napp.max(1) as f64
+    );
     let (file_ns, chan_ns) = micro_sink_cost()?;
-    println!("micro: file sink {file_ns:.0} ns/entry, channel sink {chan_ns:.0} ns/entry (40-byte entries)");
+    println!(
+        "micro: file sink {file_ns:.0} ns/entry, channel sink {chan_ns:.0} ns/entry (40-byte entries)"
+    );
     println!(
         "guest exits: free {} ({:.1} us/exit wall), record {} ({:.1} us/exit wall)",
         free.report.exits,
@@ -246,11 +343,22 @@ fn main() -> Result<()> {
         rr.exits,
         rr.elapsed.as_secs_f64() * 1e6 / rr.exits.max(1) as f64
     );
-    let ckpts = rec.entries.iter().filter(|e| e.kind() == EV_CHECKPOINT).count();
+    let ckpts = rec
+        .entries
+        .iter()
+        .filter(|e| e.kind() == EV_CHECKPOINT)
+        .count();
     // Replay speed and checkpoint verification.
     let entries = rec.entries.clone();
     let t = Instant::now();
-    let mut vmm = Vmm::new(VmmConfig { mode: Mode::Replay, ..Default::default() }, ft_vmm::GUEST_ELF, Control::new())?;
+    let mut vmm = Vmm::new(
+        VmmConfig {
+            mode: Mode::Replay,
+            ..Default::default()
+        },
+        ft_vmm::GUEST_ELF,
+        Control::new(),
+    )?;
     vmm.set_source(Box::new(ft_vmm::vmlog::VecSource::new(entries)));
     let r = vmm.run()?;
     let dt = t.elapsed();
@@ -260,7 +368,11 @@ fn main() -> Result<()> {
         dt.as_secs_f64(),
         rec.entries.len() as f64 / dt.as_secs_f64(),
         r.stats.checkpoints_verified,
-        if r.state_hash == rr.state_hash { "identical" } else { "DIFFERENT" }
+        if r.state_hash == rr.state_hash {
+            "identical"
+        } else {
+            "DIFFERENT"
+        }
     );
     Ok(())
 }

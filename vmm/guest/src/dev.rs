@@ -54,7 +54,10 @@ pub struct LineBuf {
 
 impl LineBuf {
     pub fn new() -> Self {
-        LineBuf { buf: [0; 256], len: 0 }
+        LineBuf {
+            buf: [0; 256],
+            len: 0,
+        }
     }
     pub fn as_bytes(&self) -> &[u8] {
         &self.buf[..self.len]
@@ -113,7 +116,9 @@ impl phy::RxToken for RxToken {
         let len = unsafe { read_volatile((NIC_RX_LEN + 2 * slot) as *const u16) } as usize;
         let len = len.min(NIC_MAX_FRAME as usize);
         // SAFETY: as above; the slot holds NIC_SLOT_SIZE >= len bytes.
-        let data = unsafe { core::slice::from_raw_parts((NIC_RX_DATA + slot * NIC_SLOT_SIZE) as *const u8, len) };
+        let data = unsafe {
+            core::slice::from_raw_parts((NIC_RX_DATA + slot * NIC_SLOT_SIZE) as *const u8, len)
+        };
         let r = f(data);
         wr64(NIC_RX_CONS, cons + 1);
         r
@@ -127,7 +132,9 @@ impl phy::TxToken for TxToken<'_> {
         let len = len.min(NIC_MAX_FRAME as usize);
         // SAFETY: `transmit` checked the ring has a free slot; the guest owns slots between
         // NIC_TX_PROD and NIC_TX_CONS + NIC_SLOTS.
-        let data = unsafe { core::slice::from_raw_parts_mut((NIC_TX_DATA + slot * NIC_SLOT_SIZE) as *mut u8, len) };
+        let data = unsafe {
+            core::slice::from_raw_parts_mut((NIC_TX_DATA + slot * NIC_SLOT_SIZE) as *mut u8, len)
+        };
         let r = f(data);
         // SAFETY: the length entry of the slot owned by the guest.
         unsafe { write_volatile((NIC_TX_LEN + 2 * slot) as *mut u16, len as u16) };
@@ -155,7 +162,11 @@ impl phy::Device for Nic {
         } else {
             // Ring full: let the VMM drain it, then retry.
             self.flush();
-            if self.tx_free() { Some(TxToken(self)) } else { None }
+            if self.tx_free() {
+                Some(TxToken(self))
+            } else {
+                None
+            }
         }
     }
 

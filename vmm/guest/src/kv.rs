@@ -37,13 +37,22 @@ pub fn serve(boot: &BootInfo) -> ! {
         let _ = a.push(IpCidr::new(ip.into(), boot.prefix_len));
     });
     if boot.gateway != [0; 4] {
-        let _ = iface.routes_mut().add_default_ipv4_route(Ipv4Address::from_octets(boot.gateway));
+        let _ = iface
+            .routes_mut()
+            .add_default_ipv4_route(Ipv4Address::from_octets(boot.gateway));
     }
     let mut sockets = SocketSet::new(vec![]);
     let mut conns: Vec<Conn> = (0..SOCKETS)
         .map(|_| {
-            let s = tcp::Socket::new(tcp::SocketBuffer::new(vec![0; BUF]), tcp::SocketBuffer::new(vec![0; BUF]));
-            Conn { handle: sockets.add(s), inbuf: Vec::new(), outbuf: Vec::new() }
+            let s = tcp::Socket::new(
+                tcp::SocketBuffer::new(vec![0; BUF]),
+                tcp::SocketBuffer::new(vec![0; BUF]),
+            );
+            Conn {
+                handle: sockets.add(s),
+                inbuf: Vec::new(),
+                outbuf: Vec::new(),
+            }
         })
         .collect();
     let mut store = Store::default();
@@ -62,7 +71,10 @@ pub fn serve(boot: &BootInfo) -> ! {
         if progress || nic.rx_available() {
             continue;
         }
-        let delay = iface.poll_delay(t, &sockets).unwrap_or(MAX_IDLE).min(MAX_IDLE);
+        let delay = iface
+            .poll_delay(t, &sockets)
+            .unwrap_or(MAX_IDLE)
+            .min(MAX_IDLE);
         if delay > Duration::ZERO {
             dev::set_timer((t + delay).total_micros() as u64 * 1000);
             dev::idle();
@@ -107,11 +119,12 @@ fn service_conn(c: &mut Conn, sockets: &mut SocketSet, store: &mut Store, port: 
             s.abort();
         }
     }
-    if !c.outbuf.is_empty() && s.can_send() {
-        if let Ok(n) = s.send_slice(&c.outbuf) {
-            c.outbuf.drain(..n);
-            progress |= n > 0;
-        }
+    if !c.outbuf.is_empty()
+        && s.can_send()
+        && let Ok(n) = s.send_slice(&c.outbuf)
+    {
+        c.outbuf.drain(..n);
+        progress |= n > 0;
     }
     if s.state() == tcp::State::CloseWait && c.outbuf.is_empty() {
         s.close();
@@ -140,12 +153,22 @@ fn parse(b: &[u8]) -> Parse {
         return Parse::Incomplete;
     }
     if b[0] != b'*' {
-        let Some(e) = find_crlf(b) else { return Parse::Incomplete };
-        let args = b[..e].split(|&c| c == b' ').filter(|a| !a.is_empty()).map(|a| a.to_vec()).collect();
+        let Some(e) = find_crlf(b) else {
+            return Parse::Incomplete;
+        };
+        let args = b[..e]
+            .split(|&c| c == b' ')
+            .filter(|a| !a.is_empty())
+            .map(|a| a.to_vec())
+            .collect();
         return Parse::Done(args, e + 2);
     }
-    let Some(e) = find_crlf(b) else { return Parse::Incomplete };
-    let Some(n) = parse_int(&b[1..e]) else { return Parse::Error };
+    let Some(e) = find_crlf(b) else {
+        return Parse::Incomplete;
+    };
+    let Some(n) = parse_int(&b[1..e]) else {
+        return Parse::Error;
+    };
     if !(0..=1024 * 1024).contains(&n) {
         return Parse::Error;
     }
@@ -159,8 +182,12 @@ fn parse(b: &[u8]) -> Parse {
         if rest[0] != b'$' {
             return Parse::Error;
         }
-        let Some(e) = find_crlf(rest) else { return Parse::Incomplete };
-        let Some(len) = parse_int(&rest[1..e]) else { return Parse::Error };
+        let Some(e) = find_crlf(rest) else {
+            return Parse::Incomplete;
+        };
+        let Some(len) = parse_int(&rest[1..e]) else {
+            return Parse::Error;
+        };
         if !(0..=512 * 1024 * 1024).contains(&len) {
             return Parse::Error;
         }
@@ -211,11 +238,17 @@ impl Store {
                 out.extend_from_slice(b"+OK\r\n");
             }
             (b"DEL", n) if n >= 2 => {
-                let c = args[1..].iter().filter(|k| self.map.remove(*k).is_some()).count();
+                let c = args[1..]
+                    .iter()
+                    .filter(|k| self.map.remove(*k).is_some())
+                    .count();
                 int_line(out, b':', c as i64);
             }
             (b"EXISTS", n) if n >= 2 => {
-                let c = args[1..].iter().filter(|k| self.map.contains_key(*k)).count();
+                let c = args[1..]
+                    .iter()
+                    .filter(|k| self.map.contains_key(*k))
+                    .count();
                 int_line(out, b':', c as i64);
             }
             (b"INCR", 2) => {
@@ -231,14 +264,20 @@ impl Store {
                         self.map.insert(args[1].clone(), s.as_bytes().to_vec());
                         int_line(out, b':', v);
                     }
-                    None => out.extend_from_slice(b"-ERR value is not an integer or out of range\r\n"),
+                    None => {
+                        out.extend_from_slice(b"-ERR value is not an integer or out of range\r\n")
+                    }
                 }
             }
             (b"DBSIZE", 1) => int_line(out, b':', self.map.len() as i64),
             (b"CONFIG", 3) if args[1].eq_ignore_ascii_case(b"GET") => {
                 out.extend_from_slice(b"*2\r\n");
                 bulk(out, &args[2]);
-                let v: &[u8] = if args[2].eq_ignore_ascii_case(b"appendonly") { b"no" } else { b"" };
+                let v: &[u8] = if args[2].eq_ignore_ascii_case(b"appendonly") {
+                    b"no"
+                } else {
+                    b""
+                };
                 bulk(out, v);
             }
             _ => {

@@ -14,7 +14,6 @@
 
 extern crate alloc;
 
-#[allow(dead_code)]
 mod abi;
 mod dev;
 mod kv;
@@ -80,9 +79,9 @@ static ALLOC: linked_list_allocator::LockedHeap = linked_list_allocator::LockedH
 
 /// Ring-3 entry point (the VMM sets rdi = boot info, rsp = stack top).
 #[unsafe(no_mangle)]
-pub extern "C" fn guest_main(boot: *const BootInfo) -> ! {
+pub extern "C" fn guest_main(boot_addr: u64) -> ! {
     // SAFETY: the VMM writes a BootInfo at this fixed address before the first instruction.
-    let boot = unsafe { core::ptr::read_volatile(boot) };
+    let boot = unsafe { core::ptr::read_volatile(boot_addr as *const BootInfo) };
     if boot.magic != BOOT_MAGIC {
         dev::console(b"bad boot info");
         dev::poweroff(2);
@@ -90,9 +89,10 @@ pub extern "C" fn guest_main(boot: *const BootInfo) -> ! {
     // SAFETY: the heap range is RAM reserved for the guest by the VMM and used by nothing
     // else; it is initialised exactly once, before any allocation.
     unsafe {
-        ALLOC
-            .lock()
-            .init(boot.heap_base as *mut u8, (boot.heap_end - boot.heap_base) as usize)
+        ALLOC.lock().init(
+            boot.heap_base as *mut u8,
+            (boot.heap_end - boot.heap_base) as usize,
+        )
     };
     dev::console(b"ft-guest: up");
     kv::serve(&boot)

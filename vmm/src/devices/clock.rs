@@ -20,7 +20,11 @@ impl Default for Clock {
 
 impl Clock {
     pub fn new() -> Self {
-        Clock { base_ns: 0, start: Instant::now(), last: 0 }
+        Clock {
+            base_ns: 0,
+            start: Instant::now(),
+            last: 0,
+        }
     }
 
     /// Current device time from the host clock (not returned to the guest by itself).

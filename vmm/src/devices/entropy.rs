@@ -10,7 +10,10 @@ pub fn host_random() -> u64 {
     if n != 8 {
         // getrandom on Linux >= 3.17 does not fail for 8 bytes once the pool is ready;
         // fall back to time-derived bits rather than abort the VM.
-        v ^= std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0);
+        v ^= std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0);
     }
     v
 }

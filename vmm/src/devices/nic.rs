@@ -28,7 +28,14 @@ pub struct Nic {
 
 impl Default for Nic {
     fn default() -> Self {
-        Nic { rx_frames: 0, rx_bytes: 0, tx_frames: 0, tx_bytes: 0, tx_hash: FNV_OFFSET, capture: None }
+        Nic {
+            rx_frames: 0,
+            rx_bytes: 0,
+            tx_frames: 0,
+            tx_bytes: 0,
+            tx_hash: FNV_OFFSET,
+            capture: None,
+        }
     }
 }
 
@@ -54,7 +61,11 @@ impl Nic {
     }
 
     /// Takes every queued TX frame (doorbell).
-    pub fn drain_tx(&mut self, ram: &mut GuestRam, mut out: impl FnMut(&[u8]) -> Result<()>) -> Result<u64> {
+    pub fn drain_tx(
+        &mut self,
+        ram: &mut GuestRam,
+        mut out: impl FnMut(&[u8]) -> Result<()>,
+    ) -> Result<u64> {
         let prod = ram.read_u64(NIC_TX_PROD)?;
         let mut cons = ram.read_u64(NIC_TX_CONS)?;
         let mut n = 0;

@@ -27,8 +27,10 @@ unsafe impl Send for GuestRam {}
 
 impl GuestRam {
     pub fn new(size: usize) -> Result<Self> {
-        if size % PAGE_SIZE != 0 || size == 0 {
-            return Err(Error::Memory(format!("RAM size {size} is not a positive multiple of 4 KiB")));
+        if !size.is_multiple_of(PAGE_SIZE) || size == 0 {
+            return Err(Error::Memory(format!(
+                "RAM size {size} is not a positive multiple of 4 KiB"
+            )));
         }
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), size)])
             .map_err(|e| Error::Memory(format!("cannot map {size} bytes of guest RAM: {e}")))?;
@@ -70,7 +72,8 @@ impl GuestRam {
     }
 
     fn range(&self, addr: u64, len: usize) -> Result<std::ops::Range<usize>> {
-        let start = usize::try_from(addr).map_err(|_| Error::Memory(format!("address {addr:#x} out of range")))?;
+        let start = usize::try_from(addr)
+            .map_err(|_| Error::Memory(format!("address {addr:#x} out of range")))?;
         match start.checked_add(len) {
             Some(end) if end <= self.size => Ok(start..end),
             _ => Err(Error::Memory(format!(
@@ -131,7 +134,10 @@ impl GuestRam {
     /// Recomputes every page hash (after load or restore).
     pub fn rehash_all(&mut self) {
         for p in 0..self.page_hash.len() {
-            self.page_hash[p] = hash_bytes(&self.as_slice()[p * PAGE_SIZE..(p + 1) * PAGE_SIZE], p as u64);
+            self.page_hash[p] = hash_bytes(
+                &self.as_slice()[p * PAGE_SIZE..(p + 1) * PAGE_SIZE],
+                p as u64,
+            );
         }
         self.vmm_dirty.iter_mut().for_each(|w| *w = 0);
     }
@@ -149,7 +155,10 @@ impl GuestRam {
                 bits &= bits - 1;
                 let p = w * 64 + b;
                 if p < self.page_hash.len() {
-                    self.page_hash[p] = hash_bytes(&self.as_slice()[p * PAGE_SIZE..(p + 1) * PAGE_SIZE], p as u64);
+                    self.page_hash[p] = hash_bytes(
+                        &self.as_slice()[p * PAGE_SIZE..(p + 1) * PAGE_SIZE],
+                        p as u64,
+                    );
                     n += 1;
                 }
             }

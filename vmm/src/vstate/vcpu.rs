@@ -4,8 +4,8 @@
 use crate::abi::*;
 use crate::error::{Error, Result};
 use kvm_bindings::{
-    KVM_MAX_CPUID_ENTRIES, Msrs, kvm_dtable, kvm_fpu, kvm_interrupt, kvm_msr_entry, kvm_regs, kvm_segment,
-    kvm_sregs, kvm_vcpu_events,
+    KVM_MAX_CPUID_ENTRIES, Msrs, kvm_dtable, kvm_fpu, kvm_interrupt, kvm_msr_entry, kvm_regs,
+    kvm_segment, kvm_sregs, kvm_vcpu_events,
 };
 use kvm_ioctls::{Kvm, SyncReg, VcpuFd, VmFd};
 use std::os::fd::AsRawFd;
@@ -15,10 +15,21 @@ const KVM_INTERRUPT: libc::c_ulong = 0x4004_AE86;
 
 /// MSRs saved in snapshots (the guest does not use them; saved so a restored vCPU is
 /// identical to the original).
-pub const SNAPSHOT_MSRS: [u32; 6] = [0xC000_0081, 0xC000_0082, 0xC000_0083, 0xC000_0084, 0xC000_0102, 0x277];
+pub const SNAPSHOT_MSRS: [u32; 6] = [
+    0xC000_0081,
+    0xC000_0082,
+    0xC000_0083,
+    0xC000_0084,
+    0xC000_0102,
+    0x277,
+];
 
 pub struct Vcpu {
     pub fd: VcpuFd,
+    /// (rip, interrupt-ready) as of the last guest exit, kept when `kvm_run` no longer
+    /// shows them: after an immediate-exit completion (snapshot) or a restore. Cleared by
+    /// the next real exit.
+    at_exit: Option<(u64, bool)>,
 }
 
 fn seg(selector: u16, code: bool, dpl: u8) -> kvm_segment {
@@ -55,9 +66,10 @@ impl Vcpu {
         let cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(Error::ioctl("KVM_GET_SUPPORTED_CPUID"))?;
-        fd.set_cpuid2(&cpuid).map_err(Error::ioctl("KVM_SET_CPUID2"))?;
+        fd.set_cpuid2(&cpuid)
+            .map_err(Error::ioctl("KVM_SET_CPUID2"))?;
         fd.set_sync_valid_reg(SyncReg::Register);
-        Ok(Vcpu { fd })
+        Ok(Vcpu { fd, at_exit: None })
     }
 
     /// Long mode, paging on, CPL 3 at `entry` with rdi = boot info, IF = 1.
@@ -74,8 +86,16 @@ impl Vcpu {
         s.fs = ds;
         s.gs = ds;
         s.ss = ds;
-        s.gdt = kvm_dtable { base: GDT_ADDR, limit: 7 * 8 - 1, padding: [0; 3] };
-        s.idt = kvm_dtable { base: IDT_ADDR, limit: 256 * 16 - 1, padding: [0; 3] };
+        s.gdt = kvm_dtable {
+            base: GDT_ADDR,
+            limit: 7 * 8 - 1,
+            padding: [0; 3],
+        };
+        s.idt = kvm_dtable {
+            base: IDT_ADDR,
+            limit: 256 * 16 - 1,
+            padding: [0; 3],
+        };
         s.tr = kvm_segment {
             base: TSS_ADDR,
             limit: 0x67,
@@ -91,9 +111,19 @@ impl Vcpu {
             unusable: 0,
             padding: 0,
         };
-        self.fd.set_sregs(&s).map_err(Error::ioctl("KVM_SET_SREGS"))?;
-        let regs = kvm_regs { rip: entry, rsp: STACK_TOP, rflags: 0x202, rdi: BOOT_INFO_ADDR, ..Default::default() };
-        self.fd.set_regs(&regs).map_err(Error::ioctl("KVM_SET_REGS"))?;
+        self.fd
+            .set_sregs(&s)
+            .map_err(Error::ioctl("KVM_SET_SREGS"))?;
+        let regs = kvm_regs {
+            rip: entry,
+            rsp: STACK_TOP,
+            rflags: 0x202,
+            rdi: BOOT_INFO_ADDR,
+            ..Default::default()
+        };
+        self.fd
+            .set_regs(&regs)
+            .map_err(Error::ioctl("KVM_SET_REGS"))?;
         Ok(())
     }
 
@@ -113,8 +143,34 @@ impl Vcpu {
 
     /// True if an interrupt can be injected now (IF set, no interrupt shadow).
     pub fn can_inject(&mut self) -> bool {
+        if let Some((_, ready)) = self.at_exit {
+            return ready;
+        }
         let run = self.fd.get_kvm_run();
         run.ready_for_interrupt_injection != 0 && run.if_flag != 0
+    }
+
+    /// Guest RIP at the last exit (the delivery point's cross-check).
+    pub fn exit_rip(&self) -> u64 {
+        match self.at_exit {
+            Some((rip, _)) => rip,
+            None => self.sync_regs().rip,
+        }
+    }
+
+    /// (rip, interrupt-ready) at the last exit, for snapshots.
+    pub fn exit_state(&mut self) -> (u64, bool) {
+        (self.exit_rip(), self.can_inject())
+    }
+
+    /// Restored VMs: the exit state of the snapshotted VM.
+    pub fn set_exit_state(&mut self, rip: u64, ready: bool) {
+        self.at_exit = Some((rip, ready));
+    }
+
+    /// Called after every real guest exit.
+    pub fn clear_exit_override(&mut self) {
+        self.at_exit = None;
     }
 
     /// Queues external interrupt `vector` for the next KVM_RUN.
@@ -132,31 +188,90 @@ impl Vcpu {
         Ok(())
     }
 
+    /// Enters KVM_RUN with `immediate_exit` set: KVM finishes a pending MMIO/PIO read
+    /// (register write-back, RIP advance) and returns EINTR without running guest code.
+    /// Needed before saving state at an exit, and after restoring, so `kvm_run`'s
+    /// interrupt-readiness flags and sync regs describe the current state.
+    pub fn complete_pending_io(&mut self) -> Result<()> {
+        if self.at_exit.is_none() {
+            self.at_exit = Some(self.exit_state());
+        }
+        self.fd.set_kvm_immediate_exit(1);
+        let r = match self.fd.run() {
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Ok(()),
+            Err(e) => Err(Error::KvmIoctl {
+                op: "KVM_RUN (immediate exit)",
+                err: e,
+            }),
+            Ok(exit) => Err(Error::VcpuFailed(format!(
+                "immediate-exit KVM_RUN returned {exit:?}"
+            ))),
+        };
+        self.fd.set_kvm_immediate_exit(0);
+        r
+    }
+
     pub fn save_state(&self) -> Result<VcpuState> {
         let regs = self.regs()?;
         let sregs = self.sregs()?;
         let fpu = self.fd.get_fpu().map_err(Error::ioctl("KVM_GET_FPU"))?;
-        let events = self.fd.get_vcpu_events().map_err(Error::ioctl("KVM_GET_VCPU_EVENTS"))?;
-        let entries: Vec<kvm_msr_entry> =
-            SNAPSHOT_MSRS.iter().map(|&index| kvm_msr_entry { index, ..Default::default() }).collect();
-        let mut msrs = Msrs::from_entries(&entries).map_err(|e| Error::Snapshot(format!("msr list: {e:?}")))?;
-        let n = self.fd.get_msrs(&mut msrs).map_err(Error::ioctl("KVM_GET_MSRS"))?;
-        let msrs = msrs.as_slice()[..n].iter().map(|e| (e.index, e.data)).collect();
-        Ok(VcpuState { regs, sregs, fpu, events, msrs })
+        let events = self
+            .fd
+            .get_vcpu_events()
+            .map_err(Error::ioctl("KVM_GET_VCPU_EVENTS"))?;
+        let entries: Vec<kvm_msr_entry> = SNAPSHOT_MSRS
+            .iter()
+            .map(|&index| kvm_msr_entry {
+                index,
+                ..Default::default()
+            })
+            .collect();
+        let mut msrs = Msrs::from_entries(&entries)
+            .map_err(|e| Error::Snapshot(format!("msr list: {e:?}")))?;
+        let n = self
+            .fd
+            .get_msrs(&mut msrs)
+            .map_err(Error::ioctl("KVM_GET_MSRS"))?;
+        let msrs = msrs.as_slice()[..n]
+            .iter()
+            .map(|e| (e.index, e.data))
+            .collect();
+        Ok(VcpuState {
+            regs,
+            sregs,
+            fpu,
+            events,
+            msrs,
+        })
     }
 
     pub fn restore_state(&self, st: &VcpuState) -> Result<()> {
-        self.fd.set_sregs(&st.sregs).map_err(Error::ioctl("KVM_SET_SREGS"))?;
-        self.fd.set_regs(&st.regs).map_err(Error::ioctl("KVM_SET_REGS"))?;
-        self.fd.set_fpu(&st.fpu).map_err(Error::ioctl("KVM_SET_FPU"))?;
+        self.fd
+            .set_sregs(&st.sregs)
+            .map_err(Error::ioctl("KVM_SET_SREGS"))?;
+        self.fd
+            .set_regs(&st.regs)
+            .map_err(Error::ioctl("KVM_SET_REGS"))?;
+        self.fd
+            .set_fpu(&st.fpu)
+            .map_err(Error::ioctl("KVM_SET_FPU"))?;
         let entries: Vec<kvm_msr_entry> = st
             .msrs
             .iter()
-            .map(|&(index, data)| kvm_msr_entry { index, data, ..Default::default() })
+            .map(|&(index, data)| kvm_msr_entry {
+                index,
+                data,
+                ..Default::default()
+            })
             .collect();
-        let msrs = Msrs::from_entries(&entries).map_err(|e| Error::Snapshot(format!("msr list: {e:?}")))?;
-        self.fd.set_msrs(&msrs).map_err(Error::ioctl("KVM_SET_MSRS"))?;
-        self.fd.set_vcpu_events(&st.events).map_err(Error::ioctl("KVM_SET_VCPU_EVENTS"))?;
+        let msrs = Msrs::from_entries(&entries)
+            .map_err(|e| Error::Snapshot(format!("msr list: {e:?}")))?;
+        self.fd
+            .set_msrs(&msrs)
+            .map_err(Error::ioctl("KVM_SET_MSRS"))?;
+        self.fd
+            .set_vcpu_events(&st.events)
+            .map_err(Error::ioctl("KVM_SET_VCPU_EVENTS"))?;
         Ok(())
     }
 }
@@ -165,8 +280,8 @@ impl Vcpu {
 pub fn regs_hash(r: &kvm_regs) -> u64 {
     crate::hash::hash_words(
         &[
-            r.rax, r.rbx, r.rcx, r.rdx, r.rsi, r.rdi, r.rsp, r.rbp, r.r8, r.r9, r.r10, r.r11, r.r12, r.r13, r.r14,
-            r.r15, r.rip, r.rflags,
+            r.rax, r.rbx, r.rcx, r.rdx, r.rsi, r.rdi, r.rsp, r.rbp, r.r8, r.r9, r.r10, r.r11,
+            r.r12, r.r13, r.r14, r.r15, r.rip, r.rflags,
         ],
         0x5eed,
     )

@@ -29,7 +29,8 @@ impl Vm {
         };
         // SAFETY: the region maps `ram`, which this struct owns and keeps alive (and
         // mapped) as long as the VM fd exists; the slot does not overlap any other.
-        unsafe { fd.set_user_memory_region(region) }.map_err(Error::ioctl("KVM_SET_USER_MEMORY_REGION"))?;
+        unsafe { fd.set_user_memory_region(region) }
+            .map_err(Error::ioctl("KVM_SET_USER_MEMORY_REGION"))?;
         Ok(Vm { kvm, fd, ram })
     }
 
@@ -44,8 +45,10 @@ impl Vm {
     pub fn setup_system_tables(&mut self, img: &LoadedImage, boot: &BootInfo) -> Result<()> {
         let ram = &mut self.ram;
         // GDT: null, kernel code64, kernel data, user data, user code64, TSS (16 bytes).
-        let tss_lo: u64 =
-            0x67 | ((TSS_ADDR & 0xff_ffff) << 16) | (0x89u64 << 40) | (((TSS_ADDR >> 24) & 0xff) << 56);
+        let tss_lo: u64 = 0x67
+            | ((TSS_ADDR & 0xff_ffff) << 16)
+            | (0x89u64 << 40)
+            | (((TSS_ADDR >> 24) & 0xff) << 56);
         let gdt: [u64; 7] = [
             0,
             0x00AF_9B00_0000_FFFF,
@@ -86,7 +89,10 @@ impl Vm {
         // SAFETY: BootInfo is #[repr(C)] plain data without padding holes that matter
         // (explicit _pad fields); we only view it as bytes.
         let bytes = unsafe {
-            std::slice::from_raw_parts(boot as *const BootInfo as *const u8, std::mem::size_of::<BootInfo>())
+            std::slice::from_raw_parts(
+                boot as *const BootInfo as *const u8,
+                std::mem::size_of::<BootInfo>(),
+            )
         };
         ram.write(BOOT_INFO_ADDR, bytes)?;
         Ok(())

@@ -21,7 +21,10 @@ pub struct NetNs {
 }
 
 fn sh(args: &[&str]) -> Output {
-    Command::new(args[0]).args(&args[1..]).output().expect("spawn command")
+    Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .expect("spawn command")
 }
 
 impl NetNs {
@@ -29,7 +32,11 @@ impl NetNs {
         let name = format!("ftvmm-{tag}-{}", std::process::id());
         let _ = sh(&["ip", "netns", "del", &name]);
         let o = sh(&["ip", "netns", "add", &name]);
-        assert!(o.status.success(), "ip netns add: {}", String::from_utf8_lossy(&o.stderr));
+        assert!(
+            o.status.success(),
+            "ip netns add: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
         let ns = NetNs { name };
         ns.must(&["ip", "link", "set", "lo", "up"]);
         ns.must(&["ip", "tuntap", "add", "dev", TAP, "mode", "tap"]);
@@ -89,19 +96,24 @@ impl Drop for NetNs {
 }
 
 pub fn cfg(mode: ft_vmm::Mode) -> VmmConfig {
-    VmmConfig { mode, capture_tx: true, checkpoint_interval: 500, ..Default::default() }
+    VmmConfig {
+        mode,
+        capture_tx: true,
+        checkpoint_interval: 500,
+        ..Default::default()
+    }
 }
+
+/// What a VMM thread returns: its report and captured output frames.
+pub type VmmResult = Result<(RunReport, Vec<Vec<u8>>), ft_vmm::Error>;
 
 pub struct VmmThread {
     pub control: Arc<Control>,
-    pub handle: JoinHandle<Result<(RunReport, Vec<Vec<u8>>), ft_vmm::Error>>,
+    pub handle: JoinHandle<VmmResult>,
 }
 
 /// Builds a VMM on a new thread (`setup` attaches sinks/sources/backends) and runs it.
-pub fn spawn_vmm(
-    cfg: VmmConfig,
-    setup: impl FnOnce(&mut Vmm) + Send + 'static,
-) -> VmmThread {
+pub fn spawn_vmm(cfg: VmmConfig, setup: impl FnOnce(&mut Vmm) + Send + 'static) -> VmmThread {
     let control = Control::new();
     let c = control.clone();
     let handle = std::thread::spawn(move || {
@@ -114,19 +126,23 @@ pub fn spawn_vmm(
 }
 
 impl VmmThread {
-    pub fn stop(self) -> Result<(RunReport, Vec<Vec<u8>>), ft_vmm::Error> {
+    pub fn stop(self) -> VmmResult {
         self.control.request_stop();
         self.handle.join().expect("vmm thread panicked")
     }
 }
 
 /// Runs `f` on a thread and fails the test if it takes longer than `limit`.
-pub fn with_timeout<T: Send + 'static>(limit: Duration, f: impl FnOnce() -> T + Send + 'static) -> T {
+pub fn with_timeout<T: Send + 'static>(
+    limit: Duration,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> T {
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         let _ = tx.send(f());
     });
-    rx.recv_timeout(limit).unwrap_or_else(|_| panic!("timed out after {limit:?} (hang)"))
+    rx.recv_timeout(limit)
+        .unwrap_or_else(|_| panic!("timed out after {limit:?} (hang)"))
 }
 
 /// A minimal guest ELF: header + 32 exception stubs + iretq handlers + `code` at entry.
@@ -138,7 +154,13 @@ pub fn build_elf(code: &[u8]) -> Vec<u8> {
     let mut seg = vec![0u8; entry_off as usize];
     seg[..8].copy_from_slice(&GUEST_MAGIC);
     seg[8..12].copy_from_slice(&GUEST_ABI_VERSION.to_le_bytes());
-    let words = [base + entry_off, base + stubs_off, base + irq_off, base + irq_off, base + entry_off + code.len() as u64];
+    let words = [
+        base + entry_off,
+        base + stubs_off,
+        base + irq_off,
+        base + irq_off,
+        base + entry_off + code.len() as u64,
+    ];
     for (i, w) in words.iter().enumerate() {
         seg[16 + 8 * i..24 + 8 * i].copy_from_slice(&w.to_le_bytes());
     }
@@ -146,7 +168,9 @@ pub fn build_elf(code: &[u8]) -> Vec<u8> {
         let o = (stubs_off + v * EXC_STUB_STRIDE) as usize;
         // mov dword ptr [MMIO_BASE + REG_FAULT], v ; jmp $
         let a = ((MMIO_BASE + REG_FAULT) as u32).to_le_bytes();
-        let s = [0xC7, 0x04, 0x25, a[0], a[1], a[2], a[3], v as u8, 0, 0, 0, 0xEB, 0xFE];
+        let s = [
+            0xC7, 0x04, 0x25, a[0], a[1], a[2], a[3], v as u8, 0, 0, 0, 0xEB, 0xFE,
+        ];
         seg[o..o + s.len()].copy_from_slice(&s);
     }
     seg[irq_off as usize..irq_off as usize + 2].copy_from_slice(&[0x48, 0xCF]); // iretq
