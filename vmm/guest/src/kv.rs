@@ -44,10 +44,13 @@ pub fn serve(boot: &BootInfo) -> ! {
     let mut sockets = SocketSet::new(vec![]);
     let mut conns: Vec<Conn> = (0..SOCKETS)
         .map(|_| {
-            let s = tcp::Socket::new(
+            let mut s = tcp::Socket::new(
                 tcp::SocketBuffer::new(vec![0; BUF]),
                 tcp::SocketBuffer::new(vec![0; BUF]),
             );
+            // Replies are small and request/response: Nagle + the client's delayed ACK
+            // would add 40 ms stalls.
+            s.set_nagle_enabled(false);
             Conn {
                 handle: sockets.add(s),
                 inbuf: Vec::new(),
