@@ -389,3 +389,88 @@ impl MemFrameStore {
         self.len() == 0
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use format::*;
+
+    fn entries() -> Vec<LogEntry> {
+        (0..1000u64)
+            .map(|i| {
+                let kind = if i % 7 == 0 { EV_RX_FRAME } else { EV_CLOCK };
+                let payload = if kind == EV_RX_FRAME {
+                    vec![i as u8; (i % 300) as usize + 60]
+                } else {
+                    vec![]
+                };
+                let mut hdr = EntryHdr::new(kind, i, 0x200000 + i, i * 3);
+                hdr.len.set(payload.len() as u16);
+                LogEntry { hdr, payload }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn stream_roundtrip_and_truncation() {
+        let mut buf = Vec::new();
+        {
+            let mut s = WriteSink::new(&mut buf);
+            for e in entries() {
+                s.append(&e.hdr, &e.payload).unwrap();
+            }
+            s.flush().unwrap();
+        }
+        let mut src = ReadSource::new(buf.as_slice());
+        let mut got = Vec::new();
+        while let Recv::Entry(e) = src.recv(Duration::ZERO).unwrap() {
+            got.push(e);
+        }
+        assert_eq!(got, entries());
+        let cut = &buf[..buf.len() - 3];
+        let mut src = ReadSource::new(cut);
+        let err = loop {
+            match src.recv(Duration::ZERO) {
+                Ok(Recv::Entry(_)) => {}
+                Ok(other) => panic!("expected corruption, got {other:?}"),
+                Err(e) => break e,
+            }
+        };
+        assert!(matches!(err, Error::LogCorrupt { .. }));
+        let mut bad = buf.clone();
+        bad[0] = 0xEE; // kind
+        assert!(matches!(
+            ReadSource::new(bad.as_slice()).recv(Duration::ZERO),
+            Err(Error::LogCorrupt { .. })
+        ));
+    }
+
+    #[test]
+    fn channel_roundtrip_across_threads() {
+        let (mut sink, mut src) = channel(4);
+        let t = std::thread::spawn(move || {
+            for e in entries() {
+                sink.append(&e.hdr, &e.payload).unwrap();
+            }
+            sink.flush().unwrap();
+        });
+        let mut got = Vec::new();
+        loop {
+            match src.recv(Duration::from_millis(50)).unwrap() {
+                Recv::Entry(e) => got.push(e),
+                Recv::Empty => {}
+                Recv::End => break,
+            }
+        }
+        t.join().unwrap();
+        assert_eq!(got, entries());
+    }
+
+    #[test]
+    fn frame_store() {
+        let s = MemFrameStore::default();
+        s.put(7, b"abc");
+        assert_eq!(s.get(7).as_deref(), Some(&b"abc"[..]));
+        assert!(s.get(8).is_none());
+    }
+}

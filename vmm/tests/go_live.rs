@@ -107,3 +107,93 @@ fn backup_goes_live_and_counter_never_goes_backwards() {
     );
     assert!(brec.stats.checkpoints_verified > 0);
 }
+
+/// A sink that can be cut (the primary "crashes": nothing more reaches the backup, and
+/// the stream ends without an END entry when the primary goes away).
+struct CuttableSink {
+    inner: ft_vmm::vmlog::ChannelSink,
+    cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl ft_vmm::vmlog::LogSink for CuttableSink {
+    fn append(
+        &mut self,
+        hdr: &ft_common::vmlog::EntryHdr,
+        payload: &[u8],
+    ) -> ft_vmm::error::Result<()> {
+        if self.cut.load(std::sync::atomic::Ordering::SeqCst) {
+            return Ok(());
+        }
+        self.inner.append(hdr, payload)
+    }
+    fn flush(&mut self) -> ft_vmm::error::Result<()> {
+        if self.cut.load(std::sync::atomic::Ordering::SeqCst) {
+            return Ok(());
+        }
+        self.inner.flush()
+    }
+}
+
+#[test]
+fn backup_goes_live_after_primary_crash_without_end() {
+    let ns = NetNs::new("crash");
+    let (sink, source) = channel(1 << 16);
+    let cut = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let tap = ns.open_tap();
+    let c2 = cut.clone();
+    let primary = spawn_vmm(cfg(Mode::Record), move |v| {
+        v.set_net(Box::new(tap));
+        v.set_sink(Box::new(CuttableSink {
+            inner: sink,
+            cut: c2,
+        }));
+    });
+    let ns_name = ns.name.clone();
+    let mut bcfg = cfg(Mode::Replay);
+    bcfg.wait_for_go_live = true;
+    let backup = spawn_vmm(bcfg, move |v| {
+        v.set_source(Box::new(source));
+        v.set_net_on_live(Box::new(move || {
+            let tap = ft_vmm::net::in_netns(&ns_name, || ft_vmm::net::Tap::open(TAP))?;
+            Ok(Box::new(tap) as Box<dyn ft_vmm::net::NetBackend>)
+        }));
+    });
+    ns.wait_ready(Duration::from_secs(20));
+    let mut last = 0i64;
+    for _ in 0..10 {
+        last = ns.redis(&["INCR", "c"]).parse().unwrap();
+    }
+    ns.must(&[
+        "redis-benchmark",
+        "-h",
+        GUEST_IP,
+        "-c",
+        "10",
+        "-n",
+        "500",
+        "-t",
+        "set",
+        "-q",
+    ]);
+    last = last.max(ns.redis(&["INCR", "c"]).parse().unwrap());
+    // Let the last replies' ACKs in, then the primary crashes: its log stops here.
+    std::thread::sleep(Duration::from_millis(300));
+    cut.store(true, std::sync::atomic::Ordering::SeqCst);
+    let _ = primary.stop();
+    backup.control.request_go_live();
+    let t = std::time::Instant::now();
+    let v = loop {
+        let o = ns.exec(&["redis-cli", "-h", GUEST_IP, "INCR", "c"]);
+        if let Ok(v) = String::from_utf8_lossy(&o.stdout).trim().parse::<i64>() {
+            break v;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "backup did not answer after go-live"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(v, last + 1, "counter after failover");
+    let (brec, _) = backup.stop().expect("backup run");
+    assert!(brec.went_live_at_exit.is_some());
+}
