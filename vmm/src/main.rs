@@ -75,6 +75,9 @@ enum Cmd {
         /// Write a snapshot here at the end of the run.
         #[arg(long)]
         snapshot: Option<PathBuf>,
+        /// Pin the vCPU thread to this host CPU (same index on primary and backup).
+        #[arg(long)]
+        pin_cpu: Option<usize>,
         #[arg(long)]
         quiet: bool,
     },
@@ -175,6 +178,7 @@ fn main() -> Result<()> {
             tagged_input,
             guest,
             snapshot,
+            pin_cpu,
             quiet,
         } => {
             let (ip, prefix_len) = parse_ip(&guest_ip)?;
@@ -194,6 +198,7 @@ fn main() -> Result<()> {
                 tagged_input,
                 go_live_at_end,
                 console_echo: !quiet,
+                pin_cpu,
                 ..Default::default()
             };
             let elf = match &guest {

@@ -69,6 +69,9 @@ pub struct VmmConfig {
     /// Replay: when the log ends, wait for a go-live (or stop) request instead of
     /// stopping (END) or failing (truncated). For a backup fed by a live stream.
     pub wait_for_go_live: bool,
+    /// Pin the vCPU thread (the thread calling `run`) to this host CPU. Use the same
+    /// index on primary and backup hosts.
+    pub pin_cpu: Option<usize>,
 }
 
 impl Default for VmmConfig {
@@ -87,6 +90,7 @@ impl Default for VmmConfig {
             console_echo: false,
             go_live_at_end: false,
             wait_for_go_live: false,
+            pin_cpu: None,
         }
     }
 }
@@ -256,6 +260,23 @@ pub struct Vmm {
     pub(crate) log_started: bool,
     went_live_at: Option<u64>,
     rxbuf: Vec<u8>,
+}
+
+fn pin_current_thread(cpu: usize) -> Result<()> {
+    // SAFETY: cpu_set_t is plain data; CPU_SET and sched_setaffinity(0 = this thread)
+    // only read/write the local set.
+    let r = unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set)
+    };
+    if r != 0 {
+        return Err(Error::Config(format!(
+            "cannot pin the vCPU thread to CPU {cpu}: {}",
+            std::io::Error::last_os_error()
+        )));
+    }
+    Ok(())
 }
 
 fn exc_name(v: u64) -> &'static str {
@@ -1070,6 +1091,9 @@ impl Vmm {
     }
 
     fn run_inner(&mut self) -> Result<RunOutcome> {
+        if let Some(cpu) = self.cfg.pin_cpu {
+            pin_current_thread(cpu)?;
+        }
         self.start_log()?;
         loop {
             // Stage A: end of run.
