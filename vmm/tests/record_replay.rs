@@ -250,6 +250,29 @@ fn snapshot_mid_run_restores_identically() {
         vmm.snapshot(&mut snap).unwrap();
         vmm.set_max_exits(None);
         let a = vmm.run().unwrap();
+        // Incremental transfer: the pages dirtied since the snapshot, applied to the
+        // snapshot image, give the final memory.
+        let pages = vmm.take_dirty_pages().unwrap();
+        let mut delta = Vec::new();
+        vmm.write_pages(&pages, &mut delta).unwrap();
+        let mut patched = snap.clone();
+        let off = ft_vmm::snapshot::ram_offset(&patched).unwrap();
+        let n = ft_vmm::snapshot::apply_pages(&mut patched, off, &mut delta.as_slice()).unwrap();
+        assert!(n > 0 && n < 8192, "{n} dirty pages");
+        let mut c = common::cfg(Mode::Free);
+        c.capture_tx = false;
+        let mut restored = Vmm::restore(
+            c,
+            ft_vmm::GUEST_ELF,
+            ft_vmm::Control::new(),
+            &mut patched.as_slice(),
+        )
+        .unwrap();
+        assert_eq!(
+            restored.state_hash(true).unwrap().2,
+            a.mem_hash,
+            "RAM after applying the dirty-page delta"
+        );
         (snap, a)
     });
     assert_eq!(a.outcome, RunOutcome::ReplayComplete);
