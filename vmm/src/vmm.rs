@@ -118,6 +118,30 @@ pub struct Control {
     stop: AtomicBool,
     go_live: AtomicBool,
     wake: OwnedFd,
+    /// pthread id of the thread inside `Vmm::run` (0 if none) and whether it runs.
+    vcpu_thread: std::sync::atomic::AtomicU64,
+    running: Arc<AtomicBool>,
+}
+
+/// Signal used to kick the vCPU thread out of KVM_RUN (a guest spinning without exits
+/// never returns to the VMM otherwise). Its handler does nothing.
+pub const KICK_SIGNAL: libc::c_int = libc::SIGUSR2;
+
+extern "C" fn on_kick(_: libc::c_int) {}
+
+fn install_kick_handler() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // SAFETY: installs a handler that does nothing (async-signal-safe); no SA_RESTART
+        // so KVM_RUN returns EINTR.
+        unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = on_kick as *const () as usize;
+            sa.sa_flags = 0;
+            libc::sigemptyset(&mut sa.sa_mask);
+            libc::sigaction(KICK_SIGNAL, &sa, std::ptr::null_mut());
+        }
+    });
 }
 
 impl Control {
@@ -135,6 +159,8 @@ impl Control {
             stop: AtomicBool::new(false),
             go_live: AtomicBool::new(false),
             wake,
+            vcpu_thread: std::sync::atomic::AtomicU64::new(0),
+            running: Arc::new(AtomicBool::new(false)),
         })
     }
 
@@ -142,6 +168,23 @@ impl Control {
     pub fn request_stop(&self) {
         self.stop.store(true, Ordering::SeqCst);
         self.kick();
+        // Interrupt KVM_RUN too, repeatedly until the run loop has noticed (a single
+        // signal could land just before the thread enters KVM_RUN).
+        let tid = self.vcpu_thread.load(Ordering::SeqCst);
+        let running = self.running.clone();
+        if tid != 0 && running.load(Ordering::SeqCst) {
+            std::thread::spawn(move || {
+                for _ in 0..1000 {
+                    if !running.load(Ordering::SeqCst) {
+                        break;
+                    }
+                    // SAFETY: `tid` is the pthread id of the thread inside `Vmm::run`,
+                    // which clears `running` before it returns; the handler is a no-op.
+                    unsafe { libc::pthread_kill(tid as libc::pthread_t, KICK_SIGNAL) };
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            });
+        }
     }
 
     /// Replay: consume every entry already buffered, then continue as a free-running
@@ -1065,7 +1108,14 @@ impl Vmm {
     /// Runs the guest until stopped, powered off, the exit limit, or the end of replay.
     pub fn run(&mut self) -> Result<RunReport> {
         let t0 = Instant::now();
+        install_kick_handler();
+        // SAFETY: pthread_self has no preconditions.
+        let me = unsafe { libc::pthread_self() } as u64;
+        self.control.vcpu_thread.store(me, Ordering::SeqCst);
+        self.control.running.store(true, Ordering::SeqCst);
         let r = self.run_inner();
+        self.control.running.store(false, Ordering::SeqCst);
+        self.control.vcpu_thread.store(0, Ordering::SeqCst);
         let outcome = match r {
             Ok(o) => o,
             Err(Error::Stopped) => RunOutcome::Stopped,

@@ -133,3 +133,21 @@ fn bad_device_accesses_are_reported() {
         }
     }
 }
+
+#[test]
+fn spinning_guest_can_be_stopped() {
+    // jmp $ in ring 3: no exits at all; stop must still end the run (signal kick).
+    let control = Control::new();
+    let c = control.clone();
+    let t = std::thread::spawn(move || {
+        let mut vmm = Vmm::new(cfg(Mode::Free), &build_elf(&[0xEB, 0xFE]), c)?;
+        vmm.run()
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let t0 = std::time::Instant::now();
+    control.request_stop();
+    let r = with_timeout(Duration::from_secs(10), move || t.join().unwrap()).expect("run");
+    assert_eq!(r.outcome, ft_vmm::RunOutcome::Stopped);
+    assert_eq!(r.exits, 0);
+    assert!(t0.elapsed() < Duration::from_secs(2));
+}
