@@ -9,6 +9,32 @@
 //! - [`vmm`]: the run loop ([`Vmm`]), modes, divergence checks, go-live, snapshots.
 //!
 //! The guest (vmm/guest) is built by build.rs and embedded as [`GUEST_ELF`].
+//!
+//! # Embedding (daemon side)
+//!
+//! ```no_run
+//! use ft_vmm::{Control, Mode, Vmm, VmmConfig, vmlog, net};
+//! # fn main() -> Result<(), ft_vmm::Error> {
+//! // Primary: record into any LogSink (here an in-process channel).
+//! let (sink, source) = vmlog::channel(1024);
+//! let control = Control::new();
+//! let mut primary = Vmm::new(VmmConfig { mode: Mode::Record, ..Default::default() },
+//!                            ft_vmm::GUEST_ELF, control.clone())?;
+//! primary.set_net(Box::new(net::Tap::open("ftap0")?));
+//! primary.set_sink(Box::new(sink));
+//! std::thread::spawn(move || primary.run());
+//!
+//! // Backup: replay from any LogSource; go live later with `request_go_live`.
+//! let bctl = Control::new();
+//! let cfg = VmmConfig { mode: Mode::Replay, wait_for_go_live: true, ..Default::default() };
+//! let mut backup = Vmm::new(cfg, ft_vmm::GUEST_ELF, bctl.clone())?;
+//! backup.set_source(Box::new(source));
+//! backup.set_net_on_live(Box::new(|| Ok(Box::new(net::Tap::open("ftap0")?) as Box<dyn net::NetBackend>)));
+//! let h = std::thread::spawn(move || backup.run());
+//! // ... primary fails:
+//! bctl.request_go_live();
+//! # let _ = h; Ok(()) }
+//! ```
 
 #[path = "../guest/src/abi.rs"]
 pub mod abi;
