@@ -54,8 +54,9 @@ struct Args {
     /// Throughput rounds (each measures every path once; order alternates).
     #[arg(long, default_value_t = 2)]
     tput_rounds: usize,
-    /// Throughput paths to measure (comma-separated subset of xdp-backup,xdp-nobackup,userspace).
-    #[arg(long, default_value = "xdp-backup,xdp-nobackup,userspace")]
+    /// Throughput paths to measure (comma-separated subset of
+    /// xdp-backup,xdp-nobackup,userspace,userspace-vm).
+    #[arg(long, default_value = "xdp-backup,xdp-nobackup,userspace,userspace-vm")]
     tput_paths: String,
     /// Skip phase 1 (latency).
     #[arg(long)]
@@ -1050,11 +1051,17 @@ fn xdp_run(
 
 /// Userspace baseline: no daemon; a forwarder thread in host A's namespace reads frames
 /// for the VM from cli0 and sends each, with a log header prepended, out of log0.
-fn userspace_run(tb: &Testbed, frames: &[Vec<u8>]) -> Result<TputResult> {
+fn userspace_run(tb: &Testbed, frames: &[Vec<u8>], also_vm: bool) -> Result<TputResult> {
     let rx = Arc::new(RawSock::open(&tb.a.ns, CLI_IF)?);
     let _ = rx.stats(); // reset the kernel's drop counter
     let rx2 = rx.clone();
     let (tx, _) = packet_sock(&tb.a.ns, LOG_IF, 0)?;
+    // Optional second copy to the VM (what the XDP path's devmap broadcast also does).
+    let vm_tx = if also_vm {
+        Some(packet_sock(&tb.a.ns, VMH_IF, 0)?.0)
+    } else {
+        None
+    };
     let stop = Arc::new(AtomicBool::new(false));
     let fwd_stop = stop.clone();
     let (dst, src) = (tb.b.log_mac, tb.a.log_mac);
@@ -1079,6 +1086,11 @@ fn userspace_run(tb: &Testbed, frames: &[Vec<u8>]) -> Result<TputResult> {
                     {
                         continue;
                     }
+                    if let Some(v) = &vm_tx
+                        && !send_frame(v.as_raw_fd(), &buf[LOG_OVERHEAD..LOG_OVERHEAD + len])
+                    {
+                        send_fail += 1;
+                    }
                     seq += 1;
                     let mut ft = FtHdr::new(KIND_LOG, 1, seq);
                     ft.len.set(len as u16);
@@ -1098,7 +1110,12 @@ fn userspace_run(tb: &Testbed, frames: &[Vec<u8>]) -> Result<TputResult> {
             }
             (seq, send_fail)
         })?;
-    let mut r = measure_burst(tb, frames, "userspace AF_PACKET forwarder")?;
+    let name = if also_vm {
+        "userspace forwarder + copy to VM"
+    } else {
+        "userspace AF_PACKET forwarder"
+    };
+    let mut r = measure_burst(tb, frames, name)?;
     stop.store(true, Ordering::Relaxed);
     let (fwd_n, fail) = fwd
         .join()
@@ -1124,7 +1141,7 @@ fn throughput_phase(tb: &Testbed, args: &Args) -> Result<()> {
          'no backup daemon' = duplication cost alone (window > burst, so nothing is dropped \
          for lack of acks; hold_output=false).\n  \
          The XDP path also delivers every frame to the primary's VM (devmap broadcast); the \
-         userspace forwarder only copies to log0."
+         plain userspace forwarder only copies to log0, '+ copy to VM' also sends it to vmh."
     );
     let frames = burst(args.burst_frames, args.frame_size);
     let big_retx = (args.burst_frames as u64 + 512)
@@ -1134,12 +1151,17 @@ fn throughput_phase(tb: &Testbed, args: &Args) -> Result<()> {
         "XDP, backup running (retx_slots=16384)".to_string(),
         format!("XDP, no backup daemon (retx_slots={big_retx})"),
         "userspace AF_PACKET forwarder".to_string(),
+        "userspace forwarder + copy to VM".to_string(),
     ];
-    let mut results: Vec<Vec<TputResult>> = vec![Vec::new(), Vec::new(), Vec::new()];
+    let mut results: Vec<Vec<TputResult>> = vec![Vec::new(), Vec::new(), Vec::new(), Vec::new()];
     for round in 0..args.tput_rounds {
-        let order: [usize; 3] = if round % 2 == 0 { [0, 1, 2] } else { [2, 1, 0] };
+        let order: [usize; 4] = if round % 2 == 0 {
+            [0, 1, 2, 3]
+        } else {
+            [3, 2, 1, 0]
+        };
         for k in order {
-            let key = ["xdp-backup", "xdp-nobackup", "userspace"][k];
+            let key = ["xdp-backup", "xdp-nobackup", "userspace", "userspace-vm"][k];
             if !args.tput_paths.split(',').any(|p| p.trim() == key) {
                 continue;
             }
@@ -1158,7 +1180,8 @@ fn throughput_phase(tb: &Testbed, args: &Args) -> Result<()> {
                     },
                     &names[1],
                 )?,
-                _ => userspace_run(tb, &frames)?,
+                2 => userspace_run(tb, &frames, false)?,
+                _ => userspace_run(tb, &frames, true)?,
             };
             println!(
                 "  round {round}: {:<44} offered {:>8.0} f/s, B log0 {:>8.0} f/s ({} frames)",
