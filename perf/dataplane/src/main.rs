@@ -58,6 +58,9 @@ struct Args {
     /// xdp-backup,xdp-nobackup,userspace,userspace-vm).
     #[arg(long, default_value = "xdp-backup,xdp-nobackup,userspace,userspace-vm")]
     tput_paths: String,
+    /// XDP attach mode of the daemons: driver (native, default) or skb (generic).
+    #[arg(long, default_value = "driver", value_parser = ["driver", "skb"])]
+    xdp_mode: String,
     /// Skip phase 1 (latency).
     #[arg(long)]
     skip_latency: bool,
@@ -599,6 +602,18 @@ fn print_hist(title: &str, h: &[(String, u64)]) {
     }
 }
 
+/// Appliance options shared by every run (defaults plus --xdp-mode).
+fn base_opts(args: &Args) -> ApplianceOptions {
+    ApplianceOptions {
+        xdp_mode: if args.xdp_mode == "skb" {
+            "skb"
+        } else {
+            "driver"
+        },
+        ..Default::default()
+    }
+}
+
 fn start_appliance(tb: &Testbed, o: &ApplianceOptions) -> Result<Appliance> {
     let app = Appliance::start(tb, o)?;
     // Warm-up: the whole path (and ARP) works before measuring.
@@ -651,7 +666,7 @@ fn latency_phase(tb: &Testbed, args: &Args) -> Result<()> {
         for gate in order {
             let o = ApplianceOptions {
                 hold_output: gate,
-                ..Default::default()
+                ..base_opts(args)
             };
             let t0 = Instant::now();
             let app = start_appliance(tb, &o)?;
@@ -1166,7 +1181,7 @@ fn throughput_phase(tb: &Testbed, args: &Args) -> Result<()> {
                 continue;
             }
             let r = match k {
-                0 => xdp_run(tb, &frames, &ApplianceOptions::default(), &names[0])?,
+                0 => xdp_run(tb, &frames, &base_opts(args), &names[0])?,
                 1 => xdp_run(
                     tb,
                     &frames,
@@ -1176,7 +1191,7 @@ fn throughput_phase(tb: &Testbed, args: &Args) -> Result<()> {
                         // Nothing would ever ack the output (or the warm-up PING)
                         // without a backup.
                         hold_output: false,
-                        ..Default::default()
+                        ..base_opts(args)
                     },
                     &names[1],
                 )?,
