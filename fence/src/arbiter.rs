@@ -163,7 +163,10 @@ pub async fn try_acquire(
     })
 }
 
-/// An instant of CLOCK_MONOTONIC, in nanoseconds (the clock of `bpf_ktime_get_ns()`).
+/// An instant of CLOCK_BOOTTIME, in nanoseconds (the clock of `bpf_ktime_get_boot_ns()`,
+/// which the kernel's lease check uses). Unlike CLOCK_MONOTONIC it keeps counting while
+/// the host is suspended or frozen, so a node that resumes after its lease ran out in
+/// real time does not emit on it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct MonoInstant(pub u64);
 
@@ -173,16 +176,16 @@ impl MonoInstant {
     }
 }
 
-/// CLOCK_MONOTONIC now, in nanoseconds.
+/// CLOCK_BOOTTIME now, in nanoseconds (see [`MonoInstant`]).
 pub fn monotonic_now_ns() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
     };
-    // SAFETY: `ts` is a valid, writable timespec; CLOCK_MONOTONIC is always supported
-    // on Linux, so clock_gettime only writes `ts` and returns 0.
-    let rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    assert_eq!(rc, 0, "clock_gettime(CLOCK_MONOTONIC) failed");
+    // SAFETY: `ts` is a valid, writable timespec; CLOCK_BOOTTIME is always supported on
+    // Linux >= 2.6.39, so clock_gettime only writes `ts` and returns 0.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
+    assert_eq!(rc, 0, "clock_gettime(CLOCK_BOOTTIME) failed");
     (ts.tv_sec as u64)
         .saturating_mul(1_000_000_000)
         .saturating_add(ts.tv_nsec as u64)

@@ -6,13 +6,13 @@
 //! **fencing epoch** (strictly higher than every earlier one, never reused) plus a
 //! **lease**; the other learns who holds it and stays down. The owner keeps the lease
 //! with [`LeaseKeeper`]; the kernel data plane only emits client traffic while
-//! `bpf_ktime_get_ns() < lease_deadline_ns`.
+//! `bpf_ktime_get_boot_ns() < lease_deadline_ns`.
 //!
 //! # Safety argument
 //! * The arbiter refuses `test_and_set` while another node's lease is valid *on the
 //!   arbiter's clock*, and requires the caller's expected epoch to equal the current
 //!   one, so two concurrent callers with the same view cannot both win.
-//! * The node's deadline is `t_send + lease - drift_margin` on CLOCK_MONOTONIC
+//! * The node's deadline is `t_send + lease - drift_margin` on CLOCK_BOOTTIME
 //!   ([`LeaseGrant::deadline_monotonic_ns`]), where `t_send` is taken before the request
 //!   leaves. The arbiter starts its timer when it handles the request, i.e. later, so the
 //!   node's lease ends before the arbiter's as long as the clocks' rate difference over
@@ -62,10 +62,10 @@
 //! # Operational notes
 //! * Never delete the etcd prefix or the embedded state file while a node may be live:
 //!   epochs would restart at 0.
-//! * CLOCK_MONOTONIC does not advance while a host is suspended; a node that can be
-//!   suspended (or frozen as a VM) with a lease could emit after resuming until its
-//!   local deadline. Production hosts must not suspend (CLOCK_BOOTTIME /
-//!   `bpf_ktime_get_boot_ns()` on both sides would close this gap).
+//! * The node side uses CLOCK_BOOTTIME (kernel: `bpf_ktime_get_boot_ns()`), which keeps
+//!   counting while a host is suspended or frozen: a node resuming after its lease ran
+//!   out in real time does not emit on it. The arbiter measures leases on its own
+//!   monotonic clock, which can only make it hold a lease longer (the safe side).
 #![deny(unsafe_op_in_unsafe_fn)]
 
 mod arbiter;

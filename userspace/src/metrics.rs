@@ -5,7 +5,7 @@ use std::{fmt::Write as _, sync::Arc, sync::atomic::Ordering::Relaxed};
 use ft_common::maps::{COUNTER_INFO, HIST_BUCKETS, hist_upper_us, role_name};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::{channel::primary::monotonic_ns, daemon::Shared};
+use crate::daemon::Shared;
 
 pub fn render(sh: &Shared) -> String {
     let mut o = String::new();
@@ -92,7 +92,7 @@ pub fn lease_remaining_s(deadline_ns: u64) -> f64 {
     if deadline_ns == u64::MAX {
         return f64::INFINITY;
     }
-    deadline_ns.saturating_sub(monotonic_ns()) as f64 / 1e9
+    deadline_ns.saturating_sub(ft_fence::monotonic_now_ns()) as f64 / 1e9
 }
 
 /// Serves GET /metrics until the listener fails. One short request per connection.

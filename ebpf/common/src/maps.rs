@@ -71,7 +71,7 @@ pub struct Config {
 pub struct NodeState {
     /// Fencing epoch (token from the arbiter). Log frames and acks carry it.
     pub epoch: u64,
-    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) until which this node may emit client
+    /// `bpf_ktime_get_boot_ns()` (CLOCK_BOOTTIME) until which this node may emit client
     /// traffic. 0 = no lease. `u64::MAX` = static lease (no arbiter configured).
     pub lease_deadline_ns: u64,
     pub role: u32,

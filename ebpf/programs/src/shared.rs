@@ -67,11 +67,12 @@ pub fn count_n(idx: u32, n: u64) {
     }
 }
 
-/// The node may emit client traffic: the lease deadline is in the future.
+/// The node may emit client traffic: the lease deadline is in the future. The deadline
+/// is on CLOCK_BOOTTIME, which keeps counting while the host is suspended or frozen.
 #[inline(always)]
 pub fn lease_valid(node: &NodeState) -> bool {
     // SAFETY: plain helper call.
-    let now = unsafe { h::bpf_ktime_get_ns() };
+    let now = unsafe { h::bpf_ktime_get_boot_ns() };
     // SAFETY: aligned field of a live map value; read once.
     let deadline = unsafe { core::ptr::read_volatile(&node.lease_deadline_ns) };
     now < deadline
