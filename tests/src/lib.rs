@@ -7,7 +7,7 @@
 //!  client ns "<p>c": br0 10.77.0.1/24 ── pa ── cli0 (10.77.0.11) host A "<p>a" ── vmh ── eth0 VM "<p>va"
 //!                         (bridge)    ── pb ── cli0 (10.77.0.12) host B "<p>b" ── vmh ── eth0 VM "<p>vb"
 //!                                     ── pr ── eth0 (10.77.0.2) arbiter "<p>r"
-//!  host A log0 (10.78.0.1, mtu 2000) ── la ═ wire ns "<p>w" (nft netdev fwd) ═ lb ── log0 host B (10.78.0.2)
+//!  host A log0 (10.78.0.1, mtu 2000) ── la ═ wire ns "<p>w" (bridge wbr + nft bridge filter) ═ lb ── log0 host B (10.78.0.2)
 //!  VM eth0 on both sides: 02:f7:00:00:00:64 / 10.77.0.100/24, runs `ft-standin` on UDP 7000.
 //! ```
 //!

@@ -35,8 +35,10 @@ pub mod names {
     pub const WIRE_A: &str = "la";
     /// Wire-ns veth peered with host B's log0.
     pub const WIRE_B: &str = "lb";
-    /// nftables table (netdev family) in the wire namespace.
+    /// nftables table (bridge family) in the wire namespace.
     pub const WIRE_TABLE: &str = "wire";
+    /// Bridge joining `la` and `lb` in the wire namespace.
+    pub const WIRE_BRIDGE: &str = "wbr";
 
     pub const CLIENT_NET_PREFIX: u8 = 24;
     /// Client host address (on br0).
@@ -132,7 +134,7 @@ pub struct Testbed {
     pub client_ns: String,
     /// Arbiter (eth0, 10.77.0.2).
     pub arbiter_ns: String,
-    /// Logging wire between A.log0 and B.log0 (veths la, lb; nftables netdev fwd).
+    /// Logging wire between A.log0 and B.log0 (veths la, lb on a bridge; nftables bridge filter).
     pub wire_ns: String,
     pub a: Host,
     pub b: Host,
@@ -405,6 +407,27 @@ impl Testbed {
                 ip(ns, &["link", "set", i, "up"])?;
             }
         }
+        // The wire is a bridge (like a cable through a switch): forwarded frames reach
+        // the far NIC as fresh receives. (nftables `fwd`/tc mirred would mark them as
+        // redirected, and generic-mode XDP skips redirected skbs.)
+        ip(
+            &w,
+            &[
+                "link",
+                "add",
+                WIRE_BRIDGE,
+                "type",
+                "bridge",
+                "stp_state",
+                "0",
+                "forward_delay",
+                "0",
+            ],
+        )?;
+        for l in [WIRE_A, WIRE_B] {
+            ip(&w, &["link", "set", l, "master", WIRE_BRIDGE])?;
+        }
+        ip(&w, &["link", "set", WIRE_BRIDGE, "up"])?;
         self.apply_wire()?;
         // Read back MACs / ifindexes.
         self.client_mac = netns::mac(&c, BRIDGE)?;
@@ -444,23 +467,23 @@ impl Testbed {
         Ok(())
     }
 
-    /// nftables ruleset of the wire namespace for the current state (atomic replace).
+    /// nftables ruleset of the wire namespace for the current state (atomic replace):
+    /// bridge-family filter on the wire bridge's forward path.
     fn wire_ruleset(&self, st: WireState) -> String {
         let drop_all = if st.down { "drop\n" } else { "" };
         let loss = match st.loss_every_nth {
             Some(n) if n > 0 => {
                 format!(
-                    "ether type 0x{LOG_ETHERTYPE:04x} numgen inc mod {n} == {} drop\n",
+                    "iifname \"{WIRE_A}\" ether type 0x{LOG_ETHERTYPE:04x} numgen inc mod {n} == {} drop\n",
                     n - 1
                 )
             }
             _ => String::new(),
         };
         format!(
-            "table netdev {WIRE_TABLE}\ndelete table netdev {WIRE_TABLE}\n\
-             table netdev {WIRE_TABLE} {{\n\
-             chain a {{ type filter hook ingress device \"{WIRE_A}\" priority 0; policy accept;\n{drop_all}{loss}fwd to \"{WIRE_B}\"\n}}\n\
-             chain b {{ type filter hook ingress device \"{WIRE_B}\" priority 0; policy accept;\n{drop_all}fwd to \"{WIRE_A}\"\n}}\n}}\n"
+            "table bridge {WIRE_TABLE}\ndelete table bridge {WIRE_TABLE}\n\
+             table bridge {WIRE_TABLE} {{\n\
+             chain forward {{ type filter hook forward priority 0; policy accept;\n{drop_all}{loss}}}\n}}\n"
         )
     }
 
@@ -535,7 +558,7 @@ impl Testbed {
     pub fn describe(&self) -> String {
         let m = netns::fmt_mac;
         let mut s = format!(
-            "testbed {}\n  client  ns={} br0={} {}\n  arbiter ns={} eth0={} {}\n  wire    ns={} (la<->lb, nft table netdev {WIRE_TABLE})\n",
+            "testbed {}\n  client  ns={} br0={} {}\n  arbiter ns={} eth0={} {}\n  wire    ns={} (la<->lb bridged, nft table bridge {WIRE_TABLE})\n",
             self.prefix,
             self.client_ns,
             m(&self.client_mac),

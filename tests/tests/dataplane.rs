@@ -381,3 +381,34 @@ fn backup_never_emits_on_client_nic() {
     );
     assert!(app.counter('b', "vm_output_suppressed") >= 20);
 }
+
+/// The same path with generic (skb-mode) XDP, for NICs without native XDP support.
+#[test]
+fn request_reply_with_generic_xdp() {
+    let _serial = serial();
+    let tb = Testbed::new(TestbedOptions {
+        quiet_standins: true,
+        ..Default::default()
+    })
+    .unwrap();
+    let app = Appliance::start(
+        &tb,
+        &ApplianceOptions {
+            xdp_mode: "skb",
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let c = tb.vm_client().unwrap();
+    let r = c.request("PING", T).unwrap();
+    if r.is_none() {
+        panic!(
+            "no reply in skb mode\nA: {:#}\nB: {:#}",
+            app.status('a').unwrap(),
+            app.status('b').unwrap()
+        );
+    }
+    assert_eq!(c.request("INCR g", T).unwrap().as_deref(), Some("1"));
+    assert!(Appliance::wait_until(T, || standin_state(&tb.a.vm_ns)
+        == standin_state(&tb.b.vm_ns)));
+}

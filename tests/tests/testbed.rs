@@ -72,7 +72,12 @@ fn topology_is_present() {
     for p in [BR_PORT_A, BR_PORT_B, BR_PORT_R] {
         assert!(br.contains(&format!("{p}@")), "{br}");
     }
-    assert!(tb.wire_rules().unwrap().contains("fwd to \"lb\""));
+    assert!(tb.wire_rules().unwrap().contains("hook forward"));
+    assert!(
+        ft_testbed::ip(&tb.wire_ns, &["link", "show", "la"])
+            .unwrap()
+            .contains("master wbr")
+    );
 }
 
 #[test]
