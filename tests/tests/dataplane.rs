@@ -297,6 +297,18 @@ fn bad_acks_and_frames_never_release_output() {
         Some("1"),
         "released by the real ack"
     );
+    // The kernel's rare-event warnings (aya-log) reach the daemon's log.
+    let log = app.guard('a').log_contents();
+    for w in [
+        "beyond the last entry sent",
+        "unexpected source",
+        "of epoch 0 dropped",
+    ] {
+        assert!(
+            log.contains(w),
+            "missing eBPF warning {w:?} in ftd's log:\n{log}"
+        );
+    }
 }
 
 /// A full hold ring drops new output (counted) and never releases early; what it held is

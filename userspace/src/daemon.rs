@@ -56,6 +56,9 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         };
     }
     let dp = Arc::new(DataPlane::start(&cfg, node).context("starting the data plane")?);
+    if let Some(logger) = dp.take_logger() {
+        tokio::spawn(drive_ebpf_logger(logger));
+    }
     let status = Arc::new(ChannelStatus::default());
     status.peer_alive.store(true, Relaxed);
     status.epoch.store(node.epoch, Relaxed);
@@ -148,4 +151,27 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         .map_err(|_| anyhow::anyhow!("channel worker panicked"))?;
     let _ = std::fs::remove_file(&ctl_path);
     res.context("logging channel")
+}
+
+/// Forwards aya-log records from the programs into tracing (through the `log` facade).
+async fn drive_ebpf_logger(logger: crate::dataplane::EbpfLogger) {
+    // SAFETY: the logger owns its ring-buffer fd and stays alive inside the AsyncFd for
+    // as long as the registration exists.
+    let registered = unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE)
+    };
+    let mut fd = match registered {
+        Ok(fd) => fd,
+        Err(e) => {
+            warn!("cannot poll the eBPF log ring: {e}");
+            return;
+        }
+    };
+    loop {
+        let Ok(mut guard) = fd.readable_mut().await else {
+            return;
+        };
+        guard.get_inner_mut().flush();
+        guard.clear_ready();
+    }
 }

@@ -25,6 +25,7 @@ use aya_ebpf::{
     macros::{classifier, xdp},
     programs::{TcContext, XdpContext},
 };
+use aya_log_ebpf::warn;
 use ft_common::{maps::*, wire::*};
 
 use shared::*;
@@ -215,9 +216,23 @@ fn try_log_rx(ctx: &XdpContext) -> Result<u32, u32> {
         return drop(C_DROP_MALFORMED);
     }
     if !mac_eq(data + 6, &cfg.peer_log_mac) || !mac_eq(data, &cfg.own_log_mac) {
+        if rare(C_DROP_BAD_PEER) {
+            warn!(
+                ctx,
+                "logging link: frame from unexpected source {:mac} dropped", hdr.eth.src
+            );
+        }
         return drop(C_DROP_BAD_PEER);
     }
     if hdr.ft.epoch.get() != node.epoch {
+        if rare(C_DROP_BAD_EPOCH) {
+            warn!(
+                ctx,
+                "logging link: frame of epoch {} dropped (ours is {})",
+                hdr.ft.epoch.get(),
+                node.epoch
+            );
+        }
         return drop(C_DROP_BAD_EPOCH);
     }
     let kind = hdr.ft.kind;
@@ -225,7 +240,7 @@ fn try_log_rx(ctx: &XdpContext) -> Result<u32, u32> {
     let st = seq_state().ok_or(xdp_action::XDP_DROP)?;
     match node.role {
         ROLE_PRIMARY => match kind {
-            KIND_ACK => on_ack(st, fseq),
+            KIND_ACK => on_ack(ctx, st, fseq),
             KIND_NACK => on_nack(ctx, cfg, node, st, fseq),
             _ => drop(C_DROP_UNEXPECTED_KIND),
         },
@@ -278,10 +293,16 @@ fn to_daemon(ctx: &XdpContext, st: *mut SeqState) -> Result<u32, u32> {
 /// Primary: a cumulative ack. Never beyond what was sent; advances `acked` monotonically.
 /// The frame is passed on to `ft_log_tc`, which releases held output.
 #[inline(always)]
-fn on_ack(st: *mut SeqState, ack: u64) -> Result<u32, u32> {
+fn on_ack(ctx: &XdpContext, st: *mut SeqState, ack: u64) -> Result<u32, u32> {
     // SAFETY: live map value, aligned fields.
     let last = unsafe { load64(&(*st).last_seq) };
     if ack > last {
+        if rare(C_DROP_ACK_BEYOND) {
+            warn!(
+                ctx,
+                "logging link: ack {} beyond the last entry sent ({}) dropped", ack, last
+            );
+        }
         return drop(C_DROP_ACK_BEYOND);
     }
     let mut advanced = false;
@@ -328,6 +349,12 @@ fn on_nack(
     let (sseq, slen) = unsafe { (load64(&(*slot).seq), (*slot).len) };
     let n = slen & 0x7ff;
     if sseq != want || n == 0 || n > SLOT_DATA as u32 {
+        if rare(C_DROP_RETX_MISS) {
+            warn!(
+                ctx,
+                "nack for entry {} not in the retransmission store", want
+            );
+        }
         return drop(C_DROP_RETX_MISS);
     }
     let cur = xdp_len(ctx) as i32;

@@ -67,6 +67,19 @@ pub fn count_n(idx: u32, n: u64) {
     }
 }
 
+/// True for the 1st, 2nd, 4th, 8th, ... event of a kind on this CPU: rare events are
+/// logged, floods of them only logarithmically (the counter says how many).
+#[inline(always)]
+pub fn rare(idx: u32) -> bool {
+    match COUNTERS.get(idx) {
+        Some(v) => {
+            let n = *v + 1;
+            n & (n - 1) == 0
+        }
+        None => false,
+    }
+}
+
 /// The node may emit client traffic: the lease deadline is in the future. The deadline
 /// is on CLOCK_BOOTTIME, which keeps counting while the host is suspended or frozen.
 #[inline(always)]

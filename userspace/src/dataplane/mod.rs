@@ -15,6 +15,8 @@ use crate::{
     netif::{Interface, NetifError},
 };
 
+pub type EbpfLogger = aya_log::EbpfLogger<&'static dyn log::Log>;
+
 pub const EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ft"));
 
 #[derive(Debug, thiserror::Error)]
@@ -84,6 +86,7 @@ impl Nics {
 pub struct DataPlane {
     // Program links live inside `ebpf`; maps used at run time were taken out of it.
     _ebpf: Ebpf,
+    logger: Mutex<Option<EbpfLogger>>,
     node: Mutex<Array<MapData, NodeState>>,
     seq: Mutex<Array<MapData, SeqState>>,
     hold_ctl: Array<MapData, HoldCtl>,
@@ -115,10 +118,14 @@ impl DataPlane {
             .map_max_entries("RETX", cfg.channel.retx_slots)
             .map_max_entries("HOLD", cfg.channel.hold_slots)
             .load(EBPF_OBJECT)?;
-        if let Err(e) = aya_log::EbpfLogger::init(&mut ebpf) {
-            // The programs carry no log statements on the fast path; nothing is lost.
-            tracing::debug!("no eBPF log maps: {e}");
-        }
+        // Rare-event warnings from the programs (aya-log), forwarded into tracing.
+        let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
+            Ok(l) => Some(l),
+            Err(e) => {
+                warn!("eBPF log messages unavailable: {e}");
+                None
+            }
+        };
 
         let mut flags = 0;
         if cfg.channel.hold_output {
@@ -225,6 +232,7 @@ impl DataPlane {
         );
         Ok(DataPlane {
             _ebpf: ebpf,
+            logger: Mutex::new(logger),
             node: Mutex::new(node_map),
             seq: Mutex::new(seq),
             hold_ctl,
@@ -233,6 +241,11 @@ impl DataPlane {
             xsks: Mutex::new(xsks),
             nics,
         })
+    }
+
+    /// The eBPF log reader, for the daemon to drive (once).
+    pub fn take_logger(&self) -> Option<EbpfLogger> {
+        self.logger.lock().unwrap().take()
     }
 
     pub fn node_state(&self) -> Result<NodeState, DataPlaneError> {
