@@ -250,7 +250,7 @@ fn poll_in(fd: RawFd, ms: i32) -> Result<bool> {
 }
 
 /// Non-blocking recvfrom; Some((len, pkttype)) or None if nothing queued.
-fn recv_one(fd: RawFd, buf: &mut [u8]) -> Result<Option<(usize, u8)>> {
+pub fn recv_one(fd: RawFd, buf: &mut [u8]) -> Result<Option<(usize, u8)>> {
     // SAFETY: sockaddr_ll is POD; zero is valid.
     let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
     let mut sl = std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t;

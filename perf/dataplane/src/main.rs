@@ -237,24 +237,7 @@ fn poll_in(fd: RawFd, ms: i32) -> bool {
 
 /// Non-blocking receive; Some((len, pkttype)).
 fn recv_nb(fd: RawFd, buf: &mut [u8]) -> Option<(usize, u8)> {
-    // SAFETY: sockaddr_ll is POD; zero is valid.
-    let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-    let mut sl = std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t;
-    // SAFETY: buffer and address pointers/lengths valid for the call.
-    let n = unsafe {
-        libc::recvfrom(
-            fd,
-            buf.as_mut_ptr() as *mut libc::c_void,
-            buf.len(),
-            libc::MSG_DONTWAIT,
-            &mut sll as *mut libc::sockaddr_ll as *mut libc::sockaddr,
-            &mut sl,
-        )
-    };
-    if n < 0 {
-        return None;
-    }
-    Some((n as usize, sll.sll_pkttype))
+    ft_testbed::raw::recv_one(fd, buf).ok().flatten()
 }
 
 /// send() on a bound packet socket, retrying briefly on ENOBUFS/EAGAIN. True if sent.
