@@ -424,3 +424,96 @@ fn request_reply_with_generic_xdp() {
     assert!(Appliance::wait_until(T, || standin_state(&tb.a.vm_ns)
         == standin_state(&tb.b.vm_ns)));
 }
+
+fn http_get(addr: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(T)).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+/// The Prometheus endpoint and the CLI of a running daemon.
+#[test]
+fn metrics_endpoint_and_cli() {
+    let _serial = serial();
+    let (tb, app, c) = setup(ApplianceOptions::default());
+    for i in 0..10 {
+        assert_eq!(
+            c.request(&format!("ECHO {i}"), T).unwrap(),
+            Some(i.to_string())
+        );
+    }
+    let m = ft_testbed::run_in_ns(&tb.a.ns, || http_get("127.0.0.1:9477", "/metrics"));
+    assert!(m.starts_with("HTTP/1.1 200 OK"), "{m}");
+    let value = |name: &str| -> u64 {
+        m.lines()
+            .find_map(|l| {
+                l.strip_prefix(name)
+                    .and_then(|r| r.trim().parse::<f64>().ok())
+            })
+            .unwrap_or_else(|| panic!("metric {name} missing:\n{m}")) as u64
+    };
+    assert!(value("ft_log_duplicated_frames_total ") >= 11);
+    assert!(value("ft_acks_received_total ") >= 1);
+    assert!(value("ft_output_released_frames_total ") >= 11);
+    assert_eq!(value("ft_output_held_frames "), 0);
+    assert!(value("ft_output_hold_seconds_count ") >= 11);
+    assert!(value("ft_output_hold_seconds_bucket{le=\"+Inf\"} ") >= 11);
+    let _ = value("ft_drops_total{reason=\"hold_full\"} ");
+    assert!(m.contains("# TYPE ft_output_hold_seconds histogram"));
+    let m404 = ft_testbed::run_in_ns(&tb.a.ns, || http_get("127.0.0.1:9477", "/nope"));
+    assert!(m404.starts_with("HTTP/1.1 404"));
+    let mb = ft_testbed::run_in_ns(&tb.b.ns, || http_get("127.0.0.1:9477", "/metrics"));
+    let mb = mb
+        .lines()
+        .find(|l| l.starts_with("ft_log_received_frames_total "))
+        .unwrap()
+        .to_string();
+    assert!(
+        mb.split(' ').nth(1).unwrap().parse::<u64>().unwrap() >= 11,
+        "{mb}"
+    );
+
+    // `ftd status` and `ftd check-config` from the command line.
+    let ftd = ft_testbed::ftd_bin().unwrap();
+    let out = std::process::Command::new(&ftd)
+        .args(["status", "--socket", app.sock_a.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let st: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(st["role"], "primary");
+    let out = std::process::Command::new(&ftd)
+        .args(["check-config", app.config_a.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let bad = tb.tmp_dir.join("bad.toml");
+    let text = std::fs::read_to_string(&app.config_a)
+        .unwrap()
+        .replace("retx_slots = 16384", "retx_slots = 1000");
+    std::fs::write(&bad, text).unwrap();
+    let out = std::process::Command::new(&ftd)
+        .args(["check-config", bad.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("power of two"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = std::process::Command::new(&ftd)
+        .args(["status", "--socket", "/nonexistent.sock"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is the daemon running"));
+}
