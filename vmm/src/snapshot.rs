@@ -15,7 +15,7 @@ use std::io::{Read, Write};
 use std::sync::Arc;
 
 const SNAP_MAGIC: [u8; 8] = *b"FTVMSNAP";
-const SNAP_VERSION: u64 = 1;
+const SNAP_VERSION: u64 = 2;
 const PAGES_MAGIC: [u8; 8] = *b"FTVMPAGE";
 
 fn w64(w: &mut dyn Write, v: u64) -> Result<()> {
@@ -82,6 +82,7 @@ impl Vmm {
         w64(w, self.stats.entries_consumed)?;
         w64(w, exit_rip)?;
         w64(w, ready as u64)?;
+        w64(w, self.dev_hash)?;
         write_pod(w, &st.regs)?;
         write_pod(w, &st.sregs)?;
         write_pod(w, &st.fpu)?;
@@ -141,6 +142,7 @@ impl Vmm {
         let consumed = r64(r)?;
         let exit_rip = r64(r)?;
         let ready = r64(r)? != 0;
+        vmm.dev_hash = r64(r)?;
         let regs = read_pod(r)?;
         let sregs = read_pod(r)?;
         let fpu = read_pod(r)?;

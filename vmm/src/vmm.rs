@@ -118,9 +118,38 @@ pub struct Control {
     stop: AtomicBool,
     go_live: AtomicBool,
     wake: OwnedFd,
-    /// pthread id of the thread inside `Vmm::run` (0 if none) and whether it runs.
-    vcpu_thread: std::sync::atomic::AtomicU64,
-    running: Arc<AtomicBool>,
+    vcpu: Arc<VcpuThread>,
+}
+
+/// The thread inside `Vmm::run`, for signal kicks. `pthread_kill` is only called with
+/// `lock` held and `tid` non-zero, and `Vmm::run` clears `tid` under the same lock before
+/// it returns, so a kick can never reach another thread that reused the pthread id (a
+/// stray EINTR in another VMM's run loop).
+struct VcpuThread {
+    lock: std::sync::Mutex<()>,
+    /// pthread id of the thread inside `Vmm::run`, 0 if none.
+    tid: std::sync::atomic::AtomicU64,
+}
+
+impl VcpuThread {
+    /// Sends the kick signal if a thread is inside `Vmm::run`; false if none is.
+    fn kick(&self) -> bool {
+        let _g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        let tid = self.tid.load(Ordering::SeqCst);
+        if tid == 0 {
+            return false;
+        }
+        // SAFETY: `tid` is the pthread id of a thread that is inside `Vmm::run` (it clears
+        // `tid` under `lock`, which we hold, before leaving), so the thread is alive; the
+        // handler is a no-op.
+        unsafe { libc::pthread_kill(tid as libc::pthread_t, KICK_SIGNAL) };
+        true
+    }
+
+    fn set(&self, tid: u64) {
+        let _g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        self.tid.store(tid, Ordering::SeqCst);
+    }
 }
 
 /// Signal used to kick the vCPU thread out of KVM_RUN (a guest spinning without exits
@@ -159,8 +188,10 @@ impl Control {
             stop: AtomicBool::new(false),
             go_live: AtomicBool::new(false),
             wake,
-            vcpu_thread: std::sync::atomic::AtomicU64::new(0),
-            running: Arc::new(AtomicBool::new(false)),
+            vcpu: Arc::new(VcpuThread {
+                lock: std::sync::Mutex::new(()),
+                tid: std::sync::atomic::AtomicU64::new(0),
+            }),
         })
     }
 
@@ -168,20 +199,16 @@ impl Control {
     pub fn request_stop(&self) {
         self.stop.store(true, Ordering::SeqCst);
         self.kick();
-        // Interrupt KVM_RUN too, repeatedly until the run loop has noticed (a single
+        // Interrupt KVM_RUN too, repeatedly until the run loop has returned (a single
         // signal could land just before the thread enters KVM_RUN).
-        let tid = self.vcpu_thread.load(Ordering::SeqCst);
-        let running = self.running.clone();
-        if tid != 0 && running.load(Ordering::SeqCst) {
+        let vcpu = self.vcpu.clone();
+        if vcpu.kick() {
             std::thread::spawn(move || {
                 for _ in 0..1000 {
-                    if !running.load(Ordering::SeqCst) {
+                    std::thread::sleep(Duration::from_millis(10));
+                    if !vcpu.kick() {
                         break;
                     }
-                    // SAFETY: `tid` is the pthread id of the thread inside `Vmm::run`,
-                    // which clears `running` before it returns; the handler is a no-op.
-                    unsafe { libc::pthread_kill(tid as libc::pthread_t, KICK_SIGNAL) };
-                    std::thread::sleep(Duration::from_millis(10));
                 }
             });
         }
@@ -276,6 +303,9 @@ pub struct RunReport {
 /// Opens a network backend later (at go-live).
 pub type NetFactory = Box<dyn FnOnce() -> Result<Box<dyn NetBackend>> + Send>;
 
+/// Marks a write in `Vmm::dev_hash` (register offsets are < `MMIO_SIZE`).
+const DEV_WRITE: u64 = 1 << 63;
+
 const PENDING_TIMER: u32 = 1;
 const PENDING_NIC: u32 = 2;
 
@@ -297,6 +327,11 @@ pub struct Vmm {
     frames: Option<Arc<dyn FrameStore>>,
     control: Arc<Control>,
     pub(crate) exits: u64,
+    /// Running hash of every device access the guest made (register, value): the guest's
+    /// device-visible behaviour (e.g. the timer deadlines it computes from clock values),
+    /// part of the checkpoint/END state so a backup whose guest wrote other values to its
+    /// devices is a divergence even if its RAM and registers happen to agree.
+    pub(crate) dev_hash: u64,
     pub(crate) pending_irqs: u32,
     pub(crate) stats: Stats,
     config_hash: u64,
@@ -392,6 +427,7 @@ impl Vmm {
             frames: None,
             control,
             exits: 0,
+            dev_hash: FNV_OFFSET,
             pending_irqs: 0,
             stats: Stats::default(),
             config_hash,
@@ -684,7 +720,7 @@ impl Vmm {
             self.vm.ram.memory_hash()
         };
         let regs = regs_hash(&self.vcpu.regs()?);
-        Ok((hash_words(&[regs, mem], 0xc4ec), regs, mem))
+        Ok((hash_words(&[regs, mem, self.dev_hash], 0xc4ec), regs, mem))
     }
 
     fn checkpoint_stage(&mut self) -> Result<()> {
@@ -1029,6 +1065,7 @@ impl Vmm {
                         });
                     }
                 };
+                self.dev_hash = hash_words(&[off, v], self.dev_hash);
                 self.set_mmio_read_value(v, len);
             }
             Exit::MmioWrite { addr, len, value } => {
@@ -1044,6 +1081,7 @@ impl Vmm {
                         rip,
                     });
                 }
+                self.dev_hash = hash_words(&[off | DEV_WRITE, value], self.dev_hash);
                 match off {
                     REG_TIMER_DEADLINE => self.timer.write(value),
                     REG_IDLE => {
@@ -1084,7 +1122,8 @@ impl Vmm {
         if self.mode == Mode::Replay {
             self.replay_frames()?;
         }
-        if self.mode != Mode::Replay {
+        // A recording that is stopping delivers nothing more: its END follows at this exit.
+        if self.mode != Mode::Replay && !self.control.stop_requested() {
             self.poll_inputs()?;
             if idle && self.pending_irqs == 0 {
                 self.wait_for_input()?;
@@ -1111,11 +1150,9 @@ impl Vmm {
         install_kick_handler();
         // SAFETY: pthread_self has no preconditions.
         let me = unsafe { libc::pthread_self() } as u64;
-        self.control.vcpu_thread.store(me, Ordering::SeqCst);
-        self.control.running.store(true, Ordering::SeqCst);
+        self.control.vcpu.set(me);
         let r = self.run_inner();
-        self.control.running.store(false, Ordering::SeqCst);
-        self.control.vcpu_thread.store(0, Ordering::SeqCst);
+        self.control.vcpu.set(0);
         let outcome = match r {
             Ok(o) => o,
             Err(Error::Stopped) => RunOutcome::Stopped,
@@ -1145,6 +1182,12 @@ impl Vmm {
             pin_current_thread(cpu)?;
         }
         self.start_log()?;
+        // False while the vCPU is not stopped at a guest-caused exit: KVM_RUN returned
+        // EINTR after a signal kick, possibly after running guest code, at a point that
+        // depends on host timing. Nothing may be delivered, injected or logged there: a
+        // pending interrupt waits for the guest's next exit.
+        let mut at_exit = true;
+        let mut stop_deadline: Option<Instant> = None;
         loop {
             // Stage A: end of run.
             if self.mode == Mode::Replay {
@@ -1172,8 +1215,20 @@ impl Vmm {
                     }
                 }
             } else if self.control.stop_requested() {
-                self.finish_record()?;
-                return Ok(RunOutcome::Stopped);
+                if at_exit || self.mode != Mode::Record {
+                    self.finish_record()?;
+                    return Ok(RunOutcome::Stopped);
+                }
+                // A recording interrupted mid-guest: its END (the final state) must be at
+                // a guest exit the backup reaches too, so run on to the next exit (the
+                // kicks keep interrupting, the guest progresses between them). A guest
+                // that makes no exit at all ends without END (a truncated log).
+                let deadline =
+                    *stop_deadline.get_or_insert_with(|| Instant::now() + Duration::from_secs(2));
+                if Instant::now() >= deadline {
+                    self.flush_log()?;
+                    return Ok(RunOutcome::Stopped);
+                }
             }
             if let Some(max) = self.cfg.max_exits
                 && self.exits >= max
@@ -1182,7 +1237,9 @@ impl Vmm {
                 return Ok(RunOutcome::ExitLimit);
             }
             // Stage B: interrupts for this exit.
-            self.inject_stage()?;
+            if at_exit {
+                self.inject_stage()?;
+            }
             // Stage C: nothing of this exit may be left in the log.
             if self.mode == Mode::Replay {
                 let exits = self.exits;
@@ -1199,7 +1256,8 @@ impl Vmm {
                 }
             }
             let exit = self.run_vcpu()?;
-            if matches!(exit, Exit::Interrupted) {
+            at_exit = !matches!(exit, Exit::Interrupted);
+            if !at_exit {
                 continue;
             }
             if let Some(o) = self.handle(exit)? {

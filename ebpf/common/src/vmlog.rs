@@ -15,7 +15,9 @@
 //! is exact; a different `rip` on replay means divergence.
 //!
 //! Within one exit, entries appear in the order the VMM applies them: the exit's own value
-//! (CLOCK/ENTROPY), then RX frames, then interrupts, then a checkpoint.
+//! (CLOCK/ENTROPY), then RX frames, then a checkpoint, then `END` or an interrupt.
+//! Nothing is ever logged at a point that is not a guest-caused exit (e.g. after KVM_RUN
+//! returned EINTR from a signal kick): such points depend on host timing.
 //!
 //! Kinds:
 //! - `HEADER` (first entry): `value` = configuration hash (guest image, RAM size, NIC
@@ -27,15 +29,16 @@
 //!   plane's log sequence number (`FtHdr.seq`) of the frame, `arg` = frame length,
 //!   `aux` = FNV-1a hash of the frame. Replay looks the frame up by `value`.
 //! - `IRQ`: `arg` = vector injected before the guest resumes from this exit.
-//! - `CHECKPOINT`: `value` = hash of vCPU registers and guest memory after this exit's
-//!   events were applied; `aux` = number of TX frames so far; replay recomputes and compares.
+//! - `CHECKPOINT`: `value` = hash of vCPU registers, guest memory and every device access
+//!   the guest made so far (register, value), after this exit's events were applied; `aux` = number of TX frames so far; replay recomputes and compares.
 //! - `END`: the recording stopped cleanly after this exit; `value` = final state hash,
 //!   `aux` = TX frames in total. A log without `END` is truncated (or still growing).
 use zerocopy::byteorder::network_endian::{U16, U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
 pub const VMLOG_MAGIC: [u8; 8] = *b"FTVMLOG1";
-pub const VMLOG_VERSION: u64 = 1;
+/// 2: checkpoint/END hashes include the guest's device accesses.
+pub const VMLOG_VERSION: u64 = 2;
 
 pub const EV_HEADER: u8 = 1;
 pub const EV_CLOCK: u8 = 2;

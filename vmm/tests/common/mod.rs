@@ -40,6 +40,13 @@ impl NetNs {
         let ns = NetNs { name };
         ns.must(&["ip", "link", "set", "lo", "up"]);
         ns.must(&["ip", "tuntap", "add", "dev", TAP, "mode", "tap"]);
+        // No IPv6 on the tap: the host kernel would send router solicitations and MLD
+        // reports to the guest at times of its own choosing (timing-dependent input).
+        ns.must(&[
+            "sysctl",
+            "-qw",
+            &format!("net.ipv6.conf.{TAP}.disable_ipv6=1"),
+        ]);
         ns.must(&["ip", "addr", "add", &format!("{HOST_IP}/24"), "dev", TAP]);
         ns.must(&["ip", "link", "set", TAP, "up"]);
         ns
@@ -138,11 +145,21 @@ pub fn with_timeout<T: Send + 'static>(
     f: impl FnOnce() -> T + Send + 'static,
 ) -> T {
     let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
+    let worker = std::thread::spawn(move || {
         let _ = tx.send(f());
     });
-    rx.recv_timeout(limit)
-        .unwrap_or_else(|_| panic!("timed out after {limit:?} (hang)"))
+    match rx.recv_timeout(limit) {
+        Ok(v) => v,
+        // The worker ended without a result: it panicked. Re-raise its panic now (with
+        // its own message) instead of reporting a hang.
+        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => match worker.join() {
+            Err(panic) => std::panic::resume_unwind(panic),
+            Ok(()) => panic!("worker thread ended without a result"),
+        },
+        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+            panic!("timed out after {limit:?} (hang)")
+        }
+    }
 }
 
 /// A minimal guest ELF: header + 32 exception stubs + iretq handlers + `code` at entry.
