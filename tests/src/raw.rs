@@ -52,6 +52,65 @@ pub struct RawSock {
     ifname: String,
 }
 
+/// Opens an AF_PACKET raw socket in `ns`, bound to `ifname`, receiving frames of
+/// EtherType `proto` (`0x0003` = all, `0` = none: send only), with the given forced
+/// receive/send buffer sizes. It is created with protocol 0 so nothing from other
+/// interfaces is queued before the bind. Returns (fd, ifindex in `ns`).
+pub fn open_packet_socket(
+    ns: &str,
+    ifname: &str,
+    proto: u16,
+    rcvbuf: i32,
+    sndbuf: i32,
+) -> Result<(OwnedFd, u32)> {
+    let name = std::ffi::CString::new(ifname)?;
+    try_run_in_ns(ns, || -> Result<(OwnedFd, u32)> {
+        // SAFETY: valid C string.
+        let idx = unsafe { libc::if_nametoindex(name.as_ptr()) };
+        if idx == 0 {
+            bail!("no interface {ifname} in netns {ns}");
+        }
+        // SAFETY: plain socket() call; result checked.
+        let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error()).context("socket(AF_PACKET)");
+        }
+        // SAFETY: fd freshly created and owned here.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        setsockopt_int(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUFFORCE,
+            rcvbuf,
+        )
+        .context("SO_RCVBUFFORCE")?;
+        setsockopt_int(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_SNDBUFFORCE,
+            sndbuf,
+        )
+        .context("SO_SNDBUFFORCE")?;
+        // SAFETY: sockaddr_ll is POD; zero is valid.
+        let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        sll.sll_family = libc::AF_PACKET as u16;
+        sll.sll_protocol = proto.to_be();
+        sll.sll_ifindex = idx as i32;
+        // SAFETY: pointer/len describe a valid sockaddr_ll.
+        let rc = unsafe {
+            libc::bind(
+                fd.as_raw_fd(),
+                &sll as *const libc::sockaddr_ll as *const libc::sockaddr,
+                std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error()).context("bind(AF_PACKET)");
+        }
+        Ok((fd, idx))
+    })?
+}
+
 impl RawSock {
     /// Opens a raw socket on `ifname` in `ns` with a 64 MiB receive buffer.
     pub fn open(ns: &str, ifname: &str) -> Result<RawSock> {
@@ -60,54 +119,7 @@ impl RawSock {
 
     /// Opens a raw socket with the given SO_RCVBUFFORCE size (bytes).
     pub fn open_with_rcvbuf(ns: &str, ifname: &str, rcvbuf: i32) -> Result<RawSock> {
-        let name = std::ffi::CString::new(ifname)?;
-        let (fd, ifindex) = try_run_in_ns(ns, || -> Result<(OwnedFd, u32)> {
-            // SAFETY: valid C string.
-            let idx = unsafe { libc::if_nametoindex(name.as_ptr()) };
-            if idx == 0 {
-                bail!("no interface {ifname} in netns {ns}");
-            }
-            // Protocol 0 at creation: receive nothing until bound to the interface.
-            // SAFETY: plain socket() call; result checked.
-            let fd =
-                unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0) };
-            if fd < 0 {
-                return Err(std::io::Error::last_os_error()).context("socket(AF_PACKET)");
-            }
-            // SAFETY: fd freshly created and owned here.
-            let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-            setsockopt_int(
-                fd.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_RCVBUFFORCE,
-                rcvbuf,
-            )
-            .context("SO_RCVBUFFORCE")?;
-            setsockopt_int(
-                fd.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_SNDBUFFORCE,
-                16 << 20,
-            )
-            .context("SO_SNDBUFFORCE")?;
-            // SAFETY: sockaddr_ll is POD; zero is valid.
-            let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-            sll.sll_family = libc::AF_PACKET as u16;
-            sll.sll_protocol = ETH_P_ALL.to_be();
-            sll.sll_ifindex = idx as i32;
-            // SAFETY: pointer/len describe a valid sockaddr_ll.
-            let rc = unsafe {
-                libc::bind(
-                    fd.as_raw_fd(),
-                    &sll as *const libc::sockaddr_ll as *const libc::sockaddr,
-                    std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
-                )
-            };
-            if rc != 0 {
-                return Err(std::io::Error::last_os_error()).context("bind(AF_PACKET)");
-            }
-            Ok((fd, idx))
-        })??;
+        let (fd, ifindex) = open_packet_socket(ns, ifname, ETH_P_ALL, rcvbuf, 16 << 20)?;
         Ok(RawSock {
             fd,
             ifindex,

@@ -13,7 +13,7 @@
 use std::{
     io::{Read, Write},
     net::{SocketAddr, TcpStream},
-    os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
+    os::fd::{AsRawFd, OwnedFd, RawFd},
     sync::{
         Arc,
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -150,77 +150,11 @@ fn print_header() {
 // Small socket helpers.
 // ------------------------------------------------------------------------------------
 
-fn setsockopt_int(fd: RawFd, level: i32, opt: i32, val: i32) -> Result<()> {
-    // SAFETY: pointer/len describe a valid c_int.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd,
-            level,
-            opt,
-            &val as *const i32 as *const libc::c_void,
-            std::mem::size_of::<i32>() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error()).context("setsockopt");
-    }
-    Ok(())
-}
-
 /// AF_PACKET socket in `ns` on `ifname` receiving only EtherType `proto` (0: receive
-/// nothing, send only). Returns (fd, ifindex).
+/// nothing, send only), 8 MiB buffers. Returns (fd, ifindex).
 fn packet_sock(ns: &str, ifname: &str, proto: u16) -> Result<(OwnedFd, i32)> {
-    let name = std::ffi::CString::new(ifname)?;
-    let ns_s = ns.to_string();
-    try_run_in_ns(ns, move || -> Result<(OwnedFd, i32)> {
-        // SAFETY: valid C string.
-        let idx = unsafe { libc::if_nametoindex(name.as_ptr()) } as i32;
-        if idx == 0 {
-            bail!("no interface {:?} in {ns_s}", name);
-        }
-        // SAFETY: plain socket() call; result checked.
-        let fd = unsafe {
-            libc::socket(
-                libc::AF_PACKET,
-                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-                i32::from(proto.to_be()),
-            )
-        };
-        if fd < 0 {
-            return Err(std::io::Error::last_os_error()).context("socket(AF_PACKET)");
-        }
-        // SAFETY: fd freshly created, owned here.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        setsockopt_int(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVBUFFORCE,
-            8 << 20,
-        )?;
-        setsockopt_int(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_SNDBUFFORCE,
-            8 << 20,
-        )?;
-        // SAFETY: sockaddr_ll is POD; zero is valid.
-        let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-        sll.sll_family = libc::AF_PACKET as u16;
-        sll.sll_protocol = proto.to_be();
-        sll.sll_ifindex = idx;
-        // SAFETY: pointer/len describe a valid sockaddr_ll.
-        let rc = unsafe {
-            libc::bind(
-                fd.as_raw_fd(),
-                &sll as *const libc::sockaddr_ll as *const libc::sockaddr,
-                std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
-            )
-        };
-        if rc != 0 {
-            return Err(std::io::Error::last_os_error()).context("bind(AF_PACKET)");
-        }
-        Ok((fd, idx))
-    })?
+    let (fd, idx) = ft_testbed::raw::open_packet_socket(ns, ifname, proto, 8 << 20, 8 << 20)?;
+    Ok((fd, idx as i32))
 }
 
 /// poll(POLLIN) with a timeout in ms; true if readable.
