@@ -30,13 +30,12 @@ pub async fn run(
     status: Arc<ChannelStatus>,
     arb: Arc<dyn Arbiter>,
 ) {
-    let f = &cfg.fence;
-    let retry = f.renew_interval();
+    // Retry not-yet-live steps and re-check the arbiter at the renewal cadence.
+    let retry = cfg.fence.renew_interval();
     match cfg.node.role {
         Role::Primary => primary(&cfg, dp, status, arb, retry).await,
         Role::Backup => backup(&cfg, dp, status, arb, retry).await,
     }
-    let _ = f;
 }
 
 async fn primary(
