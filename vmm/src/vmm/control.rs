@@ -1,0 +1,165 @@
+//! Requests to a running VMM from other threads, and the vCPU thread's signal kick.
+use crate::error::{Error, Result};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+/// Asynchronous requests to a running VMM (from any thread, a signal handler's helper
+/// thread, or the daemon's control plane).
+pub struct Control {
+    stop: AtomicBool,
+    go_live: AtomicBool,
+    pub(super) wake: OwnedFd,
+    pub(super) vcpu: Arc<VcpuThread>,
+}
+
+/// The thread inside `Vmm::run`, for signal kicks. `pthread_kill` is only called with
+/// `lock` held and `tid` non-zero, and `Vmm::run` clears `tid` under the same lock before
+/// it returns, so a kick can never reach another thread that reused the pthread id (a
+/// stray EINTR in another VMM's run loop).
+pub(super) struct VcpuThread {
+    lock: std::sync::Mutex<()>,
+    /// pthread id of the thread inside `Vmm::run`, 0 if none.
+    tid: std::sync::atomic::AtomicU64,
+}
+
+impl VcpuThread {
+    /// Sends the kick signal if a thread is inside `Vmm::run`; false if none is.
+    pub(super) fn kick(&self) -> bool {
+        let _g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        let tid = self.tid.load(Ordering::SeqCst);
+        if tid == 0 {
+            return false;
+        }
+        // SAFETY: `tid` is the pthread id of a thread that is inside `Vmm::run` (it clears
+        // `tid` under `lock`, which we hold, before leaving), so the thread is alive; the
+        // handler is a no-op.
+        unsafe { libc::pthread_kill(tid as libc::pthread_t, KICK_SIGNAL) };
+        true
+    }
+
+    pub(super) fn set(&self, tid: u64) {
+        let _g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        self.tid.store(tid, Ordering::SeqCst);
+    }
+}
+
+/// Signal used to kick the vCPU thread out of KVM_RUN (a guest spinning without exits
+/// never returns to the VMM otherwise). Its handler does nothing.
+pub const KICK_SIGNAL: libc::c_int = libc::SIGUSR2;
+
+extern "C" fn on_kick(_: libc::c_int) {}
+
+pub(super) fn install_kick_handler() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // SAFETY: installs a handler that does nothing (async-signal-safe); no SA_RESTART
+        // so KVM_RUN returns EINTR.
+        unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = on_kick as *const () as usize;
+            sa.sa_flags = 0;
+            libc::sigemptyset(&mut sa.sa_mask);
+            libc::sigaction(KICK_SIGNAL, &sa, std::ptr::null_mut());
+        }
+    });
+}
+
+impl Control {
+    pub fn new() -> Arc<Control> {
+        // SAFETY: eventfd(2) with valid flags; the result is checked before use.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        assert!(
+            fd >= 0,
+            "eventfd failed: {}",
+            std::io::Error::last_os_error()
+        );
+        // SAFETY: `fd` is a fresh descriptor owned by nobody else.
+        let wake = unsafe { OwnedFd::from_raw_fd(fd) };
+        Arc::new(Control {
+            stop: AtomicBool::new(false),
+            go_live: AtomicBool::new(false),
+            wake,
+            vcpu: Arc::new(VcpuThread {
+                lock: std::sync::Mutex::new(()),
+                tid: std::sync::atomic::AtomicU64::new(0),
+            }),
+        })
+    }
+
+    /// Stops the VMM at the next exit (a recording VMM writes END first).
+    pub fn request_stop(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+        self.kick();
+        // Interrupt KVM_RUN too, repeatedly until the run loop has returned (a single
+        // signal could land just before the thread enters KVM_RUN).
+        let vcpu = self.vcpu.clone();
+        if vcpu.kick() {
+            std::thread::spawn(move || {
+                for _ in 0..1000 {
+                    std::thread::sleep(Duration::from_millis(10));
+                    if !vcpu.kick() {
+                        break;
+                    }
+                }
+            });
+        }
+    }
+
+    /// Replay: consume every entry already buffered, then continue as a free-running
+    /// primary with output enabled, without restarting the guest.
+    pub fn request_go_live(&self) {
+        self.go_live.store(true, Ordering::SeqCst);
+        self.kick();
+    }
+
+    pub fn stop_requested(&self) -> bool {
+        self.stop.load(Ordering::SeqCst)
+    }
+
+    pub fn go_live_requested(&self) -> bool {
+        self.go_live.load(Ordering::SeqCst)
+    }
+
+    pub(super) fn kick(&self) {
+        let one: u64 = 1;
+        // SAFETY: writes 8 bytes from a live local to our eventfd.
+        unsafe {
+            libc::write(
+                self.wake.as_raw_fd(),
+                &one as *const u64 as *const libc::c_void,
+                8,
+            )
+        };
+    }
+
+    pub(super) fn drain(&self) {
+        let mut v: u64 = 0;
+        // SAFETY: reads 8 bytes into a live local from our non-blocking eventfd.
+        unsafe {
+            libc::read(
+                self.wake.as_raw_fd(),
+                &mut v as *mut u64 as *mut libc::c_void,
+                8,
+            )
+        };
+    }
+}
+
+pub(super) fn pin_current_thread(cpu: usize) -> Result<()> {
+    // SAFETY: cpu_set_t is plain data; CPU_SET and sched_setaffinity(0 = this thread)
+    // only read/write the local set.
+    let r = unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set)
+    };
+    if r != 0 {
+        return Err(Error::Config(format!(
+            "cannot pin the vCPU thread to CPU {cpu}: {}",
+            std::io::Error::last_os_error()
+        )));
+    }
+    Ok(())
+}

@@ -1,0 +1,200 @@
+//! Inputs at an exit: clock/entropy values, received frames (live or replayed), idle
+//! waits and interrupt injection.
+use super::*;
+use crate::devices::entropy;
+use crate::hash::fnv1a;
+use ft_common::vmlog::*;
+use ft_common::wire::{ETHERTYPE_FT, FT_MAGIC, LogHdr};
+use std::os::fd::AsRawFd;
+use zerocopy::FromBytes;
+
+impl Vmm {
+    // ---------------------------------------------------------------- inputs
+
+    /// Value of a clock/entropy read at the current exit.
+    pub(super) fn input_value(&mut self, kind: u8, rip: u64) -> Result<u64> {
+        if self.mode == Mode::Replay {
+            if let Some(e) = self.take_if(&[kind])? {
+                self.check_rip(&e, rip)?;
+                if kind == EV_CLOCK {
+                    self.clock.observe(e.value());
+                }
+                return Ok(e.value());
+            }
+            if self.mode == Mode::Replay {
+                let next = self
+                    .peeked
+                    .as_ref()
+                    .map(|e| format!("{} entry at exit {}", kind_name(e.kind()), e.exit()))
+                    .unwrap_or_default();
+                return Err(self.divergence(format!(
+                    "guest read the {} but the log has {next}",
+                    kind_name(kind)
+                )));
+            }
+        }
+        let v = if kind == EV_CLOCK {
+            self.clock.read_live()
+        } else {
+            entropy::host_random()
+        };
+        self.log(kind, rip, v, 0, 0, &[])?;
+        Ok(v)
+    }
+
+    /// Polls the backend and the timer (free/record). Returns true if anything was queued.
+    pub(super) fn poll_inputs(&mut self) -> Result<bool> {
+        let mut any = false;
+        if self.net.is_some() {
+            let mut free = self.nic.rx_free(&self.vm.ram)?;
+            let mut n = 0;
+            while free > 0 {
+                let Some(len) = self.net.as_mut().expect("checked").recv(&mut self.rxbuf)? else {
+                    break;
+                };
+                let buf = std::mem::take(&mut self.rxbuf);
+                let r = self.deliver_live(&buf[..len]);
+                self.rxbuf = buf;
+                r?;
+                n += 1;
+                free -= 1;
+            }
+            if n > 0 {
+                self.pending_irqs |= PENDING_NIC;
+                any = true;
+            }
+        }
+        if self.timer.take_expired(self.clock.host_now()) {
+            self.pending_irqs |= PENDING_TIMER;
+            any = true;
+        }
+        Ok(any)
+    }
+
+    pub(super) fn deliver_live(&mut self, buf: &[u8]) -> Result<()> {
+        let rip = self.vcpu.exit_rip();
+        if self.cfg.tagged_input
+            && let Ok((hdr, rest)) = LogHdr::ref_from_prefix(buf)
+            && hdr.eth.ethertype.get() == ETHERTYPE_FT
+            && hdr.ft.magic == FT_MAGIC
+        {
+            let len = (hdr.ft.len.get() as usize).min(rest.len());
+            let frame = &rest[..len];
+            let seq = hdr.ft.seq.get();
+            if let Some(s) = self.frames.as_ref() {
+                s.put(seq, frame);
+            }
+            self.nic.deliver(&mut self.vm.ram, frame)?;
+            let h = fnv1a(frame, FNV_OFFSET);
+            return self.log(EV_RX_FRAME_REF, rip, seq, h, frame.len() as u32, &[]);
+        }
+        self.nic.deliver(&mut self.vm.ram, buf)?;
+        self.log(EV_RX_FRAME, rip, 0, 0, 0, buf)
+    }
+
+    /// Delivers logged frames for this exit (replay).
+    pub(super) fn replay_frames(&mut self) -> Result<()> {
+        while let Some(e) = self.take_if(&[EV_RX_FRAME, EV_RX_FRAME_REF])? {
+            if self.nic.rx_free(&self.vm.ram)? == 0 {
+                return Err(
+                    self.divergence("log delivers a frame but the backup's RX ring is full".into())
+                );
+            }
+            if e.kind() == EV_RX_FRAME {
+                self.nic.deliver(&mut self.vm.ram, &e.payload)?;
+            } else {
+                let seq = e.value();
+                let store = self.frames.as_ref().ok_or(Error::FrameMissing { seq })?;
+                let frame = store.get(seq).ok_or(Error::FrameMissing { seq })?;
+                if frame.len() != e.hdr.arg.get() as usize
+                    || fnv1a(&frame, FNV_OFFSET) != e.hdr.aux.get()
+                {
+                    return Err(self.divergence(format!(
+                        "frame {seq} from the frame store does not match the logged length/hash"
+                    )));
+                }
+                self.nic.deliver(&mut self.vm.ram, &frame)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Idle exit (free/record): block until a frame, the timer, or a control request.
+    pub(super) fn wait_for_input(&mut self) -> Result<()> {
+        self.flush_log()?;
+        loop {
+            if self.poll_inputs()? || self.pending_irqs != 0 {
+                return Ok(());
+            }
+            if self.control.stop_requested()
+                || (self.timer.deadline.is_none() && self.net.is_none())
+            {
+                return Ok(());
+            }
+            let timeout_ms = match self.timer.deadline {
+                Some(d) => {
+                    (d.saturating_sub(self.clock.host_now()).div_ceil(1_000_000)).min(100) as i32
+                }
+                None => 100,
+            };
+            let mut fds = [
+                libc::pollfd {
+                    fd: self.control.wake.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+                libc::pollfd {
+                    fd: self.net.as_ref().and_then(|n| n.poll_fd()).unwrap_or(-1),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+            ];
+            // SAFETY: poll(2) on an array of two initialised pollfd structs we own.
+            unsafe { libc::poll(fds.as_mut_ptr(), 2, timeout_ms) };
+            if fds[0].revents != 0 {
+                self.control.drain();
+            }
+        }
+    }
+
+    pub(super) fn inject_stage(&mut self) -> Result<()> {
+        if self.mode == Mode::Replay {
+            while let Some(e) = self.take_if(&[EV_IRQ])? {
+                if !self.vcpu.can_inject() {
+                    return Err(self.divergence(
+                        "log injects an interrupt but the backup's guest cannot take one".into(),
+                    ));
+                }
+                self.check_rip(&e, self.vcpu.exit_rip())?;
+                self.vcpu.inject(e.hdr.arg.get())?;
+                self.count_irq(e.hdr.arg.get());
+            }
+            if self.mode == Mode::Replay {
+                return Ok(());
+            }
+        }
+        if self.pending_irqs != 0 && self.exits > 0 && self.vcpu.can_inject() {
+            // One interrupt per entry (KVM_INTERRUPT holds one); the timer first.
+            let (bit, vector) = if self.pending_irqs & PENDING_TIMER != 0 {
+                (PENDING_TIMER, TIMER_VECTOR)
+            } else {
+                (PENDING_NIC, NIC_VECTOR)
+            };
+            self.pending_irqs &= !bit;
+            self.vcpu.inject(vector)?;
+            self.count_irq(vector);
+            let rip = self.vcpu.exit_rip();
+            self.log(EV_IRQ, rip, 0, 0, vector, &[])?;
+        }
+        Ok(())
+    }
+
+    pub(super) fn count_irq(&mut self, vector: u32) {
+        self.stats.irqs_injected += 1;
+        if vector == TIMER_VECTOR {
+            self.stats.timer_irqs += 1;
+        } else {
+            self.stats.nic_irqs += 1;
+        }
+    }
+}
