@@ -15,6 +15,8 @@ fn main() {
         "link.ld",
         "build.rs",
         ".cargo/config.toml",
+        "../service/src",
+        "../service/Cargo.toml",
     ] {
         println!("cargo:rerun-if-changed={}", guest.join(p).display());
     }

@@ -6,7 +6,6 @@
 //!
 //! Format (little-endian): magic `FTVMSNAP`, version, config hash, device state (u64s),
 //! vCPU structures as raw KVM structs with their sizes, MSR list, RAM size and bytes.
-use crate::abi::RAM_SIZE;
 use crate::error::{Error, Result};
 use crate::vmm::{Control, Stats, Vmm, VmmConfig};
 use crate::vstate::memory::PAGE_SIZE;
@@ -15,7 +14,7 @@ use std::io::{Read, Write};
 use std::sync::Arc;
 
 const SNAP_MAGIC: [u8; 8] = *b"FTVMSNAP";
-const SNAP_VERSION: u64 = 2;
+const SNAP_VERSION: u64 = 3;
 const PAGES_MAGIC: [u8; 8] = *b"FTVMPAGE";
 
 fn w64(w: &mut dyn Write, v: u64) -> Result<()> {
@@ -83,6 +82,7 @@ impl Vmm {
         w64(w, exit_rip)?;
         w64(w, ready as u64)?;
         w64(w, self.dev_hash)?;
+        w64(w, self.nic.irq_enabled as u64)?;
         write_pod(w, &st.regs)?;
         write_pod(w, &st.sregs)?;
         write_pod(w, &st.fpu)?;
@@ -143,6 +143,7 @@ impl Vmm {
         let exit_rip = r64(r)?;
         let ready = r64(r)? != 0;
         vmm.dev_hash = r64(r)?;
+        vmm.nic.irq_enabled = r64(r)? != 0;
         let regs = read_pod(r)?;
         let sregs = read_pod(r)?;
         let fpu = read_pod(r)?;
@@ -156,8 +157,11 @@ impl Vmm {
             msrs.push((r64(r)? as u32, r64(r)?));
         }
         let size = r64(r)?;
-        if size != RAM_SIZE {
-            return Err(Error::Snapshot(format!("RAM size {size} != {RAM_SIZE}")));
+        let ours = vmm.config().ram_size;
+        if size != ours {
+            return Err(Error::Snapshot(format!(
+                "snapshot has {size} bytes of RAM, this VMM {ours}; configure the same RAM size"
+            )));
         }
         let mut ram = vec![0u8; size as usize];
         r.read_exact(&mut ram)
@@ -242,10 +246,11 @@ pub fn apply_pages(snapshot: &mut [u8], ram_offset: usize, r: &mut dyn Read) -> 
     Ok(n)
 }
 
-/// Offset of RAM bytes inside a snapshot image (to apply deltas to it).
-pub fn ram_offset(snapshot: &[u8]) -> Result<usize> {
+/// Offset of RAM bytes inside a snapshot image of a VM with `ram_size` bytes of RAM (to
+/// apply deltas to it).
+pub fn ram_offset(snapshot: &[u8], ram_size: u64) -> Result<usize> {
     let len = snapshot.len();
-    let ram = RAM_SIZE as usize;
+    let ram = ram_size as usize;
     if len < ram + 8 {
         return Err(Error::Snapshot("snapshot too short".into()));
     }

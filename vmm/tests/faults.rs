@@ -99,28 +99,26 @@ fn triple_fault_is_reported() {
 #[test]
 fn bad_device_accesses_are_reported() {
     use ft_vmm::abi::*;
-    let unknown = ((MMIO_BASE + 0x800) as u32).to_le_bytes();
-    let clock = ((MMIO_BASE + REG_CLOCK_NS) as u32).to_le_bytes();
+    let mut unknown = Vec::new();
+    load_rax(&mut unknown, MMIO_BASE + 0x800);
+    // movabs eax, [clock] (a 4-byte access)
+    let mut narrow = vec![0xA1];
+    narrow.extend_from_slice(&(MMIO_BASE + REG_CLOCK_NS).to_le_bytes());
+    let mut write_clock = Vec::new();
+    store_rax(&mut write_clock, MMIO_BASE + REG_CLOCK_NS);
+    let mut write_idle = Vec::new();
+    store_rax(&mut write_idle, MMIO_BASE + REG_IDLE);
+    let mut read_doorbell = Vec::new();
+    load_rax(&mut read_doorbell, MMIO_BASE + REG_NIC_DOORBELL);
     let cases: Vec<(&str, Vec<u8>)> = vec![
-        // mov rax, [unknown register]
+        ("unknown register", unknown),
+        ("narrow access", narrow),
+        ("write to clock", write_clock),
         (
-            "unknown register",
-            vec![
-                0x48, 0x8B, 0x04, 0x25, unknown[0], unknown[1], unknown[2], unknown[3],
-            ],
+            "write to the idle register (read-only since ABI 2)",
+            write_idle,
         ),
-        // mov eax, [clock] (4-byte access)
-        (
-            "narrow access",
-            vec![0x8B, 0x04, 0x25, clock[0], clock[1], clock[2], clock[3]],
-        ),
-        // mov [clock], rax (write to a read-only register)
-        (
-            "write to clock",
-            vec![
-                0x48, 0x89, 0x04, 0x25, clock[0], clock[1], clock[2], clock[3],
-            ],
-        ),
+        ("read of the doorbell", read_doorbell),
     ];
     for (name, mut code) in cases {
         code.extend_from_slice(&[0xEB, 0xFE]);

@@ -35,26 +35,21 @@ impl NetBackend for Trickle {
     }
 }
 
-/// loop { t = CLOCK; TIMER = t + ~1 ms; rx_cons = rx_prod; spin ~ms natively }
+/// NIC_IRQ = 1; loop { t = CLOCK; TIMER = t + ~1 ms; rx_cons = rx_prod; spin ~ms natively }
 fn guest() -> Vec<u8> {
     let mut c = Vec::new();
-    let abs = |c: &mut Vec<u8>, op: &[u8], addr: u64| {
-        c.extend_from_slice(op);
-        c.extend_from_slice(&(addr as u32).to_le_bytes());
-    };
-    abs(&mut c, &[0x48, 0x8B, 0x04, 0x25], MMIO_BASE + REG_CLOCK_NS); // mov rax, [clock]
+    c.extend_from_slice(&[0xB8, 1, 0, 0, 0]); // mov eax, 1
+    store_rax(&mut c, MMIO_BASE + REG_NIC_IRQ); // NIC interrupts on
+    let top = c.len();
+    load_rax(&mut c, MMIO_BASE + REG_CLOCK_NS);
     c.extend_from_slice(&[0x48, 0x05, 0x00, 0x00, 0x10, 0x00]); // add rax, 0x100000
-    abs(
-        &mut c,
-        &[0x48, 0x89, 0x04, 0x25],
-        MMIO_BASE + REG_TIMER_DEADLINE,
-    ); // mov [timer], rax
-    abs(&mut c, &[0x48, 0x8B, 0x04, 0x25], NIC_RX_PROD); // mov rax, [rx_prod]
-    abs(&mut c, &[0x48, 0x89, 0x04, 0x25], NIC_RX_CONS); // mov [rx_cons], rax
+    store_rax(&mut c, MMIO_BASE + REG_TIMER_DEADLINE);
+    load_rax(&mut c, NIC_RX_PROD);
+    store_rax(&mut c, NIC_RX_CONS);
     c.extend_from_slice(&[0xB9, 0x00, 0x00, 0x40, 0x00]); // mov ecx, 0x400000
     c.extend_from_slice(&[0xFF, 0xC9, 0x75, 0xFC]); // 1: dec ecx; jnz 1b
-    let back = -(c.len() as i64 + 2);
-    c.extend_from_slice(&[0xEB, back as u8]); // jmp loop
+    let back = top as i64 - (c.len() as i64 + 2);
+    c.extend_from_slice(&[0xEB, back as u8]); // jmp top
     c
 }
 

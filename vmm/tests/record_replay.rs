@@ -27,7 +27,20 @@ fn traffic(ns: &NetNs) {
     assert_eq!(ns.redis(&["EXISTS", "k1", "nope"]), "1");
     assert_eq!(ns.redis(&["DEL", "k1"]), "1");
     assert_eq!(ns.redis(&["EXISTS", "k1"]), "0");
-    assert!(ns.redis(&["FLUSHALL"]).contains("ERR"));
+    assert!(ns.redis(&["NOSUCHCOMMAND"]).contains("ERR"));
+    // Expiry on the device clock (replayed from the log) and INFO.
+    assert_eq!(ns.redis(&["SET", "short", "x", "PX", "150"]), "OK");
+    assert_eq!(ns.redis(&["SET", "long", "y", "EX", "100"]), "OK");
+    assert!(ns.redis(&["INFO", "keyspace"]).contains("db0:keys="));
+    let t = std::time::Instant::now();
+    while ns.redis(&["EXISTS", "short"]) != "0" {
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "key with PX 150 never expired"
+        );
+        std::thread::sleep(Duration::from_millis(30));
+    }
+    assert_eq!(ns.redis(&["GET", "long"]), "y");
     let out = ns.must(&[
         "redis-benchmark",
         "-h",
@@ -122,11 +135,9 @@ fn replay_reproduces_state_and_output() {
     assert!(count(e, EV_CLOCK) > 100, "clock reads logged");
     assert_eq!(count(e, EV_ENTROPY), 1, "entropy read logged");
     assert!(count(e, EV_RX_FRAME) > 1000, "received frames logged");
-    assert!(
-        rec.report.stats.timer_irqs > 0 && rec.report.stats.nic_irqs > 0,
-        "{:?}",
-        rec.report.stats
-    );
+    // The guest polls its NIC (no NIC interrupts) and takes the timer interrupt for its
+    // housekeeping ticks.
+    assert!(rec.report.stats.timer_irqs > 0, "{:?}", rec.report.stats);
     assert_eq!(count(e, EV_IRQ) as u64, rec.report.stats.irqs_injected);
     assert!(count(e, EV_CHECKPOINT) > 0);
     assert_eq!(e.last().unwrap().kind(), EV_END);
@@ -258,7 +269,7 @@ fn snapshot_mid_run_restores_identically() {
         let mut delta = Vec::new();
         vmm.write_pages(&pages, &mut delta).unwrap();
         let mut patched = snap.clone();
-        let off = ft_vmm::snapshot::ram_offset(&patched).unwrap();
+        let off = ft_vmm::snapshot::ram_offset(&patched, ft_vmm::abi::RAM_DEFAULT).unwrap();
         let n = ft_vmm::snapshot::apply_pages(&mut patched, off, &mut delta.as_slice()).unwrap();
         assert!(n > 0 && n < 8192, "{n} dirty pages");
         let mut c = common::cfg(Mode::Free);

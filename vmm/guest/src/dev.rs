@@ -6,6 +6,7 @@ use smoltcp::phy::{self, DeviceCapabilities, Medium};
 use smoltcp::time::Instant;
 
 fn reg_read(off: u64) -> u64 {
+    compiler_fence(Ordering::SeqCst);
     // SAFETY: MMIO_BASE..+MMIO_SIZE is the VMM's device page, mapped user-accessible;
     // every access traps to the VMM.
     unsafe { read_volatile((MMIO_BASE + off) as *const u64) }
@@ -17,7 +18,7 @@ fn reg_write(off: u64, v: u64) {
     unsafe { write_volatile((MMIO_BASE + off) as *mut u64, v) }
 }
 
-/// Device clock in ns.
+/// Device clock in ns (one exit).
 pub fn clock_ns() -> u64 {
     reg_read(REG_CLOCK_NS)
 }
@@ -26,13 +27,17 @@ pub fn entropy() -> u64 {
     reg_read(REG_ENTROPY)
 }
 
+/// Arms the timer interrupt for `deadline_ns` on the device clock.
 pub fn set_timer(deadline_ns: u64) {
     reg_write(REG_TIMER_DEADLINE, deadline_ns)
 }
 
-/// Blocks (in the VMM) until a frame arrives or the timer expires.
-pub fn idle() {
-    reg_write(REG_IDLE, 1)
+/// One exit that sends queued output and waits until a frame arrives, an interrupt is
+/// due or the device clock reaches `deadline_ns` (0: do not wait; `u64::MAX`: no
+/// deadline). Returns the device clock.
+pub fn idle(deadline_ns: u64) -> u64 {
+    wr64(SHARED_IDLE_DEADLINE, deadline_ns);
+    reg_read(REG_IDLE)
 }
 
 pub fn console(msg: &[u8]) {
@@ -74,7 +79,9 @@ impl core::fmt::Write for LineBuf {
 }
 
 fn rd64(addr: u64) -> u64 {
-    // SAFETY: addr is inside the NIC shared area, RAM that the VMM reserved for the rings.
+    compiler_fence(Ordering::SeqCst);
+    // SAFETY: addr is inside the NIC shared area, RAM that the VMM reserved for the rings
+    // and writes only while the vCPU is stopped at an exit.
     unsafe { read_volatile(addr as *const u64) }
 }
 
@@ -84,28 +91,22 @@ fn wr64(addr: u64, v: u64) {
     unsafe { write_volatile(addr as *mut u64, v) }
 }
 
-/// The paravirtual NIC, as a smoltcp device.
-pub struct Nic {
-    /// TX frames were queued since the last doorbell.
-    pub tx_pending: bool,
-}
+/// The paravirtual NIC, as a smoltcp device. The VMM takes queued TX frames at the next
+/// exit (the loop's idle or clock read), so no doorbell is needed per batch.
+pub struct Nic;
 
 impl Nic {
     pub fn rx_available(&self) -> bool {
         rd64(NIC_RX_PROD) != rd64(NIC_RX_CONS)
     }
 
-    /// Tells the VMM about queued TX frames (one exit for a whole batch).
-    pub fn flush(&mut self) {
-        if self.tx_pending {
-            self.tx_pending = false;
-            reg_write(REG_NIC_DOORBELL, 1);
-        }
+    fn tx_free(&self) -> bool {
+        rd64(NIC_TX_PROD) - rd64(NIC_TX_CONS) < NIC_SLOTS
     }
 }
 
 pub struct RxToken;
-pub struct TxToken<'a>(&'a mut Nic);
+pub struct TxToken;
 
 impl phy::RxToken for RxToken {
     fn consume<R, F: FnOnce(&[u8]) -> R>(self, f: F) -> R {
@@ -125,7 +126,7 @@ impl phy::RxToken for RxToken {
     }
 }
 
-impl phy::TxToken for TxToken<'_> {
+impl phy::TxToken for TxToken {
     fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
         let prod = rd64(NIC_TX_PROD);
         let slot = prod % NIC_SLOTS;
@@ -139,18 +140,17 @@ impl phy::TxToken for TxToken<'_> {
         // SAFETY: the length entry of the slot owned by the guest.
         unsafe { write_volatile((NIC_TX_LEN + 2 * slot) as *mut u16, len as u16) };
         wr64(NIC_TX_PROD, prod + 1);
-        self.0.tx_pending = true;
         r
     }
 }
 
 impl phy::Device for Nic {
     type RxToken<'a> = RxToken;
-    type TxToken<'a> = TxToken<'a>;
+    type TxToken<'a> = TxToken;
 
     fn receive(&mut self, _t: Instant) -> Option<(Self::RxToken<'_>, Self::TxToken<'_>)> {
         if self.rx_available() && self.tx_free() {
-            Some((RxToken, TxToken(self)))
+            Some((RxToken, TxToken))
         } else {
             None
         }
@@ -158,16 +158,11 @@ impl phy::Device for Nic {
 
     fn transmit(&mut self, _t: Instant) -> Option<Self::TxToken<'_>> {
         if self.tx_free() {
-            Some(TxToken(self))
-        } else {
-            // Ring full: let the VMM drain it, then retry.
-            self.flush();
-            if self.tx_free() {
-                Some(TxToken(self))
-            } else {
-                None
-            }
+            return Some(TxToken);
         }
+        // Ring full: one exit lets the VMM take the queued frames.
+        reg_write(REG_NIC_DOORBELL, 1);
+        self.tx_free().then_some(TxToken)
     }
 
     fn capabilities(&self) -> DeviceCapabilities {
@@ -175,11 +170,5 @@ impl phy::Device for Nic {
         c.medium = Medium::Ethernet;
         c.max_transmission_unit = NIC_MAX_FRAME as usize;
         c
-    }
-}
-
-impl Nic {
-    fn tx_free(&self) -> bool {
-        rd64(NIC_TX_PROD) - rd64(NIC_TX_CONS) < NIC_SLOTS
     }
 }

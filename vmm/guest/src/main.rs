@@ -6,9 +6,10 @@
 //! that bump counters. Everything else — the smoltcp TCP/IP stack and a RESP key-value
 //! server — runs in ring 3 and reaches devices by MMIO.
 //!
-//! Determinism: no RDTSC/RDRAND/CPUID. Time comes from the clock register, randomness
-//! (smoltcp's seed, hence TCP ISNs and ports) from the entropy register, frames from the
-//! RX ring the VMM fills only while the vCPU is stopped at an exit.
+//! Determinism: no RDTSC/RDRAND/CPUID (vmm/build.rs disassembles the image and refuses
+//! one). Time comes from the clock and idle registers, randomness (smoltcp's seed, hence
+//! TCP ISNs and ports) from the entropy register, frames from the RX ring the VMM fills
+//! only while the vCPU is stopped at an exit.
 #![no_std]
 #![no_main]
 
@@ -16,7 +17,7 @@ extern crate alloc;
 
 mod abi;
 mod dev;
-mod kv;
+mod net;
 
 use abi::*;
 use core::arch::global_asm;
@@ -45,7 +46,9 @@ global_asm!(
 
 // Ring-0 code. Exception stub N writes N to the fault register (the VMM then stops the VM
 // and reports vector, error code and RIP from the exception frame) and spins. The IRQ
-// handlers only bump a counter: ring-3 code does the real work after `iretq`.
+// handlers only bump a counter: ring-3 code does the real work after `iretq`. The device
+// page is above 2 GiB, so the stubs address it through a register (`mov eax, imm32`
+// zero-extends) rather than a sign-extended 32-bit displacement.
 global_asm!(
     ".section .text.ring0, \"ax\"",
     ".balign 16",
@@ -54,7 +57,8 @@ global_asm!(
     ".set vec, 0",
     ".rept 32",
     ".balign 16",
-    "mov dword ptr [{fault}], vec",
+    "mov eax, {fault}",
+    "mov dword ptr [rax], vec",
     "2: jmp 2b",
     ".set vec, vec + 1",
     ".endr",
@@ -74,8 +78,17 @@ global_asm!(
     nic = sym NIC_IRQS,
 );
 
+/// The heap: talc (dlmalloc-style with size bins, near-constant time), counting the bytes
+/// in use for INFO and the `maxmemory` check. One vCPU and no allocation in interrupt
+/// handlers, so the spin lock is never contended.
 #[global_allocator]
-static ALLOC: linked_list_allocator::LockedHeap = linked_list_allocator::LockedHeap::empty();
+static ALLOC: talc::TalcLock<spinning_top::RawSpinlock, talc::source::Manual> =
+    talc::TalcLock::new(talc::source::Manual);
+
+/// Bytes allocated from the heap now.
+pub fn heap_used() -> usize {
+    ALLOC.lock().counters().allocated_bytes
+}
 
 /// Ring-3 entry point (the VMM sets rdi = boot info, rsp = stack top).
 #[unsafe(no_mangle)]
@@ -86,16 +99,20 @@ pub extern "C" fn guest_main(boot_addr: u64) -> ! {
         dev::console(b"bad boot info");
         dev::poweroff(2);
     }
-    // SAFETY: the heap range is RAM reserved for the guest by the VMM and used by nothing
-    // else; it is initialised exactly once, before any allocation.
-    unsafe {
-        ALLOC.lock().init(
+    // SAFETY: the heap range is RAM reserved for the guest by the VMM (identity-mapped,
+    // used by nothing else); it is claimed exactly once, before any allocation.
+    let claimed = unsafe {
+        ALLOC.lock().claim(
             boot.heap_base as *mut u8,
             (boot.heap_end - boot.heap_base) as usize,
         )
     };
+    if claimed.is_none() {
+        dev::console(b"ft-guest: cannot set up the heap");
+        dev::poweroff(3);
+    }
     dev::console(b"ft-guest: up");
-    kv::serve(&boot)
+    net::serve(&boot)
 }
 
 #[panic_handler]

@@ -2,10 +2,12 @@
 //!
 //! - RX: the VMM copies a frame into slot `rx_prod % NIC_SLOTS`, sets its length and
 //!   increments `NIC_RX_PROD`, only while the vCPU is stopped at an exit and only if the
-//!   guest has freed the slot (`rx_prod - NIC_RX_CONS < NIC_SLOTS`). It then injects
-//!   `NIC_VECTOR`. The guest consumes frames and advances `NIC_RX_CONS`.
-//! - TX: the guest fills slots, advances `NIC_TX_PROD` and writes `REG_NIC_DOORBELL`;
-//!   at that exit the VMM takes every queued frame and advances `NIC_TX_CONS`.
+//!   guest has freed the slot (`rx_prod - NIC_RX_CONS < NIC_SLOTS`). If the guest enabled
+//!   it (`REG_NIC_IRQ`), it then injects `NIC_VECTOR`; a polling guest leaves it off. The
+//!   guest consumes frames and advances `NIC_RX_CONS`.
+//! - TX: the guest fills slots and advances `NIC_TX_PROD`; at its next exit (any exit:
+//!   an idle or clock read, or `REG_NIC_DOORBELL`) the VMM takes every queued frame and
+//!   advances `NIC_TX_CONS`.
 //!
 //! Output frames are always counted and hashed (so a backup's suppressed output can be
 //! compared with the primary's), optionally captured, and sent to the backend only when
@@ -24,6 +26,8 @@ pub struct Nic {
     /// FNV-1a over (length, bytes) of every TX frame, in order.
     pub tx_hash: u64,
     pub capture: Option<Vec<Vec<u8>>>,
+    /// The guest asked for [`NIC_VECTOR`] on delivery (`REG_NIC_IRQ`).
+    pub irq_enabled: bool,
 }
 
 impl Default for Nic {
@@ -35,6 +39,7 @@ impl Default for Nic {
             tx_bytes: 0,
             tx_hash: FNV_OFFSET,
             capture: None,
+            irq_enabled: false,
         }
     }
 }
@@ -45,6 +50,11 @@ impl Nic {
         let prod = ram.read_u64(NIC_RX_PROD)?;
         let cons = ram.read_u64(NIC_RX_CONS)?;
         Ok(NIC_SLOTS.saturating_sub(prod.wrapping_sub(cons)))
+    }
+
+    /// True if the guest has not consumed every delivered frame yet.
+    pub fn rx_pending(&self, ram: &GuestRam) -> Result<bool> {
+        Ok(ram.read_u64(NIC_RX_PROD)? != ram.read_u64(NIC_RX_CONS)?)
     }
 
     /// Places `frame` into the RX ring (caller checked `rx_free` > 0).

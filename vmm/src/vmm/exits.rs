@@ -98,11 +98,25 @@ impl Vmm {
         }
     }
 
+    /// Takes the TX frames the guest queued: counted and hashed always, sent unless this
+    /// is a replaying backup.
+    fn send_tx(&mut self) -> Result<()> {
+        let output = self.mode != Mode::Replay;
+        let Vmm { nic, vm, net, .. } = self;
+        nic.drain_tx(&mut vm.ram, |f| match net.as_mut() {
+            Some(n) if output => n.send(f),
+            _ => Ok(()),
+        })?;
+        Ok(())
+    }
+
     /// Handles one guest-caused exit; returns `Some(outcome)` to end the run.
     pub(super) fn handle(&mut self, exit: Exit) -> Result<Option<RunOutcome>> {
         self.exits += 1;
         let rip = self.vcpu.exit_rip();
-        let mut idle = false;
+        // Output first, at every exit: the guest queued it before exiting, and an idle
+        // read below may block.
+        self.send_tx()?;
         match exit {
             Exit::Interrupted => unreachable!("not counted"),
             Exit::Io { port, write } => {
@@ -136,6 +150,14 @@ impl Vmm {
                         self.stats.entropy_reads += 1;
                         self.input_value(EV_ENTROPY, rip)?
                     }
+                    REG_IDLE => {
+                        self.stats.idles += 1;
+                        if self.mode != Mode::Replay && !self.control.stop_requested() {
+                            let deadline = self.vm.ram.read_u64(SHARED_IDLE_DEADLINE)?;
+                            self.idle_wait(deadline)?;
+                        }
+                        self.input_value(EV_CLOCK, rip)?
+                    }
                     _ => {
                         return Err(Error::BadDeviceAccess {
                             what: "MMIO read of a write-only/unknown register",
@@ -164,19 +186,9 @@ impl Vmm {
                 self.dev_hash = hash_words(&[off | DEV_WRITE, value], self.dev_hash);
                 match off {
                     REG_TIMER_DEADLINE => self.timer.write(value),
-                    REG_IDLE => {
-                        self.stats.idles += 1;
-                        idle = true;
-                    }
-                    REG_NIC_DOORBELL => {
-                        self.stats.doorbells += 1;
-                        let output = self.mode != Mode::Replay;
-                        let Vmm { nic, vm, net, .. } = self;
-                        nic.drain_tx(&mut vm.ram, |f| match net.as_mut() {
-                            Some(n) if output => n.send(f),
-                            _ => Ok(()),
-                        })?;
-                    }
+                    // The frames were taken above.
+                    REG_NIC_DOORBELL => self.stats.doorbells += 1,
+                    REG_NIC_IRQ => self.nic.irq_enabled = value != 0,
                     REG_CONSOLE => self.console.write(&self.vm.ram, value)?,
                     REG_POWEROFF => {
                         if value == 0 {
@@ -205,9 +217,6 @@ impl Vmm {
         // A recording that is stopping delivers nothing more: its END follows at this exit.
         if self.mode != Mode::Replay && !self.control.stop_requested() {
             self.poll_inputs()?;
-            if idle && self.pending_irqs == 0 {
-                self.wait_for_input()?;
-            }
         }
         self.checkpoint_stage()?;
         Ok(None)

@@ -60,7 +60,9 @@ impl Vmm {
                 free -= 1;
             }
             if n > 0 {
-                self.pending_irqs |= PENDING_NIC;
+                if self.nic.irq_enabled {
+                    self.pending_irqs |= PENDING_NIC;
+                }
                 any = true;
             }
         }
@@ -119,23 +121,37 @@ impl Vmm {
         Ok(())
     }
 
-    /// Idle exit (free/record): block until a frame, the timer, or a control request.
-    pub(super) fn wait_for_input(&mut self) -> Result<()> {
+    /// Idle read (free/record): blocks until the guest has work: a frame in its RX ring
+    /// (delivered at an earlier exit after the guest last looked) or waiting on the
+    /// backend, a pending interrupt, the device clock at `deadline` or the timer's, or a
+    /// control request. Delivers nothing itself: the read's clock value comes first in
+    /// the log, the frames after it (the fixed per-exit order).
+    pub(super) fn idle_wait(&mut self, deadline: u64) -> Result<()> {
         self.flush_log()?;
+        let net_fd = self.net.as_ref().and_then(|n| n.poll_fd()).unwrap_or(-1);
         loop {
-            if self.poll_inputs()? || self.pending_irqs != 0 {
-                return Ok(());
+            let now = self.clock.host_now();
+            if self.timer.take_expired(now) {
+                self.pending_irqs |= PENDING_TIMER;
             }
-            if self.control.stop_requested()
-                || (self.timer.deadline.is_none() && self.net.is_none())
+            if self.pending_irqs != 0
+                || now >= deadline
+                || self.nic.rx_pending(&self.vm.ram)?
+                || self.control.stop_requested()
+                || self.control.go_live_requested()
             {
                 return Ok(());
             }
-            let timeout_ms = match self.timer.deadline {
-                Some(d) => {
-                    (d.saturating_sub(self.clock.host_now()).div_ceil(1_000_000)).min(100) as i32
-                }
-                None => 100,
+            let wake = deadline.min(self.timer.deadline.unwrap_or(u64::MAX));
+            if wake == u64::MAX && net_fd < 0 {
+                // Nothing could ever wake the guest: let it run on.
+                return Ok(());
+            }
+            // At most 100 ms per wait, so control requests are seen even without a kick.
+            let wait = (wake - now).min(100_000_000);
+            let ts = libc::timespec {
+                tv_sec: (wait / 1_000_000_000) as libc::time_t,
+                tv_nsec: (wait % 1_000_000_000) as libc::c_long,
             };
             let mut fds = [
                 libc::pollfd {
@@ -144,15 +160,19 @@ impl Vmm {
                     revents: 0,
                 },
                 libc::pollfd {
-                    fd: self.net.as_ref().and_then(|n| n.poll_fd()).unwrap_or(-1),
+                    fd: net_fd,
                     events: libc::POLLIN,
                     revents: 0,
                 },
             ];
-            // SAFETY: poll(2) on an array of two initialised pollfd structs we own.
-            unsafe { libc::poll(fds.as_mut_ptr(), 2, timeout_ms) };
+            // SAFETY: ppoll(2) on an array of two initialised pollfd structs and a timespec
+            // that we own; no signal mask change.
+            unsafe { libc::ppoll(fds.as_mut_ptr(), 2, &ts, std::ptr::null()) };
             if fds[0].revents != 0 {
                 self.control.drain();
+            }
+            if fds[1].revents != 0 {
+                return Ok(());
             }
         }
     }

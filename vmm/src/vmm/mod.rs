@@ -76,6 +76,24 @@ pub struct VmmConfig {
     /// Pin the vCPU thread (the thread calling `run`) to this host CPU. Use the same
     /// index on primary and backup hosts.
     pub pin_cpu: Option<usize>,
+    /// Guest RAM in bytes: [`RAM_MIN`]..=[`RAM_MAX`], a multiple of [`RAM_ALIGN`].
+    pub ram_size: u64,
+    /// Settings of the guest's service, passed in `BootInfo` (part of the config hash).
+    pub service: ServiceConfig,
+}
+
+/// Settings of the guest's RESP service. Zero means "the guest's default" (derived from
+/// its heap size where it depends on memory).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ServiceConfig {
+    pub maxclients: u32,
+    pub maxmemory: u64,
+    /// Close clients idle for this many seconds (0 = never).
+    pub timeout_s: u32,
+    /// TCP keep-alive interval in seconds (0 = off).
+    pub tcp_keepalive_s: u32,
+    /// Housekeeping ticks per second (0 = 10).
+    pub hz: u32,
 }
 
 impl Default for VmmConfig {
@@ -95,12 +113,37 @@ impl Default for VmmConfig {
             go_live_at_end: false,
             wait_for_go_live: false,
             pin_cpu: None,
+            ram_size: RAM_DEFAULT,
+            service: ServiceConfig {
+                tcp_keepalive_s: 60,
+                ..Default::default()
+            },
         }
     }
 }
 
 impl VmmConfig {
-    fn boot_info(&self) -> BootInfo {
+    /// Checks the settings the guest cannot use; the message says what to change.
+    pub fn validate(&self) -> Result<()> {
+        let r = self.ram_size;
+        if !(RAM_MIN..=RAM_MAX).contains(&r) || !r.is_multiple_of(RAM_ALIGN) {
+            return Err(Error::Config(format!(
+                "guest RAM of {r} bytes is not usable: give {} MiB to {} MiB in steps of {} MiB",
+                RAM_MIN >> 20,
+                RAM_MAX >> 20,
+                RAM_ALIGN >> 20
+            )));
+        }
+        if self.service.hz > 500 {
+            return Err(Error::Config(format!(
+                "service hz {} is too high: use 1 to 500 (0 = 10)",
+                self.service.hz
+            )));
+        }
+        Ok(())
+    }
+
+    pub(crate) fn boot_info(&self) -> BootInfo {
         BootInfo {
             magic: BOOT_MAGIC,
             mac: self.mac,
@@ -111,7 +154,12 @@ impl VmmConfig {
             port: self.port,
             _pad2: [0; 6],
             heap_base: HEAP_BASE,
-            heap_end: HEAP_END,
+            heap_end: self.ram_size,
+            maxclients: self.service.maxclients,
+            timeout_s: self.service.timeout_s,
+            tcp_keepalive_s: self.service.tcp_keepalive_s,
+            hz: self.service.hz,
+            maxmemory: self.service.maxmemory,
         }
     }
 }
@@ -205,26 +253,22 @@ pub struct Vmm {
 impl Vmm {
     /// Creates a VM, loads `guest_elf` (validated) and sets up long mode.
     pub fn new(cfg: VmmConfig, guest_elf: &[u8], control: Arc<Control>) -> Result<Vmm> {
-        let mut vm = Vm::new(RAM_SIZE as usize)?;
+        cfg.validate()?;
+        let mut vm = Vm::new(cfg.ram_size as usize)?;
         let img = image::load(guest_elf, &mut vm.ram)?;
-        vm.setup_system_tables(&img, &cfg.boot_info())?;
+        let boot = cfg.boot_info();
+        vm.setup_system_tables(&img, &boot)?;
         let vcpu = Vcpu::new(&vm.kvm, &vm.fd)?;
         vcpu.setup_long_mode(img.header.entry)?;
         // Start dirty tracking from the loaded state.
         let _ = vm.take_dirty_log()?;
         vm.ram.rehash_all();
+        // Everything the guest is booted with: the image, and the boot info (RAM size,
+        // network identity, service settings).
         let config_hash = hash_words(
             &[
                 img.hash,
-                RAM_SIZE,
-                u64::from_le_bytes([
-                    cfg.mac[0], cfg.mac[1], cfg.mac[2], cfg.mac[3], cfg.mac[4], cfg.mac[5], 0, 0,
-                ]),
-                u32::from_be_bytes(cfg.ip) as u64,
-                u32::from_be_bytes(cfg.gateway) as u64,
-                cfg.prefix_len as u64,
-                cfg.port as u64,
-                GUEST_ABI_VERSION as u64,
+                crate::hash::hash_bytes(boot.as_bytes(), GUEST_ABI_VERSION as u64),
             ],
             0,
         );

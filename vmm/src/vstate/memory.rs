@@ -8,6 +8,8 @@ use crate::hash::{hash_bytes, hash_words};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 pub const PAGE_SIZE: usize = 4096;
+/// Seed of the hash of an all-zero page.
+const ZERO_PAGE_SEED: u64 = 0x5a5a_0000_0000_0001;
 
 pub struct GuestRam {
     mem: GuestMemoryMmap<()>,
@@ -131,13 +133,27 @@ impl GuestRam {
         }
     }
 
+    /// Hash of page `p` (an all-zero page, the state of most of a large guest's RAM, is
+    /// recognised without hashing it).
+    fn page_hash(&self, p: usize) -> u64 {
+        let page = &self.as_slice()[p * PAGE_SIZE..(p + 1) * PAGE_SIZE];
+        // SAFETY (of the view only): u64 has no invalid bit patterns; `align_to` puts
+        // any unaligned bytes in the prefix/suffix, which are checked too.
+        let (pre, words, post) = unsafe { page.align_to::<u64>() };
+        if pre.iter().all(|&b| b == 0)
+            && words.iter().all(|&w| w == 0)
+            && post.iter().all(|&b| b == 0)
+        {
+            hash_words(&[p as u64], ZERO_PAGE_SEED)
+        } else {
+            hash_bytes(page, p as u64)
+        }
+    }
+
     /// Recomputes every page hash (after load or restore).
     pub fn rehash_all(&mut self) {
         for p in 0..self.page_hash.len() {
-            self.page_hash[p] = hash_bytes(
-                &self.as_slice()[p * PAGE_SIZE..(p + 1) * PAGE_SIZE],
-                p as u64,
-            );
+            self.page_hash[p] = self.page_hash(p);
         }
         self.vmm_dirty.iter_mut().for_each(|w| *w = 0);
     }
@@ -155,10 +171,7 @@ impl GuestRam {
                 bits &= bits - 1;
                 let p = w * 64 + b;
                 if p < self.page_hash.len() {
-                    self.page_hash[p] = hash_bytes(
-                        &self.as_slice()[p * PAGE_SIZE..(p + 1) * PAGE_SIZE],
-                        p as u64,
-                    );
+                    self.page_hash[p] = self.page_hash(p);
                     n += 1;
                 }
             }

@@ -78,23 +78,18 @@ impl Vm {
         }
         set_gate(TIMER_VECTOR as u64, img.header.irq_timer)?;
         set_gate(NIC_VECTOR as u64, img.header.irq_nic)?;
-        // Identity map of the first GiB with 2 MiB pages, user-accessible (the guest is a
-        // single ring-3 program; the device page at MMIO_BASE must be reachable from ring 3).
+        // Identity map of the first 4 GiB (RAM and the device page) with 2 MiB pages,
+        // user-accessible (the guest is a single ring-3 program that reaches its devices
+        // directly). Addresses without RAM or a device exit as bad device accesses.
         ram.write_u64(PML4_ADDR, PDPT_ADDR | 7)?;
-        ram.write_u64(PDPT_ADDR, PD_ADDR | 7)?;
-        for i in 0..512u64 {
-            ram.write_u64(PD_ADDR + i * 8, (i << 21) | 0x87)?;
+        for d in 0..PD_COUNT {
+            let pd = PD_ADDR + d * 0x1000;
+            ram.write_u64(PDPT_ADDR + d * 8, pd | 7)?;
+            for i in 0..512u64 {
+                ram.write_u64(pd + i * 8, (((d << 9) | i) << 21) | 0x87)?;
+            }
         }
-        // Boot info.
-        // SAFETY: BootInfo is #[repr(C)] plain data without padding holes that matter
-        // (explicit _pad fields); we only view it as bytes.
-        let bytes = unsafe {
-            std::slice::from_raw_parts(
-                boot as *const BootInfo as *const u8,
-                std::mem::size_of::<BootInfo>(),
-            )
-        };
-        ram.write(BOOT_INFO_ADDR, bytes)?;
+        ram.write(BOOT_INFO_ADDR, boot.as_bytes())?;
         Ok(())
     }
 }

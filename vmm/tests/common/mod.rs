@@ -162,6 +162,18 @@ pub fn with_timeout<T: Send + 'static>(
     }
 }
 
+/// `movabs rax, [addr]` (8-byte load from a 64-bit absolute address).
+pub fn load_rax(c: &mut Vec<u8>, addr: u64) {
+    c.extend_from_slice(&[0x48, 0xA1]);
+    c.extend_from_slice(&addr.to_le_bytes());
+}
+
+/// `movabs [addr], rax` (8-byte store to a 64-bit absolute address).
+pub fn store_rax(c: &mut Vec<u8>, addr: u64) {
+    c.extend_from_slice(&[0x48, 0xA3]);
+    c.extend_from_slice(&addr.to_le_bytes());
+}
+
 /// A minimal guest ELF: header + 32 exception stubs + iretq handlers + `code` at entry.
 pub fn build_elf(code: &[u8]) -> Vec<u8> {
     let base = IMAGE_BASE;
@@ -183,10 +195,10 @@ pub fn build_elf(code: &[u8]) -> Vec<u8> {
     }
     for v in 0..32u64 {
         let o = (stubs_off + v * EXC_STUB_STRIDE) as usize;
-        // mov dword ptr [MMIO_BASE + REG_FAULT], v ; jmp $
+        // mov eax, MMIO_BASE + REG_FAULT ; mov dword ptr [rax], v ; jmp $
         let a = ((MMIO_BASE + REG_FAULT) as u32).to_le_bytes();
         let s = [
-            0xC7, 0x04, 0x25, a[0], a[1], a[2], a[3], v as u8, 0, 0, 0, 0xEB, 0xFE,
+            0xB8, a[0], a[1], a[2], a[3], 0xC7, 0x00, v as u8, 0, 0, 0, 0xEB, 0xFE,
         ];
         seg[o..o + s.len()].copy_from_slice(&s);
     }
