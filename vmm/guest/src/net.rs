@@ -12,7 +12,7 @@ use crate::abi::BootInfo;
 use crate::dev::{self, Nic};
 use alloc::vec;
 use alloc::vec::Vec;
-use ft_guest_service::limits::{REJECT_SLOTS, SOCKET_RX, SOCKET_TX};
+use ft_guest_service::limits::{OUTPUT_SOFT_LIMIT, REJECT_SLOTS, SOCKET_RX, SOCKET_TX};
 use ft_guest_service::{Client, CloseReason, Limits, MemInfo, Server, Settings};
 use smoltcp::iface::{Config, Interface, PollIngressSingleResult, SocketHandle, SocketSet};
 use smoltcp::socket::tcp;
@@ -231,6 +231,10 @@ impl Service {
             let s = self.sockets.get_mut::<tcp::Socket>(conn.handle);
             let c = &mut conn.client;
             if conn.closing.is_some() {
+                // Closing after a reply: what the client still sends is discarded, so
+                // its window stays open and its own FIN (queued behind that data)
+                // arrives; the connection then ends at once instead of lingering.
+                while s.can_recv() && s.recv(|b| (b.len(), ())).is_ok() {}
                 continue;
             }
             if !s.can_recv() && c.output_len() == 0 && c.query_len() == 0 && c.close.is_none() {
@@ -268,6 +272,15 @@ impl Service {
                 }
                 // Still progressing after the last round: come back without waiting.
                 busy |= round == 3;
+            }
+            // The client closed its side and every complete request was run (the output
+            // is not holding the rest back): what is left can never complete.
+            if c.close.is_none()
+                && s.state() == tcp::State::CloseWait
+                && !s.can_recv()
+                && c.output_len() <= OUTPUT_SOFT_LIMIT
+            {
+                c.close = Some(CloseReason::AfterReply);
             }
             match c.close {
                 Some(CloseReason::AfterReply) if c.output_len() == 0 => {
