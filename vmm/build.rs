@@ -3,6 +3,9 @@
 use std::path::PathBuf;
 use std::process::Command;
 
+#[path = "src/scan.rs"]
+mod scan;
+
 fn main() {
     let manifest = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").unwrap());
     let guest = manifest.join("guest");
@@ -72,5 +75,21 @@ fn main() {
         );
     }
     let elf = target_dir.join("x86_64-unknown-none/release/ft-guest");
-    std::fs::copy(&elf, out.join("ft-guest.elf")).expect("guest ELF missing after build");
+    let image = std::fs::read(&elf).expect("guest ELF missing after build");
+    // A replicated guest must not read time, randomness or host identity directly: the
+    // backup would see other values than the primary. A new dependency could bring such
+    // an instruction in, so the build checks the machine code.
+    let bad = scan::forbidden_instructions(&image);
+    if !bad.is_empty() {
+        let list: Vec<String> = bad
+            .iter()
+            .map(|f| format!("{} at {:#x}", f.mnemonic, f.addr))
+            .collect();
+        panic!(
+            "the guest image contains instructions that break record/replay: {}; take time and \
+             entropy from the clock and entropy devices instead (objdump -d the guest to find the caller)",
+            list.join(", ")
+        );
+    }
+    std::fs::write(out.join("ft-guest.elf"), image).expect("writing the guest ELF");
 }

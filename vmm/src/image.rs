@@ -36,6 +36,12 @@ fn in_image(addr: u64) -> bool {
 
 /// Validates `elf` and copies its segments into RAM.
 pub fn load(elf: &[u8], ram: &mut GuestRam) -> Result<LoadedImage> {
+    if let Some(f) = crate::scan::forbidden_instructions(elf).first() {
+        return Err(Error::Image(format!(
+            "it executes {} at {:#x}, which reads the host directly: a backup replaying it would see other values and diverge; a replicated guest takes time and entropy from its devices",
+            f.mnemonic, f.addr
+        )));
+    }
     if elf.len() < 64 || &elf[..4] != b"\x7fELF" {
         return Err(Error::Image("not an ELF file (bad magic)".into()));
     }

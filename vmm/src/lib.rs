@@ -43,6 +43,7 @@ pub mod error;
 pub mod hash;
 pub mod image;
 pub mod net;
+pub mod scan;
 pub mod snapshot;
 pub mod vmlog;
 pub mod vmm;

@@ -149,3 +149,45 @@ fn spinning_guest_can_be_stopped() {
     assert_eq!(r.exits, 0);
     assert!(t0.elapsed() < Duration::from_secs(2));
 }
+
+#[test]
+fn images_that_read_the_host_directly_are_refused() {
+    // The built-in guest has none (vmm/build.rs also refuses to build one that has).
+    assert_eq!(
+        ft_vmm::scan::forbidden_instructions(ft_vmm::GUEST_ELF),
+        vec![],
+        "built-in guest"
+    );
+    let cases: [(&str, &[u8]); 5] = [
+        ("RDTSC", &[0x0F, 0x31]),
+        ("RDTSCP", &[0x0F, 0x01, 0xF9]),
+        ("RDRAND", &[0x48, 0x0F, 0xC7, 0xF0]),
+        ("RDSEED", &[0x48, 0x0F, 0xC7, 0xF8]),
+        ("CPUID", &[0x0F, 0xA2]),
+    ];
+    for (name, ins) in cases {
+        // Preceded by a harmless instruction, so the finding is not at the entry point.
+        let mut code = vec![0x90];
+        code.extend_from_slice(ins);
+        code.extend_from_slice(&[0xEB, 0xFE]);
+        let elf = build_elf(&code);
+        let found = ft_vmm::scan::forbidden_instructions(&elf);
+        assert_eq!(found.len(), 1, "{name}: {found:?}");
+        assert_eq!(found[0].mnemonic, name);
+        match Vmm::new(cfg(Mode::Free), &elf, Control::new()) {
+            Err(e @ Error::Image(_)) => {
+                assert!(e.to_string().contains(name), "{e}");
+                eprintln!("{name}: {e}");
+            }
+            Err(e) => panic!("{name}: expected an image error, got {e}"),
+            Ok(_) => panic!("{name}: image accepted"),
+        }
+    }
+    // The same bytes as data inside an instruction are not an instruction: the check
+    // decodes the code, it does not grep for byte patterns.
+    let code = [0xB8, 0x0F, 0x31, 0x0F, 0xA2, 0xEB, 0xFE]; // mov eax, 0xA20F310F; jmp $
+    assert_eq!(
+        ft_vmm::scan::forbidden_instructions(&build_elf(&code)),
+        vec![]
+    );
+}
