@@ -4,7 +4,7 @@
 set -euo pipefail
 log() { printf '[bootstrap] %s\n' "$*"; }
 
-APT_PKGS=(iproute2 ethtool nftables tcpdump bpftool redis-tools etcd-server iperf3 python3 protobuf-compiler libprotobuf-dev)
+APT_PKGS=(iproute2 ethtool nftables tcpdump bpftool redis-tools redis-server etcd-server iperf3 python3 protobuf-compiler libprotobuf-dev)
 missing=()
 for p in "${APT_PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -17,9 +17,15 @@ if ((${#missing[@]})); then
     log "apt could not install one of: ${missing[*]} (see above)"; exit 1
   fi
 fi
-# etcd-server's package starts a system etcd on 2379; tests run their own members.
-if command -v systemctl >/dev/null 2>&1; then systemctl disable --now etcd >/dev/null 2>&1 || true; fi
+# etcd-server's package starts a system etcd on 2379, redis-server's a system Redis on
+# 6379; tests and benchmarks run their own (redis-server is the reference the guest's
+# service is compared with).
+if command -v systemctl >/dev/null 2>&1; then
+  systemctl disable --now etcd >/dev/null 2>&1 || true
+  systemctl disable --now redis-server >/dev/null 2>&1 || true
+fi
 pkill -x etcd 2>/dev/null || true
+pkill -x redis-server 2>/dev/null || true
 
 # eBPF programs build with nightly (-Z build-std=core). Never update an existing nightly
 # here: bpf-linker below is linked against that nightly's own libLLVM.

@@ -10,6 +10,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 use ft_vmm::net::{NetBackend, Tap, in_netns};
 use ft_vmm::vmlog::{ReadSource, WriteSink, format};
+use ft_vmm::vmm::ServiceConfig;
 use ft_vmm::{Control, Mode, Vmm, VmmConfig};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -80,6 +81,21 @@ enum Cmd {
         /// Pin the vCPU thread to this host CPU (same index on primary and backup).
         #[arg(long)]
         pin_cpu: Option<usize>,
+        /// Guest RAM in MiB (64 to 3072, a multiple of 2).
+        #[arg(long, default_value_t = 256)]
+        ram_mib: u64,
+        /// Service: most concurrent clients (0 = derived from the RAM size).
+        #[arg(long, default_value_t = 0)]
+        maxclients: u32,
+        /// Service: bytes of memory before write commands get OOM errors (0 = derived).
+        #[arg(long, default_value_t = 0)]
+        maxmemory: u64,
+        /// Service: close clients idle for this many seconds (0 = never).
+        #[arg(long, default_value_t = 0)]
+        timeout: u32,
+        /// Service: TCP keep-alive interval in seconds (0 = off).
+        #[arg(long, default_value_t = 60)]
+        tcp_keepalive: u32,
         #[arg(long)]
         quiet: bool,
     },
@@ -181,6 +197,11 @@ fn main() -> Result<()> {
             guest,
             snapshot,
             pin_cpu,
+            ram_mib,
+            maxclients,
+            maxmemory,
+            timeout,
+            tcp_keepalive,
             quiet,
         } => {
             let (ip, prefix_len) = parse_ip(&guest_ip)?;
@@ -201,6 +222,14 @@ fn main() -> Result<()> {
                 go_live_at_end,
                 console_echo: !quiet,
                 pin_cpu,
+                ram_size: ram_mib << 20,
+                service: ServiceConfig {
+                    maxclients,
+                    maxmemory,
+                    timeout_s: timeout,
+                    tcp_keepalive_s: tcp_keepalive,
+                    hz: 0,
+                },
                 ..Default::default()
             };
             let elf = match &guest {

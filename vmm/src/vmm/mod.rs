@@ -134,6 +134,7 @@ impl VmmConfig {
                 RAM_ALIGN >> 20
             )));
         }
+        self.service_limits()?;
         if self.service.hz > 500 {
             return Err(Error::Config(format!(
                 "service hz {} is too high: use 1 to 500 (0 = 10)",
@@ -141,6 +142,20 @@ impl VmmConfig {
             )));
         }
         Ok(())
+    }
+
+    /// The service's effective limits with this RAM size and these settings (what the
+    /// guest derives at boot), or why the guest could not use them.
+    pub fn service_limits(&self) -> Result<ft_guest_service::Limits> {
+        let s = ft_guest_service::Settings {
+            maxclients: self.service.maxclients,
+            maxmemory: self.service.maxmemory,
+            timeout_s: self.service.timeout_s,
+            tcp_keepalive_s: self.service.tcp_keepalive_s,
+            hz: self.service.hz,
+        };
+        ft_guest_service::Limits::derive(self.ram_size, self.ram_size - HEAP_BASE, &s)
+            .map_err(|e| Error::Config(e.to_string()))
     }
 
     pub(crate) fn boot_info(&self) -> BootInfo {

@@ -89,6 +89,35 @@ impl NetNs {
         panic!("guest did not answer PING within {timeout:?}");
     }
 
+    /// A TCP connection made inside the namespace (optionally from `src`, an address of
+    /// the namespace).
+    pub fn connect(
+        &self,
+        dst: &str,
+        port: u16,
+        src: Option<&str>,
+    ) -> std::io::Result<std::net::TcpStream> {
+        let ns = self.name.clone();
+        let dst: std::net::SocketAddr = format!("{dst}:{port}").parse().expect("address");
+        let src: Option<std::net::SocketAddr> =
+            src.map(|s| format!("{s}:0").parse().expect("address"));
+        in_netns(&ns, move || {
+            let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+                .map_err(ft_vmm::Error::LogIo)?;
+            if let Some(a) = src {
+                s.bind(&a.into()).map_err(ft_vmm::Error::LogIo)?;
+            }
+            s.connect_timeout(&dst.into(), Duration::from_secs(5))
+                .map_err(ft_vmm::Error::LogIo)?;
+            s.set_tcp_nodelay(true).map_err(ft_vmm::Error::LogIo)?;
+            Ok(std::net::TcpStream::from(s))
+        })
+        .map_err(|e| match e {
+            ft_vmm::Error::LogIo(io) => io,
+            other => std::io::Error::other(other.to_string()),
+        })
+    }
+
     /// Opens the namespace's tap for a VMM.
     pub fn open_tap(&self) -> Tap {
         let ns = self.name.clone();
