@@ -30,8 +30,10 @@ pub const PD_COUNT: u64 = 4;
 pub const IRQ_STACK_TOP: u64 = 0xF_F000;
 
 /// NIC shared area: control page, then RX slots, then TX slots.
-pub const NIC_BASE: u64 = 0x10_0000;
-pub const NIC_SLOTS: u64 = 64;
+/// (Above the ring-3 stack: 256 slots per direction, as a virtio-net queue, so a burst
+/// from 1,000 clients waits in the guest's ring rather than overflowing the tap.)
+pub const NIC_BASE: u64 = 0x110_0000;
+pub const NIC_SLOTS: u64 = 256;
 pub const NIC_SLOT_SIZE: u64 = 2048;
 /// `u64` written by the VMM: number of frames ever placed in the RX ring.
 pub const NIC_RX_PROD: u64 = NIC_BASE;
@@ -45,9 +47,9 @@ pub const NIC_TX_CONS: u64 = NIC_BASE + 24;
 /// 0 (or any past time) returns at once, `u64::MAX` waits for input only.
 pub const SHARED_IDLE_DEADLINE: u64 = NIC_BASE + 32;
 /// `u16` lengths, one per RX slot.
-pub const NIC_RX_LEN: u64 = NIC_BASE + 0x100;
+pub const NIC_RX_LEN: u64 = NIC_BASE + 0x400;
 /// `u16` lengths, one per TX slot.
-pub const NIC_TX_LEN: u64 = NIC_BASE + 0x200;
+pub const NIC_TX_LEN: u64 = NIC_BASE + 0x800;
 pub const NIC_RX_DATA: u64 = NIC_BASE + 0x1000;
 pub const NIC_TX_DATA: u64 = NIC_RX_DATA + NIC_SLOTS * NIC_SLOT_SIZE;
 pub const NIC_END: u64 = NIC_TX_DATA + NIC_SLOTS * NIC_SLOT_SIZE;
@@ -60,8 +62,8 @@ pub const IMAGE_BASE: u64 = 0x20_0000;
 pub const IMAGE_LIMIT: u64 = 0x100_0000;
 /// Ring-3 stack (grows down from here to IMAGE_LIMIT).
 pub const STACK_TOP: u64 = 0x110_0000;
-/// Heap handed to the guest allocator: from here to the end of RAM.
-pub const HEAP_BASE: u64 = 0x110_0000;
+/// Heap handed to the guest allocator: from here (after the NIC rings) to the end of RAM.
+pub const HEAP_BASE: u64 = 0x130_0000;
 
 /// Device page (not RAM: every access is an MMIO exit). Below 4 GiB, so 32-bit
 /// immediates reach it (`mov eax, imm32` zero-extends); above [`RAM_MAX`].

@@ -22,7 +22,7 @@ use smoltcp::wire::{EthernetAddress, HardwareAddress, IpCidr, IpEndpoint, Ipv4Ad
 /// Listening sockets kept ready (refilled after every received frame).
 const LISTEN_POOL: usize = 2;
 /// Frames processed per loop iteration before connections are served.
-const RX_BUDGET: usize = 64;
+const RX_BUDGET: usize = 256;
 /// How long a closing connection may take to finish (FIN handshake) before it is reset:
 /// a vanished peer never answers.
 const LINGER_MS: u64 = 2_000;

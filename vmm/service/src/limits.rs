@@ -131,7 +131,7 @@ mod tests {
     fn budgets_fit_the_heap() {
         for ram_mib in [64u64, 256, 1024, 2048, 3072] {
             let ram = ram_mib << 20;
-            let heap = ram - 0x110_0000;
+            let heap = ram - 0x130_0000;
             let l = Limits::derive(ram, heap, &Settings::default()).unwrap();
             let sockets = (l.maxclients + REJECT_SLOTS) as u64 * SOCKET_COST;
             assert!(

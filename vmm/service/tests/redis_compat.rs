@@ -10,7 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 const RAM: u64 = 256 << 20;
-const HEAP: u64 = RAM - 0x110_0000;
+const HEAP: u64 = RAM - 0x130_0000;
 
 struct Redis(Child, u16);
 
