@@ -172,3 +172,36 @@ fn raw_requests_match_redis_7() {
     }
     assert!(mismatches.is_empty(), "{}", mismatches.join("\n"));
 }
+
+/// redis-cli 7 asks `COMMAND DOCS` at start (for `help` and hints) and falls back to an
+/// old built-in table if the reply is an error: the reply must be a well-formed map with
+/// a summary for every command.
+#[test]
+fn command_docs_is_a_map_that_redis_cli_can_use() {
+    let mut srv = Server::new(limits(), 6379, 1, 0);
+    let mut c = Client::new(1, [127, 0, 0, 1], 1, 0);
+    let r = ours(&mut srv, &mut c, &multibulk(&["COMMAND", "DOCS"]), 0);
+    assert_eq!(reply_len(&r), Some(r.len()), "one complete reply");
+    let text = String::from_utf8_lossy(&r);
+    let n = ft_guest_service::commands::COMMANDS.len();
+    assert!(text.starts_with(&format!("*{}\r\n", 2 * n)), "{text}");
+    assert!(text.matches("$7\r\nsummary\r\n").count() >= n);
+    for name in ["set", "get", "expire", "info", "config"] {
+        assert!(
+            text.contains(&format!("${}\r\n{name}\r\n", name.len())),
+            "{name}"
+        );
+    }
+    // And a subset by name, unknown names left out.
+    let r = ours(
+        &mut srv,
+        &mut c,
+        &multibulk(&["COMMAND", "DOCS", "get", "nosuch"]),
+        0,
+    );
+    assert!(
+        r.starts_with(b"*2\r\n$3\r\nget\r\n*8\r\n$7\r\nsummary\r\n"),
+        "{:?}",
+        String::from_utf8_lossy(&r)
+    );
+}
