@@ -6,7 +6,7 @@
 mod common;
 
 use common::*;
-use ft_guest_service::compat::{CASES, Cmp, RAW, reply_len, sorted_elements};
+use ft_guest_service::compat::{CASES, Cmp, RAW, multibulk, reply_len, sorted_elements};
 use ft_vmm::vmlog::{VecSource, WriteSink, read_all};
 use ft_vmm::vmm::ServiceConfig;
 use ft_vmm::{Error, Mode, RunOutcome, Vmm, VmmConfig};
@@ -86,16 +86,6 @@ impl Guest {
         let r = self.vmm.stop().expect("VMM run ended with an error");
         assert_eq!(r.0.outcome, RunOutcome::Stopped);
     }
-}
-
-fn multibulk(args: &[&[u8]]) -> Vec<u8> {
-    let mut v = format!("*{}\r\n", args.len()).into_bytes();
-    for a in args {
-        v.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
-        v.extend_from_slice(a);
-        v.extend_from_slice(b"\r\n");
-    }
-    v
 }
 
 fn read_reply(s: &mut TcpStream, buf: &mut Vec<u8>) -> Vec<u8> {

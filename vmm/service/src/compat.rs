@@ -188,6 +188,16 @@ pub const RAW: &[&[u8]] = &[
     b"*1\r\n$4\r\nPING\r\n*1\r\n$3\r\nFOO\r\n*1\r\n:x\r\n*1\r\n$4\r\nPING\r\n",
 ];
 
+/// A request as a RESP multibulk.
+pub fn multibulk(args: &[&[u8]]) -> alloc::vec::Vec<u8> {
+    let mut v = alloc::vec::Vec::new();
+    crate::resp::array(&mut v, args.len());
+    for a in args {
+        crate::resp::bulk(&mut v, a);
+    }
+    v
+}
+
 /// Length of the first complete RESP2 reply in `b`, if `b` holds one (for test clients
 /// reading replies off a socket).
 pub fn reply_len(b: &[u8]) -> Option<usize> {

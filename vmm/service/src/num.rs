@@ -39,21 +39,10 @@ pub fn parse_i64(s: &[u8]) -> Option<i64> {
 
 /// Appends the decimal representation of `v`.
 pub fn push_i64(out: &mut alloc::vec::Vec<u8>, v: i64) {
-    let mut buf = [0u8; 20];
-    let mut i = buf.len();
-    let mut u = v.unsigned_abs();
-    loop {
-        i -= 1;
-        buf[i] = b'0' + (u % 10) as u8;
-        u /= 10;
-        if u == 0 {
-            break;
-        }
-    }
     if v < 0 {
         out.push(b'-');
     }
-    out.extend_from_slice(&buf[i..]);
+    push_u64(out, v.unsigned_abs());
 }
 
 /// Appends the decimal representation of `v`.

@@ -59,13 +59,8 @@ fn start_redis(slot: u16) -> Redis {
 }
 
 fn multibulk(args: &[&str]) -> Vec<u8> {
-    let mut v = format!("*{}\r\n", args.len()).into_bytes();
-    for a in args {
-        v.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
-        v.extend_from_slice(a.as_bytes());
-        v.extend_from_slice(b"\r\n");
-    }
-    v
+    let a: Vec<&[u8]> = args.iter().map(|x| x.as_bytes()).collect();
+    ft_guest_service::compat::multibulk(&a)
 }
 
 fn read_reply(s: &mut TcpStream, buf: &mut Vec<u8>) -> Vec<u8> {
