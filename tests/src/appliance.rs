@@ -37,7 +37,7 @@ impl Default for ApplianceOptions {
         ApplianceOptions {
             hold_output: true,
             retx_slots: 16384,
-            hold_slots: 4096,
+            hold_slots: 2048,
             heartbeat_ms: 5,
             peer_timeout_ms: 500,
             nack_retry_ms: 3,
@@ -236,19 +236,31 @@ impl Appliance {
     }
 
     /// A data-plane counter (`counters.<name>` without the `ft_` prefix) or drop reason.
-    pub fn counter(&self, host: char, name: &str) -> u64 {
-        let Ok(s) = self.status(host) else { return 0 };
+    /// An error if the daemon does not answer or has no such counter (a misspelled name
+    /// must fail the test, not read as 0).
+    pub fn counter(&self, host: char, name: &str) -> Result<u64> {
+        let s = self.status(host)?;
         s["counters"][name]
             .as_u64()
             .or_else(|| s["drops"][name].as_u64())
-            .unwrap_or(0)
+            .with_context(|| format!("host {host} has no counter {name:?}"))
     }
 
-    pub fn held(&self, host: char) -> u64 {
-        self.status(host)
-            .ok()
-            .and_then(|s| s["held_frames"].as_u64())
-            .unwrap_or(0)
+    /// Output frames held by the host's hold ring.
+    pub fn held(&self, host: char) -> Result<u64> {
+        self.status(host)?["held_frames"]
+            .as_u64()
+            .with_context(|| format!("host {host}: status has no held_frames"))
+    }
+
+    /// The primary run's session number (what its acks must carry).
+    pub fn session(&self, host: char) -> Result<u64> {
+        let s = self.status(host)?;
+        let hex = s["session"]
+            .as_str()
+            .with_context(|| format!("host {host}: status has no session"))?;
+        u64::from_str_radix(hex.trim_start_matches("0x"), 16)
+            .with_context(|| format!("host {host}: bad session {hex:?}"))
     }
 
     pub fn guard(&self, host: char) -> &ChildGuard {

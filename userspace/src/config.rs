@@ -142,8 +142,9 @@ pub struct Channel {
     /// flight: the primary stops duplicating (drops inbound, counted) when the backup
     /// lags by more than `retx_slots - 512`. ~1.5 KiB of kernel memory each.
     pub retx_slots: u32,
-    /// Held-output ring entries (power of two, >= 64). A full ring drops new VM output
-    /// (counted); it never releases early. ~1.6 KiB each.
+    /// Held-output ring entries (power of two, 64 to 2048: one ack can release the whole
+    /// ring). A full ring drops new VM output (counted); it never releases early.
+    /// ~1.6 KiB each.
     pub hold_slots: u32,
     /// Primary heartbeat and backup ack keep-alive period.
     pub heartbeat_ms: u64,
@@ -163,7 +164,7 @@ impl Default for Channel {
         Channel {
             epoch: 1,
             retx_slots: 16384,
-            hold_slots: 4096,
+            hold_slots: 2048,
             heartbeat_ms: 5,
             peer_timeout_ms: 500,
             nack_retry_ms: 3,
@@ -261,9 +262,11 @@ impl Config {
                 c.retx_slots
             ));
         }
-        if !c.hold_slots.is_power_of_two() || !(64..=1 << 20).contains(&c.hold_slots) {
+        let hold_max = ft_common::maps::HOLD_RELEASE_MAX;
+        if !c.hold_slots.is_power_of_two() || !(64..=hold_max).contains(&c.hold_slots) {
             return invalid(format!(
-                "channel.hold_slots = {}: use a power of two between 64 and 1048576",
+                "channel.hold_slots = {}: use a power of two between 64 and {hold_max} (the \
+                 most held frames one ack releases)",
                 c.hold_slots
             ));
         }

@@ -21,7 +21,8 @@ pub fn status_json(sh: &Shared) -> Value {
             }
         }
     }
-    let seq = dp.seq_state().ok();
+    let seq = dp.seq_state();
+    let chan = dp.chan_state();
     let ctl = dp.hold_ctl().ok();
     let node = dp.node_state().ok();
     let s = &sh.status;
@@ -36,9 +37,12 @@ pub fn status_json(sh: &Shared) -> Value {
         "interfaces": {
             "client": dp.nics.client.name, "logging": dp.nics.logging.name, "vm": dp.nics.vm.name,
         },
-        "log": seq.map(|q| json!({
-            "last_seq": q.last_seq, "acked": q.acked, "delivered": q.delivered,
-        })),
+        "session": format!("{:#018x}", s.session.load(Relaxed)),
+        "peer_session": format!("{:#018x}", s.peer_session.load(Relaxed)),
+        "log": {
+            "last_seq": seq.last_seq, "acked": seq.acked, "delivered": chan.delivered,
+            "vm_last": chan.vm_last, "vm_acked": seq.vm_acked,
+        },
         "held_frames": ctl.map(|c| c.tail.wrapping_sub(c.head)),
         "peer_alive": s.peer_alive.load(Relaxed),
         "halted": s.halted.load(Relaxed),

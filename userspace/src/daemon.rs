@@ -27,6 +27,19 @@ pub struct Shared {
     pub node_name: String,
 }
 
+/// A random, non-zero session number for this run (see ft_common::wire).
+fn new_session() -> u64 {
+    loop {
+        let mut b = [0u8; 8];
+        // SAFETY: getrandom(2) writes at most 8 bytes into the local buffer.
+        let n = unsafe { libc::getrandom(b.as_mut_ptr() as *mut libc::c_void, 8, 0) };
+        let v = u64::from_ne_bytes(b);
+        if n == 8 && v != 0 {
+            return v;
+        }
+    }
+}
+
 pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let arbiter = match cfg.fence.backend {
         Some(Backend::None) | None => {
@@ -55,11 +68,13 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             _pad: 0,
         };
     }
-    let dp = Arc::new(DataPlane::start(&cfg, node).context("starting the data plane")?);
+    let session = new_session();
+    let dp = Arc::new(DataPlane::start(&cfg, node, session).context("starting the data plane")?);
     if let Some(logger) = dp.take_logger() {
         tokio::spawn(drive_ebpf_logger(logger));
     }
     let status = Arc::new(ChannelStatus::default());
+    status.session.store(session, Relaxed);
     status.peer_alive.store(true, Relaxed);
     status.epoch.store(node.epoch, Relaxed);
     if let Some(arb) = arbiter {
@@ -84,6 +99,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             Role::Primary => {
                 let p = primary::PrimaryParams {
                     peer_mac: cfg.interfaces.peer_log_mac.0,
+                    session,
                     heartbeat: Duration::from_millis(ch.heartbeat_ms),
                     peer_timeout: Duration::from_millis(ch.peer_timeout_ms),
                 };

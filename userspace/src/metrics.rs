@@ -47,11 +47,14 @@ pub fn render(sh: &Shared) -> String {
         }
     }
     let _ = writeln!(o, "ft_output_hold_seconds_count {cum}");
-    if let (Ok(seq), Ok(ctl), Ok(node)) = (dp.seq_state(), dp.hold_ctl(), dp.node_state()) {
-        let gauges: [(&str, u64); 6] = [
+    let (seq, chan) = (dp.seq_state(), dp.chan_state());
+    if let (Ok(ctl), Ok(node)) = (dp.hold_ctl(), dp.node_state()) {
+        let gauges: [(&str, u64); 8] = [
             ("ft_log_last_seq", seq.last_seq),
             ("ft_log_acked_seq", seq.acked),
-            ("ft_log_delivered_seq", seq.delivered),
+            ("ft_log_delivered_seq", chan.delivered),
+            ("ft_vmlog_last_seq", chan.vm_last),
+            ("ft_vmlog_acked_seq", seq.vm_acked),
             ("ft_output_held_frames", ctl.tail.wrapping_sub(ctl.head)),
             ("ft_epoch", node.epoch),
             ("ft_peer_alive", sh.status.peer_alive.load(Relaxed) as u64),

@@ -5,7 +5,9 @@ mod common;
 use common::*;
 use ft_vmm::net::NetBackend;
 use ft_vmm::vmlog::format::*;
-use ft_vmm::vmlog::{FrameStore, LogEntry, MemFrameStore, VecSource, WriteSink, read_all};
+use ft_vmm::vmlog::{
+    FrameKey, FrameStore, LogEntry, MemFrameStore, VecSource, WriteSink, read_all,
+};
 use ft_vmm::{Error, Mode, RunOutcome, RunReport, Vmm};
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
@@ -212,18 +214,64 @@ fn truncated_log_is_detected() {
     let e = &rec.entries;
     let v = e[..e.len() * 2 / 3].to_vec();
     match replay(v, None) {
-        Err(Error::LogTruncated { after_exit }) => assert!(after_exit > 0),
+        Err(Error::LogTruncated {
+            after_exit,
+            torn_bytes: 0,
+        }) => assert!(after_exit > 0),
         other => panic!(
             "expected LogTruncated, got {:?}",
             other.map(|r| r.0.outcome)
         ),
     }
-    // A log file cut in the middle of an entry.
+    // A log file cut in the middle of an entry (the primary died mid-write): the log
+    // ends before that entry — truncated, not corrupt — and a backup can go live there.
     let path = PathBuf::from(format!("/tmp/ftvmm-trunc-{}.log", std::process::id()));
     ft_vmm::vmlog::write_all(&path, &e[..100]).unwrap();
     let len = std::fs::metadata(&path).unwrap().len();
     let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
     f.set_len(len - 7).unwrap();
+    let torn = e[99].wire_len() as u64 - 7;
+    let last_whole_exit = e[98].exit();
+    for go_live in [false, true] {
+        let r = with_timeout(Duration::from_secs(30), {
+            let path = path.clone();
+            move || {
+                let mut c = cfg(Mode::Replay);
+                c.go_live_at_end = go_live;
+                let mut vmm = Vmm::new(c, ft_vmm::GUEST_ELF, ft_vmm::Control::new())?;
+                vmm.set_source(Box::new(ft_vmm::vmlog::ReadSource::open(&path)?));
+                if go_live {
+                    vmm.set_max_exits(Some(last_whole_exit + 20));
+                }
+                vmm.run()
+            }
+        });
+        match r {
+            Err(Error::LogTruncated {
+                after_exit,
+                torn_bytes,
+            }) if !go_live => {
+                assert_eq!(torn_bytes, torn);
+                assert!(after_exit >= last_whole_exit, "{after_exit}");
+            }
+            Ok(r) if go_live => {
+                let at = r.went_live_at_exit.expect("went live");
+                assert!(at >= last_whole_exit, "went live at {at}");
+                assert_eq!(r.stats.entries_consumed, 99, "every whole entry");
+            }
+            other => panic!(
+                "go_live {go_live}: expected the end of the log at the torn entry, got {:?}",
+                other.map(|r| r.outcome)
+            ),
+        }
+    }
+    let _ = std::fs::remove_file(&path);
+    // A complete entry that cannot be valid is corruption.
+    ft_vmm::vmlog::write_all(&path, &e[..100]).unwrap();
+    let mut bytes = std::fs::read(&path).unwrap();
+    let at: usize = e[..50].iter().map(|x| x.wire_len()).sum();
+    bytes[at] = 0xEE; // kind
+    std::fs::write(&path, &bytes).unwrap();
     let r = with_timeout(Duration::from_secs(30), {
         let path = path.clone();
         move || {
@@ -234,7 +282,7 @@ fn truncated_log_is_detected() {
     });
     let _ = std::fs::remove_file(&path);
     match r {
-        Err(Error::LogCorrupt { .. }) => {}
+        Err(Error::LogCorrupt { offset, .. }) => assert_eq!(offset, at as u64),
         other => panic!("expected LogCorrupt, got {:?}", other.map(|r| r.outcome)),
     }
     // A log from another configuration.
@@ -314,6 +362,8 @@ fn snapshot_mid_run_restores_identically() {
     assert_eq!(b.exits, rec.report.exits);
 }
 
+const TAG_EPOCH: u64 = 3;
+
 /// Simulates the data plane in "tagged input" mode: every inbound frame is prefixed with
 /// the 46-byte LogHdr carrying its log sequence, and kept in the data plane's store.
 struct TaggingTap {
@@ -331,7 +381,7 @@ impl NetBackend for TaggingTap {
             return Ok(None);
         };
         self.seq += 1;
-        let mut ft = FtHdr::new(KIND_LOG, 1, self.seq);
+        let mut ft = FtHdr::new(KIND_LOG, 0x5e55, TAG_EPOCH, self.seq);
         ft.len.set(n as u16);
         let hdr = LogHdr {
             eth: EthHdr {
@@ -343,7 +393,11 @@ impl NetBackend for TaggingTap {
         };
         buf[..LOG_OVERHEAD].copy_from_slice(hdr.as_bytes());
         buf[LOG_OVERHEAD..LOG_OVERHEAD + n].copy_from_slice(&self.buf[..n]);
-        self.store.put(self.seq, &self.buf[..n]);
+        let key = FrameKey {
+            epoch: TAG_EPOCH,
+            seq: self.seq,
+        };
+        self.store.put(key, &self.buf[..n]);
         Ok(Some(LOG_OVERHEAD + n))
     }
     fn send(&mut self, frame: &[u8]) -> ft_vmm::error::Result<()> {
@@ -399,13 +453,24 @@ fn tagged_input_logs_sequence_numbers() {
         entries.len(),
         rec.rx_frames
     );
-    let (r, tx) = replay(entries.clone(), Some(store)).expect("replay with frame store");
+    let first = entries
+        .iter()
+        .find(|e| e.kind() == EV_RX_FRAME_REF)
+        .unwrap();
+    assert_eq!(first.frame_key().unwrap().epoch, TAG_EPOCH, "epoch logged");
+    let held = store.len();
+    let (r, tx) = replay(entries.clone(), Some(store.clone())).expect("replay with frame store");
     assert_eq!(r.outcome, RunOutcome::ReplayComplete);
     assert_eq!(r.state_hash, rec.state_hash);
     assert!(tx == rec_tx);
-    // Without the frames the replay stops with a clear error.
-    assert!(matches!(
-        replay(entries, Some(MemFrameStore::default())),
-        Err(Error::FrameMissing { .. })
-    ));
+    // Replay evicted what it delivered.
+    assert!(held as u64 >= rec.rx_frames);
+    assert!(store.len() < held, "{} of {held} frames left", store.len());
+    // Without the frames (the store abandoned) the replay stops with a clear error.
+    let empty = MemFrameStore::default();
+    empty.close();
+    match replay(entries, Some(empty)) {
+        Err(e @ Error::FrameMissing { .. }) => eprintln!("{e}"),
+        other => panic!("expected FrameMissing, got {:?}", other.map(|r| r.0.outcome)),
+    }
 }

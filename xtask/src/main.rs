@@ -161,7 +161,7 @@ fn demo() -> Result<()> {
     println!(
         "   reply while the backup is paused: {:?}; frames held in the kernel: {}",
         during.map(|r| r.0),
-        app.held('a')
+        app.held('a')?
     );
     let t = Instant::now();
     app.resume('b')?;

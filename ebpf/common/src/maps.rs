@@ -1,7 +1,8 @@
 //! Values and indices of the BPF maps. Who writes what is documented in ARCHITECTURE.md
-//! ("Maps and their owners"); in short: userspace writes `CONFIG` once at start and
-//! `NODE` on role/epoch/lease changes; the kernel programs own `SEQ`, `HOLD_CTL`, `HOLD`
-//! and `RETX`; `COUNTERS`/`HOLD_HIST` are written by the kernel and read by userspace.
+//! ("Maps and their owners"); in short: userspace writes `CONFIG` once at start, `NODE`
+//! on role/epoch/lease changes and every field of `CHAN`; the kernel programs own every
+//! field of `SEQ`, and `HOLD_CTL`, `HOLD` and `RETX`; `COUNTERS`/`HOLD_HIST` are written
+//! by the kernel and read by userspace. No map value has fields of both owners.
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
 use crate::wire::SLOT_DATA;
@@ -59,6 +60,9 @@ pub struct Config {
     pub own_log_mac: [u8; 6],
     pub peer_log_mac: [u8; 6],
     pub _pad: [u8; 2],
+    /// This daemon run's session number (random, non-zero): carried by every frame this
+    /// node sends as primary; acks of another session are dropped.
+    pub session: u64,
 }
 
 /// Dynamic node state (map `NODE`, 1 entry), written by the daemon only. Changed in an
@@ -81,21 +85,40 @@ pub struct NodeState {
 /// Name used in map definitions (both sides).
 pub type Lease = NodeState;
 
-/// Sequence state (map `SEQ`, 1 entry), updated with atomics by the kernel programs.
+/// Sequence state (map `SEQ`, 1 entry, mmapable): every field is written by the kernel
+/// programs only (with atomics); userspace reads it through a read-only mapping.
 #[repr(C)]
 #[derive(
     Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
 )]
 pub struct SeqState {
-    /// Primary: highest sequence assigned to an inbound frame (0 = none yet).
+    /// Primary: highest input sequence assigned to an inbound frame (0 = none yet).
     pub last_seq: u64,
-    /// Primary: highest cumulative ack received from the backup.
+    /// Primary: highest cumulative input-stream ack received from the backup.
     pub acked: u64,
-    /// Backup: highest contiguous sequence the daemon has taken (written by userspace,
-    /// used by XDP to drop duplicates early).
-    pub delivered: u64,
+    /// Primary: highest cumulative VMM-stream ack received from the backup.
+    pub vm_acked: u64,
     /// `bpf_ktime_get_ns()` of the last valid ack (primary) or log frame (backup).
     pub last_peer_ns: u64,
+}
+
+/// Channel state written by the daemon (map `CHAN`, 1 entry, mmapable): every field is
+/// written by userspace only (atomic stores into the mapping), the kernel only reads.
+#[repr(C)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
+pub struct ChanState {
+    /// Backup: highest contiguous input sequence the daemon has stored (XDP drops
+    /// duplicates at or below it early).
+    pub delivered: u64,
+    /// Primary: highest VMLOG sequence handed to the logging link. Stored before the
+    /// VMM's output frames that depend on those entries reach the VM NIC, so the output
+    /// rule (`HoldSlot::dep_vm`) covers them.
+    pub vm_last: u64,
+    /// Backup: the primary's session it follows (0 = not known yet: accept any).
+    pub peer_session: u64,
+    pub _pad: u64,
 }
 
 /// Control block of the hold ring (map `HOLD_CTL`, 1 entry).
@@ -120,8 +143,10 @@ pub struct HoldCtl {
 pub struct HoldSlot {
     /// Ring index + 1 once the frame is completely written (publish flag).
     pub ready: u64,
-    /// Log sequence this frame depends on: released once `SeqState.acked >= dep`.
+    /// Input sequence this frame depends on: released once `SeqState.acked >= dep`.
     pub dep: u64,
+    /// VMM-stream sequence it depends on: and once `SeqState.vm_acked >= dep_vm`.
+    pub dep_vm: u64,
     /// `bpf_ktime_get_ns()` when the frame was held.
     pub enq_ns: u64,
     pub len: u32,
@@ -138,6 +163,16 @@ pub struct RetxSlot {
     pub _pad: u32,
     pub data: [u8; SLOT_DATA],
 }
+
+/// Held frames one release pass emits and passes per program run (the verifier needs
+/// these loops small enough to unroll). When the last pass was full the releaser
+/// continues in `ft_release_more` by tail call (up to the kernel's 33 tail calls), so
+/// one trigger (an ack, a new output frame) can release [`HOLD_RELEASE_MAX`] frames; the
+/// hold ring may not be larger, so a frame whose ack has arrived never waits for a
+/// later trigger.
+pub const HOLD_RELEASE_BURST: u32 = 64;
+pub const HOLD_RELEASE_ROUNDS: u32 = 3;
+pub const HOLD_RELEASE_MAX: u32 = HOLD_RELEASE_BURST * HOLD_RELEASE_ROUNDS * 33;
 
 /// Entries kept free in `RETX` beyond `Config.window` (covers CPUs racing between the
 /// window check and the sequence increment).
@@ -210,6 +245,12 @@ counters! {
     C_RELEASE_ERR = 40, "ft_drops_total", "release_error";
     C_DROP_STANDBY = 41, "ft_drops_total", "standby";
     C_DROP_RETX_ERR = 42, "ft_drops_total", "retransmit_error";
+    C_DROP_BAD_SESSION = 43, "ft_drops_total", "wrong_session";
+    /// VMLOG frames handed to the backup daemon.
+    C_VMLOG_RX = 14, "ft_vmlog_received_frames_total", "";
+    /// VMNACK and LEAVE frames passed to the primary daemon.
+    C_VMNACK_RX = 15, "ft_vmnacks_received_total", "";
+    C_LEAVE_RX = 16, "ft_leave_received_total", "";
 }
 
 /// Entries of the `COUNTERS` map.
@@ -231,9 +272,11 @@ mod tests {
 
     #[test]
     fn layouts_have_expected_sizes() {
-        assert_eq!(core::mem::size_of::<Config>(), 64);
+        assert_eq!(core::mem::size_of::<Config>(), 72);
+        assert_eq!(core::mem::size_of::<SeqState>(), 32);
+        assert_eq!(core::mem::size_of::<ChanState>(), 32);
         assert_eq!(core::mem::size_of::<NodeState>(), 24);
-        assert_eq!(core::mem::size_of::<HoldSlot>(), 32 + SLOT_DATA);
+        assert_eq!(core::mem::size_of::<HoldSlot>(), 40 + SLOT_DATA);
         assert_eq!(core::mem::size_of::<RetxSlot>(), 16 + SLOT_DATA);
     }
 

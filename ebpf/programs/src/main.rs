@@ -8,6 +8,7 @@
 //! | `ft_log_rx`        | XDP, logging NIC             | all                |
 //! | `ft_log_tc`        | tc ingress, logging NIC      | primary (release)  |
 //! | `ft_vm_tc`         | tc ingress, VM-side NIC      | all (hold/suppress)|
+//! | `ft_release_more`  | tail call from the releasers | primary/solo       |
 //! | `ft_client_egress` | tc egress, client NIC        | all (fence guard)  |
 #![no_std]
 #![no_main]
@@ -131,7 +132,7 @@ fn duplicate(ctx: &XdpContext, cfg: &Config, node: &NodeState) -> Result<u32, u3
     if data + LOG_OVERHEAD > ctx.data_end() {
         return Ok(xdp_action::XDP_DROP);
     }
-    let mut ft = FtHdr::new(KIND_LOG, node.epoch, s);
+    let mut ft = FtHdr::new(KIND_LOG, cfg.session, node.epoch, s);
     ft.len.set(len as u16);
     let hdr = LogHdr {
         eth: EthHdr {
@@ -237,38 +238,81 @@ fn try_log_rx(ctx: &XdpContext) -> Result<u32, u32> {
     }
     let kind = hdr.ft.kind;
     let fseq = hdr.ft.seq.get();
+    let session = hdr.ft.session.get();
     let st = seq_state().ok_or(xdp_action::XDP_DROP)?;
+    let ch = chan().ok_or(xdp_action::XDP_DROP)?;
     match node.role {
-        ROLE_PRIMARY => match kind {
-            KIND_ACK => on_ack(ctx, st, fseq),
-            KIND_NACK => on_nack(ctx, cfg, node, st, fseq),
-            _ => drop(C_DROP_UNEXPECTED_KIND),
-        },
-        ROLE_BACKUP => match kind {
-            KIND_LOG => {
-                if hdr.ft.len.get() as usize > end - data - LOG_OVERHEAD {
-                    return drop(C_DROP_MALFORMED);
+        ROLE_PRIMARY | ROLE_SOLO => {
+            // Only answers to this run's log count (a restarted primary must not take
+            // acks meant for its previous run).
+            if session != cfg.session {
+                if rare(C_DROP_BAD_SESSION) {
+                    warn!(ctx, "logging link: frame of another session dropped");
                 }
-                // SAFETY: live map value, aligned fields.
-                let delivered = unsafe { load64(&(*st).delivered) };
-                if fseq <= delivered {
-                    return drop(C_DROP_DUP);
-                }
-                if fseq - delivered > cfg.window + RETX_MARGIN {
-                    return drop(C_DROP_SEQ_WINDOW);
-                }
-                count(C_LOG_RX);
-                if hdr.ft.flags & FLAG_RETRANSMIT != 0 {
-                    count(C_LOG_RX_RETRANSMIT);
-                }
-                to_daemon(ctx, st)
+                return drop(C_DROP_BAD_SESSION);
             }
-            KIND_HEARTBEAT => {
-                count(C_HEARTBEAT_RX);
-                to_daemon(ctx, st)
+            match kind {
+                KIND_ACK if node.role == ROLE_PRIMARY => {
+                    on_ack(ctx, st, ch, fseq, hdr.ft.aux.get())
+                }
+                KIND_NACK if node.role == ROLE_PRIMARY => on_nack(ctx, cfg, node, st, fseq),
+                // For the daemon (its retransmission store, its role controller).
+                KIND_VMNACK => {
+                    count(C_VMNACK_RX);
+                    Ok(xdp_action::XDP_PASS)
+                }
+                KIND_LEAVE => {
+                    count(C_LEAVE_RX);
+                    Ok(xdp_action::XDP_PASS)
+                }
+                _ => drop(C_DROP_UNEXPECTED_KIND),
             }
-            _ => drop(C_DROP_UNEXPECTED_KIND),
-        },
+        }
+        ROLE_BACKUP => {
+            // SAFETY: live map value, aligned field written by the daemon only.
+            let peer = unsafe { load64(&(*ch).peer_session) };
+            if peer != 0 && session != peer {
+                if rare(C_DROP_BAD_SESSION) {
+                    warn!(
+                        ctx,
+                        "logging link: frame of another primary session dropped"
+                    );
+                }
+                return drop(C_DROP_BAD_SESSION);
+            }
+            match kind {
+                KIND_LOG => {
+                    if hdr.ft.len.get() as usize > end - data - LOG_OVERHEAD {
+                        return drop(C_DROP_MALFORMED);
+                    }
+                    // SAFETY: live map value, aligned field (written by the daemon).
+                    let delivered = unsafe { load64(&(*ch).delivered) };
+                    if fseq <= delivered {
+                        return drop(C_DROP_DUP);
+                    }
+                    if fseq - delivered > cfg.window + RETX_MARGIN {
+                        return drop(C_DROP_SEQ_WINDOW);
+                    }
+                    count(C_LOG_RX);
+                    if hdr.ft.flags & FLAG_RETRANSMIT != 0 {
+                        count(C_LOG_RX_RETRANSMIT);
+                    }
+                    to_daemon(ctx, st)
+                }
+                KIND_VMLOG => {
+                    if hdr.ft.len.get() as usize > end - data - LOG_OVERHEAD {
+                        return drop(C_DROP_MALFORMED);
+                    }
+                    count(C_VMLOG_RX);
+                    to_daemon(ctx, st)
+                }
+                KIND_HEARTBEAT => {
+                    count(C_HEARTBEAT_RX);
+                    to_daemon(ctx, st)
+                }
+                _ => drop(C_DROP_UNEXPECTED_KIND),
+            }
+        }
         _ => drop(C_DROP_NOT_REPLICATING),
     }
 }
@@ -290,38 +334,58 @@ fn to_daemon(ctx: &XdpContext, st: *mut SeqState) -> Result<u32, u32> {
     }
 }
 
-/// Primary: a cumulative ack. Never beyond what was sent; advances `acked` monotonically.
-/// The frame is passed on to `ft_log_tc`, which releases held output.
+/// Primary: a cumulative ack of both streams. Never beyond what was sent; advances
+/// `acked` and `vm_acked` monotonically. The frame is passed on to `ft_log_tc`, which
+/// releases held output.
 #[inline(always)]
-fn on_ack(ctx: &XdpContext, st: *mut SeqState, ack: u64) -> Result<u32, u32> {
-    // SAFETY: live map value, aligned fields.
-    let last = unsafe { load64(&(*st).last_seq) };
-    if ack > last {
+fn on_ack(
+    ctx: &XdpContext,
+    st: *mut SeqState,
+    ch: *const ChanState,
+    ack: u64,
+    vm_ack: u64,
+) -> Result<u32, u32> {
+    // SAFETY: live map values, aligned fields (`vm_last` is written by the daemon).
+    let (last, vm_last) = unsafe { (load64(&(*st).last_seq), load64(&(*ch).vm_last)) };
+    if ack > last || vm_ack > vm_last {
         if rare(C_DROP_ACK_BEYOND) {
             warn!(
                 ctx,
-                "logging link: ack {} beyond the last entry sent ({}) dropped", ack, last
+                "logging link: ack {}/{} beyond what was sent ({}/{}) dropped",
+                ack,
+                vm_ack,
+                last,
+                vm_last
             );
         }
         return drop(C_DROP_ACK_BEYOND);
     }
-    let mut advanced = false;
-    for _ in 0..8 {
-        // SAFETY: as above.
-        let cur = unsafe { load64(&(*st).acked) };
-        if ack <= cur {
-            break;
-        }
-        // SAFETY: as above.
-        if unsafe { cmpxchg64(&mut (*st).acked, cur, ack) } == cur {
-            advanced = true;
-            break;
-        }
-    }
+    // SAFETY: as above (`acked` and `vm_acked` are kernel-owned).
+    let advanced = unsafe { advance(&mut (*st).acked, ack) | advance(&mut (*st).vm_acked, vm_ack) };
     count(if advanced { C_ACK_RX } else { C_ACK_STALE });
     // SAFETY: as above.
     unsafe { store64(&mut (*st).last_peer_ns, h::bpf_ktime_get_ns()) };
     Ok(xdp_action::XDP_PASS)
+}
+
+/// Raises `*p` to `v` if it is lower (compare-and-swap, bounded retries). True if raised.
+///
+/// # Safety
+/// `p` points to an aligned u64 of a live map value.
+#[inline(always)]
+unsafe fn advance(p: *mut u64, v: u64) -> bool {
+    for _ in 0..8 {
+        // SAFETY: guaranteed by the caller.
+        let cur = unsafe { load64(p) };
+        if v <= cur {
+            return false;
+        }
+        // SAFETY: as above.
+        if unsafe { cmpxchg64(p, cur, v) } == cur {
+            return true;
+        }
+    }
+    false
 }
 
 /// Primary: the backup misses entry `want`. Rewrite the nack frame in place into the
@@ -378,7 +442,7 @@ fn on_nack(
     if data + LOG_OVERHEAD > ctx.data_end() {
         return drop(C_DROP_RETX_ERR);
     }
-    let mut ft = FtHdr::new(KIND_LOG, node.epoch, want);
+    let mut ft = FtHdr::new(KIND_LOG, cfg.session, node.epoch, want);
     ft.flags = FLAG_RETRANSMIT;
     ft.len.set(n as u16);
     let hdr = LogHdr {
@@ -439,6 +503,14 @@ fn try_vm_tc(ctx: &TcContext) -> Result<i32, i32> {
     hold::enqueue(ctx, cfg)?;
     hold::release(ctx);
     Ok(TC_ACT_SHOT as i32)
+}
+
+/// Continuation of a release that filled all its passes (tail call from `ft_vm_tc`,
+/// `ft_log_tc` or itself, same skb as carrier).
+#[classifier]
+pub fn ft_release_more(ctx: TcContext) -> i32 {
+    hold::release(&ctx);
+    TC_ACT_SHOT as i32
 }
 
 // ------------------------------------------------------------------------------------

@@ -2,9 +2,10 @@
 use core::intrinsics::{AtomicOrdering::SeqCst, atomic_cxchg, atomic_xadd, atomic_xchg};
 
 use aya_ebpf::{
+    bindings::BPF_F_MMAPABLE,
     helpers::generated as h,
     macros::map,
-    maps::{Array, DevMapHash, PerCpuArray, XskMap},
+    maps::{Array, DevMapHash, PerCpuArray, ProgramArray, XskMap},
 };
 use ft_common::maps::*;
 
@@ -14,9 +15,12 @@ pub static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
 /// Role, epoch and lease deadline (userspace writes; kernel reads).
 #[map]
 pub static NODE: Array<NodeState> = Array::with_max_entries(1, 0);
-/// Sequence state (kernel-owned atomics; the backup daemon writes `delivered`).
+/// Sequence state: every field kernel-owned (atomics); userspace maps it read-only.
 #[map]
-pub static SEQ: Array<SeqState> = Array::with_max_entries(1, 0);
+pub static SEQ: Array<SeqState> = Array::with_max_entries(1, BPF_F_MMAPABLE);
+/// Channel state: every field written by the daemon (through its mapping); read here.
+#[map]
+pub static CHAN: Array<ChanState> = Array::with_max_entries(1, BPF_F_MMAPABLE);
 /// Hold ring control block and slots (kernel-owned). Sizes are set by the loader.
 #[map]
 pub static HOLD_CTL: Array<HoldCtl> = Array::with_max_entries(1, 0);
@@ -35,6 +39,9 @@ pub static HOLD_HIST: PerCpuArray<u64> = PerCpuArray::with_max_entries(HIST_BUCK
 /// unless the VM reads tagged input) and the logging NIC. Filled by userspace.
 #[map]
 pub static FANOUT: DevMapHash = DevMapHash::with_max_entries(4, 0);
+/// Slot 0: `ft_release_more`, where a releaser that filled all its passes continues.
+#[map]
+pub static RELEASE_MORE: ProgramArray = ProgramArray::with_max_entries(1, 0);
 /// Backup: AF_XDP sockets of the daemon, by rx queue.
 #[map]
 pub static XSKS: XskMap = XskMap::with_max_entries(64, 0);
@@ -52,6 +59,12 @@ pub fn node() -> Option<&'static NodeState> {
 #[inline(always)]
 pub fn seq_state() -> Option<*mut SeqState> {
     SEQ.get_ptr_mut(0)
+}
+
+/// The daemon's channel state (read only here: the daemon owns every field).
+#[inline(always)]
+pub fn chan() -> Option<*const ChanState> {
+    CHAN.get_ptr(0)
 }
 
 #[inline(always)]

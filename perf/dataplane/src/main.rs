@@ -1024,7 +1024,7 @@ fn userspace_run(tb: &Testbed, frames: &[Vec<u8>], also_vm: bool) -> Result<Tput
                         send_fail += 1;
                     }
                     seq += 1;
-                    let mut ft = FtHdr::new(KIND_LOG, 1, seq);
+                    let mut ft = FtHdr::new(KIND_LOG, 0, 1, seq);
                     ft.len.set(len as u16);
                     let hdr = LogHdr {
                         eth: EthHdr {

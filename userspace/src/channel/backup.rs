@@ -232,7 +232,7 @@ pub fn run(
                     // has handed this frame to us until we put it back on the fill ring.
                     let frame = unsafe { std::slice::from_raw_parts(map.ptr.as_ptr().add(off), n) };
                     last_rx = now;
-                    handle_frame(frame, &params, &mut reorder, sink.as_mut(), &status);
+                    handle_frame(frame, &dp, &params, &mut reorder, sink.as_mut(), &status);
                 }
                 recycled.push(desc.addr & !(FRAME_SIZE as u64 - 1));
             }
@@ -251,19 +251,36 @@ pub fn run(
         }
         let acked = reorder.acked();
         if acked != before {
-            dp.set_delivered(acked)?;
+            dp.set_delivered(acked);
         }
+        let session = status.peer_session.load(Relaxed);
         status.delivered.store(acked, Relaxed);
         status.high.store(reorder.high(), Relaxed);
         status.buffered.store(reorder.buffered() as u64, Relaxed);
         // Cumulative ack on progress, and as a keep-alive.
         if acked != last_ack_sent.0 || now.duration_since(last_ack_sent.1) >= params.heartbeat {
-            let f = control_frame(KIND_ACK, params.own_mac, params.peer_mac, epoch, acked, 0);
+            let f = control_frame(
+                KIND_ACK,
+                params.own_mac,
+                params.peer_mac,
+                session,
+                epoch,
+                acked,
+                0,
+            );
             send(&f, &status.acks_sent);
             last_ack_sent = (acked, now);
         }
         for s in reorder.nacks(now, params.nack_retry, params.nack_burst) {
-            let f = control_frame(KIND_NACK, params.own_mac, params.peer_mac, epoch, s, 0);
+            let f = control_frame(
+                KIND_NACK,
+                params.own_mac,
+                params.peer_mac,
+                session,
+                epoch,
+                s,
+                0,
+            );
             send(&f, &status.nacks_sent);
         }
         if now.duration_since(last_stats) >= Duration::from_millis(100) {
@@ -296,6 +313,7 @@ pub fn run(
 
 fn handle_frame(
     frame: &[u8],
+    dp: &DataPlane,
     params: &BackupParams,
     reorder: &mut Reorder,
     sink: &mut dyn InputSink,
@@ -305,8 +323,16 @@ fn handle_frame(
     let Ok((hdr, payload)) = parse_log_frame(frame) else {
         return;
     };
+    // The first frame tells which primary run we follow; from then on XDP drops frames
+    // of any other session.
+    let session = hdr.ft.session.get();
+    if status.peer_session.load(Relaxed) == 0 && session != 0 {
+        status.peer_session.store(session, Relaxed);
+        dp.set_peer_session(session);
+        info!("following the primary's session {session:#018x}");
+    }
     match hdr.ft.kind {
-        KIND_HEARTBEAT => reorder.on_heartbeat(hdr.ft.aux.get()),
+        KIND_HEARTBEAT => reorder.on_heartbeat(hdr.ft.seq.get()),
         KIND_LOG => {
             let seq = hdr.ft.seq.get();
             let data = if params.tagged_input {

@@ -27,6 +27,7 @@ pub fn monotonic_ns() -> u64 {
 
 pub struct PrimaryParams {
     pub peer_mac: [u8; 6],
+    pub session: u64,
     pub heartbeat: Duration,
     pub peer_timeout: Duration,
 }
@@ -51,7 +52,7 @@ pub fn run(
     while !stop.load(Relaxed) {
         std::thread::sleep(p.heartbeat);
         let epoch = status.epoch.load(Relaxed);
-        let Ok(seq) = dp.seq_state() else { continue };
+        let seq = dp.seq_state();
         if epoch == 0 {
             continue; // not live yet
         }
@@ -59,9 +60,10 @@ pub fn run(
             KIND_HEARTBEAT,
             iface.mac,
             p.peer_mac,
+            p.session,
             epoch,
-            0,
             seq.last_seq,
+            dp.chan_state().vm_last,
         );
         match out.send(&f) {
             Ok(()) => ChannelStatus::inc(&status.heartbeats_sent),

@@ -5,6 +5,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 pub struct ChannelStatus {
     /// Epoch of the channel (from the arbiter); 0 while unknown: nothing is sent.
     pub epoch: AtomicU64,
+    /// Primary: this run's session. Backup: the primary session followed (0 = none yet).
+    pub session: AtomicU64,
+    pub peer_session: AtomicU64,
     /// Set when this node lost its lease and halted (fail-stop).
     pub halted: AtomicBool,
     /// Backup: highest entry delivered in order (= cumulative ack).

@@ -2,6 +2,9 @@
 //! access to its maps. The daemon owns the program links: they detach when it exits.
 use std::sync::Mutex;
 
+mod mapped;
+use mapped::Mapped;
+
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, DevMapHash, MapData, PerCpuArray, XskMap},
@@ -51,6 +54,15 @@ pub enum DataPlaneError {
     },
     #[error("filling the duplication devmap failed: {0}")]
     DevMap(String),
+    #[error(
+        "mapping BPF map {name} into the daemon failed: {error}; the kernel needs BPF_F_MMAPABLE array maps (Linux >= 5.5)"
+    )]
+    Mmap {
+        name: &'static str,
+        error: std::io::Error,
+    },
+    #[error("channel.hold_slots = {0} exceeds {1}, the most held frames one trigger can release")]
+    HoldRing(u32, u32),
 }
 
 fn map_err(name: &'static str) -> impl Fn(aya::maps::MapError) -> DataPlaneError {
@@ -88,7 +100,8 @@ pub struct DataPlane {
     _ebpf: Ebpf,
     logger: Mutex<Option<EbpfLogger>>,
     node: Mutex<Array<MapData, NodeState>>,
-    seq: Mutex<Array<MapData, SeqState>>,
+    seq: Mapped<SeqState>,
+    chan: Mapped<ChanState>,
     hold_ctl: Array<MapData, HoldCtl>,
     counters: PerCpuArray<MapData, u64>,
     hist: PerCpuArray<MapData, u64>,
@@ -111,8 +124,15 @@ pub fn initial_node_state(cfg: &Config) -> NodeState {
 
 impl DataPlane {
     /// Loads the programs, writes the configuration and attaches everything.
-    pub fn start(cfg: &Config, node: NodeState) -> Result<DataPlane, DataPlaneError> {
+    /// `session` is this run's random session number (see ft_common::wire).
+    pub fn start(cfg: &Config, node: NodeState, session: u64) -> Result<DataPlane, DataPlaneError> {
         raise_memlock();
+        if cfg.channel.hold_slots > HOLD_RELEASE_MAX {
+            return Err(DataPlaneError::HoldRing(
+                cfg.channel.hold_slots,
+                HOLD_RELEASE_MAX,
+            ));
+        }
         let nics = Nics::resolve(cfg)?;
         let mut ebpf = EbpfLoader::new()
             .map_max_entries("RETX", cfg.channel.retx_slots)
@@ -149,6 +169,7 @@ impl DataPlane {
             own_log_mac: nics.logging.mac,
             peer_log_mac: cfg.interfaces.peer_log_mac.0,
             _pad: [0; 2],
+            session,
         };
         let mut cfg_map: Array<MapData, Config_> =
             Array::try_from(ebpf.take_map("CONFIG").expect("CONFIG map"))
@@ -157,8 +178,8 @@ impl DataPlane {
         let mut node_map: Array<MapData, NodeState> =
             Array::try_from(ebpf.take_map("NODE").expect("NODE map")).map_err(map_err("NODE"))?;
         node_map.set(0, node, 0).map_err(map_err("NODE"))?;
-        let seq: Array<MapData, SeqState> =
-            Array::try_from(ebpf.take_map("SEQ").expect("SEQ map")).map_err(map_err("SEQ"))?;
+        let seq = Mapped::new("SEQ", ebpf.take_map("SEQ").expect("SEQ map"), false)?;
+        let chan = Mapped::new("CHAN", ebpf.take_map("CHAN").expect("CHAN map"), true)?;
         let hold_ctl: Array<MapData, HoldCtl> =
             Array::try_from(ebpf.take_map("HOLD_CTL").expect("HOLD_CTL map"))
                 .map_err(map_err("HOLD_CTL"))?;
@@ -174,11 +195,30 @@ impl DataPlane {
                 .load()
                 .map_err(|source| DataPlaneError::Program { name, source })?;
         }
-        for name in ["ft_log_tc", "ft_vm_tc", "ft_client_egress"] {
+        for name in [
+            "ft_log_tc",
+            "ft_vm_tc",
+            "ft_client_egress",
+            "ft_release_more",
+        ] {
             tc(&mut ebpf, name)?
                 .load()
                 .map_err(|source| DataPlaneError::Program { name, source })?;
         }
+        // Where a releaser that filled all its passes continues (tail call).
+        let more_fd = tc(&mut ebpf, "ft_release_more")?
+            .fd()
+            .map_err(|source| DataPlaneError::Program {
+                name: "ft_release_more",
+                source,
+            })?
+            .try_clone()
+            .map_err(|e| DataPlaneError::DevMap(e.to_string()))?;
+        let mut more = aya::maps::ProgramArray::try_from(
+            ebpf.map_mut("RELEASE_MORE").expect("RELEASE_MORE map"),
+        )
+        .map_err(map_err("RELEASE_MORE"))?;
+        more.set(0, &more_fd, 0).map_err(map_err("RELEASE_MORE"))?;
 
         // Duplication fan-out: key 1 = VM side (header stripped unless tagged input),
         // key 2 = logging NIC.
@@ -234,7 +274,8 @@ impl DataPlane {
             _ebpf: ebpf,
             logger: Mutex::new(logger),
             node: Mutex::new(node_map),
-            seq: Mutex::new(seq),
+            seq,
+            chan,
             hold_ctl,
             counters,
             hist,
@@ -299,17 +340,48 @@ impl DataPlane {
         .map_err(map_err("NODE"))
     }
 
-    pub fn seq_state(&self) -> Result<SeqState, DataPlaneError> {
-        self.seq.lock().unwrap().get(&0, 0).map_err(map_err("SEQ"))
+    /// The kernel's sequence state (each field read atomically).
+    pub fn seq_state(&self) -> SeqState {
+        let s = &self.seq;
+        SeqState {
+            // SAFETY (of the field projections): `p` points to the live mapped value.
+            last_seq: s.load(|p| unsafe { &raw const (*p).last_seq }),
+            acked: s.load(|p| unsafe { &raw const (*p).acked }),
+            vm_acked: s.load(|p| unsafe { &raw const (*p).vm_acked }),
+            last_peer_ns: s.load(|p| unsafe { &raw const (*p).last_peer_ns }),
+        }
     }
 
-    /// Backup: tells XDP which entries were taken, so duplicates drop early.
-    /// (Only `delivered` is written; the kernel never writes it on the backup.)
-    pub fn set_delivered(&self, delivered: u64) -> Result<(), DataPlaneError> {
-        let mut m = self.seq.lock().unwrap();
-        let mut s = m.get(&0, 0).map_err(map_err("SEQ"))?;
-        s.delivered = delivered;
-        m.set(0, s, 0).map_err(map_err("SEQ"))
+    /// The daemon's channel state as the kernel sees it.
+    pub fn chan_state(&self) -> ChanState {
+        let c = &self.chan;
+        ChanState {
+            // SAFETY (of the field projections): `p` points to the live mapped value.
+            delivered: c.load(|p| unsafe { &raw const (*p).delivered }),
+            vm_last: c.load(|p| unsafe { &raw const (*p).vm_last }),
+            peer_session: c.load(|p| unsafe { &raw const (*p).peer_session }),
+            _pad: 0,
+        }
+    }
+
+    /// Backup: the highest contiguous input sequence stored, so XDP drops duplicates early.
+    pub fn set_delivered(&self, v: u64) {
+        // SAFETY (of the projection): `p` points to the live mapped value.
+        self.chan.store(|p| unsafe { &raw const (*p).delivered }, v)
+    }
+
+    /// Primary: the highest VMLOG sequence handed to the logging link; call it before the
+    /// output that depends on those entries reaches the VM NIC.
+    pub fn set_vm_last(&self, v: u64) {
+        // SAFETY (of the projection): `p` points to the live mapped value.
+        self.chan.store(|p| unsafe { &raw const (*p).vm_last }, v)
+    }
+
+    /// Backup: the primary session followed (XDP drops frames of any other).
+    pub fn set_peer_session(&self, v: u64) {
+        // SAFETY (of the projection): `p` points to the live mapped value.
+        self.chan
+            .store(|p| unsafe { &raw const (*p).peer_session }, v)
     }
 
     pub fn hold_ctl(&self) -> Result<HoldCtl, DataPlaneError> {
