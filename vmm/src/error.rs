@@ -12,6 +12,10 @@ pub enum Error {
         op: &'static str,
         err: kvm_ioctls::Error,
     },
+    #[error(
+        "vCPU model: {0}; primary and backup must run the same fixed CPU model (vmm/DEVICES.md, CPU model): use a host whose CPU has these features"
+    )]
+    CpuModel(String),
     #[error("guest memory: {0}")]
     Memory(String),
     #[error(
@@ -58,17 +62,33 @@ pub enum Error {
     )]
     LogConfigMismatch { log: u64, ours: u64 },
     #[error(
-        "log truncated: it ends after exit {after_exit} without an END entry; the primary died or the file is incomplete — use go-live to continue from here, or get the complete log"
+        "log truncated: it ends after exit {after_exit} without an END entry (an incomplete last entry of {torn_bytes} bytes was dropped); the primary died or the file is incomplete — use go-live to continue from here, or get the complete log"
     )]
-    LogTruncated { after_exit: u64 },
+    LogTruncated { after_exit: u64, torn_bytes: u64 },
     #[error(
-        "DIVERGENCE at exit {exit} (rip {rip:#x}): {what}; the backup no longer mirrors the primary — discard it and create a new one from a snapshot"
+        "log entry for exit {exit} is malformed: {what}; the log was damaged or written by another ft-vmm version — replay with the VMM version that recorded it"
     )]
-    Divergence { exit: u64, rip: u64, what: String },
+    BadEntry { exit: u64, what: String },
     #[error(
-        "received frame with log sequence {seq} is not in the frame store; the data plane must keep frames until the backup has replayed them"
+        "DIVERGENCE at exit {exit} (rip {rip:#x}; state last verified equal at exit {verified}): {what}; the backup no longer mirrors the primary — discard it and create a new one from a snapshot"
     )]
-    FrameMissing { seq: u64 },
+    Divergence {
+        /// Where the difference was found.
+        exit: u64,
+        rip: u64,
+        /// The last exit at which the state was verified equal (a checkpoint; 0 = the
+        /// start): the first diverging exit lies after it, up to `exit`.
+        verified: u64,
+        what: String,
+    },
+    #[error(
+        "received frame ({key}) referenced by the log at exit {exit} is not in the frame store: {reason}; the data plane must put every input frame into the store before the backup replays it — check the logging link, or request go-live to continue without the frame"
+    )]
+    FrameMissing {
+        key: crate::vmlog::FrameKey,
+        exit: u64,
+        reason: &'static str,
+    },
     #[error("network backend: {0}")]
     Net(String),
     #[error("snapshot: {0}")]

@@ -1,10 +1,12 @@
 //! `ft-vmm`: a one-vCPU KVM VMM that records (primary) or replays (backup) every
 //! non-deterministic input of its guest, for VMware-FT-style fault tolerance.
 //!
-//! - [`vstate`]: KVM VM, vCPU and guest memory (vm-memory), long mode set up by the VMM.
+//! - [`vstate`]: KVM VM, vCPU (with a fixed CPU model, [`vstate::cpuid`]) and guest
+//!   memory (vm-memory), long mode set up by the VMM.
 //! - [`devices`]: paravirtual devices (clock, entropy, timer, NIC, console); see DEVICES.md.
 //! - [`vmlog`]: the record/replay log stream ([`vmlog::LogSink`], [`vmlog::LogSource`],
-//!   file/stream and in-process channel implementations, [`vmlog::FrameStore`]).
+//!   file/stream and in-process channel implementations, [`vmlog::FrameStore`] of
+//!   received frames by (epoch, sequence)).
 //! - [`net`]: network backends for the NIC (TAP).
 //! - [`vmm`]: the run loop ([`Vmm`]), modes, divergence checks, go-live, snapshots.
 //!
@@ -31,7 +33,8 @@
 //! backup.set_source(Box::new(source));
 //! backup.set_net_on_live(Box::new(|| Ok(Box::new(net::Tap::open("ftap0")?) as Box<dyn net::NetBackend>)));
 //! let h = std::thread::spawn(move || backup.run());
-//! // ... primary fails:
+//! // ... primary fails: its sink is gone (dropping every sender closes the channel), so
+//! // the backup replays everything that arrived, then goes live.
 //! bctl.request_go_live();
 //! # let _ = h; Ok(()) }
 //! ```
@@ -50,7 +53,7 @@ pub mod vmm;
 pub mod vstate;
 
 pub use error::Error;
-pub use vmm::{Control, Mode, RunOutcome, RunReport, Vmm, VmmConfig};
+pub use vmm::{Control, DeviceState, LiveStats, Mode, RunOutcome, RunReport, Vmm, VmmConfig};
 
 /// The guest kernel + RESP service, built from vmm/guest by build.rs.
 pub static GUEST_ELF: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/ft-guest.elf"));

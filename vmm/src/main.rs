@@ -9,7 +9,7 @@
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 use ft_vmm::net::{NetBackend, Tap, in_netns};
-use ft_vmm::vmlog::{ReadSource, WriteSink, format};
+use ft_vmm::vmlog::{LogSource, ReadSource, Recv, WriteSink, format};
 use ft_vmm::vmm::ServiceConfig;
 use ft_vmm::{Control, Mode, Vmm, VmmConfig};
 use std::path::PathBuf;
@@ -167,9 +167,15 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.cmd {
         Cmd::LogDump { file } => {
-            for e in ft_vmm::vmlog::read_all(&file)? {
+            let mut src = ReadSource::open(&file)?;
+            while let Recv::Entry(e) = src.recv(Duration::from_secs(1))? {
+                let epoch = e
+                    .frame_key()
+                    .filter(|_| e.kind() == format::EV_RX_FRAME_REF)
+                    .map(|k| format!(" epoch={}", k.epoch))
+                    .unwrap_or_default();
                 println!(
-                    "exit={:<10} {:<12} rip={:#010x} value={:#018x} aux={:#x} arg={} len={}",
+                    "exit={:<10} {:<12} rip={:#010x} value={:#018x} aux={:#x} arg={} len={}{epoch}",
                     e.exit(),
                     format::kind_name(e.kind()),
                     e.hdr.rip.get(),
@@ -177,6 +183,12 @@ fn main() -> Result<()> {
                     e.hdr.aux.get(),
                     e.hdr.arg.get(),
                     e.payload.len()
+                );
+            }
+            if src.torn_bytes() > 0 {
+                println!(
+                    "(the log ends with an incomplete entry of {} bytes: the writer stopped mid-entry)",
+                    src.torn_bytes()
                 );
             }
             Ok(())

@@ -119,6 +119,19 @@ impl Tap {
     pub fn name(&self) -> &str {
         &self.name
     }
+
+    /// A second handle on the same queue (`dup(2)`): frames written to either enter the
+    /// host as the VM's output.
+    pub fn try_clone(&self) -> Result<Tap> {
+        let fd = self
+            .fd
+            .try_clone()
+            .map_err(|e| Error::Net(format!("dup of tap {}: {e}", self.name)))?;
+        Ok(Tap {
+            fd,
+            name: self.name.clone(),
+        })
+    }
 }
 
 impl NetBackend for Tap {

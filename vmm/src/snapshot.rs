@@ -7,14 +7,15 @@
 //! Format (little-endian): magic `FTVMSNAP`, version, config hash, device state (u64s),
 //! vCPU structures as raw KVM structs with their sizes, MSR list, RAM size and bytes.
 use crate::error::{Error, Result};
-use crate::vmm::{Control, Stats, Vmm, VmmConfig};
+use crate::vmm::{Control, DeviceState, Stats, Vmm, VmmConfig};
 use crate::vstate::memory::PAGE_SIZE;
 use crate::vstate::vcpu::VcpuState;
 use std::io::{Read, Write};
 use std::sync::Arc;
 
 const SNAP_MAGIC: [u8; 8] = *b"FTVMSNAP";
-const SNAP_VERSION: u64 = 3;
+/// 4: the timer stays armed until its interrupt is injected (no pending timer bit).
+const SNAP_VERSION: u64 = 4;
 const PAGES_MAGIC: [u8; 8] = *b"FTVMPAGE";
 
 fn w64(w: &mut dyn Write, v: u64) -> Result<()> {
@@ -69,20 +70,21 @@ impl Vmm {
         w.write_all(&SNAP_MAGIC)?;
         w64(w, SNAP_VERSION)?;
         w64(w, self.config_hash())?;
-        w64(w, self.exits)?;
-        w64(w, self.clock.last())?;
-        w64(w, self.timer.deadline.unwrap_or(0))?;
-        w64(w, self.pending_irqs as u64)?;
-        w64(w, self.nic.rx_frames)?;
-        w64(w, self.nic.rx_bytes)?;
-        w64(w, self.nic.tx_frames)?;
-        w64(w, self.nic.tx_bytes)?;
-        w64(w, self.nic.tx_hash)?;
+        let d = self.device_state();
+        w64(w, d.exits)?;
+        w64(w, d.clock_last)?;
+        w64(w, d.timer_deadline.unwrap_or(0))?;
+        w64(w, d.pending_irqs as u64)?;
+        w64(w, d.rx_frames)?;
+        w64(w, d.rx_bytes)?;
+        w64(w, d.tx_frames)?;
+        w64(w, d.tx_bytes)?;
+        w64(w, d.tx_hash)?;
         w64(w, self.stats.entries_consumed)?;
         w64(w, exit_rip)?;
         w64(w, ready as u64)?;
-        w64(w, self.dev_hash)?;
-        w64(w, self.nic.irq_enabled as u64)?;
+        w64(w, d.dev_hash)?;
+        w64(w, d.nic_irq_enabled as u64)?;
         write_pod(w, &st.regs)?;
         write_pod(w, &st.sregs)?;
         write_pod(w, &st.fpu)?;
@@ -128,22 +130,24 @@ impl Vmm {
                 vmm.config_hash()
             )));
         }
-        vmm.exits = r64(r)?;
-        vmm.clock.observe(r64(r)?);
-        vmm.clock.resync();
-        let d = r64(r)?;
-        vmm.timer.deadline = (d != 0).then_some(d);
-        vmm.pending_irqs = r64(r)? as u32;
-        vmm.nic.rx_frames = r64(r)?;
-        vmm.nic.rx_bytes = r64(r)?;
-        vmm.nic.tx_frames = r64(r)?;
-        vmm.nic.tx_bytes = r64(r)?;
-        vmm.nic.tx_hash = r64(r)?;
+        let mut d = DeviceState {
+            exits: r64(r)?,
+            clock_last: r64(r)?,
+            timer_deadline: Some(r64(r)?).filter(|&t| t != 0),
+            pending_irqs: r64(r)? as u32,
+            rx_frames: r64(r)?,
+            rx_bytes: r64(r)?,
+            tx_frames: r64(r)?,
+            tx_bytes: r64(r)?,
+            tx_hash: r64(r)?,
+            ..Default::default()
+        };
         let consumed = r64(r)?;
         let exit_rip = r64(r)?;
         let ready = r64(r)? != 0;
-        vmm.dev_hash = r64(r)?;
-        vmm.nic.irq_enabled = r64(r)? != 0;
+        d.dev_hash = r64(r)?;
+        d.nic_irq_enabled = r64(r)? != 0;
+        vmm.set_device_state(&d);
         let regs = read_pod(r)?;
         let sregs = read_pod(r)?;
         let fpu = read_pod(r)?;

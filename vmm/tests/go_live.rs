@@ -197,3 +197,75 @@ fn backup_goes_live_after_primary_crash_without_end() {
     let (brec, _) = backup.stop().expect("backup run");
     assert!(brec.went_live_at_exit.is_some());
 }
+
+/// A source whose entries are still in flight behind a moment of "nothing yet" (a live
+/// channel between two batches), then closed.
+struct Gappy {
+    entries: std::collections::VecDeque<ft_vmm::vmlog::LogEntry>,
+    gap_after: usize,
+    gaps_left: u32,
+    given: usize,
+}
+
+impl ft_vmm::vmlog::LogSource for Gappy {
+    fn recv(&mut self, timeout: Duration) -> ft_vmm::error::Result<ft_vmm::vmlog::Recv> {
+        use ft_vmm::vmlog::Recv;
+        if self.given == self.gap_after && self.gaps_left > 0 {
+            self.gaps_left -= 1;
+            std::thread::sleep(timeout.min(Duration::from_millis(20)));
+            return Ok(Recv::Empty);
+        }
+        Ok(match self.entries.pop_front() {
+            Some(e) => {
+                self.given += 1;
+                Recv::Entry(e)
+            }
+            None => Recv::End,
+        })
+    }
+}
+
+/// Go-live requested before the backup has even started: it still consumes every entry
+/// the source delivers, across transient empties, and goes live only at the end of the
+/// (closed) source — here at the last exit the crashed primary logged.
+#[test]
+fn go_live_consumes_entries_queued_behind_a_transient_empty() {
+    use common::synth;
+    let elf = synth::guest(false, 0x4000);
+    let rec = synth::record(
+        &elf,
+        synth::cfg(Mode::Record, false),
+        synth::Trickle::new(None, 0),
+        600,
+    );
+    let mut entries = rec.entries.clone();
+    // The primary crashed before its END.
+    assert_eq!(
+        entries.pop().unwrap().kind(),
+        ft_common::vmlog::EV_END,
+        "recording ends with END"
+    );
+    let last_exit = entries.last().unwrap().exit();
+    let n = entries.len();
+    let r = with_timeout(Duration::from_secs(60), move || {
+        let control = ft_vmm::Control::new();
+        control.request_go_live();
+        let mut c = synth::cfg(Mode::Replay, false);
+        c.max_exits = Some(last_exit + 30);
+        let mut vmm = ft_vmm::Vmm::new(c, &elf, control)?;
+        vmm.set_source(Box::new(Gappy {
+            entries: entries.into(),
+            gap_after: n / 3,
+            gaps_left: 5,
+            given: 0,
+        }));
+        vmm.run()
+    })
+    .expect("backup run");
+    assert_eq!(
+        r.stats.entries_consumed, n as u64,
+        "every entry the source delivered was replayed"
+    );
+    assert_eq!(r.went_live_at_exit, Some(last_exit));
+    assert_eq!(r.outcome, RunOutcome::ExitLimit);
+}

@@ -471,6 +471,9 @@ fn tagged_input_logs_sequence_numbers() {
     empty.close();
     match replay(entries, Some(empty)) {
         Err(e @ Error::FrameMissing { .. }) => eprintln!("{e}"),
-        other => panic!("expected FrameMissing, got {:?}", other.map(|r| r.0.outcome)),
+        other => panic!(
+            "expected FrameMissing, got {:?}",
+            other.map(|r| r.0.outcome)
+        ),
     }
 }

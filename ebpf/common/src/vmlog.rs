@@ -21,24 +21,35 @@
 //!
 //! Kinds:
 //! - `HEADER` (first entry): `value` = configuration hash (guest image, RAM size, NIC
-//!   config), `aux` = [`VMLOG_VERSION`]; payload = [`VMLOG_MAGIC`].
+//!   config, service settings, vCPU model), `aux` = [`VMLOG_VERSION`]; payload =
+//!   [`VMLOG_MAGIC`].
 //! - `CLOCK`: `value` = ns returned by the clock register read at this exit.
 //! - `ENTROPY`: `value` = 64 bits returned by the entropy register read at this exit.
 //! - `RX_FRAME`: payload = the frame placed into the guest's RX ring at this exit.
 //! - `RX_FRAME_REF`: like `RX_FRAME` but the bytes are not copied: `value` = the data
-//!   plane's log sequence number (`FtHdr.seq`) of the frame, `arg` = frame length,
-//!   `aux` = FNV-1a hash of the frame. Replay looks the frame up by `value`.
+//!   plane's log sequence number (`FtHdr.seq`) of the frame, payload = its fencing epoch
+//!   (`FtHdr.epoch`, 8 bytes big-endian), `arg` = frame length, `aux` = FNV-1a hash of the
+//!   frame. Replay looks the frame up by (epoch, sequence).
 //! - `IRQ`: `arg` = vector injected before the guest resumes from this exit.
-//! - `CHECKPOINT`: `value` = hash of vCPU registers, guest memory and every device access
-//!   the guest made so far (register, value), after this exit's events were applied; `aux` = number of TX frames so far; replay recomputes and compares.
+//! - `CHECKPOINT`: `value` = hash of vCPU registers, guest memory, every device access
+//!   the guest made so far (register, value) and the device model's state (timer
+//!   deadline, pending interrupts, NIC settings, counters and output hash, last clock
+//!   value), after this exit's events were applied; `aux` = number of TX frames so far;
+//!   replay recomputes and compares.
 //! - `END`: the recording stopped cleanly after this exit; `value` = final state hash,
 //!   `aux` = TX frames in total. A log without `END` is truncated (or still growing).
+//!
+//! Payload lengths are fixed by the kind (`HEADER` 8, `RX_FRAME_REF` 8, `RX_FRAME` up to
+//! [`VMLOG_MAX_PAYLOAD`], all others 0): a complete entry with another length is corrupt.
+//! A stream that ends inside an entry (a writer that died mid-write) ends before it.
 use zerocopy::byteorder::network_endian::{U16, U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
 pub const VMLOG_MAGIC: [u8; 8] = *b"FTVMLOG1";
 /// 2: checkpoint/END hashes include the guest's device accesses.
-pub const VMLOG_VERSION: u64 = 2;
+/// 3: `RX_FRAME_REF` carries the frame's epoch; checkpoint/END hashes include the device
+///    model's state; the configuration hash includes the vCPU model (CPUID table).
+pub const VMLOG_VERSION: u64 = 3;
 
 pub const EV_HEADER: u8 = 1;
 pub const EV_CLOCK: u8 = 2;
@@ -51,6 +62,9 @@ pub const EV_END: u8 = 8;
 
 /// Largest payload of one entry (an Ethernet frame).
 pub const VMLOG_MAX_PAYLOAD: usize = 2048;
+
+/// Payload of an `RX_FRAME_REF` entry: the frame's epoch (u64, big-endian).
+pub const RX_FRAME_REF_PAYLOAD: usize = 8;
 
 /// Header of every log entry.
 #[repr(C)]

@@ -52,6 +52,11 @@ impl Nic {
         Ok(NIC_SLOTS.saturating_sub(prod.wrapping_sub(cons)))
     }
 
+    /// True if the guest queued output frames the VMM has not taken yet.
+    pub fn tx_pending(&self, ram: &GuestRam) -> Result<bool> {
+        Ok(ram.read_u64(NIC_TX_PROD)? != ram.read_u64(NIC_TX_CONS)?)
+    }
+
     /// True if the guest has not consumed every delivered frame yet.
     pub fn rx_pending(&self, ram: &GuestRam) -> Result<bool> {
         Ok(ram.read_u64(NIC_RX_PROD)? != ram.read_u64(NIC_RX_CONS)?)

@@ -1,7 +1,9 @@
 //! Timer device: register `REG_TIMER_DEADLINE` (write) arms a one-shot deadline on the
-//! device clock (0 disarms). When the host clock passes it (record/free mode) the VMM
-//! injects `TIMER_VECTOR` at the next exit and disarms; in replay, timer interrupts come
-//! only from the log, at the logged exit.
+//! device clock (0 disarms). Once the host clock has passed it (record/free mode) the VMM
+//! injects `TIMER_VECTOR` at the next exit that can take an interrupt, and the injection
+//! disarms it; in replay, timer interrupts come only from the log, at the logged exit,
+//! and disarm it the same way. The timer is thus armed or not at the same exits on
+//! primary and backup (its state changes only at guest writes and logged injections).
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Timer {
     pub deadline: Option<u64>,
@@ -12,14 +14,9 @@ impl Timer {
         self.deadline = if v == 0 { None } else { Some(v) };
     }
 
-    /// True (and disarms) if the deadline has passed at device time `now`.
-    pub fn take_expired(&mut self, now: u64) -> bool {
-        match self.deadline {
-            Some(d) if now >= d => {
-                self.deadline = None;
-                true
-            }
-            _ => false,
-        }
+    /// True if the timer is armed and its deadline has passed at device time `now`
+    /// (the interrupt is due; injecting it disarms the timer).
+    pub fn due(&self, now: u64) -> bool {
+        self.deadline.is_some_and(|d| now >= d)
     }
 }

@@ -107,8 +107,15 @@ impl Control {
         }
     }
 
-    /// Replay: consume every entry already buffered, then continue as a free-running
-    /// primary with output enabled, without restarting the guest.
+    /// Replay: consume every entry the log source still delivers, then continue as a
+    /// free-running primary with output enabled, without restarting the guest.
+    ///
+    /// The VMM goes live when its source reports the end (`Recv::End`: closed and
+    /// drained), never on a transient "nothing yet", so the caller must close the source
+    /// — drop the [`crate::vmlog::ChannelSink`] / sender, close the socket — when it
+    /// decides to go live (before or after this call), after putting every input frame it
+    /// received into the frame store. A frame reference whose frame is still missing then
+    /// ends the replay there: the VMM goes live at that exit.
     pub fn request_go_live(&self) {
         self.go_live.store(true, Ordering::SeqCst);
         self.kick();

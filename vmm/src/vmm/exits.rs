@@ -102,6 +102,12 @@ impl Vmm {
     /// is a replaying backup.
     fn send_tx(&mut self) -> Result<()> {
         let output = self.mode != Mode::Replay;
+        // The output rule: every entry logged so far (what this output can depend on)
+        // is handed to the log before the output reaches the NIC; a network sink
+        // publishes the log position the data plane holds the output against.
+        if output && self.nic.tx_pending(&self.vm.ram)? {
+            self.flush_log()?;
+        }
         let Vmm { nic, vm, net, .. } = self;
         nic.drain_tx(&mut vm.ram, |f| match net.as_mut() {
             Some(n) if output => n.send(f),
@@ -219,6 +225,7 @@ impl Vmm {
             self.poll_inputs()?;
         }
         self.checkpoint_stage()?;
+        self.publish_live();
         Ok(None)
     }
 }

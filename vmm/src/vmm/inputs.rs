@@ -1,8 +1,9 @@
-//! Inputs at an exit: clock/entropy values, received frames (live or replayed), idle
-//! waits and interrupt injection.
+//! Inputs at an exit: clock/entropy values, received frames (live), idle waits and
+//! interrupt injection.
 use super::*;
 use crate::devices::entropy;
 use crate::hash::fnv1a;
+use crate::vmlog::FrameKey;
 use ft_common::vmlog::*;
 use ft_common::wire::{ETHERTYPE_FT, FT_MAGIC, LogHdr};
 use std::os::fd::AsRawFd;
@@ -42,9 +43,9 @@ impl Vmm {
         Ok(v)
     }
 
-    /// Polls the backend and the timer (free/record). Returns true if anything was queued.
-    pub(super) fn poll_inputs(&mut self) -> Result<bool> {
-        let mut any = false;
+    /// Polls the backend (free/record): delivers what fits into the RX ring and makes the
+    /// NIC interrupt pending if the guest enabled it. (A due timer is found at injection.)
+    pub(super) fn poll_inputs(&mut self) -> Result<()> {
         if self.net.is_some() {
             let mut free = self.nic.rx_free(&self.vm.ram)?;
             let mut n = 0;
@@ -59,18 +60,11 @@ impl Vmm {
                 n += 1;
                 free -= 1;
             }
-            if n > 0 {
-                if self.nic.irq_enabled {
-                    self.pending_irqs |= PENDING_NIC;
-                }
-                any = true;
+            if n > 0 && self.nic.irq_enabled {
+                self.pending_irqs |= PENDING_NIC;
             }
         }
-        if self.timer.take_expired(self.clock.host_now()) {
-            self.pending_irqs |= PENDING_TIMER;
-            any = true;
-        }
-        Ok(any)
+        Ok(())
     }
 
     pub(super) fn deliver_live(&mut self, buf: &[u8]) -> Result<()> {
@@ -82,43 +76,20 @@ impl Vmm {
         {
             let len = (hdr.ft.len.get() as usize).min(rest.len());
             let frame = &rest[..len];
-            let seq = hdr.ft.seq.get();
+            let key = FrameKey {
+                epoch: hdr.ft.epoch.get(),
+                seq: hdr.ft.seq.get(),
+            };
             if let Some(s) = self.frames.as_ref() {
-                s.put(seq, frame);
+                s.put(key, frame);
             }
             self.nic.deliver(&mut self.vm.ram, frame)?;
             let h = fnv1a(frame, FNV_OFFSET);
-            return self.log(EV_RX_FRAME_REF, rip, seq, h, frame.len() as u32, &[]);
+            let epoch = key.epoch.to_be_bytes();
+            return self.log(EV_RX_FRAME_REF, rip, key.seq, h, frame.len() as u32, &epoch);
         }
         self.nic.deliver(&mut self.vm.ram, buf)?;
         self.log(EV_RX_FRAME, rip, 0, 0, 0, buf)
-    }
-
-    /// Delivers logged frames for this exit (replay).
-    pub(super) fn replay_frames(&mut self) -> Result<()> {
-        while let Some(e) = self.take_if(&[EV_RX_FRAME, EV_RX_FRAME_REF])? {
-            if self.nic.rx_free(&self.vm.ram)? == 0 {
-                return Err(
-                    self.divergence("log delivers a frame but the backup's RX ring is full".into())
-                );
-            }
-            if e.kind() == EV_RX_FRAME {
-                self.nic.deliver(&mut self.vm.ram, &e.payload)?;
-            } else {
-                let seq = e.value();
-                let store = self.frames.as_ref().ok_or(Error::FrameMissing { seq })?;
-                let frame = store.get(seq).ok_or(Error::FrameMissing { seq })?;
-                if frame.len() != e.hdr.arg.get() as usize
-                    || fnv1a(&frame, FNV_OFFSET) != e.hdr.aux.get()
-                {
-                    return Err(self.divergence(format!(
-                        "frame {seq} from the frame store does not match the logged length/hash"
-                    )));
-                }
-                self.nic.deliver(&mut self.vm.ram, &frame)?;
-            }
-        }
-        Ok(())
     }
 
     /// Idle read (free/record): blocks until the guest has work: a frame in its RX ring
@@ -131,10 +102,8 @@ impl Vmm {
         let net_fd = self.net.as_ref().and_then(|n| n.poll_fd()).unwrap_or(-1);
         loop {
             let now = self.clock.host_now();
-            if self.timer.take_expired(now) {
-                self.pending_irqs |= PENDING_TIMER;
-            }
-            if self.pending_irqs != 0
+            if self.timer.due(now)
+                || self.pending_irqs != 0
                 || now >= deadline
                 || self.nic.rx_pending(&self.vm.ram)?
                 || self.control.stop_requested()
@@ -177,6 +146,14 @@ impl Vmm {
         }
     }
 
+    /// Interrupt injection at the current exit (one per exit: KVM_INTERRUPT holds one).
+    ///
+    /// Record/free: a timer whose deadline the host clock has passed is injected first
+    /// and disarmed *at injection*, then a pending NIC interrupt; both only when the vCPU
+    /// can take one (otherwise they wait, the timer still armed, for a later exit).
+    /// Replay: the logged interrupts, with the same effect on the device model: a timer
+    /// interrupt disarms the timer, a NIC interrupt clears the pending NIC bit. Both
+    /// changes happen at logged points only, so the device state is equal on both sides.
     pub(super) fn inject_stage(&mut self) -> Result<()> {
         if self.mode == Mode::Replay {
             while let Some(e) = self.take_if(&[EV_IRQ])? {
@@ -186,27 +163,46 @@ impl Vmm {
                     ));
                 }
                 self.check_rip(&e, self.vcpu.exit_rip())?;
-                self.vcpu.inject(e.hdr.arg.get())?;
-                self.count_irq(e.hdr.arg.get());
+                let vector = e.hdr.arg.get();
+                match vector {
+                    TIMER_VECTOR if self.timer.deadline.is_some() => self.timer.deadline = None,
+                    NIC_VECTOR if self.pending_irqs & PENDING_NIC != 0 => {
+                        self.pending_irqs &= !PENDING_NIC
+                    }
+                    _ => {
+                        let state = if vector == TIMER_VECTOR {
+                            "the backup's timer is not armed"
+                        } else {
+                            "no NIC interrupt is pending on the backup"
+                        };
+                        return Err(
+                            self.divergence(format!("log injects vector {vector:#x} but {state}"))
+                        );
+                    }
+                }
+                self.vcpu.inject(vector)?;
+                self.count_irq(vector);
             }
             if self.mode == Mode::Replay {
                 return Ok(());
             }
         }
-        if self.pending_irqs != 0 && self.exits > 0 && self.vcpu.can_inject() {
-            // One interrupt per entry (KVM_INTERRUPT holds one); the timer first.
-            let (bit, vector) = if self.pending_irqs & PENDING_TIMER != 0 {
-                (PENDING_TIMER, TIMER_VECTOR)
-            } else {
-                (PENDING_NIC, NIC_VECTOR)
-            };
-            self.pending_irqs &= !bit;
-            self.vcpu.inject(vector)?;
-            self.count_irq(vector);
-            let rip = self.vcpu.exit_rip();
-            self.log(EV_IRQ, rip, 0, 0, vector, &[])?;
+        if self.exits == 0 || !self.vcpu.can_inject() {
+            return Ok(());
         }
-        Ok(())
+        let vector = if self.timer.due(self.clock.host_now()) {
+            self.timer.deadline = None;
+            TIMER_VECTOR
+        } else if self.pending_irqs & PENDING_NIC != 0 {
+            self.pending_irqs &= !PENDING_NIC;
+            NIC_VECTOR
+        } else {
+            return Ok(());
+        };
+        self.vcpu.inject(vector)?;
+        self.count_irq(vector);
+        let rip = self.vcpu.exit_rip();
+        self.log(EV_IRQ, rip, 0, 0, vector, &[])
     }
 
     pub(super) fn count_irq(&mut self, vector: u32) {

@@ -1,8 +1,7 @@
 //! Log plumbing: appending (record), reading ahead and matching entries (replay),
-//! the log header, go-live, state hashes and checkpoints.
+//! the log header and go-live.
 use super::*;
 use crate::vmlog::Recv;
-use crate::vstate::vcpu::regs_hash;
 use ft_common::vmlog::*;
 use std::os::fd::AsRawFd;
 
@@ -27,6 +26,7 @@ impl Vmm {
         let mut h = EntryHdr::new(kind, self.exits, rip, value);
         h.aux.set(aux);
         h.arg.set(arg);
+        h.len.set(payload.len() as u16);
         sink.append(&h, payload)?;
         self.stats.log_entries += 1;
         self.stats.log_bytes += (ENTRY_HLEN + payload.len()) as u64;
@@ -41,42 +41,49 @@ impl Vmm {
     }
 
     /// Next entry of the log (blocking), or `None` if the VMM went live instead.
+    ///
+    /// A go-live request does not end the log: the VMM keeps consuming every entry the
+    /// source still delivers, however long they take, and goes live only at
+    /// [`Recv::End`] (the source is closed and drained; the daemon closes it when it
+    /// decides to go live). A transient [`Recv::Empty`] is never taken as the end.
     pub(super) fn peek(&mut self) -> Result<Option<&LogEntry>> {
         if self.mode != Mode::Replay {
             return Ok(None);
         }
         if self.peeked.is_none() {
-            let Some(src) = self.source.as_mut() else {
+            if self.source.is_none() {
                 return Err(Error::Config("replay mode needs a log source".into()));
-            };
+            }
+            let mut published = false;
             loop {
-                let go_live = self.control.go_live_requested();
-                let timeout = if go_live {
-                    Duration::ZERO
-                } else {
-                    Duration::from_millis(20)
-                };
-                match src.recv(timeout)? {
+                let src = self.source.as_mut().expect("checked");
+                match src.recv(Duration::from_millis(20))? {
                     Recv::Entry(e) => {
                         self.peeked = Some(e);
                         break;
-                    }
-                    Recv::Empty if go_live => {
-                        self.go_live()?;
-                        return Ok(None);
                     }
                     Recv::Empty => {
                         if self.control.stop_requested() {
                             return Err(Error::Stopped);
                         }
+                        // Waiting for the primary: what was consumed so far is visible.
+                        if !published {
+                            self.publish_live();
+                            published = true;
+                        }
                     }
                     Recv::End => {
-                        if go_live || self.cfg.go_live_at_end || self.wait_for_go_live_request()? {
+                        let torn_bytes = src.torn_bytes();
+                        if self.control.go_live_requested()
+                            || self.cfg.go_live_at_end
+                            || self.wait_for_go_live_request()?
+                        {
                             self.go_live()?;
                             return Ok(None);
                         }
                         return Err(Error::LogTruncated {
                             after_exit: self.exits,
+                            torn_bytes,
                         });
                     }
                 }
@@ -85,8 +92,8 @@ impl Vmm {
         Ok(self.peeked.as_ref())
     }
 
-    /// Consumes the next entry if it is for the current exit and of one of `kinds`.
-    pub(super) fn take_if(&mut self, kinds: &[u8]) -> Result<Option<LogEntry>> {
+    /// The next entry if it is for the current exit and of one of `kinds` (not consumed).
+    pub(super) fn peek_if(&mut self, kinds: &[u8]) -> Result<Option<&LogEntry>> {
         let exits = self.exits;
         let Some(e) = self.peek()? else {
             return Ok(None);
@@ -100,16 +107,25 @@ impl Vmm {
             return Err(self.divergence(what));
         }
         if e.exit() == exits && kinds.contains(&e.kind()) {
-            self.stats.entries_consumed += 1;
-            return Ok(self.peeked.take());
+            return Ok(self.peeked.as_ref());
         }
         Ok(None)
+    }
+
+    /// Consumes the next entry if it is for the current exit and of one of `kinds`.
+    pub(super) fn take_if(&mut self, kinds: &[u8]) -> Result<Option<LogEntry>> {
+        if self.peek_if(kinds)?.is_none() {
+            return Ok(None);
+        }
+        self.stats.entries_consumed += 1;
+        Ok(self.peeked.take())
     }
 
     pub(super) fn divergence(&self, what: String) -> Error {
         Error::Divergence {
             exit: self.exits,
             rip: self.vcpu.exit_rip(),
+            verified: self.stats.last_verified_exit,
             what,
         }
     }
@@ -198,52 +214,6 @@ impl Vmm {
         }
         if self.cfg.console_echo {
             eprintln!("ft-vmm: went live at exit {}", self.exits);
-        }
-        Ok(())
-    }
-
-    // ---------------------------------------------------------------- state hashes
-
-    /// (combined, regs, mem) hash of the current state; `full` rehashes all of RAM.
-    pub fn state_hash(&mut self, full: bool) -> Result<(u64, u64, u64)> {
-        let dirty = self.vm.take_dirty_log()?;
-        self.vm.ram.update_hashes(&dirty);
-        let mem = if full {
-            self.vm.ram.full_hash()
-        } else {
-            self.vm.ram.memory_hash()
-        };
-        let regs = regs_hash(&self.vcpu.regs()?);
-        Ok((hash_words(&[regs, mem, self.dev_hash], 0xc4ec), regs, mem))
-    }
-
-    pub(super) fn checkpoint_stage(&mut self) -> Result<()> {
-        match self.mode {
-            Mode::Replay => {
-                while let Some(e) = self.take_if(&[EV_CHECKPOINT])? {
-                    let (h, _, _) = self.state_hash(false)?;
-                    if h != e.value() || self.nic.tx_frames != e.hdr.aux.get() {
-                        return Err(self.divergence(format!(
-                            "checkpoint mismatch: primary state {:#x} / {} output frames, backup state {h:#x} / {} output frames",
-                            e.value(),
-                            e.hdr.aux.get(),
-                            self.nic.tx_frames
-                        )));
-                    }
-                    self.stats.checkpoints_verified += 1;
-                }
-            }
-            Mode::Record => {
-                let k = self.cfg.checkpoint_interval;
-                if k > 0 && self.exits.is_multiple_of(k) {
-                    let (h, _, _) = self.state_hash(false)?;
-                    let rip = self.vcpu.exit_rip();
-                    let tx = self.nic.tx_frames;
-                    self.log(EV_CHECKPOINT, rip, h, tx, 0, &[])?;
-                    self.stats.checkpoints += 1;
-                }
-            }
-            Mode::Free => {}
         }
         Ok(())
     }

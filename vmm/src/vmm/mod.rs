@@ -17,6 +17,14 @@
 //! In replay, the VMM waits for the log to contain an entry *after* the current point
 //! before resuming the guest, so it never runs ahead of what the primary has logged, and
 //! it delivers nothing that is not in the log.
+//!
+//! # Device model in replay
+//! The backup runs the same device model as the primary: guest writes to the timer and
+//! NIC registers, a logged timer interrupt disarms the timer (as the primary's injection
+//! did), delivered frames make a NIC interrupt pending when the guest enabled it and a
+//! logged NIC interrupt clears it. So the device state ([`DeviceState`]) is equal on both
+//! at every exit, part of every checkpoint hash, and what a backup continues with when it
+//! goes live.
 use crate::abi::*;
 use crate::devices::{Clock, Console, Nic, Timer};
 use crate::error::{Error, Result};
@@ -24,20 +32,29 @@ use crate::hash::{FNV_OFFSET, hash_words};
 use crate::image;
 use crate::net::NetBackend;
 use crate::vmlog::{FrameStore, LogEntry, LogSink, LogSource};
+use crate::vstate::cpuid;
 use crate::vstate::vcpu::Vcpu;
 use crate::vstate::vm::Vm;
 use ft_common::vmlog::{EV_END, kind_name};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+mod config;
 mod control;
 mod exits;
+mod frames;
 mod inputs;
+mod live;
 mod log;
+mod state;
 
+use config::config_hash;
+pub use config::{ServiceConfig, VmmConfig};
 pub use control::{Control, KICK_SIGNAL};
 use control::{install_kick_handler, pin_current_thread};
 use exits::Exit;
+pub use live::LiveStats;
+pub use state::DeviceState;
 
 /// Operating mode.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -48,135 +65,6 @@ pub enum Mode {
     Record,
     /// Backup: inputs only from the log source, output computed but suppressed.
     Replay,
-}
-
-/// Static configuration of a VMM.
-#[derive(Clone, Debug)]
-pub struct VmmConfig {
-    pub mode: Mode,
-    pub mac: [u8; 6],
-    pub ip: [u8; 4],
-    pub prefix_len: u8,
-    pub gateway: [u8; 4],
-    pub port: u16,
-    /// Record: emit a CHECKPOINT entry every this many exits (0: never).
-    pub checkpoint_interval: u64,
-    /// `run` returns [`RunOutcome::ExitLimit`] once this many exits have happened.
-    pub max_exits: Option<u64>,
-    /// Inbound frames carry the data plane's 46-byte `LogHdr` (log by sequence number).
-    pub tagged_input: bool,
-    /// Keep a copy of every output frame (tests).
-    pub capture_tx: bool,
-    pub console_echo: bool,
-    /// Replay: when the log ends, go live instead of stopping (END) or failing (truncated).
-    pub go_live_at_end: bool,
-    /// Replay: when the log ends, wait for a go-live (or stop) request instead of
-    /// stopping (END) or failing (truncated). For a backup fed by a live stream.
-    pub wait_for_go_live: bool,
-    /// Pin the vCPU thread (the thread calling `run`) to this host CPU. Use the same
-    /// index on primary and backup hosts.
-    pub pin_cpu: Option<usize>,
-    /// Guest RAM in bytes: [`RAM_MIN`]..=[`RAM_MAX`], a multiple of [`RAM_ALIGN`].
-    pub ram_size: u64,
-    /// Settings of the guest's service, passed in `BootInfo` (part of the config hash).
-    pub service: ServiceConfig,
-}
-
-/// Settings of the guest's RESP service. Zero means "the guest's default" (derived from
-/// its heap size where it depends on memory).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct ServiceConfig {
-    pub maxclients: u32,
-    pub maxmemory: u64,
-    /// Close clients idle for this many seconds (0 = never).
-    pub timeout_s: u32,
-    /// TCP keep-alive interval in seconds (0 = off).
-    pub tcp_keepalive_s: u32,
-    /// Housekeeping ticks per second (0 = 10).
-    pub hz: u32,
-}
-
-impl Default for VmmConfig {
-    fn default() -> Self {
-        VmmConfig {
-            mode: Mode::Free,
-            mac: [0x02, 0x00, 0x00, 0x00, 0x00, 0x02],
-            ip: [10, 0, 0, 2],
-            prefix_len: 24,
-            gateway: [0; 4],
-            port: 6379,
-            checkpoint_interval: 1000,
-            max_exits: None,
-            tagged_input: false,
-            capture_tx: false,
-            console_echo: false,
-            go_live_at_end: false,
-            wait_for_go_live: false,
-            pin_cpu: None,
-            ram_size: RAM_DEFAULT,
-            service: ServiceConfig {
-                tcp_keepalive_s: 60,
-                ..Default::default()
-            },
-        }
-    }
-}
-
-impl VmmConfig {
-    /// Checks the settings the guest cannot use; the message says what to change.
-    pub fn validate(&self) -> Result<()> {
-        let r = self.ram_size;
-        if !(RAM_MIN..=RAM_MAX).contains(&r) || !r.is_multiple_of(RAM_ALIGN) {
-            return Err(Error::Config(format!(
-                "guest RAM of {r} bytes is not usable: give {} MiB to {} MiB in steps of {} MiB",
-                RAM_MIN >> 20,
-                RAM_MAX >> 20,
-                RAM_ALIGN >> 20
-            )));
-        }
-        self.service_limits()?;
-        if self.service.hz > 500 {
-            return Err(Error::Config(format!(
-                "service hz {} is too high: use 1 to 500 (0 = 10)",
-                self.service.hz
-            )));
-        }
-        Ok(())
-    }
-
-    /// The service's effective limits with this RAM size and these settings (what the
-    /// guest derives at boot), or why the guest could not use them.
-    pub fn service_limits(&self) -> Result<ft_guest_service::Limits> {
-        let s = ft_guest_service::Settings {
-            maxclients: self.service.maxclients,
-            maxmemory: self.service.maxmemory,
-            timeout_s: self.service.timeout_s,
-            tcp_keepalive_s: self.service.tcp_keepalive_s,
-            hz: self.service.hz,
-        };
-        ft_guest_service::Limits::derive(self.ram_size, self.ram_size - HEAP_BASE, &s)
-            .map_err(|e| Error::Config(e.to_string()))
-    }
-
-    pub(crate) fn boot_info(&self) -> BootInfo {
-        BootInfo {
-            magic: BOOT_MAGIC,
-            mac: self.mac,
-            prefix_len: self.prefix_len,
-            _pad: 0,
-            ip: self.ip,
-            gateway: self.gateway,
-            port: self.port,
-            _pad2: [0; 6],
-            heap_base: HEAP_BASE,
-            heap_end: self.ram_size,
-            maxclients: self.service.maxclients,
-            timeout_s: self.service.timeout_s,
-            tcp_keepalive_s: self.service.tcp_keepalive_s,
-            hz: self.service.hz,
-            maxmemory: self.service.maxmemory,
-        }
-    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -203,9 +91,13 @@ pub struct Stats {
     pub nic_irqs: u64,
     pub checkpoints: u64,
     pub checkpoints_verified: u64,
+    /// Replay: the exit of the last checkpoint (or END) verified equal.
+    pub last_verified_exit: u64,
     pub log_entries: u64,
     pub log_bytes: u64,
     pub entries_consumed: u64,
+    /// Replay: frame references whose frame was not in the store yet (the VMM waited).
+    pub frame_waits: u64,
 }
 
 /// Result of a run.
@@ -213,7 +105,8 @@ pub struct Stats {
 pub struct RunReport {
     pub outcome: RunOutcome,
     pub exits: u64,
-    /// Hash of registers and all of RAM at the end (full recomputation).
+    /// Hash of registers, all of RAM (full recomputation), device accesses and device
+    /// state at the end.
     pub state_hash: u64,
     pub regs_hash: u64,
     pub mem_hash: u64,
@@ -221,6 +114,8 @@ pub struct RunReport {
     pub tx_hash: u64,
     pub rx_frames: u64,
     pub went_live_at_exit: Option<u64>,
+    /// Device model state at the end.
+    pub device: DeviceState,
     pub stats: Stats,
     pub elapsed: Duration,
 }
@@ -231,7 +126,9 @@ pub type NetFactory = Box<dyn FnOnce() -> Result<Box<dyn NetBackend>> + Send>;
 /// Marks a write in `Vmm::dev_hash` (register offsets are < `MMIO_SIZE`).
 const DEV_WRITE: u64 = 1 << 63;
 
-const PENDING_TIMER: u32 = 1;
+/// `pending_irqs`: a NIC interrupt is due (frames delivered with `REG_NIC_IRQ` on, not
+/// injected yet). A due timer interrupt is not a pending bit: the timer stays armed until
+/// its interrupt is injected (see `inject_stage`).
 const PENDING_NIC: u32 = 2;
 
 /// One VM with its vCPU, devices and log endpoints.
@@ -263,6 +160,8 @@ pub struct Vmm {
     pub(crate) log_started: bool,
     went_live_at: Option<u64>,
     rxbuf: Vec<u8>,
+    /// Counters shared with other threads while running (optional).
+    live: Option<Arc<LiveStats>>,
 }
 
 impl Vmm {
@@ -278,15 +177,7 @@ impl Vmm {
         // Start dirty tracking from the loaded state.
         let _ = vm.take_dirty_log()?;
         vm.ram.rehash_all();
-        // Everything the guest is booted with: the image, and the boot info (RAM size,
-        // network identity, service settings).
-        let config_hash = hash_words(
-            &[
-                img.hash,
-                crate::hash::hash_bytes(boot.as_bytes(), GUEST_ABI_VERSION as u64),
-            ],
-            0,
-        );
+        let config_hash = config_hash(img.hash, &boot, &cpuid::MODEL);
         let nic = Nic {
             capture: cfg.capture_tx.then(Vec::new),
             ..Default::default()
@@ -319,6 +210,7 @@ impl Vmm {
             log_started: false,
             went_live_at: None,
             rxbuf: vec![0u8; 65536],
+            live: None,
         })
     }
 
@@ -333,6 +225,11 @@ impl Vmm {
         self.net_on_live = Some(f);
     }
 
+    /// Counters that other threads may read while the VMM runs.
+    pub fn set_live_stats(&mut self, live: Arc<LiveStats>) {
+        self.live = Some(live);
+    }
+
     pub fn set_sink(&mut self, sink: Box<dyn LogSink>) {
         self.sink = Some(sink);
     }
@@ -341,6 +238,9 @@ impl Vmm {
         self.source = Some(source);
     }
 
+    /// Replay: where RX_FRAME_REF entries find their frames, by (epoch, sequence); the
+    /// VMM waits for missing ones and evicts what it delivered (see `vmlog::frames`).
+    /// Record (tests, tooling): frames received in tagged mode are put there too.
     pub fn set_frame_store(&mut self, store: Arc<dyn FrameStore>) {
         self.frames = Some(store);
     }
@@ -355,6 +255,11 @@ impl Vmm {
 
     pub fn config_hash(&self) -> u64 {
         self.config_hash
+    }
+
+    /// The vCPU's CPUID table as KVM holds it (the fixed model, [`cpuid::MODEL`]).
+    pub fn cpuid(&self) -> Result<Vec<cpuid::Leaf>> {
+        self.vcpu.cpuid()
     }
 
     pub fn config(&self) -> &VmmConfig {
@@ -439,6 +344,7 @@ impl Vmm {
             tx_hash: self.nic.tx_hash,
             rx_frames: self.nic.rx_frames,
             went_live_at_exit: self.went_live_at,
+            device: self.device_state(),
             stats: self.stats.clone(),
             elapsed: t0.elapsed(),
         })
@@ -472,6 +378,12 @@ impl Vmm {
                         )));
                     }
                     self.stats.checkpoints_verified += 1;
+                    self.stats.last_verified_exit = self.exits;
+                    self.publish_live();
+                    if let Some(l) = self.live.as_ref() {
+                        l.end_verified
+                            .store(true, std::sync::atomic::Ordering::Relaxed);
+                    }
                     if self.cfg.go_live_at_end
                         || self.control.go_live_requested()
                         || self.wait_for_go_live_request()?

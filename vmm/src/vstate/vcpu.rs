@@ -3,6 +3,7 @@
 //! KVM_INTERRUPT, and full state save/restore for snapshots.
 use crate::abi::*;
 use crate::error::{Error, Result};
+use crate::vstate::cpuid;
 use kvm_bindings::{
     KVM_MAX_CPUID_ENTRIES, Msrs, kvm_dtable, kvm_fpu, kvm_interrupt, kvm_msr_entry, kvm_regs,
     kvm_segment, kvm_sregs, kvm_vcpu_events,
@@ -63,13 +64,34 @@ pub struct VcpuState {
 impl Vcpu {
     pub fn new(kvm: &Kvm, vm: &VmFd) -> Result<Self> {
         let mut fd = vm.create_vcpu(0).map_err(Error::ioctl("KVM_CREATE_VCPU"))?;
-        let cpuid = kvm
+        // The fixed CPU model, not the host's: both hosts define the same vCPU.
+        let supported = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(Error::ioctl("KVM_GET_SUPPORTED_CPUID"))?;
-        fd.set_cpuid2(&cpuid)
+        cpuid::check_supported(&cpuid::MODEL, &supported)?;
+        fd.set_cpuid2(&cpuid::to_kvm(&cpuid::MODEL)?)
             .map_err(Error::ioctl("KVM_SET_CPUID2"))?;
         fd.set_sync_valid_reg(SyncReg::Register);
         Ok(Vcpu { fd, at_exit: None })
+    }
+
+    /// The CPUID table KVM holds for this vCPU (KVM_GET_CPUID2).
+    pub fn cpuid(&self) -> Result<Vec<cpuid::Leaf>> {
+        let c = self
+            .fd
+            .get_cpuid2(KVM_MAX_CPUID_ENTRIES)
+            .map_err(Error::ioctl("KVM_GET_CPUID2"))?;
+        Ok(c.as_slice()
+            .iter()
+            .map(|e| cpuid::Leaf {
+                function: e.function,
+                index: e.index,
+                eax: e.eax,
+                ebx: e.ebx,
+                ecx: e.ecx,
+                edx: e.edx,
+            })
+            .collect())
     }
 
     /// Long mode, paging on, CPL 3 at `entry` with rdi = boot info, IF = 1.

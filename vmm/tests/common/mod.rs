@@ -2,6 +2,8 @@
 //! stock redis-cli/redis-benchmark runs inside them, VMM threads, a tiny ELF builder.
 #![allow(dead_code)]
 
+pub mod synth;
+
 use ft_vmm::abi::*;
 use ft_vmm::net::{Tap, in_netns};
 use ft_vmm::{Control, RunReport, Vmm, VmmConfig};
