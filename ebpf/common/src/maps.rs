@@ -251,6 +251,8 @@ counters! {
     /// VMNACK and LEAVE frames passed to the primary daemon.
     C_VMNACK_RX = 15, "ft_vmnacks_received_total", "";
     C_LEAVE_RX = 16, "ft_leave_received_total", "";
+    /// Release passes the daemon triggered with a kick frame on the VM NIC (role change).
+    C_RELEASE_KICK = 17, "ft_release_kicks_total", "";
 }
 
 /// Entries of the `COUNTERS` map.

@@ -460,7 +460,8 @@ fn on_nack(
 }
 
 /// Primary: an ack that `ft_log_rx` validated and passed up. Use it as the carrier that
-/// releases held output frames, then consume it.
+/// releases held output frames, then consume it. Other frames `ft_log_rx` passed up
+/// (VMNACK, LEAVE) go on to the daemon.
 #[classifier]
 pub fn ft_log_tc(ctx: TcContext) -> i32 {
     let Some(node) = node() else {
@@ -477,8 +478,10 @@ pub fn ft_log_tc(ctx: TcContext) -> i32 {
     }
     if let Ok(KIND_ACK) = ctx.load::<u8>(ETH_HLEN + 2) {
         hold::release(&ctx);
+        return TC_ACT_SHOT as i32;
     }
-    TC_ACT_SHOT as i32
+    // VMNACK and LEAVE (validated by ft_log_rx): on to the daemon's packet socket.
+    TC_ACT_OK as i32
 }
 
 // ------------------------------------------------------------------------------------
@@ -500,6 +503,17 @@ fn try_vm_tc(ctx: &TcContext) -> Result<i32, i32> {
         return Ok(TC_ACT_SHOT as i32);
     }
     let cfg = config().ok_or(TC_ACT_SHOT as i32)?;
+    // A logging-link frame on the VM NIC is the daemon's kick (after a role change, e.g.
+    // to Solo, it drains the ring without waiting for the VM's next output): run a
+    // release pass, emit nothing of it. (A VM that sends one only triggers a pass that
+    // follows the same rule.)
+    if let Ok(et) = ctx.load::<[u8; 2]>(12)
+        && u16::from_be_bytes(et) == ETHERTYPE_FT
+    {
+        count(C_RELEASE_KICK);
+        hold::release(ctx);
+        return Ok(TC_ACT_SHOT as i32);
+    }
     hold::enqueue(ctx, cfg)?;
     hold::release(ctx);
     Ok(TC_ACT_SHOT as i32)
