@@ -121,16 +121,176 @@ pub struct Interfaces {
     pub xdp_mode: XdpAttachMode,
 }
 
+/// What runs as the protected VM.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum VmKind {
+    /// The built-in KVM VMM, run by ftd (the appliance's normal mode): it records on the
+    /// primary, replays on the backup, and `interfaces.vm` is its TAP, created by ftd.
+    #[default]
+    Vmm,
+    /// Something outside ftd behind `interfaces.vm` (a stand-in VM on a veth): for
+    /// data-plane tests; nothing is replayed, the backup delivers input frames to it.
+    External,
+}
+
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct VmSection {
+    #[serde(default)]
+    pub kind: VmKind,
     /// MAC address of the protected VM (same on both hosts).
     pub mac: Mac,
     /// IPv4 address of the protected VM (ARP requests for it are VM input).
     pub ipv4: Ipv4Addr,
-    /// Deliver inbound frames with the log header kept (a VMM reads the sequence).
+    /// Prefix length of the VM's network.
+    #[serde(default = "default_prefix")]
+    pub prefix_len: u8,
+    /// Default gateway of the VM ("0.0.0.0" = none: clients on the VM's own network).
+    #[serde(default = "default_gateway")]
+    pub gateway: Ipv4Addr,
+    /// TCP port of the VM's service.
+    #[serde(default = "default_port")]
+    pub port: u16,
+    /// External VM only: deliver inbound frames with the log header kept. (The VMM
+    /// always reads the log sequence of each frame: tagged input.)
     #[serde(default)]
     pub tagged_input: bool,
+    /// Guest image (ELF); empty = the built-in guest. Same file on both hosts.
+    #[serde(default)]
+    pub image: PathBuf,
+    /// Guest RAM in MiB (64 to 3072, even).
+    #[serde(default = "default_ram")]
+    pub ram_mib: u64,
+    /// MTU of the TAP that ftd creates (tagged input needs at least 1558).
+    #[serde(default = "default_tap_mtu")]
+    pub tap_mtu: u32,
+    /// Host CPU the vCPU thread is pinned to: the same index on both hosts. -1 = not
+    /// pinned.
+    #[serde(default = "default_cpu")]
+    pub cpu: i32,
+    /// A checkpoint (state hash the backup verifies) every this many guest exits.
+    #[serde(default = "default_checkpoint")]
+    pub checkpoint_interval: u64,
+    /// Settings of the guest's service (0 = derived from the RAM size).
+    #[serde(default)]
+    pub service: VmService,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct VmService {
+    pub maxclients: u32,
+    pub maxmemory: u64,
+    /// Close clients idle for this many seconds (0 = never).
+    pub timeout_s: u32,
+    /// TCP keep-alive interval in seconds (0 = off).
+    pub tcp_keepalive_s: u32,
+}
+
+impl Default for VmService {
+    fn default() -> Self {
+        VmService {
+            maxclients: 0,
+            maxmemory: 0,
+            timeout_s: 0,
+            tcp_keepalive_s: 60,
+        }
+    }
+}
+
+fn default_prefix() -> u8 {
+    24
+}
+fn default_gateway() -> Ipv4Addr {
+    Ipv4Addr::UNSPECIFIED
+}
+fn default_port() -> u16 {
+    6379
+}
+fn default_ram() -> u64 {
+    256
+}
+fn default_tap_mtu() -> u32 {
+    1600
+}
+fn default_cpu() -> i32 {
+    -1
+}
+fn default_checkpoint() -> u64 {
+    1000
+}
+
+/// Smallest TAP MTU that carries a tagged input frame: the largest client frame plus the
+/// log header, less the Ethernet header the MTU excludes.
+pub const MIN_TAP_MTU: u32 =
+    (ft_common::wire::MAX_FRAME + ft_common::wire::LOG_OVERHEAD - ft_common::wire::ETH_HLEN) as u32;
+
+impl VmSection {
+    /// The VM reads tagged input (always, for the VMM).
+    pub fn tagged(&self) -> bool {
+        self.kind == VmKind::Vmm || self.tagged_input
+    }
+
+    /// The VMM's configuration (mode and wiring are set by the daemon).
+    pub fn vmm_config(&self) -> ft_vmm::VmmConfig {
+        ft_vmm::VmmConfig {
+            mac: self.mac.0,
+            ip: self.ipv4.octets(),
+            prefix_len: self.prefix_len,
+            gateway: self.gateway.octets(),
+            port: self.port,
+            checkpoint_interval: self.checkpoint_interval,
+            tagged_input: true,
+            pin_cpu: usize::try_from(self.cpu).ok(),
+            ram_size: self.ram_mib << 20,
+            service: ft_vmm::vmm::ServiceConfig {
+                maxclients: self.service.maxclients,
+                maxmemory: self.service.maxmemory,
+                timeout_s: self.service.timeout_s,
+                tcp_keepalive_s: self.service.tcp_keepalive_s,
+                hz: 0,
+            },
+            // A referenced frame that has not arrived is waited for until the daemon
+            // decides (go-live at that exit, or stop): the primary may be repairing it.
+            frame_wait_timeout: None,
+            ..Default::default()
+        }
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.prefix_len == 0 || self.prefix_len > 32 {
+            return invalid("vm.prefix_len must be 1..=32");
+        }
+        if self.kind != VmKind::Vmm {
+            return Ok(());
+        }
+        if self.tap_mtu < MIN_TAP_MTU {
+            return invalid(format!(
+                "vm.tap_mtu = {}: inbound frames reach the VMM with their {}-byte log header, so \
+                 the TAP needs an MTU of at least {MIN_TAP_MTU}",
+                self.tap_mtu,
+                ft_common::wire::LOG_OVERHEAD
+            ));
+        }
+        if !self.image.as_os_str().is_empty() && !self.image.is_file() {
+            return invalid(format!(
+                "vm.image = {:?} does not exist; give the guest image's path, or leave it out for the built-in guest",
+                self.image
+            ));
+        }
+        if self.checkpoint_interval == 0 {
+            return invalid(
+                "vm.checkpoint_interval must be >= 1 (the backup verifies the replica at every checkpoint)",
+            );
+        }
+        if self.cpu < -1 {
+            return invalid("vm.cpu must be a CPU index, or -1 for no pinning");
+        }
+        self.vmm_config()
+            .validate()
+            .map_err(|e| ConfigError::Invalid(format!("[vm]: {e}")))
+    }
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -154,6 +314,10 @@ pub struct Channel {
     pub nack_retry_ms: u64,
     /// Backup: most nacks sent per retry round.
     pub nack_burst: u32,
+    /// Most VMLOG frames (VMM entries, up to ~1.5 KiB each) the primary keeps unacked:
+    /// beyond it the primary's vCPU waits for the backup (back-pressure; entries are
+    /// never dropped).
+    pub vmlog_window: u64,
     /// The output rule. `false` releases VM output without waiting for the backup —
     /// only for the benchmark's "gate disabled" baseline; never in production.
     pub hold_output: bool,
@@ -169,6 +333,7 @@ impl Default for Channel {
             peer_timeout_ms: 500,
             nack_retry_ms: 3,
             nack_burst: 64,
+            vmlog_window: 4096,
             hold_output: true,
         }
     }
@@ -252,6 +417,7 @@ impl Config {
         if self.vm.ipv4.is_unspecified() || self.vm.ipv4.is_broadcast() {
             return invalid("vm.ipv4 must be the VM's unicast address");
         }
+        self.vm.validate()?;
         let c = &self.channel;
         if c.epoch == 0 {
             return invalid("channel.epoch must be >= 1 (0 means 'no epoch')");
@@ -279,6 +445,9 @@ impl Config {
                  lost heartbeat looks like a dead peer",
                 c.peer_timeout_ms, c.heartbeat_ms
             ));
+        }
+        if !(16..=1 << 20).contains(&c.vmlog_window) {
+            return invalid("channel.vmlog_window must be 16..=1048576 frames");
         }
         if c.nack_retry_ms == 0 || c.nack_burst == 0 {
             return invalid("channel.nack_retry_ms and channel.nack_burst must be >= 1");
@@ -382,6 +551,53 @@ backend = "none"
         assert!(err(Config::parse(&same_nic)).contains("three different"));
         let mcast = GOOD.replace("02:f7:00:00:00:64", "01:00:5e:00:00:01");
         assert!(err(Config::parse(&mcast)).contains("unicast"));
+    }
+
+    fn with_vm(keys: &str) -> Result<Config, ConfigError> {
+        Config::parse(&GOOD.replace(
+            "ipv4 = \"10.77.0.100\"\n",
+            &format!("ipv4 = \"10.77.0.100\"\n{keys}\n"),
+        ))
+    }
+
+    #[test]
+    fn vm_section_defaults_to_the_built_in_vmm() {
+        let c = Config::parse(GOOD).unwrap();
+        assert_eq!(c.vm.kind, VmKind::Vmm);
+        assert!(c.vm.tagged());
+        let v = c.vm.vmm_config();
+        assert_eq!(v.ram_size, 256 << 20);
+        assert_eq!(v.port, 6379);
+        assert_eq!(v.checkpoint_interval, 1000);
+        assert_eq!(v.pin_cpu, None);
+        assert_eq!(with_vm("cpu = 3").unwrap().vm.vmm_config().pin_cpu, Some(3));
+    }
+
+    #[test]
+    fn vm_section_rejects_what_the_guest_cannot_use() {
+        let e = err(with_vm("tap_mtu = 1500"));
+        assert!(e.contains(&format!("at least {MIN_TAP_MTU}")), "{e}");
+        // An external VM without a TAP is not held to it.
+        with_vm("kind = \"external\"\ntap_mtu = 1500").unwrap();
+        for ram in ["ram_mib = 32", "ram_mib = 4096", "ram_mib = 257"] {
+            let e = err(with_vm(ram));
+            assert!(e.contains("64 MiB to 3072 MiB"), "{ram}: {e}");
+        }
+        with_vm("ram_mib = 64").unwrap();
+        with_vm("ram_mib = 2048").unwrap();
+        let e = err(with_vm("image = \"/nonexistent/guest.elf\""));
+        assert!(
+            e.contains("does not exist") && e.contains("built-in guest"),
+            "{e}"
+        );
+        let e = err(with_vm("checkpoint_interval = 0"));
+        assert!(e.contains("checkpoint_interval"), "{e}");
+        let e = err(with_vm("cpu = -2"));
+        assert!(e.contains("vm.cpu"), "{e}");
+        let e = err(with_vm("ram_mib = 64\n[vm.service]\nmaxclients = 100000"));
+        assert!(e.contains("[vm]"), "{e}");
+        let e = err(with("[channel]\nvmlog_window = 4\n"));
+        assert!(e.contains("vmlog_window"), "{e}");
     }
 
     #[test]

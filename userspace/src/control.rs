@@ -46,6 +46,7 @@ pub fn status_json(sh: &Shared) -> Value {
         "held_frames": ctl.map(|c| c.tail.wrapping_sub(c.head)),
         "peer_alive": s.peer_alive.load(Relaxed),
         "halted": s.halted.load(Relaxed),
+        "backup_left": *s.backup_left.lock().unwrap(),
         "channel": {
             "acks_sent": s.acks_sent.load(Relaxed),
             "nacks_sent": s.nacks_sent.load(Relaxed),
@@ -56,7 +57,11 @@ pub fn status_json(sh: &Shared) -> Value {
             "afxdp_rx_dropped": s.xsk_rx_dropped.load(Relaxed),
             "afxdp_rx_ring_full": s.xsk_rx_ring_full.load(Relaxed),
             "afxdp_fill_ring_empty": s.xsk_fill_ring_empty.load(Relaxed),
+            "vm_delivered": s.vm_delivered.load(Relaxed),
+            "vm_high": s.vm_high.load(Relaxed),
+            "stopped_acking": s.stop_acking.load(Relaxed),
         },
+        "vm": sh.vm.as_ref().map(|v| v.json()),
         "counters": counters,
         "drops": drops,
     })

@@ -9,15 +9,16 @@ use std::{
 };
 
 use anyhow::Context as _;
-use ft_common::maps::{NodeState, ROLE_BACKUP, ROLE_STANDBY};
+use ft_common::maps::{NodeState, ROLE_BACKUP, ROLE_PRIMARY, ROLE_SOLO, ROLE_STANDBY};
 use ft_fence::Backend;
 use tracing::{error, info, warn};
 
 use crate::{
     channel::{backup, primary, status::ChannelStatus},
-    config::{Config, Role},
+    config::{Config, Role, VmKind},
     dataplane::{DataPlane, initial_node_state},
     netif::RawSocket,
+    vm::VmState,
 };
 
 /// State shared by the channel threads, the metrics endpoint and the control socket.
@@ -25,6 +26,8 @@ pub struct Shared {
     pub dp: Arc<DataPlane>,
     pub status: Arc<ChannelStatus>,
     pub node_name: String,
+    /// The VMM's state, when ftd runs the VM.
+    pub vm: Option<Arc<VmState>>,
 }
 
 /// A random, non-zero session number for this run (see ft_common::wire).
@@ -69,6 +72,14 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         };
     }
     let session = new_session();
+    // The VMM's NIC exists before the data plane attaches to it.
+    let mut tap = match cfg.vm.kind {
+        VmKind::Vmm => Some(
+            crate::vm::tap::create(&cfg.interfaces.vm, cfg.vm.tap_mtu)
+                .context("creating the VM's TAP")?,
+        ),
+        VmKind::External => None,
+    };
     let dp = Arc::new(DataPlane::start(&cfg, node, session).context("starting the data plane")?);
     if let Some(logger) = dp.take_logger() {
         tokio::spawn(drive_ebpf_logger(logger));
@@ -86,12 +97,15 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         ));
     }
     let stop = Arc::new(AtomicBool::new(false));
+    let vm = Arc::new(VmState::default());
     let sh = Arc::new(Shared {
         dp: dp.clone(),
         status: status.clone(),
         node_name: cfg.node.name.clone(),
+        vm: (cfg.vm.kind == VmKind::Vmm).then(|| vm.clone()),
     });
     let ch = &cfg.channel;
+    let mut vcpu = None;
 
     let worker = {
         let (dp, status, stop) = (dp.clone(), status.clone(), stop.clone());
@@ -103,6 +117,35 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                     heartbeat: Duration::from_millis(ch.heartbeat_ms),
                     peer_timeout: Duration::from_millis(ch.peer_timeout_ms),
                 };
+                if let Some(tap) = tap.take() {
+                    let store = Arc::new(crate::vm::sink::VmLogStore::default());
+                    vcpu = Some(crate::vm::start_primary(
+                        &cfg,
+                        dp.clone(),
+                        status.clone(),
+                        tap,
+                        session,
+                        vm.clone(),
+                        store.clone(),
+                        stop.clone(),
+                    )?);
+                    let (iface, stats, stop2) =
+                        (dp.nics.logging.clone(), vm.stats.clone(), stop.clone());
+                    let (dp2, vm2, status2, vm_mac) =
+                        (dp.clone(), vm.clone(), status.clone(), cfg.vm.mac.0);
+                    std::thread::Builder::new()
+                        .name("ft-vmlog-repair".into())
+                        .spawn(move || {
+                            let on_leave = Box::new(move |reason: u64| {
+                                continue_alone(&dp2, &vm2, &status2, vm_mac, reason);
+                            });
+                            if let Err(e) =
+                                crate::channel::vmrepair::run(&iface, store, stats, on_leave, stop2)
+                            {
+                                error!("VMLOG repair stopped: {e}");
+                            }
+                        })?;
+                }
                 std::thread::Builder::new()
                     .name("ft-primary".into())
                     .spawn(move || {
@@ -119,13 +162,28 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                     nack_retry: Duration::from_millis(ch.nack_retry_ms),
                     nack_burst: ch.nack_burst as usize,
                     max_pending: cfg.window() + ft_common::maps::RETX_MARGIN,
-                    tagged_input: cfg.vm.tagged_input,
                 };
-                let sink = Box::new(backup::RawSink(RawSocket::open(&dp.nics.vm)?));
+                let (sink, feed): (Box<dyn backup::InputSink>, Option<Box<dyn backup::VmFeed>>) =
+                    match tap.take() {
+                        // The backup's VM reads nothing from its TAP while it replays.
+                        Some(_tap) => {
+                            let (h, input, feed) =
+                                crate::vm::start_backup(&cfg, vm.clone(), stop.clone())?;
+                            vcpu = Some(h);
+                            (Box::new(input), Some(Box::new(feed)))
+                        }
+                        None => (
+                            Box::new(backup::RawSink {
+                                sock: RawSocket::open(&dp.nics.vm)?,
+                                tagged: cfg.vm.tagged(),
+                            }),
+                            None,
+                        ),
+                    };
                 std::thread::Builder::new()
                     .name("ft-backup-rx".into())
                     .spawn(move || {
-                        backup::run(dp, p, sink, status, stop).map_err(anyhow::Error::from)
+                        backup::run(dp, p, sink, feed, status, stop).map_err(anyhow::Error::from)
                     })?
             }
         }
@@ -151,22 +209,146 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     info!(node = %cfg.node.name, "ftd running");
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    let worker_done = async {
-        while !worker.is_finished() {
-            tokio::time::sleep(Duration::from_millis(50)).await;
+    let mut failure = None;
+    {
+        let worker_done = async {
+            while !worker.is_finished() {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        };
+        tokio::pin!(worker_done);
+        let vm_done = async {
+            loop {
+                if vcpu.as_ref().is_some_and(|h| h.is_finished()) {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => info!("SIGINT: shutting down"),
+            _ = term.recv() => info!("SIGTERM: shutting down"),
+            _ = &mut worker_done => error!("channel worker stopped"),
+            _ = vm_done => {
+                let why = vm.error.lock().unwrap().clone().unwrap_or_else(|| "the VM stopped".into());
+                match cfg.node.role {
+                    Role::Primary => {
+                        // Fail-stop: without its VM this node has nothing to protect; exiting
+                        // detaches the data plane and lets the backup take over.
+                        error!("the protected VM stopped ({why}): exiting");
+                        failure = Some(why);
+                    }
+                    Role::Backup => {
+                        declare_failed(&cfg, &dp, &status, &vm);
+                        tokio::select! {
+                            _ = tokio::signal::ctrl_c() => info!("SIGINT: shutting down"),
+                            _ = term.recv() => info!("SIGTERM: shutting down"),
+                        }
+                    }
+                }
+            }
         }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => info!("SIGINT: shutting down"),
-        _ = term.recv() => info!("SIGTERM: shutting down"),
-        _ = worker_done => error!("channel worker stopped"),
     }
     stop.store(true, Relaxed);
     let res = worker
         .join()
         .map_err(|_| anyhow::anyhow!("channel worker panicked"))?;
+    if let Some(h) = vcpu {
+        let _ = h.join();
+    }
     let _ = std::fs::remove_file(&ctl_path);
+    if let Some(why) = failure {
+        anyhow::bail!("the protected VM stopped: {why}");
+    }
     res.context("logging channel")
+}
+
+/// Backup whose replica failed (diverged, or its VMM stopped): it must never go live.
+/// It stops confirming the log, tells the primary it left, and stays halted (not live,
+/// emitting nothing) until an operator replaces it.
+fn declare_failed(cfg: &Config, dp: &DataPlane, status: &ChannelStatus, vm: &VmState) {
+    let reason = if vm.divergence.lock().unwrap().is_some() {
+        ft_common::wire::LEAVE_DIVERGED
+    } else {
+        ft_common::wire::LEAVE_SHUTDOWN
+    };
+    error!(
+        "this backup's replica failed ({}): it stops acking the log and halts; it must be \
+         recreated from the primary",
+        vm.error.lock().unwrap().clone().unwrap_or_default()
+    );
+    status.stop_acking.store(true, Relaxed);
+    status.halted.store(true, Relaxed);
+    let epoch = status.epoch.load(Relaxed);
+    let _ = dp.set_node_state(NodeState {
+        epoch,
+        lease_deadline_ns: 0,
+        role: ROLE_STANDBY,
+        _pad: 0,
+    });
+    if let Ok(sock) = RawSocket::open(&dp.nics.logging) {
+        let f = crate::channel::frames::control_frame(
+            ft_common::wire::KIND_LEAVE,
+            dp.nics.logging.mac,
+            cfg.interfaces.peer_log_mac.0,
+            status.peer_session.load(Relaxed),
+            epoch,
+            0,
+            reason,
+        );
+        // A few times: a lost LEAVE only delays the primary's reaction (it also sees the
+        // acks stop).
+        for _ in 0..3 {
+            let _ = sock.send(&f);
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+}
+
+/// Primary whose backup left (its replica diverged or its VMM stopped): the backup has
+/// stopped acking and will never go live, so this node carries on alone. The recording
+/// VMM's entries are discarded from now on, the role becomes Solo (same epoch and lease:
+/// a node that wanted to take over would still have to win test-and-set after this
+/// lease lapsed), and a kick drains the output held for acks that will not come.
+fn continue_alone(
+    dp: &DataPlane,
+    vm: &VmState,
+    status: &ChannelStatus,
+    vm_mac: [u8; 6],
+    reason: u64,
+) {
+    let why = match reason {
+        ft_common::wire::LEAVE_DIVERGED => "its replica diverged",
+        ft_common::wire::LEAVE_SHUTDOWN => "its VMM stopped",
+        ft_common::wire::LEAVE_STALE_SESSION => "it follows another run",
+        _ => "unknown reason",
+    };
+    let node = match dp.node_state() {
+        Ok(n) => n,
+        Err(e) => {
+            error!("the backup left ({why}) but the node state cannot be read: {e}");
+            return;
+        }
+    };
+    if node.role != ROLE_PRIMARY {
+        return; // already alone, or not live
+    }
+    error!(
+        reason,
+        "the backup left the log ({why}): running solo, unprotected, until a new backup is          created"
+    );
+    vm.solo.store(true, Relaxed);
+    *status.backup_left.lock().unwrap() = Some(why.to_string());
+    if let Err(e) = dp.set_node_state(NodeState {
+        role: ROLE_SOLO,
+        ..node
+    }) {
+        error!("cannot switch the data plane to solo: {e}");
+        return;
+    }
+    if let Err(e) = vm.kick_release(vm_mac) {
+        warn!("could not kick the output ring ({e}): held frames leave with the next output");
+    }
 }
 
 /// Forwards aya-log records from the programs into tracing (through the `log` facade).

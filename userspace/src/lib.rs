@@ -7,3 +7,4 @@ pub mod dataplane;
 pub mod fencing;
 pub mod metrics;
 pub mod netif;
+pub mod vm;

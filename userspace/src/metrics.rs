@@ -88,7 +88,75 @@ pub fn render(sh: &Shared) -> String {
     ] {
         let _ = writeln!(o, "# TYPE {name} counter\n{name} {}", v.load(Relaxed));
     }
+    if let Some(vm) = &sh.vm {
+        render_vm(&mut o, vm);
+    }
     o
+}
+
+/// The protected VM: the VMM's progress, the VMM log stream, replay and divergence.
+fn render_vm(o: &mut String, vm: &crate::vm::VmState) {
+    let (l, st) = (&vm.live, &vm.stats);
+    for (name, v) in [
+        ("ft_vm_exits_total", l.exits.load(Relaxed)),
+        ("ft_vm_rx_frames_total", l.rx_frames.load(Relaxed)),
+        ("ft_vm_tx_frames_total", l.tx_frames.load(Relaxed)),
+        ("ft_vm_log_entries_total", l.log_entries.load(Relaxed)),
+        ("ft_vm_checkpoints_total", l.checkpoints.load(Relaxed)),
+        (
+            "ft_vm_entries_received_total",
+            vm.entries_received.load(Relaxed),
+        ),
+        (
+            "ft_vm_entries_replayed_total",
+            l.entries_consumed.load(Relaxed),
+        ),
+        (
+            "ft_vm_checkpoints_verified_total",
+            l.checkpoints_verified.load(Relaxed),
+        ),
+        ("ft_vm_frame_waits_total", l.frame_waits.load(Relaxed)),
+        ("ft_vmlog_sent_frames_total", st.frames.load(Relaxed)),
+        ("ft_vmlog_sent_bytes_total", st.bytes.load(Relaxed)),
+        (
+            "ft_vmlog_retransmitted_frames_total",
+            st.retransmits.load(Relaxed),
+        ),
+        ("ft_vmlog_send_errors_total", st.send_errors.load(Relaxed)),
+        ("ft_vmlog_window_stalls_total", st.stalls.load(Relaxed)),
+        (
+            "ft_vmlog_discarded_entries_total",
+            st.discarded.load(Relaxed),
+        ),
+    ] {
+        let _ = writeln!(o, "# TYPE {name} counter\n{name} {v}");
+    }
+    let _ = writeln!(
+        o,
+        "# TYPE ft_vmlog_window_stall_seconds_total counter\nft_vmlog_window_stall_seconds_total {}",
+        st.stall_ns.load(Relaxed) as f64 / 1e9
+    );
+    let div = vm.divergence.lock().unwrap().clone();
+    let _ = writeln!(
+        o,
+        "# HELP ft_vm_diverged 1 once this backup found its replica different from the primary\n\
+         # TYPE ft_vm_diverged gauge\nft_vm_diverged {}",
+        div.is_some() as u8
+    );
+    if let Some(d) = div {
+        let _ = writeln!(
+            o,
+            "# TYPE ft_vm_divergence_exit gauge\nft_vm_divergence_exit {}\n\
+             # TYPE ft_vm_divergence_verified_exit gauge\nft_vm_divergence_verified_exit {}",
+            d.exit, d.verified
+        );
+    }
+    let _ = writeln!(
+        o,
+        "# TYPE ft_vm_solo gauge\nft_vm_solo {}\n# TYPE ft_vm_phase gauge\nft_vm_phase{{phase=\"{}\"}} 1",
+        vm.solo.load(Relaxed) as u8,
+        vm.phase.lock().unwrap()
+    );
 }
 
 pub fn lease_remaining_s(deadline_ns: u64) -> f64 {

@@ -30,7 +30,7 @@ pub struct Interface {
     pub mtu: u32,
 }
 
-fn ifreq(name: &str) -> libc::ifreq {
+pub fn ifreq(name: &str) -> libc::ifreq {
     // SAFETY: ifreq is plain old data; all-zero is a valid value.
     let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
     for (d, s) in req
@@ -135,6 +135,75 @@ impl RawSocket {
             fd,
             ifindex: iface.ifindex,
         })
+    }
+
+    /// A socket that also receives the frames of one EtherType arriving on `iface`.
+    pub fn open_rx(iface: &Interface, ethertype: u16) -> Result<RawSocket, NetifError> {
+        let err = |source| NetifError::Socket {
+            name: iface.name.clone(),
+            source,
+        };
+        let proto = ethertype.to_be() as i32;
+        // SAFETY: plain socket(2) call.
+        let fd =
+            unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, proto) };
+        if fd < 0 {
+            return Err(err(io::Error::last_os_error()));
+        }
+        // SAFETY: `fd` is a fresh descriptor we own.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        // SAFETY: sockaddr_ll is plain old data.
+        let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        sll.sll_family = libc::AF_PACKET as u16;
+        sll.sll_protocol = proto as u16;
+        sll.sll_ifindex = iface.ifindex as i32;
+        // SAFETY: `sll` is a valid sockaddr_ll for the duration of the call.
+        let r = unsafe {
+            libc::bind(
+                fd.as_raw_fd(),
+                &sll as *const _ as *const libc::sockaddr,
+                std::mem::size_of::<libc::sockaddr_ll>() as u32,
+            )
+        };
+        if r < 0 {
+            return Err(err(io::Error::last_os_error()));
+        }
+        Ok(RawSocket {
+            fd,
+            ifindex: iface.ifindex,
+        })
+    }
+
+    /// Next received frame (sockets from [`RawSocket::open_rx`]), or `None` after
+    /// `timeout` without one.
+    pub fn recv(&self, buf: &mut [u8], timeout: std::time::Duration) -> io::Result<Option<usize>> {
+        let mut pfd = libc::pollfd {
+            fd: self.fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
+        // SAFETY: poll(2) on one pollfd we own.
+        if unsafe { libc::poll(&mut pfd, 1, ms) } <= 0 {
+            return Ok(None);
+        }
+        // SAFETY: recv(2) into a valid buffer of the given length.
+        let n = unsafe {
+            libc::recv(
+                self.fd.as_raw_fd(),
+                buf.as_mut_ptr() as *mut libc::c_void,
+                buf.len(),
+                libc::MSG_DONTWAIT,
+            )
+        };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::WouldBlock {
+                return Ok(None);
+            }
+            return Err(e);
+        }
+        Ok(Some(n as usize))
     }
 
     pub fn send(&self, frame: &[u8]) -> io::Result<()> {

@@ -55,22 +55,40 @@ pub enum BackupError {
     DataPlane(#[from] crate::dataplane::DataPlaneError),
 }
 
-/// Where in-order log entries go: the VM side.
+/// Where in-order input frames go: the replaying VMM's frame store, or an external VM.
 pub trait InputSink: Send {
-    /// `frame` is the client frame (or the whole log frame when tagged input is on).
-    fn deliver(&mut self, seq: u64, frame: &[u8]) -> std::io::Result<()>;
+    /// `log_frame` is the whole log frame (headers + client frame), in sequence order.
+    /// An error means the frame is not held: the ack stops before it for good.
+    fn deliver(&mut self, seq: u64, log_frame: &[u8]) -> std::io::Result<()>;
 }
 
-/// Stand-in VM / plain NIC: send the frame out of the VM-side interface.
-pub struct RawSink(pub RawSocket);
+/// Where in-order VMLOG frames go: the replaying VMM (none for an external VM).
+pub trait VmFeed: Send {
+    /// The entries of VMLOG frame `seq` (whole entries back to back), in sequence order.
+    /// An error means they are not buffered for replay (the VMM stopped, or the frame is
+    /// malformed): the VMM-stream ack stops before this frame for good.
+    fn deliver(&mut self, seq: u64, entries: &[u8]) -> Result<(), String>;
+}
+
+/// Stand-in VM / plain NIC: send the frame out of the VM-side interface (with the log
+/// header when the VM reads tagged input).
+pub struct RawSink {
+    pub sock: RawSocket,
+    pub tagged: bool,
+}
 
 impl InputSink for RawSink {
-    fn deliver(&mut self, _seq: u64, frame: &[u8]) -> std::io::Result<()> {
+    fn deliver(&mut self, _seq: u64, log_frame: &[u8]) -> std::io::Result<()> {
+        let frame = if self.tagged {
+            log_frame
+        } else {
+            &log_frame[LOG_OVERHEAD.min(log_frame.len())..]
+        };
         // A full device queue is transient: wait for it rather than lose an entry (a lost
         // input would make the replica diverge). Bounded: ~50 ms, then report the error.
         let mut tries = 0;
         loop {
-            match self.0.send(frame) {
+            match self.sock.send(frame) {
                 Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) && tries < 1000 => {
                     tries += 1;
                     std::thread::sleep(Duration::from_micros(50));
@@ -89,7 +107,6 @@ pub struct BackupParams {
     pub nack_retry: Duration,
     pub nack_burst: usize,
     pub max_pending: u64,
-    pub tagged_input: bool,
 }
 
 struct Mmap {
@@ -119,6 +136,7 @@ pub fn run(
     dp: Arc<DataPlane>,
     params: BackupParams,
     mut sink: Box<dyn InputSink>,
+    mut feed: Option<Box<dyn VmFeed>>,
     status: Arc<ChannelStatus>,
     stop: Arc<AtomicBool>,
 ) -> Result<(), BackupError> {
@@ -199,8 +217,15 @@ pub fn run(
     })?;
     info!(iface = %iface.name, "backup: receiving the log over AF_XDP");
 
-    let mut reorder = Reorder::new(1, params.max_pending);
-    let mut last_ack_sent = (0u64, Instant::now() - params.heartbeat);
+    let mut rx_state = RxState {
+        input: Reorder::new(1, params.max_pending),
+        vm: Reorder::new(1, params.max_pending),
+        input_ack: 0,
+        vm_ack: 0,
+        input_failed: false,
+        vm_failed: false,
+    };
+    let mut last_ack_sent = ((0u64, 0u64), Instant::now() - params.heartbeat);
     let mut last_rx = Instant::now();
     let mut last_stats = Instant::now();
     let mut recycled: Vec<u64> = Vec::with_capacity(BATCH as usize);
@@ -221,7 +246,7 @@ pub fn run(
         // SAFETY: one valid pollfd for the duration of the call.
         unsafe { libc::poll(&mut pfd, 1, poll_ms) };
         let now = Instant::now();
-        let before = reorder.acked();
+        let before = rx_state.input_ack;
         {
             let mut r = rx.receive(BATCH);
             while let Some(desc) = r.read() {
@@ -232,7 +257,7 @@ pub fn run(
                     // has handed this frame to us until we put it back on the fill ring.
                     let frame = unsafe { std::slice::from_raw_parts(map.ptr.as_ptr().add(off), n) };
                     last_rx = now;
-                    handle_frame(frame, &dp, &params, &mut reorder, sink.as_mut(), &status);
+                    handle_frame(frame, &dp, &mut rx_state, sink.as_mut(), &mut feed, &status);
                 }
                 recycled.push(desc.addr & !(FRAME_SIZE as u64 - 1));
             }
@@ -249,15 +274,26 @@ pub fn run(
         if epoch == 0 {
             continue; // epoch not known yet (XDP drops log frames until it is)
         }
-        let acked = reorder.acked();
-        if acked != before {
-            dp.set_delivered(acked);
+        let acked = (rx_state.input_ack, rx_state.vm_ack);
+        if acked.0 != before {
+            dp.set_delivered(acked.0);
         }
         let session = status.peer_session.load(Relaxed);
-        status.delivered.store(acked, Relaxed);
-        status.high.store(reorder.high(), Relaxed);
-        status.buffered.store(reorder.buffered() as u64, Relaxed);
-        // Cumulative ack on progress, and as a keep-alive.
+        status.delivered.store(acked.0, Relaxed);
+        status.vm_delivered.store(acked.1, Relaxed);
+        status.high.store(rx_state.input.high(), Relaxed);
+        status.vm_high.store(rx_state.vm.high(), Relaxed);
+        status.buffered.store(
+            (rx_state.input.buffered() + rx_state.vm.buffered()) as u64,
+            Relaxed,
+        );
+        if status.stop_acking.load(Relaxed) {
+            continue; // this replica failed: it must not confirm anything any more
+        }
+        if session == 0 {
+            continue; // no primary run heard yet: an ack would name no session
+        }
+        // Cumulative ack of both streams on progress, and as a keep-alive.
         if acked != last_ack_sent.0 || now.duration_since(last_ack_sent.1) >= params.heartbeat {
             let f = control_frame(
                 KIND_ACK,
@@ -265,22 +301,24 @@ pub fn run(
                 params.peer_mac,
                 session,
                 epoch,
-                acked,
-                0,
+                acked.0,
+                acked.1,
             );
             send(&f, &status.acks_sent);
             last_ack_sent = (acked, now);
         }
-        for s in reorder.nacks(now, params.nack_retry, params.nack_burst) {
-            let f = control_frame(
-                KIND_NACK,
-                params.own_mac,
-                params.peer_mac,
-                session,
-                epoch,
-                s,
-                0,
-            );
+        let nacks = rx_state
+            .input
+            .nacks(now, params.nack_retry, params.nack_burst)
+            .into_iter()
+            .map(|s| (KIND_NACK, s));
+        let vm_nacks = rx_state
+            .vm
+            .nacks(now, params.nack_retry, params.nack_burst)
+            .into_iter()
+            .map(|s| (KIND_VMNACK, s));
+        for (kind, s) in nacks.chain(vm_nacks) {
+            let f = control_frame(kind, params.own_mac, params.peer_mac, session, epoch, s, 0);
             send(&f, &status.nacks_sent);
         }
         if now.duration_since(last_stats) >= Duration::from_millis(100) {
@@ -311,12 +349,23 @@ pub fn run(
     Ok(())
 }
 
+/// Receive state of both streams. An ack never covers a frame that was not delivered:
+/// once a delivery fails the stream's ack stays where it was.
+struct RxState {
+    input: Reorder,
+    vm: Reorder,
+    input_ack: u64,
+    vm_ack: u64,
+    input_failed: bool,
+    vm_failed: bool,
+}
+
 fn handle_frame(
     frame: &[u8],
     dp: &DataPlane,
-    params: &BackupParams,
-    reorder: &mut Reorder,
+    st: &mut RxState,
     sink: &mut dyn InputSink,
+    feed: &mut Option<Box<dyn VmFeed>>,
     status: &ChannelStatus,
 ) {
     // XDP validated peer, epoch and header; parse defensively anyway.
@@ -331,28 +380,61 @@ fn handle_frame(
         dp.set_peer_session(session);
         info!("following the primary's session {session:#018x}");
     }
-    match hdr.ft.kind {
-        KIND_HEARTBEAT => reorder.on_heartbeat(hdr.ft.seq.get()),
+    let seq = hdr.ft.seq.get();
+    let outcome = match hdr.ft.kind {
+        KIND_HEARTBEAT => {
+            st.input.on_heartbeat(seq);
+            st.vm.on_heartbeat(hdr.ft.aux.get());
+            return;
+        }
         KIND_LOG => {
-            let seq = hdr.ft.seq.get();
-            let data = if params.tagged_input {
-                &frame[..LOG_OVERHEAD + payload.len()]
-            } else {
-                payload
-            };
-            let mut deliver = |s: u64, f: &[u8]| match sink.deliver(s, f) {
-                Ok(()) => ChannelStatus::inc(&status.frames_to_vm),
-                Err(e) => {
-                    ChannelStatus::inc(&status.vm_deliver_errors);
-                    debug!("delivering entry {s} to the VM side failed: {e}");
+            let (ack, failed) = (&mut st.input_ack, &mut st.input_failed);
+            let mut deliver = |s: u64, f: &[u8]| {
+                if *failed {
+                    return;
+                }
+                match sink.deliver(s, f) {
+                    Ok(()) => {
+                        *ack = s;
+                        ChannelStatus::inc(&status.frames_to_vm);
+                    }
+                    Err(e) => {
+                        *failed = true;
+                        ChannelStatus::inc(&status.vm_deliver_errors);
+                        warn!("input frame {s} could not be delivered ({e}): acks stop here");
+                    }
                 }
             };
-            match reorder.on_log(seq, data, &mut deliver) {
-                Outcome::Duplicate => ChannelStatus::inc(&status.duplicates),
-                Outcome::TooFar => ChannelStatus::inc(&status.too_far),
-                _ => {}
-            }
+            st.input
+                .on_log(seq, &frame[..LOG_OVERHEAD + payload.len()], &mut deliver)
         }
+        KIND_VMLOG => {
+            let Some(feed) = feed else {
+                return; // an external VM replays nothing
+            };
+            let (ack, failed) = (&mut st.vm_ack, &mut st.vm_failed);
+            let mut deliver = |s: u64, entries: &[u8]| {
+                if *failed {
+                    return;
+                }
+                match feed.deliver(s, entries) {
+                    Ok(()) => *ack = s,
+                    Err(e) => {
+                        *failed = true;
+                        ChannelStatus::inc(&status.vm_deliver_errors);
+                        warn!(
+                            "VMLOG frame {s} could not be buffered for replay ({e}): acks stop here"
+                        );
+                    }
+                }
+            };
+            st.vm.on_log(seq, payload, &mut deliver)
+        }
+        _ => return,
+    };
+    match outcome {
+        Outcome::Duplicate => ChannelStatus::inc(&status.duplicates),
+        Outcome::TooFar => ChannelStatus::inc(&status.too_far),
         _ => {}
     }
 }

@@ -7,3 +7,4 @@ pub mod frames;
 pub mod primary;
 pub mod reorder;
 pub mod status;
+pub mod vmrepair;

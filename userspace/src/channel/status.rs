@@ -14,6 +14,12 @@ pub struct ChannelStatus {
     pub delivered: AtomicU64,
     /// Backup: highest entry known to exist.
     pub high: AtomicU64,
+    /// Backup: the same for the VMM stream (VMLOG frames buffered for replay / known).
+    pub vm_delivered: AtomicU64,
+    pub vm_high: AtomicU64,
+    /// Backup: set when this replica failed (diverged, its VMM stopped): no acks, no
+    /// nacks from now on.
+    pub stop_acking: AtomicBool,
     pub buffered: AtomicU64,
     pub acks_sent: AtomicU64,
     pub nacks_sent: AtomicU64,
@@ -29,6 +35,8 @@ pub struct ChannelStatus {
     pub xsk_fill_ring_empty: AtomicU64,
     pub peer_alive: AtomicBool,
     pub peer_down_events: AtomicU64,
+    /// Primary: why the backup left the log (then this node runs solo).
+    pub backup_left: std::sync::Mutex<Option<String>>,
 }
 
 impl ChannelStatus {

@@ -153,7 +153,7 @@ impl DataPlane {
         } else {
             warn!("channel.hold_output = false: the output rule is OFF (benchmark baseline only)");
         }
-        if cfg.vm.tagged_input {
+        if cfg.vm.tagged() {
             flags |= CFG_VM_TAGGED_INPUT;
         }
         let config = Config_ {
@@ -232,7 +232,7 @@ impl DataPlane {
             .map_err(|e| DataPlaneError::DevMap(e.to_string()))?;
         let mut fanout = DevMapHash::try_from(ebpf.map_mut("FANOUT").expect("FANOUT map"))
             .map_err(map_err("FANOUT"))?;
-        let vm_prog = if cfg.vm.tagged_input {
+        let vm_prog = if cfg.vm.tagged() {
             None
         } else {
             Some(&strip_fd)

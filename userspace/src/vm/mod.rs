@@ -1,0 +1,292 @@
+//! The protected VM inside the daemon: the VMM (`ft-vmm`) on a dedicated vCPU thread,
+//! recording on the primary into the logging channel, replaying on the backup from it.
+//!
+//! - `tap`: the VM's NIC, a TAP that ftd creates before the data plane attaches to it.
+//! - `sink`: primary, the VMM's log sink: VMLOG frames, repair store, back-pressure, and
+//!   `CHAN.vm_last` for the output rule.
+//! - `feed`: backup, input frames into the VMM's frame store and VMLOG entries into its
+//!   log source.
+pub mod feed;
+pub mod sink;
+pub mod tap;
+
+use std::{
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU64, Ordering::Relaxed},
+    },
+    thread::JoinHandle,
+    time::Duration,
+};
+
+use anyhow::Context as _;
+use ft_vmm::{
+    Control, Mode, RunReport, Vmm,
+    vmlog::{FrameStore, MemFrameStore},
+};
+use serde_json::{Value, json};
+use tracing::{error, info};
+
+use crate::{
+    channel::status::ChannelStatus, config::Config, dataplane::DataPlane, netif::RawSocket,
+};
+
+/// Where the backup found its replica different from the primary.
+#[derive(Clone, Debug)]
+pub struct Divergence {
+    /// The exit at which the difference was found.
+    pub exit: u64,
+    /// The last exit at which the state was verified equal: the first diverging exit is
+    /// in `(verified, exit]`.
+    pub verified: u64,
+    pub what: String,
+}
+
+/// What the daemon knows about its VMM (for status, metrics and the role controller).
+#[derive(Default)]
+pub struct VmState {
+    /// "starting", "waiting for the primary to go live", "recording", "replaying",
+    /// "stopped", "failed", "diverged".
+    pub phase: Mutex<String>,
+    /// Why the VMM stopped, if it did.
+    pub error: Mutex<Option<String>>,
+    /// A divergence the backup found.
+    pub divergence: Mutex<Option<Divergence>>,
+    pub report: Mutex<Option<RunReport>>,
+    pub stats: Arc<sink::VmLogStats>,
+    pub live: Arc<ft_vmm::LiveStats>,
+    pub control: Mutex<Option<Arc<Control>>>,
+    /// Primary: the backup left; the recording VMM's entries are discarded.
+    pub solo: Arc<AtomicBool>,
+    /// Primary: a second handle on the VM's TAP, to kick the output ring's release pass.
+    pub kick: Mutex<Option<ft_vmm::net::Tap>>,
+    /// Backup: VMM entries the channel buffered for replay.
+    pub entries_received: Arc<AtomicU64>,
+}
+
+impl VmState {
+    /// Writes a kick frame into the VM's TAP: the data plane runs a release pass on it
+    /// (and emits nothing of it).
+    pub fn kick_release(&self, vm_mac: [u8; 6]) -> anyhow::Result<()> {
+        use ft_vmm::net::NetBackend;
+        let mut g = self.kick.lock().unwrap();
+        let tap = g.as_mut().context("no TAP handle to kick")?;
+        let mut f = [0u8; 60];
+        f[..6].fill(0xff);
+        f[6..12].copy_from_slice(&vm_mac);
+        f[12..14].copy_from_slice(&ft_common::wire::ETHERTYPE_FT.to_be_bytes());
+        tap.send(&f)?;
+        Ok(())
+    }
+}
+
+impl VmState {
+    fn set_phase(&self, p: &str) {
+        *self.phase.lock().unwrap() = p.into();
+    }
+
+    pub fn json(&self) -> Value {
+        let live = &self.live;
+        json!({
+            "phase": *self.phase.lock().unwrap(),
+            "error": *self.error.lock().unwrap(),
+            "divergence": self.divergence.lock().unwrap().as_ref().map(|d| json!({
+                "exit": d.exit, "verified_equal_at_exit": d.verified, "what": d.what,
+            })),
+            "exits": live.exits.load(Relaxed),
+            "log_entries": live.log_entries.load(Relaxed),
+            "entries_received": self.entries_received.load(Relaxed),
+            "entries_replayed": live.entries_consumed.load(Relaxed),
+            "checkpoints": live.checkpoints.load(Relaxed),
+            "checkpoints_verified": live.checkpoints_verified.load(Relaxed),
+            "tx_frames": live.tx_frames.load(Relaxed),
+            "tx_hash": format!("{:#018x}", live.tx_hash.load(Relaxed)),
+            "end_verified": live.end_verified.load(Relaxed),
+            "frame_waits": live.frame_waits.load(Relaxed),
+            "rx_frames": live.rx_frames.load(Relaxed),
+            "vmlog_frames": self.stats.frames.load(Relaxed),
+            "vmlog_bytes": self.stats.bytes.load(Relaxed),
+            "vmlog_entries": self.stats.entries.load(Relaxed),
+            "vmlog_retransmits": self.stats.retransmits.load(Relaxed),
+            "vmlog_send_errors": self.stats.send_errors.load(Relaxed),
+            "window_stalls": self.stats.stalls.load(Relaxed),
+            "window_stalled_now": self.stats.stalled.load(Relaxed),
+            "window_stall_ms": self.stats.stall_ns.load(Relaxed) as f64 / 1e6,
+            "solo": self.solo.load(Relaxed),
+            "entries_discarded_solo": self.stats.discarded.load(Relaxed),
+        })
+    }
+}
+
+fn guest_image(cfg: &Config) -> anyhow::Result<Vec<u8>> {
+    if cfg.vm.image.as_os_str().is_empty() {
+        return Ok(ft_vmm::GUEST_ELF.to_vec());
+    }
+    std::fs::read(&cfg.vm.image).with_context(|| format!("reading vm.image {:?}", cfg.vm.image))
+}
+
+/// Primary: the recording VMM. It starts once the node is live (an epoch is set: log
+/// frames carry it) and runs until `stop`; its output goes to the TAP, its log to the
+/// backup.
+#[allow(clippy::too_many_arguments)]
+pub fn start_primary(
+    cfg: &Config,
+    dp: Arc<DataPlane>,
+    status: Arc<ChannelStatus>,
+    tap: ft_vmm::net::Tap,
+    session: u64,
+    state: Arc<VmState>,
+    store: Arc<sink::VmLogStore>,
+    stop: Arc<AtomicBool>,
+) -> anyhow::Result<JoinHandle<()>> {
+    let image = guest_image(cfg)?;
+    let mut vcfg = cfg.vm.vmm_config();
+    vcfg.mode = Mode::Record;
+    let window = cfg.channel.vmlog_window;
+    *state.kick.lock().unwrap() = Some(tap.try_clone()?);
+    let sock = RawSocket::open(&dp.nics.logging)?;
+    let (src, dst) = (dp.nics.logging.mac, cfg.interfaces.peer_log_mac.0);
+    let h = std::thread::Builder::new()
+        .name("ft-vcpu".into())
+        .spawn(move || {
+            state.set_phase("waiting for the primary to go live");
+            while status.epoch.load(Relaxed) == 0 {
+                if stop.load(Relaxed) {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            let control = Control::new();
+            *state.control.lock().unwrap() = Some(control.clone());
+            let sink = sink::ChannelSink {
+                dp: dp.clone(),
+                sock,
+                src,
+                dst,
+                session,
+                epoch: Arc::new(std::sync::atomic::AtomicU64::new(
+                    status.epoch.load(Relaxed),
+                )),
+                window,
+                store,
+                stats: state.stats.clone(),
+                stop: stop.clone(),
+                solo: state.solo.clone(),
+                buf: Vec::with_capacity(ft_common::wire::MAX_FRAME),
+                next_seq: 1,
+            };
+            let run = (|| -> ft_vmm::error::Result<RunReport> {
+                let mut vmm = Vmm::new(vcfg, &image, control.clone())?;
+                vmm.set_live_stats(state.live.clone());
+                vmm.set_net(Box::new(tap));
+                vmm.set_sink(Box::new(sink));
+                state.set_phase("recording");
+                info!("VMM: recording (primary)");
+                let stopper = spawn_stopper(stop.clone(), control.clone());
+                let r = vmm.run();
+                stopper.store(true, Relaxed);
+                r
+            })();
+            finish(&state, run);
+        })?;
+    Ok(h)
+}
+
+/// Backup: the replaying VMM, fed by the logging channel (`feed`). Returns the thread and
+/// the channel's two ends for the receive loop.
+pub fn start_backup(
+    cfg: &Config,
+    state: Arc<VmState>,
+    stop: Arc<AtomicBool>,
+) -> anyhow::Result<(JoinHandle<()>, feed::FrameStoreSink, feed::VmmFeed)> {
+    let image = guest_image(cfg)?;
+    let mut vcfg = cfg.vm.vmm_config();
+    vcfg.mode = Mode::Replay;
+    vcfg.wait_for_go_live = true;
+    // Up to ~64 MiB of entries queued for replay before the channel waits.
+    let (chan_sink, chan_source) = ft_vmm::vmlog::channel(2048);
+    let frames: Arc<MemFrameStore> = Arc::new(MemFrameStore::default());
+    let store: Arc<dyn FrameStore> = frames.clone();
+    let input = feed::FrameStoreSink(store.clone());
+    let control = Control::new();
+    *state.control.lock().unwrap() = Some(control.clone());
+    let feed = feed::VmmFeed {
+        sink: chan_sink,
+        entries: state.entries_received.clone(),
+    };
+    let h = std::thread::Builder::new()
+        .name("ft-vcpu".into())
+        .spawn(move || {
+            let run = (|| -> ft_vmm::error::Result<RunReport> {
+                let mut vmm = Vmm::new(vcfg, &image, control.clone())?;
+                vmm.set_live_stats(state.live.clone());
+                vmm.set_source(Box::new(chan_source));
+                vmm.set_frame_store(store);
+                state.set_phase("replaying");
+                info!("VMM: replaying the primary's log (backup)");
+                let stopper = spawn_stopper(stop.clone(), control.clone());
+                let r = vmm.run();
+                stopper.store(true, Relaxed);
+                r
+            })();
+            frames.close();
+            finish(&state, run);
+        })?;
+    Ok((h, input, feed))
+}
+
+/// Asks the VMM to stop when the daemon stops (until `done` is set).
+fn spawn_stopper(stop: Arc<AtomicBool>, control: Arc<Control>) -> Arc<AtomicBool> {
+    let done = Arc::new(AtomicBool::new(false));
+    let d = done.clone();
+    std::thread::spawn(move || {
+        while !d.load(Relaxed) {
+            if stop.load(Relaxed) {
+                control.request_stop();
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    });
+    done
+}
+
+fn finish(state: &VmState, run: ft_vmm::error::Result<RunReport>) {
+    match run {
+        Ok(r) => {
+            info!(outcome = ?r.outcome, exits = r.exits, "VMM stopped");
+            state.set_phase("stopped");
+            *state.report.lock().unwrap() = Some(r);
+        }
+        Err(ft_vmm::Error::Divergence {
+            exit,
+            rip,
+            verified,
+            what,
+        }) => {
+            error!(
+                exit,
+                verified,
+                rip = format!("{rip:#x}"),
+                "DIVERGENCE: the backup's VM no longer mirrors the primary's ({what}); its \
+                 state was last verified equal at exit {verified}, so the first diverging \
+                 exit is after {verified} and at most {exit}; this replica must never go \
+                 live: it stops following the log"
+            );
+            state.set_phase("diverged");
+            *state.divergence.lock().unwrap() = Some(Divergence {
+                exit,
+                verified,
+                what: what.clone(),
+            });
+            *state.error.lock().unwrap() = Some(format!(
+                "divergence at exit {exit} (verified equal at exit {verified}): {what}"
+            ));
+        }
+        Err(e) => {
+            error!("VMM stopped with an error: {e}");
+            state.set_phase("failed");
+            *state.error.lock().unwrap() = Some(e.to_string());
+        }
+    }
+}
