@@ -30,6 +30,35 @@ pub struct ApplianceOptions {
     /// Body of the `[fence]` table (without `vm`/`node`, which are filled per host).
     /// Default: `backend = "none"`.
     pub fence: String,
+    /// The protected VM: the stand-in VMs of the testbed (default, data-plane tests) or
+    /// the VMM inside ftd.
+    pub vm: VmOptions,
+    /// Extra lines for the `[channel]` table.
+    pub channel_extra: String,
+}
+
+/// What runs as the protected VM.
+#[derive(Clone, Debug, Default)]
+pub enum VmOptions {
+    /// `[vm] kind = "external"`: the testbed's stand-in VM behind `vmh`.
+    #[default]
+    Standin,
+    /// `[vm] kind = "vmm"`: ftd runs the VMM; its TAP is `VM_TAP`.
+    Vmm {
+        ram_mib: u64,
+        /// Extra lines for the `[vm]` table (e.g. service settings).
+        extra: String,
+    },
+}
+
+impl VmOptions {
+    /// The VMM with default settings.
+    pub fn vmm() -> VmOptions {
+        VmOptions::Vmm {
+            ram_mib: 256,
+            extra: String::new(),
+        }
+    }
 }
 
 impl Default for ApplianceOptions {
@@ -47,6 +76,8 @@ impl Default for ApplianceOptions {
             swap_roles: false,
             xdp_mode: "driver",
             fence: "backend = \"none\"".into(),
+            vm: VmOptions::Standin,
+            channel_extra: String::new(),
         }
     }
 }
@@ -142,12 +173,13 @@ role = "{role}"
 [interfaces]
 client = "{CLI_IF}"
 logging = "{LOG_IF}"
-vm = "{VMH_IF}"
+vm = "{vm_if}"
 peer_log_mac = "{peer_mac}"
 xdp_mode = "{xdp}"
 [vm]
 mac = "{vm_mac}"
 ipv4 = "{VM_IP}"
+{vm_extra}
 [channel]
 epoch = {epoch}
 retx_slots = {retx}
@@ -156,6 +188,7 @@ heartbeat_ms = {hb}
 peer_timeout_ms = {pt}
 nack_retry_ms = {nr}
 hold_output = {ho}
+{channel_extra}
 [api]
 metrics_listen = "127.0.0.1:9477"
 control_socket = "{sock}"
@@ -164,10 +197,21 @@ control_socket = "{sock}"
 {fence_ids}
 "#,
         fence = o.fence,
+        channel_extra = o.channel_extra,
         fence_ids = if o.fence.contains("\"none\"") {
             String::new()
         } else {
             format!("vm = \"vm1\"\nnode = \"host-{host}\"")
+        },
+        vm_if = match o.vm {
+            VmOptions::Standin => VMH_IF,
+            VmOptions::Vmm { .. } => VM_TAP,
+        },
+        vm_extra = match &o.vm {
+            VmOptions::Standin => "kind = \"external\"".to_string(),
+            VmOptions::Vmm { ram_mib, extra } => format!(
+                "kind = \"vmm\"\nram_mib = {ram_mib}\nprefix_len = {CLIENT_NET_PREFIX}\n{extra}"
+            ),
         },
         peer_mac = fmt_mac(&peer.log_mac),
         xdp = o.xdp_mode,
@@ -233,6 +277,27 @@ impl Appliance {
         } else {
             &self.sock_b
         })
+    }
+
+    /// The daemon's Prometheus exposition (GET /metrics in its namespace), body only.
+    pub fn metrics(&self, host: char) -> Result<String> {
+        use std::io::Write;
+        let ns = self.guard(host).ns().to_string();
+        let resp = crate::netns::try_run_in_ns(&ns, || -> Result<String> {
+            let mut s = std::net::TcpStream::connect("127.0.0.1:9477")?;
+            s.set_read_timeout(Some(Duration::from_secs(10)))?;
+            write!(s, "GET /metrics HTTP/1.1\r\nHost: ftd\r\n\r\n")?;
+            let mut out = String::new();
+            s.read_to_string(&mut out)?;
+            Ok(out)
+        })??;
+        let (head, body) = resp
+            .split_once("\r\n\r\n")
+            .with_context(|| format!("host {host}: not an HTTP response: {resp:?}"))?;
+        if !head.starts_with("HTTP/1.1 200") {
+            bail!("host {host}: GET /metrics: {head}");
+        }
+        Ok(body.to_string())
     }
 
     /// A data-plane counter (`counters.<name>` without the `ft_` prefix) or drop reason.

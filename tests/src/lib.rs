@@ -37,7 +37,9 @@ pub mod raw;
 pub mod testbed;
 pub mod udp;
 
-pub use appliance::{Appliance, ApplianceOptions, embedded_fence, ftd_bin, start_arbiter};
+pub use appliance::{
+    Appliance, ApplianceOptions, VmOptions, embedded_fence, ftd_bin, start_arbiter,
+};
 pub use child::ChildGuard;
 pub use netns::{fmt_mac, ifindex, ip, mac, ns_exec, run_in_ns, try_run_in_ns};
 pub use packet::{eth_frame, parse_udp, udp_checksums_ok, udp_frame};

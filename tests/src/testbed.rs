@@ -21,6 +21,10 @@ pub mod names {
     pub const LOG_IF: &str = "log0";
     /// Host side of the veth into the VM stand-in namespace.
     pub const VMH_IF: &str = "vmh";
+    /// The VMM's TAP (created by ftd in the host namespace when it runs the VMM).
+    pub const VM_TAP: &str = "vmtap";
+    /// TCP port of the VMM guest's service.
+    pub const VM_PORT: u16 = 6379;
     /// NIC of a VM stand-in.
     pub const VM_IF: &str = "eth0";
     /// NIC of the arbiter.
@@ -120,6 +124,10 @@ pub struct Host {
 struct WireState {
     loss_every_nth: Option<u32>,
     down: bool,
+    /// Drop VMLOG frames (the VMM stream) going A→B.
+    block_vmlog: bool,
+    /// Overwrite two bytes of the value of the first CLOCK entry of one VMLOG frame A→B.
+    corrupt_vmlog: bool,
 }
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
@@ -471,19 +479,41 @@ impl Testbed {
     /// bridge-family filter on the wire bridge's forward path.
     fn wire_ruleset(&self, st: WireState) -> String {
         let drop_all = if st.down { "drop\n" } else { "" };
+        // Loss in both directions (log frames A→B, acks and nacks B→A), each with its
+        // own counter.
         let loss = match st.loss_every_nth {
-            Some(n) if n > 0 => {
-                format!(
-                    "iifname \"{WIRE_A}\" ether type 0x{LOG_ETHERTYPE:04x} numgen inc mod {n} == {} drop\n",
-                    n - 1
-                )
-            }
+            Some(n) if n > 0 => [WIRE_A, WIRE_B]
+                .iter()
+                .map(|w| {
+                    format!(
+                        "iifname \"{w}\" ether type 0x{LOG_ETHERTYPE:04x} numgen inc mod {n} == {} counter drop comment \"loss-{w}\"\n",
+                        n - 1
+                    )
+                })
+                .collect(),
             _ => String::new(),
+        };
+        // FtHdr.kind is the third byte after the Ethernet header; 5 = VMLOG.
+        let vmlog = if st.block_vmlog {
+            format!("iifname \"{WIRE_A}\" ether type 0x{LOG_ETHERTYPE:04x} @nh,16,8 5 drop\n")
+        } else {
+            String::new()
+        };
+        // A VMLOG frame whose first entry (at byte 40 after the Ethernet header) is a
+        // CLOCK entry (kind 2): bytes 3-4 of its value (entry offset 24, big-endian) get
+        // 0x5a5a, once (a time jump of seconds to minutes that the guest keeps in memory).
+        let corrupt = if st.corrupt_vmlog {
+            format!(
+                "iifname \"{WIRE_A}\" ether type 0x{LOG_ETHERTYPE:04x} @nh,16,8 5 @nh,320,8 2 \
+                 limit rate 1/hour burst 1 packets @nh,536,16 set 0x5a5a counter comment \"corrupt\"\n"
+            )
+        } else {
+            String::new()
         };
         format!(
             "table bridge {WIRE_TABLE}\ndelete table bridge {WIRE_TABLE}\n\
              table bridge {WIRE_TABLE} {{\n\
-             chain forward {{ type filter hook forward priority 0; policy accept;\n{drop_all}{loss}}}\n}}\n"
+             chain forward {{ type filter hook forward priority 0; policy accept;\n{drop_all}{vmlog}{corrupt}{loss}}}\n}}\n"
         )
     }
 
@@ -499,8 +529,9 @@ impl Testbed {
         Ok(())
     }
 
-    /// Drops every Nth frame of EtherType 0x88b5 going A→B (frames N, 2N, 3N… counted
-    /// from this call; the counter restarts on every call). `None` = no loss.
+    /// Drops every Nth logging-link frame (EtherType 0x88b5) in each direction — log
+    /// frames A→B and acks/nacks B→A, each direction counted on its own from this call
+    /// (frames N, 2N, 3N…; the counters restart on every call). `None` = no loss.
     pub fn set_log_loss(&self, every_nth: Option<u32>) -> Result<()> {
         if every_nth == Some(0) {
             bail!("every_nth must be >= 1");
@@ -510,6 +541,47 @@ impl Testbed {
             .unwrap_or_else(|e| e.into_inner())
             .loss_every_nth = every_nth;
         self.apply_wire()
+    }
+
+    /// Drops the VMM stream's frames (VMLOG) going A→B while `blocked`; input frames,
+    /// acks and everything else pass.
+    pub fn set_vmlog_blocked(&self, blocked: bool) -> Result<()> {
+        self.wire
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .block_vmlog = blocked;
+        self.apply_wire()
+    }
+
+    /// Corrupts one VMM log entry on its way A→B (once per call): the value of the first
+    /// CLOCK entry of the next VMLOG frame that starts with one. The frame stays well
+    /// formed; only the backup's replay can tell.
+    pub fn corrupt_one_vmlog_entry(&self) -> Result<()> {
+        self.wire
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .corrupt_vmlog = true;
+        self.apply_wire()
+    }
+
+    /// Frames the wire's rule `comment` matched so far (the loss rules are
+    /// `loss-la` for A→B and `loss-lb` for B→A; the corruption rule is `corrupt`).
+    pub fn wire_rule_packets(&self, comment: &str) -> Result<u64> {
+        let out = ns_exec(
+            &self.wire_ns,
+            "nft",
+            &["list", "table", "bridge", WIRE_TABLE],
+        )?;
+        let line = out
+            .lines()
+            .find(|l| l.contains(&format!("comment \"{comment}\"")))
+            .with_context(|| format!("no wire rule {comment:?}: {out}"))?;
+        let n = line
+            .split_once("counter packets ")
+            .and_then(|(_, r)| r.split_whitespace().next())
+            .with_context(|| format!("no packet counter in {line:?}"))?;
+        n.parse()
+            .with_context(|| format!("packet counter {n:?} in {line:?}"))
     }
 
     /// Drops all frames on the logging wire in both directions while `down`.
@@ -528,6 +600,17 @@ impl Testbed {
     pub fn set_link(&self, ns: &str, ifname: &str, up: bool) -> Result<()> {
         ip(ns, &["link", "set", ifname, if up { "up" } else { "down" }])?;
         Ok(())
+    }
+
+    /// Packets `ifname` in `ns` has transmitted (`ip -s link`), as an error if the
+    /// interface or its statistics cannot be read.
+    pub fn tx_packets(&self, ns: &str, ifname: &str) -> Result<u64> {
+        let out = ns_exec(ns, "ip", &["-j", "-s", "link", "show", "dev", ifname])?;
+        let v: serde_json::Value =
+            serde_json::from_str(&out).with_context(|| format!("ip -j -s link: {out}"))?;
+        v[0]["stats64"]["tx"]["packets"]
+            .as_u64()
+            .with_context(|| format!("no tx packet count for {ifname} in {ns}: {out}"))
     }
 
     /// Spawns `program args...` inside `ns` via `ip netns exec`; stdout+stderr go to

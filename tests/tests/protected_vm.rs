@@ -1,0 +1,435 @@
+//! The protected VM inside the appliance: ftd runs the VMM on both hosts (recording on
+//! the primary, replaying on the backup from the logging channel). Stock redis tools talk
+//! to it from the client network through the data plane.
+use std::{
+    io::{Read, Write},
+    net::TcpStream,
+    time::Duration,
+};
+
+use ft_guest_service::compat::{multibulk, reply_len};
+use ft_testbed::{
+    Appliance, ApplianceOptions, Testbed, TestbedOptions, VmOptions, names::*, ns_exec, run_in_ns,
+};
+use serde_json::Value;
+
+const T: Duration = Duration::from_secs(10);
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn vm_of(app: &Appliance, host: char) -> Value {
+    app.status(host).unwrap()["vm"].clone()
+}
+
+fn vm_u64(app: &Appliance, host: char, field: &str) -> u64 {
+    vm_of(app, host)[field]
+        .as_u64()
+        .unwrap_or_else(|| panic!("host {host}: vm.{field} missing: {:#}", vm_of(app, host)))
+}
+
+/// The testbed with ftd running the VMM on both hosts, both VMMs up, the guest answering.
+fn setup(o: ApplianceOptions) -> (Testbed, Appliance) {
+    let tb = Testbed::new(TestbedOptions {
+        start_standins: false,
+        ..Default::default()
+    })
+    .unwrap();
+    let app = Appliance::start(
+        &tb,
+        &ApplianceOptions {
+            vm: VmOptions::vmm(),
+            ..o
+        },
+    )
+    .unwrap();
+    let up = Appliance::wait_until(T, || {
+        app.status('a')
+            .ok()
+            .and_then(|s| s["vm"]["phase"].as_str().map(String::from))
+            == Some("recording".into())
+            && app
+                .status('b')
+                .ok()
+                .and_then(|s| s["vm"]["phase"].as_str().map(String::from))
+                == Some("replaying".into())
+    });
+    assert!(
+        up,
+        "VMMs not up:\nA: {:#}\nB: {:#}",
+        app.status('a').unwrap(),
+        app.status('b').unwrap()
+    );
+    assert_eq!(redis(&tb, &["PING"]), "PONG");
+    (tb, app)
+}
+
+/// One redis-cli command from the client namespace.
+fn redis(tb: &Testbed, args: &[&str]) -> String {
+    let ip = VM_IP.to_string();
+    let mut a = vec!["redis-cli", "-h", &ip];
+    a.extend_from_slice(args);
+    ns_exec(&tb.client_ns, "timeout", &{
+        let mut v = vec!["20"];
+        v.extend_from_slice(&a);
+        v
+    })
+    .unwrap()
+    .trim()
+    .to_string()
+}
+
+fn benchmark(tb: &Testbed, clients: u32, n: u32) -> String {
+    let cmd = format!(
+        "ulimit -n $(ulimit -Hn); timeout 120 redis-benchmark -h {VM_IP} -c {clients} -n {n} -t set,get,incr -q"
+    );
+    let out = ns_exec(&tb.client_ns, "bash", &["-c", &cmd]).unwrap();
+    assert_eq!(
+        out.matches("requests per second").count(),
+        3,
+        "redis-benchmark output: {out}"
+    );
+    out
+}
+
+/// Waits until the backup has replayed all output the primary's VM produced so far and
+/// verified every checkpoint the primary made (the clients must be quiet: an idle guest
+/// produces no output, so both sides' counts settle).
+fn wait_caught_up(app: &Appliance) -> (Value, Value) {
+    let mut last = (Value::Null, Value::Null);
+    let ok = Appliance::wait_until(T, || {
+        let (a, b) = (vm_of(app, 'a'), vm_of(app, 'b'));
+        let done = a["tx_frames"].as_u64().is_some()
+            && a["tx_frames"] == b["tx_frames"]
+            && a["checkpoints"].as_u64().is_some()
+            && a["checkpoints"] == b["checkpoints_verified"];
+        last = (a, b);
+        done
+    });
+    assert!(
+        ok,
+        "backup did not catch up:\nA: {:#}\nB: {:#}",
+        last.0, last.1
+    );
+    last
+}
+
+#[test]
+fn redis_tools_through_the_appliance_and_the_replica_matches() {
+    let _s = serial();
+    let (tb, app) = setup(ApplianceOptions::default());
+    let b_tx_before = tb.tx_packets(&tb.b.ns, CLI_IF).unwrap();
+    assert_eq!(redis(&tb, &["SET", "k", "v"]), "OK");
+    assert_eq!(redis(&tb, &["GET", "k"]), "v");
+    assert_eq!(redis(&tb, &["INCR", "n"]), "1");
+    benchmark(&tb, 50, 20_000);
+    benchmark(&tb, 1000, 20_000);
+    assert_eq!(redis(&tb, &["INCR", "n"]), "2");
+    let (a, b) = wait_caught_up(&app);
+    eprintln!("primary VM: {a:#}\nbackup VM: {b:#}");
+    // The backup's VM computed exactly the output the primary's released (and its own
+    // went nowhere), and its state matched at every checkpoint.
+    assert!(a["tx_frames"].as_u64().unwrap() > 100_000, "{a:#}");
+    assert_eq!(a["tx_hash"], b["tx_hash"], "output differs");
+    assert!(a["tx_hash"].as_str().is_some());
+    assert!(b["checkpoints_verified"].as_u64().unwrap() >= 5, "{b:#}");
+    assert_eq!(b["divergence"], Value::Null);
+    assert_eq!(b["phase"], "replaying");
+    // Backup output suppressed: its client NIC sent (almost) nothing while the VM
+    // answered >100,000 requests (a few host frames — ARP, IPv6 ND — are allowed).
+    let b_tx = tb.tx_packets(&tb.b.ns, CLI_IF).unwrap() - b_tx_before;
+    assert!(b_tx < 50, "backup's client NIC transmitted {b_tx} frames");
+    let a_tx = tb.tx_packets(&tb.a.ns, CLI_IF).unwrap();
+    assert!(
+        a_tx > 100_000,
+        "primary's client NIC transmitted {a_tx} frames"
+    );
+}
+
+/// A client connection to the VM from the client namespace (the socket stays there).
+fn connect(tb: &Testbed) -> TcpStream {
+    let c = run_in_ns(&tb.client_ns, || TcpStream::connect((VM_IP, VM_PORT))).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    c.set_nodelay(true).unwrap();
+    c
+}
+
+/// Sends one command and reads its complete reply.
+fn call(c: &mut TcpStream, args: &[&[u8]]) -> Vec<u8> {
+    c.write_all(&multibulk(args)).unwrap();
+    read_reply(c)
+}
+
+fn read_reply(c: &mut TcpStream) -> Vec<u8> {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        if let Some(n) = reply_len(&got) {
+            assert_eq!(n, got.len(), "more than one reply: {got:?}");
+            return got;
+        }
+        let n = c.read(&mut buf).expect("reply");
+        assert!(n > 0, "connection closed");
+        got.extend_from_slice(&buf[..n]);
+    }
+}
+
+fn log_field(app: &Appliance, host: char, f: &str) -> u64 {
+    let s = app.status(host).unwrap();
+    s["log"][f]
+        .as_u64()
+        .unwrap_or_else(|| panic!("host {host}: log.{f} missing: {:#}", s["log"]))
+}
+
+/// The output rule covers the VMM's entries, not only input frames: with the VMM stream
+/// blocked on the wire, a reply the guest produced stays held although the backup has
+/// acked every input frame; it leaves once the VMM entries get through (repaired after
+/// the heartbeats announce them).
+#[test]
+fn a_reply_waits_for_the_vmm_entries_it_depends_on() {
+    let _s = serial();
+    let (tb, app) = setup(ApplianceOptions::default());
+    let mut c = connect(&tb);
+    assert_eq!(call(&mut c, &[b"PING"]), b"+PONG\r\n");
+    // Everything sent so far is acked and nothing is held.
+    assert!(Appliance::wait_until(T, || app.held('a').unwrap() == 0
+        && log_field(&app, 'a', "vm_acked")
+            == log_field(&app, 'a', "vm_last")));
+    tb.set_vmlog_blocked(true).unwrap();
+    let tx0 = vm_u64(&app, 'a', "tx_frames");
+    c.write_all(&multibulk(&[b"INCR", b"x"])).unwrap();
+    // The guest answered (its TX count moved) and the reply is in the ring.
+    assert!(
+        Appliance::wait_until(T, || vm_u64(&app, 'a', "tx_frames") > tx0
+            && app.held('a').unwrap() >= 1),
+        "no held reply: {:#}",
+        app.status('a').unwrap()
+    );
+    // Every input frame is acked; the VMM entries are not.
+    assert!(
+        Appliance::wait_until(T, || log_field(&app, 'a', "acked")
+            == log_field(&app, 'a', "last_seq")),
+        "input not acked: {:#}",
+        app.status('a').unwrap()["log"]
+    );
+    let (vm_last, vm_acked) = (
+        log_field(&app, 'a', "vm_last"),
+        log_field(&app, 'a', "vm_acked"),
+    );
+    assert!(vm_acked < vm_last, "VMM stream acked while blocked");
+    // Still held, the client has nothing (the reply is in the ring, counted above).
+    assert!(app.held('a').unwrap() >= 1);
+    c.set_nonblocking(true).unwrap();
+    let mut b = [0u8; 64];
+    let r = c.read(&mut b);
+    assert!(
+        matches!(&r, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+        "the client got {r:?} while the reply's VMM entries were unacknowledged"
+    );
+    c.set_nonblocking(false).unwrap();
+    tb.set_vmlog_blocked(false).unwrap();
+    assert_eq!(read_reply(&mut c), b":1\r\n");
+    assert!(Appliance::wait_until(T, || app.held('a').unwrap() == 0));
+    assert!(vm_of(&app, 'a')["vmlog_retransmits"].as_u64().unwrap() > 0);
+    wait_caught_up(&app);
+}
+
+/// Loss on the logging wire in both directions (log and VMLOG frames A→B; acks, NACKs
+/// and VMNACKs B→A): repaired, the replicas stay identical, clients see no error.
+#[test]
+fn loss_in_both_directions_keeps_the_replicas_identical() {
+    let _s = serial();
+    let (tb, app) = setup(ApplianceOptions::default());
+    tb.set_log_loss(Some(25)).unwrap();
+    let out = benchmark(&tb, 50, 20_000);
+    assert!(!out.contains("rror"), "client errors: {out}");
+    assert_eq!(redis(&tb, &["SET", "after", "loss"]), "OK");
+    let (lost_ab, lost_ba) = (
+        tb.wire_rule_packets("loss-la").unwrap(),
+        tb.wire_rule_packets("loss-lb").unwrap(),
+    );
+    assert!(
+        lost_ab > 100 && lost_ba > 100,
+        "loss A→B {lost_ab}, B→A {lost_ba}"
+    );
+    tb.set_log_loss(None).unwrap();
+    assert_eq!(redis(&tb, &["GET", "after"]), "loss");
+    let (a, b) = wait_caught_up(&app);
+    assert_eq!(a["tx_hash"], b["tx_hash"], "output differs");
+    assert_eq!(b["divergence"], Value::Null);
+    // Both streams were repaired.
+    assert!(a["vmlog_retransmits"].as_u64().unwrap() > 0, "{a:#}");
+    assert!(app.counter('a', "log_retransmitted_frames_total").unwrap() > 0);
+}
+
+/// The VMM's entries are never dropped at a full window: the vCPU stalls until the
+/// backup acks, and then everything arrives.
+#[test]
+fn a_full_vmm_window_stalls_the_vcpu_and_loses_nothing() {
+    let _s = serial();
+    const WINDOW: u64 = 16;
+    let (tb, app) = setup(ApplianceOptions {
+        channel_extra: format!("vmlog_window = {WINDOW}"),
+        ..Default::default()
+    });
+    // Connected before the VMM stream is blocked (a handshake's SYN-ACK is output too).
+    let mut conns: Vec<TcpStream> = (0..48).map(|_| connect(&tb)).collect();
+    for c in conns.iter_mut() {
+        assert_eq!(call(c, &[b"PING"]), b"+PONG\r\n");
+    }
+    tb.set_vmlog_blocked(true).unwrap();
+    // One request per connection, each its own exit with output, each output flushing
+    // the entries before it into a VMLOG frame: more frames than the window holds.
+    let mut sent = 0;
+    let stalled = Appliance::wait_until(T, || {
+        if sent < conns.len() {
+            let k = format!("k{sent}");
+            conns[sent]
+                .write_all(&multibulk(&[b"SET", k.as_bytes(), b"v"]))
+                .unwrap();
+            sent += 1;
+        }
+        vm_of(&app, 'a')["window_stalled_now"] == true
+    });
+    let a = vm_of(&app, 'a');
+    assert!(stalled, "the vCPU never waited for the window: {a:#}");
+    assert_eq!(
+        a["vmlog_frames"].as_u64().unwrap() - log_field(&app, 'a', "vm_acked"),
+        WINDOW,
+        "{a:#}"
+    );
+    // Stalled: the vCPU makes no exit while it waits (so no more requests are served).
+    let exits = a["exits"].as_u64().unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(vm_u64(&app, 'a', "exits"), exits);
+    assert_eq!(vm_of(&app, 'a')["window_stalled_now"], true);
+    tb.set_vmlog_blocked(false).unwrap();
+    for c in conns.iter_mut().take(sent) {
+        assert_eq!(read_reply(c), b"+OK\r\n");
+    }
+    for (i, c) in conns.iter_mut().enumerate().skip(sent) {
+        let k = format!("k{i}");
+        assert_eq!(call(c, &[b"SET", k.as_bytes(), b"v"]), b"+OK\r\n");
+    }
+    let mut c = connect(&tb);
+    assert_eq!(call(&mut c, &[b"DBSIZE"]), b":48\r\n");
+    let (a, b) = wait_caught_up(&app);
+    assert!(a["window_stalls"].as_u64().unwrap() >= 1, "{a:#}");
+    assert_eq!(a["tx_hash"], b["tx_hash"]);
+    // Nothing lost: every entry the primary logged reached the backup (compared until
+    // equal: the idle guest's timer may log a few more meanwhile).
+    assert!(
+        Appliance::wait_until(T, || vm_of(&app, 'a')["vmlog_entries"]
+            == vm_of(&app, 'b')["entries_received"]),
+        "entries lost: {a:#} {b:#}"
+    );
+}
+
+/// The primary dies (SIGKILL) while requests are in flight: the backup's replay runs to
+/// the end of what it holds without an error or a divergence, and reports the silence.
+#[test]
+fn primary_crash_under_load_leaves_a_consistent_backup() {
+    let _s = serial();
+    let (tb, app) = setup(ApplianceOptions::default());
+    let ip = VM_IP.to_string();
+    let _load = tb
+        .spawn(
+            &tb.client_ns,
+            "redis-benchmark",
+            [
+                "-h", &ip, "-c", "50", "-n", "10000000", "-t", "set,incr", "-q",
+            ],
+        )
+        .unwrap();
+    assert!(
+        Appliance::wait_until(T, || vm_u64(&app, 'b', "checkpoints_verified") >= 3),
+        "{:#}",
+        vm_of(&app, 'b')
+    );
+    let before = vm_of(&app, 'a');
+    app.guard('a').kill().unwrap();
+    // Under load: the primary was busy when it died.
+    let last = Appliance::wait_until(T, || {
+        let b = vm_of(&app, 'b');
+        b["entries_received"].as_u64().is_some()
+            && b["entries_received"] == b["entries_replayed"]
+            && app.status('b').unwrap()["peer_alive"] == false
+    });
+    let b = vm_of(&app, 'b');
+    assert!(
+        last,
+        "replay did not reach the end of the log: {b:#}\n{:#}",
+        app.status('b').unwrap()["channel"]
+    );
+    assert_eq!(b["phase"], "replaying", "{b:#}");
+    assert_eq!(b["error"], Value::Null, "{b:#}");
+    assert_eq!(b["divergence"], Value::Null, "{b:#}");
+    assert!(
+        b["exits"].as_u64().unwrap() > before["exits"].as_u64().unwrap(),
+        "the backup replayed nothing after the primary's last status: {before:#} {b:#}"
+    );
+}
+
+/// A corrupted VMM entry (a CLOCK value changed on the wire): the backup's replay finds
+/// the difference at its next checkpoint, reports where, stops acking and leaves; the
+/// primary goes on alone, and serves on.
+#[test]
+fn a_corrupted_entry_is_detected_and_the_primary_keeps_serving() {
+    let _s = serial();
+    let (tb, app) = setup(ApplianceOptions::default());
+    let mut c = connect(&tb);
+    assert_eq!(call(&mut c, &[b"SET", b"k", b"1"]), b"+OK\r\n");
+    tb.corrupt_one_vmlog_entry().unwrap();
+    // Traffic until the corruption happened and the backup noticed.
+    let mut n = 0u64;
+    let found = Appliance::wait_until(Duration::from_secs(30), || {
+        n += 1;
+        assert_eq!(
+            call(&mut c, &[b"INCR", b"n"]),
+            format!(":{n}\r\n").into_bytes()
+        );
+        vm_of(&app, 'b')["phase"] == "diverged"
+    });
+    let b = vm_of(&app, 'b');
+    assert!(
+        found,
+        "no divergence (corrupted {} frames): {b:#}",
+        tb.wire_rule_packets("corrupt").unwrap()
+    );
+    assert_eq!(tb.wire_rule_packets("corrupt").unwrap(), 1);
+    let d = &b["divergence"];
+    let (exit, verified) = (
+        d["exit"].as_u64().unwrap(),
+        d["verified_equal_at_exit"].as_u64().unwrap(),
+    );
+    assert!(verified < exit, "{d:#}");
+    let sb = app.status('b').unwrap();
+    assert_eq!(sb["channel"]["stopped_acking"], true, "{sb:#}");
+    assert_eq!(sb["role"], "standby", "{sb:#}");
+    let metrics = app.metrics('b').unwrap();
+    assert!(metrics.contains("ft_vm_diverged 1"), "{metrics}");
+    assert!(metrics.contains(&format!("ft_vm_divergence_exit {exit}")));
+    assert!(
+        app.guard('b').log_contents().contains("DIVERGENCE"),
+        "not in the backup's log"
+    );
+    // The primary heard the backup leave and runs solo: same connection, same data.
+    assert!(
+        Appliance::wait_until(T, || app.status('a').unwrap()["role"] == "solo"),
+        "{:#}",
+        app.status('a').unwrap()
+    );
+    assert!(app.counter('a', "leave_received_total").unwrap() >= 1);
+    for _ in 0..100 {
+        n += 1;
+        assert_eq!(
+            call(&mut c, &[b"INCR", b"n"]),
+            format!(":{n}\r\n").into_bytes()
+        );
+    }
+    assert_eq!(call(&mut c, &[b"GET", b"k"]), b"$1\r\n1\r\n");
+    assert_eq!(app.held('a').unwrap(), 0);
+    assert!(vm_of(&app, 'a')["entries_discarded_solo"].as_u64().unwrap() > 0);
+}
