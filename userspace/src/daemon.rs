@@ -63,7 +63,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         node = NodeState {
             epoch: 0,
             lease_deadline_ns: 0,
-            role: if cfg.node.role == Role::Primary {
+            role: if cfg.node.role != Role::Backup {
                 ROLE_STANDBY
             } else {
                 ROLE_BACKUP
@@ -97,6 +97,9 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         ));
     }
     let stop = Arc::new(AtomicBool::new(false));
+    // The VMM stops first (on the primary: its END entry still travels the channel,
+    // which keeps running until the backup acked it, or a bound passed).
+    let vm_stop = Arc::new(AtomicBool::new(false));
     let vm = Arc::new(VmState::default());
     let sh = Arc::new(Shared {
         dp: dp.clone(),
@@ -127,7 +130,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                         session,
                         vm.clone(),
                         store.clone(),
-                        stop.clone(),
+                        vm_stop.clone(),
                     )?);
                     let (iface, stats, stop2) =
                         (dp.nics.logging.clone(), vm.stats.clone(), stop.clone());
@@ -153,6 +156,32 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                         Ok(())
                     })?
             }
+            Role::Solo => {
+                // No backup: no log to send, no channel to run.
+                vm.solo.store(true, Relaxed);
+                *status.backup_left.lock().unwrap() = Some("configured solo".into());
+                if let Some(tap) = tap.take() {
+                    vcpu = Some(crate::vm::start_primary(
+                        &cfg,
+                        dp.clone(),
+                        status.clone(),
+                        tap,
+                        session,
+                        vm.clone(),
+                        Arc::new(crate::vm::sink::VmLogStore::default()),
+                        vm_stop.clone(),
+                    )?);
+                }
+                std::thread::Builder::new()
+                    .name("ft-solo".into())
+                    .spawn(move || {
+                        while !stop.load(Relaxed) {
+                            std::thread::sleep(Duration::from_millis(50));
+                        }
+                        let _ = (dp, status);
+                        Ok(())
+                    })?
+            }
             Role::Backup => {
                 let p = backup::BackupParams {
                     own_mac: dp.nics.logging.mac,
@@ -168,7 +197,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                         // The backup's VM reads nothing from its TAP while it replays.
                         Some(_tap) => {
                             let (h, input, feed) =
-                                crate::vm::start_backup(&cfg, vm.clone(), stop.clone())?;
+                                crate::vm::start_backup(&cfg, vm.clone(), vm_stop.clone())?;
                             vcpu = Some(h);
                             (Box::new(input), Some(Box::new(feed)))
                         }
@@ -232,7 +261,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             _ = vm_done => {
                 let why = vm.error.lock().unwrap().clone().unwrap_or_else(|| "the VM stopped".into());
                 match cfg.node.role {
-                    Role::Primary => {
+                    Role::Primary | Role::Solo => {
                         // Fail-stop: without its VM this node has nothing to protect; exiting
                         // detaches the data plane and lets the backup take over.
                         error!("the protected VM stopped ({why}): exiting");
@@ -249,18 +278,48 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             }
         }
     }
+    vm_stop.store(true, Relaxed);
+    if let Some(h) = vcpu {
+        let _ = h.join();
+        if cfg.node.role == Role::Primary && failure.is_none() {
+            wait_for_last_ack(&dp, &vm, Duration::from_millis(ch.peer_timeout_ms)).await;
+        }
+    }
     stop.store(true, Relaxed);
     let res = worker
         .join()
         .map_err(|_| anyhow::anyhow!("channel worker panicked"))?;
-    if let Some(h) = vcpu {
-        let _ = h.join();
-    }
     let _ = std::fs::remove_file(&ctl_path);
     if let Some(why) = failure {
         anyhow::bail!("the protected VM stopped: {why}");
     }
     res.context("logging channel")
+}
+
+/// Graceful stop of the primary: its VMM has stopped and logged END; the channel keeps
+/// running (heartbeats announce the last frame, VMNACKs are answered) until the backup
+/// acked every VMM entry, so it holds the complete log, or `bound` passes (a backup that
+/// is gone or solo mode: nothing to wait for).
+async fn wait_for_last_ack(dp: &DataPlane, vm: &VmState, bound: Duration) {
+    if vm.solo.load(Relaxed) {
+        return;
+    }
+    let t0 = std::time::Instant::now();
+    loop {
+        let (last, acked) = (dp.chan_state().vm_last, dp.seq_state().vm_acked);
+        if acked >= last {
+            info!(last, "the backup acknowledged the whole VMM log");
+            return;
+        }
+        if t0.elapsed() >= bound {
+            warn!(
+                last,
+                acked, "stopping before the backup acknowledged the end of the VMM log"
+            );
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
 }
 
 /// Backup whose replica failed (diverged, or its VMM stopped): it must never go live.
@@ -335,7 +394,8 @@ fn continue_alone(
     }
     error!(
         reason,
-        "the backup left the log ({why}): running solo, unprotected, until a new backup is          created"
+        "the backup left the log ({why}): running solo, unprotected, until a new backup is \
+         created"
     );
     vm.solo.store(true, Relaxed);
     *status.backup_left.lock().unwrap() = Some(why.to_string());
