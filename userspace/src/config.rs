@@ -70,6 +70,10 @@ impl<'de> Deserialize<'de> for Mac {
 pub enum Role {
     Primary,
     Backup,
+    /// The protected VM on this host alone, unprotected: no backup, no log, no output
+    /// rule (maintenance, or the benchmark's FT-off baseline). It still wins
+    /// test-and-set before it goes live.
+    Solo,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Default)]

@@ -14,7 +14,7 @@ use std::{
     time::Duration,
 };
 
-use ft_common::maps::{NodeState, ROLE_BACKUP, ROLE_PRIMARY, ROLE_STANDBY};
+use ft_common::maps::{NodeState, ROLE_BACKUP, ROLE_PRIMARY, ROLE_SOLO, ROLE_STANDBY};
 use ft_fence::{Acquire, Arbiter, LeaseKeeper, LeaseState};
 use tracing::{error, info, warn};
 
@@ -33,7 +33,7 @@ pub async fn run(
     // Retry not-yet-live steps and re-check the arbiter at the renewal cadence.
     let retry = cfg.fence.renew_interval();
     match cfg.node.role {
-        Role::Primary => primary(&cfg, dp, status, arb, retry).await,
+        Role::Primary | Role::Solo => primary(&cfg, dp, status, arb, retry).await,
         Role::Backup => backup(&cfg, dp, status, arb, retry).await,
     }
 }
@@ -65,7 +65,11 @@ async fn primary(
     let node = NodeState {
         epoch: grant.epoch,
         lease_deadline_ns: deadline,
-        role: ROLE_PRIMARY,
+        role: if cfg.node.role == Role::Solo {
+            ROLE_SOLO
+        } else {
+            ROLE_PRIMARY
+        },
         _pad: 0,
     };
     if let Err(e) = dp.set_node_state(node) {
@@ -73,7 +77,7 @@ async fn primary(
         return;
     }
     status.epoch.store(grant.epoch, Relaxed);
-    info!(epoch = grant.epoch, lease = ?grant.lease, "won test-and-set: live as primary");
+    info!(epoch = grant.epoch, lease = ?grant.lease, role = ?cfg.node.role, "won test-and-set: live");
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let _keeper = LeaseKeeper::spawn(
         arb.clone(),

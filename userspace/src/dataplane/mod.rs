@@ -117,6 +117,7 @@ pub fn initial_node_state(cfg: &Config) -> NodeState {
         role: match cfg.node.role {
             Role::Primary => ROLE_PRIMARY,
             Role::Backup => ROLE_BACKUP,
+            Role::Solo => ROLE_SOLO,
         },
         _pad: 0,
     }

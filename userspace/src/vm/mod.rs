@@ -127,7 +127,8 @@ fn guest_image(cfg: &Config) -> anyhow::Result<Vec<u8>> {
 
 /// Primary: the recording VMM. It starts once the node is live (an epoch is set: log
 /// frames carry it) and runs until `stop`; its output goes to the TAP, its log to the
-/// backup.
+/// backup. A node configured solo (`state.solo` set before the start) runs the VMM in
+/// free mode instead: nothing is recorded.
 #[allow(clippy::too_many_arguments)]
 pub fn start_primary(
     cfg: &Config,
@@ -141,7 +142,12 @@ pub fn start_primary(
 ) -> anyhow::Result<JoinHandle<()>> {
     let image = guest_image(cfg)?;
     let mut vcfg = cfg.vm.vmm_config();
-    vcfg.mode = Mode::Record;
+    let unprotected = state.solo.load(Relaxed);
+    vcfg.mode = if unprotected {
+        Mode::Free
+    } else {
+        Mode::Record
+    };
     let window = cfg.channel.vmlog_window;
     *state.kick.lock().unwrap() = Some(tap.try_clone()?);
     let sock = RawSocket::open(&dp.nics.logging)?;
@@ -179,9 +185,14 @@ pub fn start_primary(
                 let mut vmm = Vmm::new(vcfg, &image, control.clone())?;
                 vmm.set_live_stats(state.live.clone());
                 vmm.set_net(Box::new(tap));
-                vmm.set_sink(Box::new(sink));
-                state.set_phase("recording");
-                info!("VMM: recording (primary)");
+                if unprotected {
+                    state.set_phase("running unprotected");
+                    info!("VMM: running unprotected (solo: nothing is recorded)");
+                } else {
+                    vmm.set_sink(Box::new(sink));
+                    state.set_phase("recording");
+                    info!("VMM: recording (primary)");
+                }
                 let stopper = spawn_stopper(stop.clone(), control.clone());
                 let r = vmm.run();
                 stopper.store(true, Relaxed);
