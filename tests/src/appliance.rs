@@ -35,6 +35,8 @@ pub struct ApplianceOptions {
     pub vm: VmOptions,
     /// Extra lines for the `[channel]` table.
     pub channel_extra: String,
+    /// Host A runs `role = "solo"` (no backup is started).
+    pub solo: bool,
 }
 
 /// What runs as the protected VM.
@@ -78,6 +80,7 @@ impl Default for ApplianceOptions {
             fence: "backend = \"none\"".into(),
             vm: VmOptions::Standin,
             channel_extra: String::new(),
+            solo: false,
         }
     }
 }
@@ -233,7 +236,9 @@ control_socket = "{sock}"
 impl Appliance {
     pub fn start(tb: &Testbed, o: &ApplianceOptions) -> Result<Appliance> {
         let bin = ftd_bin()?;
-        let (role_a, role_b) = if o.swap_roles {
+        let (role_a, role_b) = if o.solo {
+            ("solo", "backup")
+        } else if o.swap_roles {
             ("backup", "primary")
         } else {
             ("primary", "backup")
@@ -246,7 +251,7 @@ impl Appliance {
         let _ = std::fs::remove_file(&sock_b);
         // Backup first, so that it is listening before the primary sends the first entry.
         let mut b = None;
-        if o.start_backup {
+        if o.start_backup && !o.solo {
             let g = tb.spawn(
                 &tb.b.ns,
                 &bin,

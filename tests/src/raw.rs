@@ -340,8 +340,13 @@ impl Capture {
     }
 
     /// Stops the capture (after draining what is already queued) and returns the frames.
+    /// Panics if the capture failed: an empty result must mean "nothing seen", never
+    /// "could not look".
     pub fn stop(self) -> Vec<(u64, Vec<u8>)> {
-        self.stop_with_stats().map(|r| r.frames).unwrap_or_default()
+        match self.stop_with_stats() {
+            Ok(r) => r.frames,
+            Err(e) => panic!("packet capture failed: {e:#}"),
+        }
     }
 
     /// Stops and returns frames plus kernel drop count.

@@ -605,12 +605,15 @@ impl Testbed {
     /// Packets `ifname` in `ns` has transmitted (`ip -s link`), as an error if the
     /// interface or its statistics cannot be read.
     pub fn tx_packets(&self, ns: &str, ifname: &str) -> Result<u64> {
-        let out = ns_exec(ns, "ip", &["-j", "-s", "link", "show", "dev", ifname])?;
-        let v: serde_json::Value =
-            serde_json::from_str(&out).with_context(|| format!("ip -j -s link: {out}"))?;
-        v[0]["stats64"]["tx"]["packets"]
-            .as_u64()
-            .with_context(|| format!("no tx packet count for {ifname} in {ns}: {out}"))
+        link_stat(ns, ifname, "tx", "packets")
+    }
+
+    /// Bytes `ifname` in `ns` has received and transmitted (`ip -s link`).
+    pub fn link_bytes(&self, ns: &str, ifname: &str) -> Result<(u64, u64)> {
+        Ok((
+            link_stat(ns, ifname, "rx", "bytes")?,
+            link_stat(ns, ifname, "tx", "bytes")?,
+        ))
     }
 
     /// Spawns `program args...` inside `ns` via `ip netns exec`; stdout+stderr go to
@@ -712,4 +715,14 @@ impl Drop for Testbed {
             let _ = std::fs::remove_dir_all(&self.tmp_dir);
         }
     }
+}
+
+/// One counter of `ip -s link` (`dir`: rx/tx, `what`: packets/bytes/dropped...).
+fn link_stat(ns: &str, ifname: &str, dir: &str, what: &str) -> Result<u64> {
+    let out = ns_exec(ns, "ip", &["-j", "-s", "link", "show", "dev", ifname])?;
+    let v: serde_json::Value =
+        serde_json::from_str(&out).with_context(|| format!("ip -j -s link: {out}"))?;
+    v[0]["stats64"][dir][what]
+        .as_u64()
+        .with_context(|| format!("no {dir} {what} count for {ifname} in {ns}: {out}"))
 }

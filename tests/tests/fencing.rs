@@ -10,11 +10,14 @@ use ft_testbed::{
 const T: Duration = Duration::from_secs(2);
 static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-fn role(app: &Appliance, host: char) -> String {
-    app.status(host)
-        .ok()
-        .and_then(|s| s["role"].as_str().map(String::from))
-        .unwrap_or_default()
+/// The node's role from `ftd status`; an unreachable daemon or a status without a role
+/// is an error, never a role.
+fn role(app: &Appliance, host: char) -> anyhow::Result<String> {
+    let s = app.status(host)?;
+    s["role"]
+        .as_str()
+        .map(String::from)
+        .ok_or_else(|| anyhow::anyhow!("status of host {host} has no role: {s}"))
 }
 
 fn fenced_options(lease_ms: u64) -> ApplianceOptions {
@@ -35,7 +38,8 @@ fn expired_lease_stops_output_in_kernel_even_if_daemon_hangs() {
     let _arb = start_arbiter(&tb).unwrap();
     let app = Appliance::start(&tb, &fenced_options(1000)).unwrap();
     assert!(
-        Appliance::wait_until(Duration::from_secs(10), || role(&app, 'a') == "primary"),
+        Appliance::wait_until(Duration::from_secs(10), || role(&app, 'a').unwrap()
+            == "primary"),
         "A never went live"
     );
     let c = tb.vm_client().unwrap();
@@ -72,7 +76,7 @@ fn expired_lease_stops_output_in_kernel_even_if_daemon_hangs() {
         Appliance::wait_until(T, || app.status('a').unwrap()["halted"] == true),
         "daemon did not halt"
     );
-    assert_eq!(role(&app, 'a'), "standby");
+    assert_eq!(role(&app, 'a').unwrap(), "standby");
     assert!(
         app.counter('a', "release_blocked_no_lease_total").unwrap() >= 1,
         "kernel lease check not hit"
@@ -99,7 +103,11 @@ fn arbiter_unreachable_nobody_goes_live_until_it_returns() {
     let app = Appliance::start(&tb, &fenced_options(1000)).unwrap();
     let c = tb.vm_client().unwrap();
     std::thread::sleep(Duration::from_millis(800));
-    assert_eq!(role(&app, 'a'), "standby", "went live without the arbiter");
+    assert_eq!(
+        role(&app, 'a').unwrap(),
+        "standby",
+        "went live without the arbiter"
+    );
     assert_eq!(
         c.request("PING", Duration::from_millis(500)).unwrap(),
         None,
@@ -117,7 +125,8 @@ fn arbiter_unreachable_nobody_goes_live_until_it_returns() {
 
     let _arb = start_arbiter(&tb).unwrap();
     assert!(
-        Appliance::wait_until(Duration::from_secs(10), || role(&app, 'a') == "primary"),
+        Appliance::wait_until(Duration::from_secs(10), || role(&app, 'a').unwrap()
+            == "primary"),
         "A did not go live"
     );
     assert!(Appliance::wait_until(Duration::from_secs(5), || {

@@ -148,6 +148,27 @@ fn redis_tools_through_the_appliance_and_the_replica_matches() {
     );
 }
 
+/// Name, state and kernel wait channel of every thread of `pid` (for stall reports).
+fn threads(pid: i32) -> String {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return format!("(no /proc/{pid})");
+    };
+    tasks
+        .filter_map(|t| t.ok())
+        .map(|t| {
+            let p = t.path();
+            let rd = |f: &str| std::fs::read_to_string(p.join(f)).unwrap_or_default();
+            let stat = rd("stat");
+            let state = stat
+                .rsplit_once(')')
+                .map(|(_, r)| r.trim_start().chars().next().unwrap_or('?'))
+                .unwrap_or('?');
+            format!("{}[{state} {}]", rd("comm").trim(), rd("wchan").trim())
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 /// A client connection to the VM from the client namespace (the socket stays there).
 fn connect(tb: &Testbed) -> TcpStream {
     let c = run_in_ns(&tb.client_ns, || TcpStream::connect((VM_IP, VM_PORT))).unwrap();
@@ -329,10 +350,27 @@ fn a_full_vmm_window_stalls_the_vcpu_and_loses_nothing() {
 
 /// The primary dies (SIGKILL) while requests are in flight: the backup's replay runs to
 /// the end of what it holds without an error or a divergence, and reports the silence.
+/// Every reply a client could have seen was computed by the backup too (the output rule:
+/// a released frame's entries were acked, so they were replayed).
 #[test]
 fn primary_crash_under_load_leaves_a_consistent_backup() {
+    crash_under_load(false);
+}
+
+/// The same with the backup frozen (SIGSTOP) for 300 ms before the primary dies: the
+/// primary goes on receiving requests, but releases no reply the backup has not acked,
+/// so the backup, resumed, still computes every reply the clients could have seen.
+/// (With the output rule off, thousands of released replies are missing on the backup.)
+#[test]
+fn a_crash_while_the_backup_lags_loses_no_released_output() {
+    crash_under_load(true);
+}
+
+fn crash_under_load(freeze_backup: bool) {
     let _s = serial();
     let (tb, app) = setup(ApplianceOptions::default());
+    let a_tx0 = tb.tx_packets(&tb.a.ns, CLI_IF).unwrap();
+    let b_tx0 = vm_u64(&app, 'b', "tx_frames");
     let ip = VM_IP.to_string();
     let _load = tb
         .spawn(
@@ -348,9 +386,24 @@ fn primary_crash_under_load_leaves_a_consistent_backup() {
         "{:#}",
         vm_of(&app, 'b')
     );
+    // Under load right now: the primary's VM is making progress when it dies.
+    let e0 = vm_u64(&app, 'a', "exits");
+    let busy = Appliance::wait_until(T, || vm_u64(&app, 'a', "exits") > e0 + 100);
+    assert!(
+        busy,
+        "the primary stalled under load:\n{:#}\nthreads: {}",
+        app.status('a').unwrap(),
+        threads(app.guard('a').pid())
+    );
     let before = vm_of(&app, 'a');
+    if freeze_backup {
+        app.pause('b').unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+    }
     app.guard('a').kill().unwrap();
-    // Under load: the primary was busy when it died.
+    if freeze_backup {
+        app.resume('b').unwrap();
+    }
     let last = Appliance::wait_until(T, || {
         let b = vm_of(&app, 'b');
         b["entries_received"].as_u64().is_some()
@@ -366,9 +419,20 @@ fn primary_crash_under_load_leaves_a_consistent_backup() {
     assert_eq!(b["phase"], "replaying", "{b:#}");
     assert_eq!(b["error"], Value::Null, "{b:#}");
     assert_eq!(b["divergence"], Value::Null, "{b:#}");
+    // Frames host A put on the client network (the VM's replies, plus at most a few of
+    // the host's own, e.g. ARP) after the start: the backup computed those, except the
+    // output of the primary's last exit. That exit's frames depend only on entries
+    // before it (acked: the output rule), but the backup replays an exit only once it
+    // has the exit's own entries (the IDLE read's clock value, logged after the output
+    // was sent), so it computes them when it goes live. One guest loop iteration sends
+    // at most a reply and an ACK per client: 2 x 50 frames.
+    let released = tb.tx_packets(&tb.a.ns, CLI_IF).unwrap() - a_tx0;
+    let computed = b["tx_frames"].as_u64().unwrap() - b_tx0;
+    assert!(released > 10_000, "only {released} frames released");
     assert!(
-        b["exits"].as_u64().unwrap() > before["exits"].as_u64().unwrap(),
-        "the backup replayed nothing after the primary's last status: {before:#} {b:#}"
+        computed + 100 >= released,
+        "the primary released {released} frames, the backup computed only {computed}: \
+         {before:#} {b:#}"
     );
 }
 
@@ -432,4 +496,88 @@ fn a_corrupted_entry_is_detected_and_the_primary_keeps_serving() {
     assert_eq!(call(&mut c, &[b"GET", b"k"]), b"$1\r\n1\r\n");
     assert_eq!(app.held('a').unwrap(), 0);
     assert!(vm_of(&app, 'a')["entries_discarded_solo"].as_u64().unwrap() > 0);
+}
+
+/// A graceful stop of the primary (SIGTERM) hands the backup the complete log: the VMM
+/// logs END, and the daemon keeps its channel up (heartbeats, VMNACK repair) until the
+/// backup acked it. The END frame is held on the wire at first, so it arrives only by
+/// repair, after the VMM has already stopped.
+#[test]
+fn a_graceful_primary_stop_hands_the_backup_the_whole_log() {
+    let _s = serial();
+    let (tb, app) = setup(ApplianceOptions::default());
+    assert_eq!(redis(&tb, &["SET", "k", "v"]), "OK");
+    assert_eq!(redis(&tb, &["INCR", "n"]), "1");
+    tb.set_vmlog_blocked(true).unwrap();
+    let ga = app.guard('a');
+    ga.send_signal(libc::SIGTERM).unwrap();
+    // The primary's VMM stopped (END logged and sent into the blocked wire), or the
+    // daemon is already gone (it did not wait: the assertion below fails).
+    assert!(Appliance::wait_until(T, || !ga.is_running()
+        || app
+            .status('a')
+            .map(|s| s["vm"]["phase"] == "stopped")
+            .unwrap_or(false)));
+    tb.set_vmlog_blocked(false).unwrap();
+    let st = ga.wait_exit(T).unwrap().expect("primary did not exit");
+    assert!(st.success(), "primary exited with {st}");
+    assert!(
+        Appliance::wait_until(T, || vm_of(&app, 'b')["end_verified"] == true),
+        "the backup never got the end of the log: {:#}",
+        vm_of(&app, 'b')
+    );
+    let b = vm_of(&app, 'b');
+    assert_eq!(b["divergence"], Value::Null);
+    assert!(
+        ga.log_contents()
+            .contains("the backup acknowledged the whole VMM log"),
+        "{}",
+        ga.log_contents()
+    );
+}
+
+/// `role = "solo"`: the VM runs on one host, unprotected (nothing recorded, nothing on
+/// the logging link, output not held), and serves the same clients.
+#[test]
+fn a_solo_node_serves_unprotected_and_logs_nothing() {
+    let _s = serial();
+    let tb = Testbed::new(TestbedOptions {
+        start_standins: false,
+        ..Default::default()
+    })
+    .unwrap();
+    let app = Appliance::start(
+        &tb,
+        &ApplianceOptions {
+            vm: VmOptions::vmm(),
+            solo: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert!(
+        Appliance::wait_until(T, || app
+            .status('a')
+            .map(|s| s["vm"]["phase"] == "running unprotected")
+            .unwrap_or(false)),
+        "{:#}",
+        app.status('a').unwrap()
+    );
+    let log_tx0 = tb.tx_packets(&tb.a.ns, LOG_IF).unwrap();
+    assert_eq!(redis(&tb, &["SET", "k", "v"]), "OK");
+    benchmark(&tb, 50, 5_000);
+    assert_eq!(redis(&tb, &["GET", "k"]), "v");
+    let s = app.status('a').unwrap();
+    assert_eq!(s["role"], "solo", "{s:#}");
+    assert_eq!(s["log"]["last_seq"], 0, "input was logged: {s:#}");
+    assert_eq!(s["vm"]["vmlog_frames"], 0, "VMM entries were sent: {s:#}");
+    assert_eq!(
+        s["vm"]["log_entries"], 0,
+        "VMM entries were recorded: {s:#}"
+    );
+    assert_eq!(app.held('a').unwrap(), 0);
+    // The logging NIC stayed (nearly) silent: no log frames, no heartbeats.
+    let log_tx = tb.tx_packets(&tb.a.ns, LOG_IF).unwrap() - log_tx0;
+    assert!(log_tx < 10, "the logging NIC sent {log_tx} frames");
+    assert!(app.counter('a', "solo_delivered_frames_total").unwrap() > 15_000);
 }
