@@ -32,9 +32,15 @@ pub fn parse_csv(out: &str) -> Vec<Row> {
         .collect()
 }
 
-/// Median and range of a set of values.
+/// Median (the mean of the middle two for an even count) and range of a set of values.
 pub fn spread(v: &[f64]) -> (f64, f64, f64) {
     let mut s = v.to_vec();
     s.sort_by(|a, b| a.total_cmp(b));
-    (s[s.len() / 2], s[0], s[s.len() - 1])
+    let n = s.len();
+    let med = if n.is_multiple_of(2) {
+        (s[n / 2 - 1] + s[n / 2]) / 2.0
+    } else {
+        s[n / 2]
+    };
+    (med, s[0], s[n - 1])
 }

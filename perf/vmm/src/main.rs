@@ -2,9 +2,11 @@
 //!
 //!   ft-perf-vmm service   the guest's service vs Debian's redis-server, side by side
 //!   ft-perf-vmm record    free vs record mode (cost of logging), log volume, replay
+//!   ft-perf-vmm appliance FT on vs FT off through ftd on the testbed, logging-link cost
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
+mod appliance;
 mod bench;
 mod netns;
 mod record;
@@ -22,11 +24,14 @@ enum Cmd {
     Service(service::ServiceArgs),
     /// Free vs record mode of the guest, log volume per request, replay speed.
     Record(record::RecordArgs),
+    /// FT on (primary + replaying backup) vs FT off (solo) through ftd on the testbed.
+    Appliance(appliance::ApplianceArgs),
 }
 
 fn main() -> Result<()> {
     match Cli::parse().cmd {
         Cmd::Service(a) => service::run(&a),
         Cmd::Record(a) => record::run(&a),
+        Cmd::Appliance(a) => appliance::run(&a),
     }
 }
