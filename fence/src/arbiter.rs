@@ -78,20 +78,37 @@ pub struct OwnerInfo {
 /// Split-brain arbiter: per-VM test-and-set with fencing epochs and leases.
 ///
 /// Safety contract every backend keeps:
-/// * `test_and_set` never succeeds while another node's lease is valid on the arbiter;
+/// * `test_and_set` never succeeds while another node's lease is valid on the arbiter,
+///   except for the follower that this owner [`paired`](Arbiter::pair) at the current
+///   epoch: a paired owner cannot emit output without its follower's acks, and the
+///   follower stops acking before it asks (so it need not wait for the lease to lapse);
 /// * every success returns an epoch strictly higher than any epoch granted before for
 ///   that VM, across arbiter restarts;
 /// * `renew` extends the lease only for the current owner at the current epoch;
 /// * any error means "not granted / not extended".
 pub trait Arbiter: Send + Sync {
     /// Become owner of `vm` with a new epoch if `expected_epoch` is the current epoch and
-    /// no other node holds a valid lease (0 = "nobody ever owned it").
+    /// no other node holds a valid lease (0 = "nobody ever owned it"), or that node paired
+    /// this one at `expected_epoch`. A win clears the follower: the new epoch is unpaired.
     fn test_and_set<'a>(
         &'a self,
         vm: &'a str,
         node: &'a str,
         expected_epoch: u64,
     ) -> BoxFuture<'a, Result<TasOutcome, FenceError>>;
+
+    /// The owner `node` at `epoch` names `follower` as its paired backup: the node whose
+    /// acks its output needs. That follower may then take over at `epoch` without
+    /// waiting for this lease to lapse. An owner that will emit without a follower's
+    /// acks (solo) must first take a new epoch with `test_and_set`, which unpairs.
+    /// `FenceError::Fenced` if `node` is not the owner at `epoch`.
+    fn pair<'a>(
+        &'a self,
+        vm: &'a str,
+        node: &'a str,
+        epoch: u64,
+        follower: &'a str,
+    ) -> BoxFuture<'a, Result<(), FenceError>>;
 
     /// Extend the lease of `node` at `epoch`; `FenceError::Fenced` if it is no longer owner.
     fn renew<'a>(
@@ -215,11 +232,43 @@ pub fn validate_name(what: &'static str, value: &str) -> Result<(), FenceError> 
     })
 }
 
+/// A follower name is a node name, and not the owner's own.
+pub(crate) fn validate_follower(owner: &str, follower: &str) -> Result<(), FenceError> {
+    validate_name("follower name", follower)?;
+    if follower == owner {
+        return Err(FenceError::InvalidName {
+            what: "follower name",
+            value: follower.to_string(),
+            why: "an owner cannot be its own follower",
+        });
+    }
+    Ok(())
+}
+
 /// Backend `none`: a static, never-expiring lease held in memory. Only for single-host
 /// demos: there is no second opinion, so two hosts using it can both go live.
 #[derive(Debug, Default)]
 pub struct StaticArbiter {
-    state: Mutex<std::collections::HashMap<String, (Option<String>, u64)>>,
+    state: Mutex<std::collections::HashMap<String, StaticVm>>,
+}
+
+#[derive(Clone, Debug, Default)]
+struct StaticVm {
+    owner: Option<String>,
+    epoch: u64,
+    follower: Option<String>,
+}
+
+impl StaticVm {
+    fn fenced(&self, vm: &str, node: &str, epoch: u64) -> FenceError {
+        FenceError::Fenced {
+            vm: vm.to_string(),
+            node: node.to_string(),
+            epoch,
+            current_owner: self.owner.clone(),
+            current_epoch: self.epoch,
+        }
+    }
 }
 
 impl StaticArbiter {
@@ -239,28 +288,51 @@ impl Arbiter for StaticArbiter {
             validate_name("vm name", vm)?;
             validate_name("node name", node)?;
             let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-            let e = st.entry(vm.to_string()).or_insert((None, 0));
-            if let Some(o) = &e.0
+            let e = st.entry(vm.to_string()).or_default();
+            let paired = e.follower.as_deref() == Some(node) && e.epoch == expected_epoch;
+            if let Some(o) = &e.owner
                 && o != node
+                && !paired
             {
                 return Ok(TasOutcome::Held {
                     owner: o.clone(),
-                    epoch: e.1,
+                    epoch: e.epoch,
                     lease_remaining: Duration::MAX,
                 });
             }
-            if e.1 != expected_epoch {
+            if e.epoch != expected_epoch {
                 return Ok(TasOutcome::Stale {
-                    owner: e.0.clone(),
-                    epoch: e.1,
+                    owner: e.owner.clone(),
+                    epoch: e.epoch,
                 });
             }
-            e.0 = Some(node.to_string());
-            e.1 = e.1.saturating_add(1);
+            e.owner = Some(node.to_string());
+            e.epoch = e.epoch.saturating_add(1);
+            e.follower = None;
             Ok(TasOutcome::Won(LeaseGrant {
-                epoch: e.1,
+                epoch: e.epoch,
                 lease: Duration::MAX,
             }))
+        })
+    }
+
+    fn pair<'a>(
+        &'a self,
+        vm: &'a str,
+        node: &'a str,
+        epoch: u64,
+        follower: &'a str,
+    ) -> BoxFuture<'a, Result<(), FenceError>> {
+        Box::pin(async move {
+            validate_follower(node, follower)?;
+            let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            let e = st.entry(vm.to_string()).or_default();
+            if e.owner.as_deref() == Some(node) && e.epoch == epoch {
+                e.follower = Some(follower.to_string());
+                Ok(())
+            } else {
+                Err(e.fenced(vm, node, epoch))
+            }
         })
     }
 
@@ -272,21 +344,14 @@ impl Arbiter for StaticArbiter {
     ) -> BoxFuture<'a, Result<LeaseGrant, FenceError>> {
         Box::pin(async move {
             let st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-            match st.get(vm) {
-                Some((Some(o), e)) if o == node && *e == epoch => Ok(LeaseGrant {
+            let e = st.get(vm).cloned().unwrap_or_default();
+            if e.owner.as_deref() == Some(node) && e.epoch == epoch {
+                Ok(LeaseGrant {
                     epoch,
                     lease: Duration::MAX,
-                }),
-                other => {
-                    let (owner, cur) = other.cloned().unwrap_or((None, 0));
-                    Err(FenceError::Fenced {
-                        vm: vm.to_string(),
-                        node: node.to_string(),
-                        epoch,
-                        current_owner: owner,
-                        current_epoch: cur,
-                    })
-                }
+                })
+            } else {
+                Err(e.fenced(vm, node, epoch))
             }
         })
     }
@@ -299,20 +364,15 @@ impl Arbiter for StaticArbiter {
     ) -> BoxFuture<'a, Result<(), FenceError>> {
         Box::pin(async move {
             let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-            let e = st.entry(vm.to_string()).or_insert((None, 0));
-            match &e.0 {
-                Some(o) if o == node && e.1 == epoch => {
-                    e.0 = None;
+            let e = st.entry(vm.to_string()).or_default();
+            match &e.owner {
+                Some(o) if o == node && e.epoch == epoch => {
+                    e.owner = None;
+                    e.follower = None;
                     Ok(())
                 }
-                None if e.1 == epoch => Ok(()),
-                _ => Err(FenceError::Fenced {
-                    vm: vm.to_string(),
-                    node: node.to_string(),
-                    epoch,
-                    current_owner: e.0.clone(),
-                    current_epoch: e.1,
-                }),
+                None if e.epoch == epoch => Ok(()),
+                _ => Err(e.fenced(vm, node, epoch)),
             }
         })
     }
@@ -320,7 +380,7 @@ impl Arbiter for StaticArbiter {
     fn read<'a>(&'a self, vm: &'a str) -> BoxFuture<'a, Result<OwnerInfo, FenceError>> {
         Box::pin(async move {
             let st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-            let (owner, epoch) = st.get(vm).cloned().unwrap_or((None, 0));
+            let StaticVm { owner, epoch, .. } = st.get(vm).cloned().unwrap_or_default();
             let lease_remaining = if owner.is_some() {
                 Duration::MAX
             } else {

@@ -89,6 +89,16 @@ pub enum ServeError {
     )]
     Storage { path: String, cause: String },
 
+    #[error(
+        "no arbiter state file at {path}: if this is the arbiter's first start, start it once with --init; if the state was lost, the epochs granted before are unknown and starting empty could grant one again: restore the file from a backup, or (only with every FT node stopped) start with --init and give the protected VM a new name"
+    )]
+    NoState { path: String },
+
+    #[error(
+        "--init asked for a new, empty arbiter state, but {path} exists (epochs were granted): start without --init to keep it"
+    )]
+    InitWithState { path: String },
+
     #[error("arbiter listener failed: {0}")]
     Io(#[from] std::io::Error),
 }

@@ -7,10 +7,14 @@
 //! * `{prefix}{vm}/owner` — `"{epoch} {node}"`, attached to an etcd lease whose TTL is
 //!   the lease length rounded up to whole seconds. The key exists exactly while the
 //!   owner's lease is valid: etcd deletes it when the lease expires.
+//! * `{prefix}{vm}/follower` — `"{epoch} {node}"`: the owner's paired follower, written
+//!   by `pair` (a transaction on the owner key's value) and attached to the owner's
+//!   lease, so it lapses with it; a new epoch deletes it.
 //!
-//! `test_and_set` reads both keys, decides, and commits with one transaction whose
-//! compares pin the `mod_revision` (or absence) of both keys as read, so any concurrent
-//! change makes the transaction fail and the decision is retaken on fresh data.
+//! `test_and_set` reads the keys, decides, and commits with one transaction whose
+//! compares pin the `mod_revision` (or absence) of the epoch and owner keys as read, so
+//! any concurrent change makes the transaction fail and the decision is retaken on fresh
+//! data.
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex as StdMutex};
 use std::time::Duration;
@@ -19,7 +23,9 @@ use etcd_client::{Client, Compare, CompareOp, ConnectOptions, GetOptions, PutOpt
 use tokio::sync::Mutex;
 use tokio::time::timeout;
 
-use crate::arbiter::{Arbiter, BoxFuture, LeaseGrant, OwnerInfo, TasOutcome, validate_name};
+use crate::arbiter::{
+    Arbiter, BoxFuture, LeaseGrant, OwnerInfo, TasOutcome, validate_follower, validate_name,
+};
 use crate::error::FenceError;
 
 /// Default key prefix.
@@ -51,6 +57,8 @@ struct Snapshot {
     /// mod_revision of the epoch key (0 = absent).
     epoch_rev: i64,
     owner: Option<Owner>,
+    /// (epoch, node) of the owner's paired follower (key attached to the owner's lease).
+    follower: Option<(u64, String)>,
 }
 
 impl EtcdArbiter {
@@ -167,6 +175,9 @@ impl EtcdArbiter {
     fn owner_key(&self, vm: &str) -> String {
         format!("{}{vm}/owner", self.prefix)
     }
+    fn follower_key(&self, vm: &str) -> String {
+        format!("{}{vm}/follower", self.prefix)
+    }
 
     fn ttl_secs(&self) -> i64 {
         let ms = self.lease.as_millis().max(1);
@@ -187,6 +198,14 @@ impl EtcdArbiter {
                     .parse()
                     .map_err(|_| self.err(format!("corrupt epoch value {val:?}")))?;
                 s.epoch_rev = kv.mod_revision();
+            } else if key == self.follower_key(vm).as_bytes() {
+                let (e, n) = val
+                    .split_once(' ')
+                    .ok_or_else(|| self.err(format!("corrupt follower value {val:?}")))?;
+                let e = e
+                    .parse()
+                    .map_err(|_| self.err(format!("corrupt follower value {val:?}")))?;
+                s.follower = Some((e, n.to_string()));
             } else if key == self.owner_key(vm).as_bytes() {
                 let (e, n) = val
                     .split_once(' ')
@@ -231,7 +250,12 @@ impl EtcdArbiter {
                         // An earlier attempt of this call committed (reply was lost).
                         return Ok(self.won(o.epoch));
                     }
-                    if o.node != node {
+                    // The owner's paired follower may take over at that epoch while the
+                    // owner's lease is valid (the owner cannot emit without its acks).
+                    let paired = s.follower.as_ref().is_some_and(|(e, f)| {
+                        *e == s.epoch && *e == o.epoch && f == node && expected_epoch == s.epoch
+                    });
+                    if o.node != node && !paired {
                         let lease_remaining = self.remaining(&mut c, o.lease_id).await;
                         return Ok(TasOutcome::Held {
                             owner: o.node.clone(),
@@ -264,6 +288,7 @@ impl EtcdArbiter {
                     None => Compare::version(ok.clone(), CompareOp::Equal, 0),
                     Some(o) => Compare::mod_revision(ok.clone(), CompareOp::Equal, o.mod_revision),
                 };
+                // A new epoch is unpaired.
                 let txn = Txn::new().when([epoch_cmp, owner_cmp]).and_then([
                     TxnOp::put(ek, new_epoch.to_string(), None),
                     TxnOp::put(
@@ -271,11 +296,14 @@ impl EtcdArbiter {
                         format!("{new_epoch} {node}"),
                         Some(PutOptions::new().with_lease(lease.id())),
                     ),
+                    TxnOp::delete(self.follower_key(vm), None),
                 ]);
                 let r = c.txn(txn).await.map_err(|e| self.err(e))?;
                 if r.succeeded() {
-                    if let Some(o) = &s.owner {
-                        // Our own previous lease (re-take); drop it, best effort.
+                    if let Some(o) = s.owner.as_ref().filter(|o| o.node == node) {
+                        // Our own previous lease (re-take); drop it, best effort. (A
+                        // previous owner we took over from keeps its lease until it
+                        // lapses: nothing is attached to it any more.)
                         let _ = c.lease_revoke(o.lease_id).await;
                     }
                     return Ok(self.won(new_epoch));
@@ -350,6 +378,39 @@ impl EtcdArbiter {
             }
             None => Err(self.err("keep-alive stream closed without an answer")),
         }
+    }
+
+    async fn pair_inner(
+        &self,
+        mut c: Client,
+        vm: &str,
+        node: &str,
+        epoch: u64,
+        follower: &str,
+    ) -> Result<(), FenceError> {
+        let s = self.snapshot(&mut c, vm).await?;
+        let lease_id = match &s.owner {
+            Some(o) if o.node == node && o.epoch == epoch => o.lease_id,
+            _ => return Err(self.fenced(vm, node, epoch, s)),
+        };
+        // Attached to the owner's lease: it lapses with it.
+        let txn = Txn::new()
+            .when([Compare::value(
+                self.owner_key(vm),
+                CompareOp::Equal,
+                format!("{epoch} {node}"),
+            )])
+            .and_then([TxnOp::put(
+                self.follower_key(vm),
+                format!("{epoch} {follower}"),
+                Some(PutOptions::new().with_lease(lease_id)),
+            )]);
+        let r = c.txn(txn).await.map_err(|e| self.err(e))?;
+        if r.succeeded() {
+            return Ok(());
+        }
+        let s = self.snapshot(&mut c, vm).await?;
+        Err(self.fenced(vm, node, epoch, s))
     }
 
     async fn release_inner(
@@ -440,6 +501,24 @@ impl Arbiter for EtcdArbiter {
             validate_name("node name", node)?;
             self.bounded(self.with_failover(|c| Box::pin(self.release_inner(c, vm, node, epoch))))
                 .await
+        })
+    }
+
+    fn pair<'a>(
+        &'a self,
+        vm: &'a str,
+        node: &'a str,
+        epoch: u64,
+        follower: &'a str,
+    ) -> BoxFuture<'a, Result<(), FenceError>> {
+        Box::pin(async move {
+            validate_name("vm name", vm)?;
+            validate_name("node name", node)?;
+            validate_follower(node, follower)?;
+            self.bounded(
+                self.with_failover(|c| Box::pin(self.pair_inner(c, vm, node, epoch, follower))),
+            )
+            .await
         })
     }
 

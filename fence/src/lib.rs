@@ -18,6 +18,13 @@
 //!   node's lease ends before the arbiter's as long as the clocks' rate difference over
 //!   one lease stays below `drift_margin`. Hence the old owner has stopped emitting before
 //!   a new owner can be granted.
+//! * **Pairing.** The one exception to "never while another lease is valid": an owner
+//!   that names its backup with [`Arbiter::pair`] lets that follower take over at the
+//!   current epoch at once. While paired, the owner's output waits for the follower's
+//!   acks (the output rule), and the follower stops acking before it asks; so the owner
+//!   can emit nothing more, lease or not. An owner that would emit without acks (solo)
+//!   must first take a new epoch by `test_and_set`, which unpairs: it then races the
+//!   follower's take-over at the old epoch, and exactly one of them wins.
 //! * A failed or late renewal never extends the deadline; an unreachable arbiter means
 //!   nobody goes live (errors say so).
 //! * Epochs are fencing tokens: log frames and acks carry them, so a stale primary's
@@ -39,7 +46,8 @@
 //! # Embedded wire protocol
 //! TCP, frames of a `u32` big-endian length (1..=4096) followed by a JSON body:
 //! request `{"v":1,"id":N,"node":"a","vm":"web","op":{"test_and_set":{"expected_epoch":0,"lease_ms":3000}}}`
-//! (ops `test_and_set`, `renew {epoch, lease_ms}`, `release {epoch}`, `"read"`), reply
+//! (ops `test_and_set`, `renew {epoch, lease_ms}`, `release {epoch}`,
+//! `pair {epoch, follower}`, `"read"`), reply
 //! `{"v":1,"id":N,"reply":{...}}`. Unknown fields/ops, wrong versions, bad names or lease
 //! lengths get an `error` reply and change nothing; bad lengths (0 or > 4096) and
 //! unparseable bodies get an error reply and the connection is closed; truncated frames
@@ -81,7 +89,7 @@ pub use arbiter::{
     TasOutcome, monotonic_now_ns, try_acquire, validate_name,
 };
 pub use config::{Backend, ConfigError, FenceConfig};
-pub use embedded::{EmbeddedArbiter, serve, serve_with};
+pub use embedded::{EmbeddedArbiter, ServerOptions, serve, serve_with};
 pub use error::{FenceError, ServeError};
 pub use etcd::EtcdArbiter;
 pub use keeper::{LeaseKeeper, LeaseState, LeaseTiming};

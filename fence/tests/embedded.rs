@@ -4,7 +4,7 @@ mod common;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{ArbiterProc, TEST_BUDGET, eventually, race_rounds};
+use common::{ArbiterProc, TEST_BUDGET, eventually, pairing_scenario, race_rounds};
 use ft_fence::embedded::proto::{self, MAX_FRAME, Op, Reply, Request, Response};
 use ft_fence::testkit::free_port;
 use ft_fence::{
@@ -34,6 +34,36 @@ async fn two_nodes_race_exactly_one_winner() {
         let b = client(&arb.addr, 3000);
         let last = race_rounds(a, b, "vm-race", 200).await;
         assert_eq!(last, 200);
+    })
+    .await
+    .expect("test budget exceeded");
+}
+
+/// The owner's paired follower takes over at once; an owner going solo races it. The
+/// pairing is durable: it survives an arbiter crash (SIGKILL) and restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paired_follower_takes_over_at_once_and_races_a_solo_owner() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut arb = ArbiterProc::start(dir.path());
+    timeout(TEST_BUDGET, async {
+        let c = |addr: &str| client(addr, 3000);
+        pairing_scenario(c(&arb.addr), c(&arb.addr), c(&arb.addr), "vm-pair", 50).await;
+        // Durable: pair, crash the arbiter, restart it; the follower still takes over.
+        let a = c(&arb.addr);
+        let e = a
+            .test_and_set("vm-d", "node-a", 0)
+            .await
+            .unwrap()
+            .won()
+            .unwrap()
+            .epoch;
+        a.pair("vm-d", "node-a", e, "node-b").await.unwrap();
+        let addr = arb.addr.clone();
+        arb.kill();
+        arb = ArbiterProc::start_on(&addr, dir.path());
+        let b = c(&arb.addr);
+        let g = b.test_and_set("vm-d", "node-b", e).await.unwrap();
+        assert_eq!(g.won().map(|g| g.epoch), Some(e + 1), "{g:?}");
     })
     .await
     .expect("test budget exceeded");
@@ -97,7 +127,7 @@ async fn lease_blocks_until_expiry_then_loser_takes_over_and_old_owner_is_fenced
 async fn crash_and_restart_remembers_winner_and_never_reuses_epochs() {
     let dir = tempfile::tempdir().unwrap();
     let addr = format!("127.0.0.1:{}", free_port());
-    let mut arb = ArbiterProc::start_on(&addr, dir.path());
+    let mut arb = ArbiterProc::start_new_on(&addr, dir.path());
     timeout(TEST_BUDGET, async {
         let a = client(&addr, 1000);
         let b = client(&addr, 1000);
@@ -194,7 +224,11 @@ async fn in_process_server_abort_and_restart_keeps_state() {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap().to_string();
         let path = dir.path().to_path_buf();
-        let srv = tokio::spawn(async move { ft_fence::serve(l, path).await });
+        let new = ft_fence::ServerOptions {
+            init: true,
+            ..Default::default()
+        };
+        let srv = tokio::spawn(async move { ft_fence::serve_with(l, path, new).await });
         let a = client(&addr, 200);
         let g = a.test_and_set("vm", "a", 0).await.unwrap().won().unwrap();
         a.release("vm", "a", g.epoch).await.unwrap();
@@ -684,6 +718,7 @@ async fn stalled_and_idle_connections_are_closed_by_the_server() {
         let opts = ft_fence::embedded::ServerOptions {
             idle_timeout: Duration::from_millis(500),
             io_timeout: Duration::from_millis(200),
+            init: true,
             ..Default::default()
         };
         let path = dir.path().to_path_buf();
@@ -705,6 +740,63 @@ async fn stalled_and_idle_connections_are_closed_by_the_server() {
         let a = client(&addr, 1000);
         assert_eq!(a.read("vm").await.unwrap().epoch, 0);
         srv.abort();
+    })
+    .await
+    .expect("test budget exceeded");
+}
+
+/// A missing state file is an error unless a first start is asked for (`--init`), and
+/// `--init` never overwrites a state: a lost file must not restart the epochs at 0.
+#[tokio::test]
+async fn a_missing_state_file_needs_init_and_init_never_overwrites() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_ft-arbiter"))
+            .args(["--listen", &format!("127.0.0.1:{}", free_port())])
+            .arg("--state-dir")
+            .arg(dir.path())
+            .args(args)
+            .env("RUST_LOG", "warn")
+            .output()
+            .unwrap()
+    };
+    let out = run(&[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("no arbiter state file") && err.contains("--init"),
+        "{err}"
+    );
+    // A first start creates the state durably at once, before any request.
+    let arb = ArbiterProc::start(dir.path());
+    let state = dir.path().join(ft_fence::embedded::STATE_FILE);
+    assert!(state.is_file(), "--init did not write the state at start");
+    timeout(TEST_BUDGET, async {
+        let a = client(&arb.addr, 1000);
+        assert_eq!(
+            a.test_and_set("vm", "a", 0)
+                .await
+                .unwrap()
+                .won()
+                .unwrap()
+                .epoch,
+            1
+        );
+    })
+    .await
+    .expect("test budget exceeded");
+    drop(arb);
+    let out = run(&["--init"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("exists") && err.contains("without --init"),
+        "{err}"
+    );
+    // The state is intact: a restart without --init knows epoch 1.
+    let arb = ArbiterProc::start_on(&format!("127.0.0.1:{}", free_port()), dir.path());
+    timeout(TEST_BUDGET, async {
+        assert_eq!(client(&arb.addr, 1000).read("vm").await.unwrap().epoch, 1);
     })
     .await
     .expect("test budget exceeded");

@@ -5,7 +5,7 @@ mod common;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{TEST_BUDGET, etcd, eventually, race_rounds};
+use common::{TEST_BUDGET, etcd, eventually, pairing_scenario, race_rounds};
 use ft_fence::testkit::free_port;
 use ft_fence::{Arbiter, EtcdArbiter, FenceError, TasOutcome};
 use tokio::time::timeout;
@@ -28,6 +28,19 @@ async fn two_nodes_race_exactly_one_winner() {
         let b = client(cluster.endpoints(), Duration::from_secs(3));
         let last = race_rounds(a, b, "vm-race", 60).await;
         assert_eq!(last, 60);
+    })
+    .await
+    .expect("test budget exceeded");
+}
+
+/// The owner's paired follower takes over at once; an owner going solo races it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paired_follower_takes_over_at_once_and_races_a_solo_owner() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = etcd(1, dir.path());
+    timeout(TEST_BUDGET, async {
+        let c = || client(cluster.endpoints(), Duration::from_secs(3));
+        pairing_scenario(c(), c(), c(), "vm-pair", 30).await;
     })
     .await
     .expect("test budget exceeded");

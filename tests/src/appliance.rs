@@ -136,6 +136,7 @@ pub fn start_arbiter(tb: &Testbed) -> Result<ChildGuard> {
             ARBITER_ADDR,
             "--state-dir",
             dir.to_str().unwrap(),
+            "--init",
         ],
     )?;
     let ok = Appliance::wait_until(Duration::from_secs(10), || {

@@ -16,6 +16,11 @@ struct Args {
     /// Directory for the durable state (local disk; never shared by two arbiters).
     #[arg(long)]
     state_dir: PathBuf,
+    /// First start only: create a new, empty state in --state-dir (refused if a state
+    /// file exists). Without it a missing state file is an error, so a lost file can
+    /// never silently restart the epochs.
+    #[arg(long)]
+    init: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -34,7 +39,11 @@ fn main() -> anyhow::Result<()> {
             .with_context(|| format!("cannot listen on {}", args.listen))?;
         tracing::info!(listen = %listener.local_addr()?, state_dir = %args.state_dir.display(), "ft-arbiter up");
         tokio::select! {
-            r = ft_fence::serve(listener, &args.state_dir) => r.map_err(anyhow::Error::from),
+            r = ft_fence::serve_with(
+                listener,
+                &args.state_dir,
+                ft_fence::ServerOptions { init: args.init, ..Default::default() },
+            ) => r.map_err(anyhow::Error::from),
             _ = tokio::signal::ctrl_c() => { tracing::info!("interrupted"); Ok(()) }
         }
     })

@@ -7,7 +7,9 @@ use tokio::sync::Mutex;
 use tokio::time::{Instant, timeout_at};
 
 use super::proto::{self, ErrorCode, FrameError, Op, PROTO_VERSION, Reply, Request, Response};
-use crate::arbiter::{Arbiter, BoxFuture, LeaseGrant, OwnerInfo, TasOutcome, validate_name};
+use crate::arbiter::{
+    Arbiter, BoxFuture, LeaseGrant, OwnerInfo, TasOutcome, validate_follower, validate_name,
+};
 use crate::error::FenceError;
 
 /// Client of one embedded arbiter (`ft-arbiter`). One request in flight at a time; the
@@ -205,6 +207,39 @@ impl Arbiter for EmbeddedArbiter {
                     lease_remaining: Duration::from_millis(remaining_ms),
                 }),
                 Reply::Stale { owner, epoch } => Ok(TasOutcome::Stale { owner, epoch }),
+                r => Err(self.unexpected(r)),
+            }
+        })
+    }
+
+    fn pair<'a>(
+        &'a self,
+        vm: &'a str,
+        node: &'a str,
+        epoch: u64,
+        follower: &'a str,
+    ) -> BoxFuture<'a, Result<(), FenceError>> {
+        Box::pin(async move {
+            validate_follower(node, follower)?;
+            let op = Op::Pair {
+                epoch,
+                follower: follower.to_string(),
+            };
+            match self.call(vm, node, op).await? {
+                Reply::Paired {
+                    epoch: e,
+                    follower: f,
+                } if e == epoch && f == follower => Ok(()),
+                Reply::Fenced {
+                    owner,
+                    epoch: current,
+                } => Err(FenceError::Fenced {
+                    vm: vm.to_string(),
+                    node: node.to_string(),
+                    epoch,
+                    current_owner: owner,
+                    current_epoch: current,
+                }),
                 r => Err(self.unexpected(r)),
             }
         })

@@ -22,9 +22,22 @@ pub struct Request {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "snake_case")]
 pub enum Op {
-    TestAndSet { expected_epoch: u64, lease_ms: u64 },
-    Renew { epoch: u64, lease_ms: u64 },
-    Release { epoch: u64 },
+    TestAndSet {
+        expected_epoch: u64,
+        lease_ms: u64,
+    },
+    Renew {
+        epoch: u64,
+        lease_ms: u64,
+    },
+    Release {
+        epoch: u64,
+    },
+    /// The owner at `epoch` names its paired follower (see `Arbiter::pair`).
+    Pair {
+        epoch: u64,
+        follower: String,
+    },
     Read,
 }
 
@@ -63,6 +76,10 @@ pub enum Reply {
     },
     Released {
         epoch: u64,
+    },
+    Paired {
+        epoch: u64,
+        follower: String,
     },
     State {
         owner: Option<String>,

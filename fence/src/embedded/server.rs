@@ -16,7 +16,7 @@ use tokio::task::JoinSet;
 use tokio::time::timeout;
 
 use super::proto::{self, ErrorCode, MAX_FRAME, Op, PROTO_VERSION, Reply, Request, Response};
-use crate::arbiter::validate_name;
+use crate::arbiter::{validate_follower, validate_name};
 use crate::error::ServeError;
 
 /// Name of the state file inside the state directory.
@@ -38,6 +38,10 @@ pub struct ServerOptions {
     /// Most VMs / nodes remembered (bounds state size against misbehaving clients).
     pub max_vms: usize,
     pub max_nodes: usize,
+    /// First start: create a new, empty state. Without it a missing state file is an
+    /// error (a lost file must not silently restart the epochs at 0); with it an
+    /// existing state file is.
+    pub init: bool,
 }
 
 impl Default for ServerOptions {
@@ -50,6 +54,7 @@ impl Default for ServerOptions {
             max_lease_ms: 600_000,
             max_vms: 1024,
             max_nodes: 1024,
+            init: false,
         }
     }
 }
@@ -70,7 +75,12 @@ pub async fn serve_with(
     opts: ServerOptions,
 ) -> Result<(), ServeError> {
     let store = Store::open(state_dir.as_ref())?;
-    let core = store.load()?;
+    let core = store.load(opts.init)?;
+    if opts.init {
+        // The new, empty state is durable at once: the next start needs no --init.
+        store.persist(&core.snapshot()).await?;
+        tracing::info!(state_dir = %store.dir.display(), "new arbiter state created (--init)");
+    }
     tracing::info!(
         state_dir = %store.dir.display(),
         vms = core.vms.len(),
@@ -185,6 +195,11 @@ async fn handle(sh: &Shared, req: Request) -> Reply {
     if let Err(e) = validate_name("vm name", &req.vm).and(validate_name("node name", &req.node)) {
         return error(ErrorCode::InvalidArgument, e.to_string());
     }
+    if let Op::Pair { follower, .. } = &req.op
+        && let Err(e) = validate_follower(&req.node, follower)
+    {
+        return error(ErrorCode::InvalidArgument, e.to_string());
+    }
     let lease_ms = match req.op {
         Op::TestAndSet { lease_ms, .. } | Op::Renew { lease_ms, .. } => Some(lease_ms),
         _ => None,
@@ -251,11 +266,20 @@ async fn handle(sh: &Shared, req: Request) -> Reply {
             expected_epoch,
             lease_ms,
         } => match &cur.owner {
-            Some(o) if valid && *o != req.node => Reply::Held {
-                owner: o.clone(),
-                epoch: cur.epoch,
-                remaining_ms: ms(cur.remaining(now)).max(1),
-            },
+            // The owner's paired follower may take over at that epoch while the lease is
+            // valid (the owner cannot emit without its acks).
+            Some(o)
+                if valid
+                    && *o != req.node
+                    && !(cur.follower.as_deref() == Some(req.node.as_str())
+                        && cur.epoch == expected_epoch) =>
+            {
+                Reply::Held {
+                    owner: o.clone(),
+                    epoch: cur.epoch,
+                    remaining_ms: ms(cur.remaining(now)).max(1),
+                }
+            }
             _ if cur.epoch != expected_epoch => Reply::Stale {
                 owner: cur.owner.clone(),
                 epoch: cur.epoch,
@@ -267,6 +291,7 @@ async fn handle(sh: &Shared, req: Request) -> Reply {
             _ => {
                 next.epoch = cur.epoch + 1;
                 next.owner = Some(req.node.clone());
+                next.follower = None;
                 next.lease_ms = lease_ms;
                 Reply::Won {
                     epoch: next.epoch,
@@ -285,11 +310,23 @@ async fn handle(sh: &Shared, req: Request) -> Reply {
                 }
             }
         }
+        Op::Pair { epoch, follower } => {
+            if cur.owner.as_deref() == Some(req.node.as_str()) && cur.epoch == epoch && valid {
+                next.follower = Some(follower.clone());
+                Reply::Paired { epoch, follower }
+            } else {
+                Reply::Fenced {
+                    owner: cur.owner.clone(),
+                    epoch: cur.epoch,
+                }
+            }
+        }
         Op::Release { epoch } => {
             if cur.epoch == epoch
                 && (cur.owner.is_none() || cur.owner.as_deref() == Some(req.node.as_str()))
             {
                 next.owner = None;
+                next.follower = None;
                 next.expires = None;
                 Reply::Released { epoch }
             } else {
@@ -301,8 +338,10 @@ async fn handle(sh: &Shared, req: Request) -> Reply {
         }
     };
 
-    let durable_change =
-        next.epoch != cur.epoch || next.owner != cur.owner || next.lease_ms > cur.lease_ms;
+    let durable_change = next.epoch != cur.epoch
+        || next.owner != cur.owner
+        || next.follower != cur.follower
+        || next.lease_ms > cur.lease_ms;
     if durable_change {
         let mut snapshot = core.snapshot();
         snapshot.vms.insert(req.vm.clone(), next.persisted());
@@ -330,6 +369,8 @@ fn ms(d: Duration) -> u64 {
 struct VmRec {
     epoch: u64,
     owner: Option<String>,
+    /// The owner's paired follower at `epoch` (may take over while the lease is valid).
+    follower: Option<String>,
     lease_ms: u64,
     /// Server-monotonic lease expiry; None = no valid lease.
     expires: Option<Instant>,
@@ -346,6 +387,7 @@ impl VmRec {
         PersistedVm {
             epoch: self.epoch,
             owner: self.owner.clone(),
+            follower: self.follower.clone(),
             lease_ms: self.lease_ms,
         }
     }
@@ -378,6 +420,9 @@ impl Core {
 struct PersistedVm {
     epoch: u64,
     owner: Option<String>,
+    /// Absent in state files written before pairing existed (= unpaired).
+    #[serde(default)]
+    follower: Option<String>,
     lease_ms: u64,
 }
 
@@ -433,11 +478,23 @@ impl Store {
         })
     }
 
-    fn load(&self) -> Result<Core, ServeError> {
+    fn load(&self, init: bool) -> Result<Core, ServeError> {
         let path = self.dir.join(STATE_FILE);
         let bytes = match fs::read(&path) {
+            Ok(_) if init => {
+                return Err(ServeError::InitWithState {
+                    path: path.display().to_string(),
+                });
+            }
             Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Core::default()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && init => {
+                return Ok(Core::default());
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(ServeError::NoState {
+                    path: path.display().to_string(),
+                });
+            }
             Err(e) => {
                 return Err(ServeError::CorruptState {
                     path: path.display().to_string(),
@@ -470,6 +527,7 @@ impl Store {
                     VmRec {
                         epoch: v.epoch,
                         owner: v.owner,
+                        follower: v.follower,
                         lease_ms: v.lease_ms,
                         expires,
                     },

@@ -19,17 +19,28 @@ pub struct ArbiterProc {
 }
 
 impl ArbiterProc {
-    /// Starts `ft-arbiter` on a fresh port.
+    /// Starts a new `ft-arbiter` (`--init`: empty state) on a fresh port.
     pub fn start(state_dir: &Path) -> ArbiterProc {
-        Self::start_on(&format!("127.0.0.1:{}", free_port()), state_dir)
+        Self::start_new_on(&format!("127.0.0.1:{}", free_port()), state_dir)
+    }
+
+    /// Starts a new `ft-arbiter` (`--init`) on `addr`.
+    pub fn start_new_on(addr: &str, state_dir: &Path) -> ArbiterProc {
+        Self::spawn(addr, state_dir, true)
+    }
+
+    /// Restarts `ft-arbiter` on `addr` with the state in `state_dir` (no `--init`).
+    pub fn start_on(addr: &str, state_dir: &Path) -> ArbiterProc {
+        Self::spawn(addr, state_dir, false)
     }
 
     /// Starts `ft-arbiter` on `addr` and waits (bounded) until it accepts connections.
-    pub fn start_on(addr: &str, state_dir: &Path) -> ArbiterProc {
+    fn spawn(addr: &str, state_dir: &Path, init: bool) -> ArbiterProc {
         let child = Command::new(env!("CARGO_BIN_EXE_ft-arbiter"))
             .args(["--listen", addr])
             .arg("--state-dir")
             .arg(state_dir)
+            .args(init.then_some("--init"))
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -95,7 +106,7 @@ where
 
 use std::sync::Arc;
 
-use ft_fence::{Arbiter, TasOutcome};
+use ft_fence::{Arbiter, FenceError, TasOutcome};
 
 /// Two nodes race `test_and_set` for `rounds` rounds (both with the epoch they just read).
 /// Asserts exactly one winner per round and strictly increasing epochs; the winner
@@ -155,4 +166,112 @@ pub async fn race_rounds(a: Arc<dyn Arbiter>, b: Arc<dyn Arbiter>, vm: &str, rou
         wins[0], wins[1]
     );
     last
+}
+
+/// Pairing (see `Arbiter::pair`), the same for every backend (`a`, `b`, `c` are three
+/// clients of one arbiter, acting as nodes "node-a", "node-b", "node-c"):
+/// * an unpaired owner's valid lease blocks everyone, the paired follower's included
+///   until it is named;
+/// * only the owner at the current epoch can pair, and only another node;
+/// * the named follower, and nobody else, takes over at that epoch at once (the lease is
+///   still valid), and the old owner is then fenced;
+/// * an owner going solo (a new epoch by test-and-set) races its follower's take-over:
+///   exactly one wins, every round, and the winner's epoch is unpaired;
+/// * a follower that followed an older epoch loses.
+pub async fn pairing_scenario(
+    a: Arc<dyn Arbiter>,
+    b: Arc<dyn Arbiter>,
+    c: Arc<dyn Arbiter>,
+    vm: &str,
+    rounds: usize,
+) {
+    let e1 = a
+        .test_and_set(vm, "node-a", 0)
+        .await
+        .unwrap()
+        .won()
+        .expect("first owner")
+        .epoch;
+    // Not paired yet: the lease holds.
+    assert!(matches!(
+        b.test_and_set(vm, "node-b", e1).await.unwrap(),
+        TasOutcome::Held { .. }
+    ));
+    // Only the owner at the current epoch pairs, and not with itself.
+    assert!(matches!(
+        b.pair(vm, "node-b", e1, "node-c").await,
+        Err(FenceError::Fenced { .. })
+    ));
+    assert!(matches!(
+        a.pair(vm, "node-a", e1 + 1, "node-b").await,
+        Err(FenceError::Fenced { .. })
+    ));
+    assert!(matches!(
+        a.pair(vm, "node-a", e1, "node-a").await,
+        Err(FenceError::InvalidName { .. })
+    ));
+    a.pair(vm, "node-a", e1, "node-b").await.unwrap();
+    // Somebody else than the follower is still held off.
+    assert!(matches!(
+        c.test_and_set(vm, "node-c", e1).await.unwrap(),
+        TasOutcome::Held { .. }
+    ));
+    // The follower takes over at once, while A's lease is valid.
+    let info = b.read(vm).await.unwrap();
+    assert!(info.lease_remaining > Duration::ZERO, "{info:?}");
+    let e2 = b
+        .test_and_set(vm, "node-b", e1)
+        .await
+        .unwrap()
+        .won()
+        .expect("the paired follower takes over")
+        .epoch;
+    assert_eq!(e2, e1 + 1);
+    assert!(matches!(
+        a.renew(vm, "node-a", e1).await,
+        Err(FenceError::Fenced { .. })
+    ));
+    // A followed epoch e1: it is stale now, and its old pairing is gone.
+    assert!(
+        a.test_and_set(vm, "node-a", e1)
+            .await
+            .unwrap()
+            .won()
+            .is_none()
+    );
+    // Rounds: the owner pairs the other node, then the owner going solo races the
+    // follower taking over.
+    let (mut owner, mut follower) = ((b.clone(), "node-b"), (a.clone(), "node-a"));
+    let mut epoch = e2;
+    for round in 0..rounds {
+        owner.0.pair(vm, owner.1, epoch, follower.1).await.unwrap();
+        let (ro, rf) = tokio::join!(
+            owner.0.test_and_set(vm, owner.1, epoch),
+            follower.0.test_and_set(vm, follower.1, epoch)
+        );
+        let (ro, rf) = (ro.unwrap(), rf.unwrap());
+        let won = match (ro.won(), rf.won()) {
+            (Some(g), None) => {
+                // The owner went solo: the new epoch is unpaired, the follower is out.
+                assert!(
+                    follower
+                        .0
+                        .test_and_set(vm, follower.1, g.epoch)
+                        .await
+                        .unwrap()
+                        .won()
+                        .is_none(),
+                    "round {round}: a solo owner's epoch must not be taken over"
+                );
+                g
+            }
+            (None, Some(g)) => {
+                std::mem::swap(&mut owner, &mut follower);
+                g
+            }
+            (x, y) => panic!("round {round}: winners {x:?} / {y:?}: {ro:?} {rf:?}"),
+        };
+        assert_eq!(won.epoch, epoch + 1, "round {round}");
+        epoch = won.epoch;
+    }
 }

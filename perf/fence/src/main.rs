@@ -128,7 +128,11 @@ fn main() -> Result<()> {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = l.local_addr()?.to_string();
         let state = dir.path().join("arbiter");
-        let srv = tokio::spawn(async move { ft_fence::serve(l, state).await });
+        let new = ft_fence::ServerOptions {
+            init: true,
+            ..Default::default()
+        };
+        let srv = tokio::spawn(async move { ft_fence::serve_with(l, state, new).await });
         let a: Arc<dyn Arbiter> = Arc::new(EmbeddedArbiter::new(&addr, lease, timeout));
         let b: Arc<dyn Arbiter> = Arc::new(EmbeddedArbiter::new(&addr, lease, timeout));
         rows.extend(bench("embedded", a, b, args.iterations).await?);
