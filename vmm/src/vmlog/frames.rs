@@ -114,6 +114,18 @@ impl MemFrameStore {
     pub fn is_closed(&self) -> bool {
         self.lock().closed
     }
+
+    /// Closes the store and hands out every frame with a key above `after`, in key order
+    /// (at go-live: input that arrived but that the primary's guest never consumed).
+    pub fn take_after(&self, after: FrameKey) -> Vec<(FrameKey, Vec<u8>)> {
+        let mut s = self.lock();
+        s.closed = true;
+        let frames = std::mem::take(&mut s.frames);
+        s.bytes = 0;
+        drop(s);
+        self.shared.put.notify_all();
+        frames.into_iter().filter(|(k, _)| *k > after).collect()
+    }
 }
 
 impl FrameStore for MemFrameStore {

@@ -122,6 +122,12 @@ impl Vmm {
             return;
         };
         store.remove(key);
+        if let Some(l) = self.live.as_ref() {
+            l.last_frame_epoch
+                .store(key.epoch, std::sync::atomic::Ordering::Relaxed);
+            l.last_frame_seq
+                .store(key.seq, std::sync::atomic::Ordering::Relaxed);
+        }
         let w = self.cfg.frame_reorder_window;
         if key.seq > w {
             store.evict_through(FrameKey {

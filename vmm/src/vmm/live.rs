@@ -17,6 +17,16 @@ pub struct LiveStats {
     /// Replay: the END entry was reached and the final state verified.
     pub end_verified: AtomicBool,
     pub frame_waits: AtomicU64,
+    /// Replay: the (epoch, sequence) of the last input frame the replica consumed (0, 0
+    /// = none). Frames after it were never seen by the primary's guest.
+    pub last_frame_epoch: AtomicU64,
+    pub last_frame_seq: AtomicU64,
+    /// The VMM went live (replay ended, it runs free with its NIC attached); set with
+    /// Release after the NIC is attached, so a reader that sees it (Acquire) may feed
+    /// the NIC.
+    pub went_live: AtomicBool,
+    /// Output frames computed up to go-live (replay; what the primary may have released).
+    pub tx_frames_at_live: AtomicU64,
 }
 
 impl super::Vmm {

@@ -212,6 +212,13 @@ impl Vmm {
         {
             self.net = Some(f()?);
         }
+        self.publish_live();
+        if let Some(l) = self.live.as_ref() {
+            l.tx_frames_at_live
+                .store(self.nic.tx_frames, std::sync::atomic::Ordering::Relaxed);
+            l.went_live
+                .store(true, std::sync::atomic::Ordering::Release);
+        }
         if self.cfg.console_echo {
             eprintln!("ft-vmm: went live at exit {}", self.exits);
         }
