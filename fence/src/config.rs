@@ -44,6 +44,9 @@ pub struct FenceConfig {
     pub vm: String,
     /// This host's name, unique among the nodes protecting `vm`.
     pub node: String,
+    /// The peer host's name (its `node`): the backup a primary pairs at the arbiter, so
+    /// that it may take over at once when the primary dies (see `Arbiter::pair`).
+    pub peer: String,
     /// etcd key prefix.
     pub etcd_prefix: String,
 }
@@ -59,6 +62,7 @@ impl Default for FenceConfig {
             drift_margin_ms: 100,
             vm: String::new(),
             node: String::new(),
+            peer: String::new(),
             etcd_prefix: DEFAULT_PREFIX.to_string(),
         }
     }
@@ -115,6 +119,16 @@ impl FenceConfig {
         }
         if let Err(e) = validate_name("fence.node", &self.node) {
             return bad(e.to_string());
+        }
+        if backend != Backend::None {
+            if let Err(e) = validate_name("fence.peer", &self.peer) {
+                return bad(format!(
+                    "{e}: set fence.peer to the other host's node name (the primary pairs it at the arbiter so that it can take over at once)"
+                ));
+            }
+            if self.peer == self.node {
+                return bad("fence.peer must name the other host, not this one (fence.node)");
+            }
         }
         match backend {
             Backend::Embedded => {
@@ -228,6 +242,7 @@ mod tests {
             arbiters: vec!["10.0.0.2:7700".into()],
             vm: "vm1".into(),
             node: "host-a".into(),
+            peer: "host-b".into(),
             ..Default::default()
         }
     }
@@ -244,6 +259,19 @@ mod tests {
     }
 
     #[test]
+    fn a_real_arbiter_needs_the_peer_to_pair() {
+        let mut c = base();
+        c.peer = String::new();
+        assert!(err(&c).contains("fence.peer"), "{}", err(&c));
+        c.peer = "host-a".into();
+        assert!(err(&c).contains("other host"), "{}", err(&c));
+        c.backend = Some(Backend::None);
+        c.arbiters.clear();
+        c.peer = String::new();
+        c.validate().unwrap();
+    }
+
+    #[test]
     fn parses_toml_and_rejects_unknown_keys() {
         let c = FenceConfig::from_toml_str(
             r#"
@@ -255,6 +283,7 @@ mod tests {
             drift_margin_ms = 200
             vm = "web"
             node = "host-b"
+            peer = "host-a"
             "#,
         )
         .unwrap();
