@@ -610,7 +610,7 @@ backend = "none"
         assert!(err(Config::parse(&no_backend)).contains("fence"));
         let other = GOOD.replace(
             "backend = \"none\"",
-            "backend = \"embedded\"\narbiters = [\"10.0.0.2:7700\"]\nvm = \"vm1\"\nnode = \"b\"",
+            "backend = \"embedded\"\narbiters = [\"10.0.0.2:7700\"]\nvm = \"vm1\"\nnode = \"b\"\npeer = \"c\"",
         );
         assert!(err(Config::parse(&other)).contains("differs from node.name"));
     }

@@ -62,6 +62,7 @@ pub fn status_json(sh: &Shared) -> Value {
             "stopped_acking": s.stop_acking.load(Relaxed),
         },
         "vm": sh.vm.as_ref().map(|v| v.json()),
+        "role_history": sh.roles.json(),
         "counters": counters,
         "drops": drops,
     })

@@ -9,7 +9,7 @@ use std::{
 };
 
 use anyhow::Context as _;
-use ft_common::maps::{NodeState, ROLE_BACKUP, ROLE_PRIMARY, ROLE_SOLO, ROLE_STANDBY};
+use ft_common::maps::{NodeState, ROLE_BACKUP, ROLE_STANDBY};
 use ft_fence::Backend;
 use tracing::{error, info, warn};
 
@@ -18,6 +18,7 @@ use crate::{
     config::{Config, Role, VmKind},
     dataplane::{DataPlane, initial_node_state},
     netif::RawSocket,
+    role::Roles,
     vm::VmState,
 };
 
@@ -28,6 +29,8 @@ pub struct Shared {
     pub node_name: String,
     /// The VMM's state, when ftd runs the VM.
     pub vm: Option<Arc<VmState>>,
+    /// The node's role and its history.
+    pub roles: Arc<Roles>,
 }
 
 /// A random, non-zero session number for this run (see ft_common::wire).
@@ -88,24 +91,28 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     status.session.store(session, Relaxed);
     status.peer_alive.store(true, Relaxed);
     status.epoch.store(node.epoch, Relaxed);
-    if let Some(arb) = arbiter {
-        tokio::spawn(crate::fencing::run(
-            cfg.clone(),
-            dp.clone(),
-            status.clone(),
-            arb,
-        ));
-    }
+    let roles = Roles::new(dp.clone(), status.clone());
     let stop = Arc::new(AtomicBool::new(false));
     // The VMM stops first (on the primary: its END entry still travels the channel,
     // which keeps running until the backup acked it, or a bound passed).
     let vm_stop = Arc::new(AtomicBool::new(false));
     let vm = Arc::new(VmState::default());
+    let vm_opt = (cfg.vm.kind == VmKind::Vmm).then(|| vm.clone());
+    tokio::spawn(crate::role::run(crate::role::Ctx {
+        cfg: cfg.clone(),
+        dp: dp.clone(),
+        status: status.clone(),
+        roles: roles.clone(),
+        vm: vm_opt.clone(),
+        arb: arbiter,
+        stop: stop.clone(),
+    }));
     let sh = Arc::new(Shared {
         dp: dp.clone(),
         status: status.clone(),
         node_name: cfg.node.name.clone(),
-        vm: (cfg.vm.kind == VmKind::Vmm).then(|| vm.clone()),
+        vm: vm_opt,
+        roles: roles.clone(),
     });
     let ch = &cfg.channel;
     let mut vcpu = None;
@@ -134,13 +141,13 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                     )?);
                     let (iface, stats, stop2) =
                         (dp.nics.logging.clone(), vm.stats.clone(), stop.clone());
-                    let (dp2, vm2, status2, vm_mac) =
-                        (dp.clone(), vm.clone(), status.clone(), cfg.vm.mac.0);
+                    let vm2 = vm.clone();
                     std::thread::Builder::new()
                         .name("ft-vmlog-repair".into())
                         .spawn(move || {
+                            // The role controller takes it from here (a new epoch, then solo).
                             let on_leave = Box::new(move |reason: u64| {
-                                continue_alone(&dp2, &vm2, &status2, vm_mac, reason);
+                                *vm2.leave.lock().unwrap() = Some(leave_reason(reason).into());
                             });
                             if let Err(e) =
                                 crate::channel::vmrepair::run(&iface, store, stats, on_leave, stop2)
@@ -195,9 +202,9 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                 let (sink, feed): (Box<dyn backup::InputSink>, Option<Box<dyn backup::VmFeed>>) =
                     match tap.take() {
                         // The backup's VM reads nothing from its TAP while it replays.
-                        Some(_tap) => {
+                        Some(tap) => {
                             let (h, input, feed) =
-                                crate::vm::start_backup(&cfg, vm.clone(), vm_stop.clone())?;
+                                crate::vm::start_backup(&cfg, vm.clone(), tap, vm_stop.clone())?;
                             vcpu = Some(h);
                             (Box::new(input), Some(Box::new(feed)))
                         }
@@ -268,7 +275,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                         failure = Some(why);
                     }
                     Role::Backup => {
-                        declare_failed(&cfg, &dp, &status, &vm);
+                        declare_failed(&cfg, &dp, &status, &roles, &vm);
                         tokio::select! {
                             _ = tokio::signal::ctrl_c() => info!("SIGINT: shutting down"),
                             _ = term.recv() => info!("SIGTERM: shutting down"),
@@ -325,26 +332,25 @@ async fn wait_for_last_ack(dp: &DataPlane, vm: &VmState, bound: Duration) {
 /// Backup whose replica failed (diverged, or its VMM stopped): it must never go live.
 /// It stops confirming the log, tells the primary it left, and stays halted (not live,
 /// emitting nothing) until an operator replaces it.
-fn declare_failed(cfg: &Config, dp: &DataPlane, status: &ChannelStatus, vm: &VmState) {
+fn declare_failed(
+    cfg: &Config,
+    dp: &DataPlane,
+    status: &ChannelStatus,
+    roles: &Roles,
+    vm: &VmState,
+) {
     let reason = if vm.divergence.lock().unwrap().is_some() {
         ft_common::wire::LEAVE_DIVERGED
     } else {
         ft_common::wire::LEAVE_SHUTDOWN
     };
-    error!(
-        "this backup's replica failed ({}): it stops acking the log and halts; it must be \
-         recreated from the primary",
-        vm.error.lock().unwrap().clone().unwrap_or_default()
-    );
     status.stop_acking.store(true, Relaxed);
-    status.halted.store(true, Relaxed);
+    roles.halt(&format!(
+        "this backup's replica failed ({}): it stops acking the log; it must be recreated \
+         from the primary",
+        vm.error.lock().unwrap().clone().unwrap_or_default()
+    ));
     let epoch = status.epoch.load(Relaxed);
-    let _ = dp.set_node_state(NodeState {
-        epoch,
-        lease_deadline_ns: 0,
-        role: ROLE_STANDBY,
-        _pad: 0,
-    });
     if let Ok(sock) = RawSocket::open(&dp.nics.logging) {
         let f = crate::channel::frames::control_frame(
             ft_common::wire::KIND_LEAVE,
@@ -364,50 +370,13 @@ fn declare_failed(cfg: &Config, dp: &DataPlane, status: &ChannelStatus, vm: &VmS
     }
 }
 
-/// Primary whose backup left (its replica diverged or its VMM stopped): the backup has
-/// stopped acking and will never go live, so this node carries on alone. The recording
-/// VMM's entries are discarded from now on, the role becomes Solo (same epoch and lease:
-/// a node that wanted to take over would still have to win test-and-set after this
-/// lease lapsed), and a kick drains the output held for acks that will not come.
-fn continue_alone(
-    dp: &DataPlane,
-    vm: &VmState,
-    status: &ChannelStatus,
-    vm_mac: [u8; 6],
-    reason: u64,
-) {
-    let why = match reason {
+/// Why a backup left, from its LEAVE frame.
+fn leave_reason(reason: u64) -> &'static str {
+    match reason {
         ft_common::wire::LEAVE_DIVERGED => "its replica diverged",
         ft_common::wire::LEAVE_SHUTDOWN => "its VMM stopped",
         ft_common::wire::LEAVE_STALE_SESSION => "it follows another run",
         _ => "unknown reason",
-    };
-    let node = match dp.node_state() {
-        Ok(n) => n,
-        Err(e) => {
-            error!("the backup left ({why}) but the node state cannot be read: {e}");
-            return;
-        }
-    };
-    if node.role != ROLE_PRIMARY {
-        return; // already alone, or not live
-    }
-    error!(
-        reason,
-        "the backup left the log ({why}): running solo, unprotected, until a new backup is \
-         created"
-    );
-    vm.solo.store(true, Relaxed);
-    *status.backup_left.lock().unwrap() = Some(why.to_string());
-    if let Err(e) = dp.set_node_state(NodeState {
-        role: ROLE_SOLO,
-        ..node
-    }) {
-        error!("cannot switch the data plane to solo: {e}");
-        return;
-    }
-    if let Err(e) = vm.kick_release(vm_mac) {
-        warn!("could not kick the output ring ({e}): held frames leave with the next output");
     }
 }
 

@@ -4,7 +4,7 @@ pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod dataplane;
-pub mod fencing;
 pub mod metrics;
 pub mod netif;
+pub mod role;
 pub mod vm;

@@ -9,7 +9,7 @@ use std::{
     time::Duration,
 };
 
-use ft_common::wire::KIND_HEARTBEAT;
+use ft_common::{maps::ROLE_PRIMARY, wire::KIND_HEARTBEAT};
 use tracing::{info, warn};
 
 use super::{frames::control_frame, status::ChannelStatus};
@@ -55,6 +55,10 @@ pub fn run(
         let seq = dp.seq_state();
         if epoch == 0 {
             continue; // not live yet
+        }
+        // Only a live, paired primary announces its log (not once solo or halted).
+        if dp.node_state().map_or(true, |n| n.role != ROLE_PRIMARY) {
+            continue;
         }
         let f = control_frame(
             KIND_HEARTBEAT,

@@ -3,7 +3,7 @@
 //! frame, in order, into the VMM's log source. Both count as delivered (and so may be
 //! acked) only once they are there.
 use std::sync::{
-    Arc,
+    Arc, Mutex,
     atomic::{AtomicU64, Ordering::Relaxed},
 };
 
@@ -56,7 +56,9 @@ pub fn split_entries(mut b: &[u8]) -> Result<Vec<(EntryHdr, &[u8])>, String> {
 /// VMLOG entries into the replaying VMM's log source (a bounded channel: a VMM that
 /// lags makes this wait, and the backup's window closes).
 pub struct VmmFeed {
-    pub sink: ChannelSink,
+    /// Taken (dropped) by the role controller at go-live: the VMM's source then ends
+    /// once it has handed out every entry buffered so far.
+    pub sink: Arc<Mutex<Option<ChannelSink>>>,
     /// Entries buffered for replay so far.
     pub entries: Arc<AtomicU64>,
 }
@@ -65,13 +67,15 @@ impl VmFeed for VmmFeed {
     fn deliver(&mut self, _seq: u64, entries: &[u8]) -> Result<(), String> {
         let entries = split_entries(entries)?;
         let n = entries.len() as u64;
+        let mut g = self.sink.lock().unwrap_or_else(|e| e.into_inner());
+        let sink = g
+            .as_mut()
+            .ok_or("the log is closed: this replica is going live")?;
         for (hdr, payload) in entries {
-            self.sink
-                .append(&hdr, payload)
+            sink.append(&hdr, payload)
                 .map_err(|e| format!("the replaying VMM is gone: {e}"))?;
         }
-        self.sink
-            .flush()
+        sink.flush()
             .map_err(|e| format!("the replaying VMM is gone: {e}"))?;
         self.entries.fetch_add(n, Relaxed);
         Ok(())

@@ -62,6 +62,12 @@ pub struct VmState {
     pub kick: Mutex<Option<ft_vmm::net::Tap>>,
     /// Backup: VMM entries the channel buffered for replay.
     pub entries_received: Arc<AtomicU64>,
+    /// Backup: the replay feed's end (dropping it ends the log at go-live).
+    pub feed: Arc<Mutex<Option<ft_vmm::vmlog::ChannelSink>>>,
+    /// Backup: the replica's store of input frames.
+    pub frames: Mutex<Option<MemFrameStore>>,
+    /// Primary: the backup said it left (LEAVE), and why; taken by the role controller.
+    pub leave: Mutex<Option<String>>,
 }
 
 impl VmState {
@@ -81,7 +87,7 @@ impl VmState {
 }
 
 impl VmState {
-    fn set_phase(&self, p: &str) {
+    pub(crate) fn set_phase(&self, p: &str) {
         *self.phase.lock().unwrap() = p.into();
     }
 
@@ -100,6 +106,8 @@ impl VmState {
             "checkpoints": live.checkpoints.load(Relaxed),
             "checkpoints_verified": live.checkpoints_verified.load(Relaxed),
             "tx_frames": live.tx_frames.load(Relaxed),
+            "went_live": live.went_live.load(Relaxed),
+            "tx_frames_at_live": live.tx_frames_at_live.load(Relaxed),
             "tx_hash": format!("{:#018x}", live.tx_hash.load(Relaxed)),
             "end_verified": live.end_verified.load(Relaxed),
             "frame_waits": live.frame_waits.load(Relaxed),
@@ -205,9 +213,11 @@ pub fn start_primary(
 
 /// Backup: the replaying VMM, fed by the logging channel (`feed`). Returns the thread and
 /// the channel's two ends for the receive loop.
+/// `tap` becomes the VM's NIC when it goes live.
 pub fn start_backup(
     cfg: &Config,
     state: Arc<VmState>,
+    tap: ft_vmm::net::Tap,
     stop: Arc<AtomicBool>,
 ) -> anyhow::Result<(JoinHandle<()>, feed::FrameStoreSink, feed::VmmFeed)> {
     let image = guest_image(cfg)?;
@@ -217,12 +227,14 @@ pub fn start_backup(
     // Up to ~64 MiB of entries queued for replay before the channel waits.
     let (chan_sink, chan_source) = ft_vmm::vmlog::channel(2048);
     let frames: Arc<MemFrameStore> = Arc::new(MemFrameStore::default());
+    *state.frames.lock().unwrap() = Some((*frames).clone());
     let store: Arc<dyn FrameStore> = frames.clone();
     let input = feed::FrameStoreSink(store.clone());
     let control = Control::new();
     *state.control.lock().unwrap() = Some(control.clone());
+    *state.feed.lock().unwrap() = Some(chan_sink);
     let feed = feed::VmmFeed {
-        sink: chan_sink,
+        sink: state.feed.clone(),
         entries: state.entries_received.clone(),
     };
     let h = std::thread::Builder::new()
@@ -233,6 +245,7 @@ pub fn start_backup(
                 vmm.set_live_stats(state.live.clone());
                 vmm.set_source(Box::new(chan_source));
                 vmm.set_frame_store(store);
+                vmm.set_net_on_live(Box::new(move || Ok(Box::new(tap) as Box<_>)));
                 state.set_phase("replaying");
                 info!("VMM: replaying the primary's log (backup)");
                 let stopper = spawn_stopper(stop.clone(), control.clone());
