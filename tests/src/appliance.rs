@@ -205,7 +205,8 @@ control_socket = "{sock}"
         fence_ids = if o.fence.contains("\"none\"") {
             String::new()
         } else {
-            format!("vm = \"vm1\"\nnode = \"host-{host}\"")
+            let peer = if host == 'a' { 'b' } else { 'a' };
+            format!("vm = \"vm1\"\nnode = \"host-{host}\"\npeer = \"host-{peer}\"")
         },
         vm_if = match o.vm {
             VmOptions::Standin => VMH_IF,

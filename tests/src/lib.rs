@@ -34,6 +34,7 @@ pub mod child;
 pub mod netns;
 pub mod packet;
 pub mod raw;
+pub mod resp;
 pub mod testbed;
 pub mod udp;
 

@@ -7,9 +7,9 @@ use std::{
     time::Duration,
 };
 
-use ft_guest_service::compat::{multibulk, reply_len};
+use ft_guest_service::compat::multibulk;
 use ft_testbed::{
-    Appliance, ApplianceOptions, Testbed, TestbedOptions, VmOptions, names::*, ns_exec, run_in_ns,
+    Appliance, ApplianceOptions, Testbed, TestbedOptions, VmOptions, names::*, ns_exec, resp,
 };
 use serde_json::Value;
 
@@ -169,32 +169,16 @@ fn threads(pid: i32) -> String {
         .join(" ")
 }
 
-/// A client connection to the VM from the client namespace (the socket stays there).
 fn connect(tb: &Testbed) -> TcpStream {
-    let c = run_in_ns(&tb.client_ns, || TcpStream::connect((VM_IP, VM_PORT))).unwrap();
-    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    c.set_nodelay(true).unwrap();
-    c
+    resp::connect(tb, Duration::from_secs(10)).unwrap()
 }
 
-/// Sends one command and reads its complete reply.
 fn call(c: &mut TcpStream, args: &[&[u8]]) -> Vec<u8> {
-    c.write_all(&multibulk(args)).unwrap();
-    read_reply(c)
+    resp::call(c, args).unwrap()
 }
 
 fn read_reply(c: &mut TcpStream) -> Vec<u8> {
-    let mut got = Vec::new();
-    let mut buf = [0u8; 4096];
-    loop {
-        if let Some(n) = reply_len(&got) {
-            assert_eq!(n, got.len(), "more than one reply: {got:?}");
-            return got;
-        }
-        let n = c.read(&mut buf).expect("reply");
-        assert!(n > 0, "connection closed");
-        got.extend_from_slice(&buf[..n]);
-    }
+    resp::read_reply(c).unwrap()
 }
 
 fn log_field(app: &Appliance, host: char, f: &str) -> u64 {
@@ -348,8 +332,8 @@ fn a_full_vmm_window_stalls_the_vcpu_and_loses_nothing() {
     );
 }
 
-/// The primary dies (SIGKILL) while requests are in flight: the backup's replay runs to
-/// the end of what it holds without an error or a divergence, and reports the silence.
+/// The primary dies (SIGKILL) while requests are in flight: the backup notices the
+/// silence, replays everything it holds without an error or a divergence, and goes live.
 /// Every reply a client could have seen was computed by the backup too (the output rule:
 /// a released frame's entries were acked, so they were replayed).
 #[test]
@@ -404,21 +388,19 @@ fn crash_under_load(freeze_backup: bool) {
     if freeze_backup {
         app.resume('b').unwrap();
     }
-    let last = Appliance::wait_until(T, || {
-        let b = vm_of(&app, 'b');
-        b["entries_received"].as_u64().is_some()
-            && b["entries_received"] == b["entries_replayed"]
-            && app.status('b').unwrap()["peer_alive"] == false
+    // The backup notices the silence, replays everything it holds and goes live.
+    let live = Appliance::wait_until(T, || {
+        let s = app.status('b').unwrap();
+        s["vm"]["went_live"] == true && s["role"] == "solo"
     });
-    let b = vm_of(&app, 'b');
-    assert!(
-        last,
-        "replay did not reach the end of the log: {b:#}\n{:#}",
-        app.status('b').unwrap()["channel"]
-    );
-    assert_eq!(b["phase"], "replaying", "{b:#}");
+    let sb = app.status('b').unwrap();
+    let b = sb["vm"].clone();
+    assert!(live, "the backup did not take over: {sb:#}");
+    assert_eq!(b["phase"], "live", "{b:#}");
     assert_eq!(b["error"], Value::Null, "{b:#}");
     assert_eq!(b["divergence"], Value::Null, "{b:#}");
+    assert!(sb["epoch"].as_u64().unwrap() > 1, "{sb:#}");
+    assert_eq!(b["entries_received"], b["entries_replayed"], "{b:#}");
     // Frames host A put on the client network (the VM's replies, plus at most a few of
     // the host's own, e.g. ARP) after the start: the backup computed those, except the
     // output of the primary's last exit. That exit's frames depend only on entries
@@ -427,7 +409,7 @@ fn crash_under_load(freeze_backup: bool) {
     // was sent), so it computes them when it goes live. One guest loop iteration sends
     // at most a reply and an ACK per client: 2 x 50 frames.
     let released = tb.tx_packets(&tb.a.ns, CLI_IF).unwrap() - a_tx0;
-    let computed = b["tx_frames"].as_u64().unwrap() - b_tx0;
+    let computed = b["tx_frames_at_live"].as_u64().unwrap() - b_tx0;
     assert!(released > 10_000, "only {released} frames released");
     assert!(
         computed + 100 >= released,

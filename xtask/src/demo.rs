@@ -100,7 +100,9 @@ pub fn run() -> Result<()> {
         (r, t0.elapsed())
     });
     Appliance::wait_until(Duration::from_secs(3), || app.held('a').unwrap_or(0) > 0);
-    std::thread::sleep(Duration::from_millis(700));
+    // (Shorter than peer_timeout_ms: a backup silent for longer is declared failed and
+    // the primary goes solo.)
+    std::thread::sleep(Duration::from_millis(300));
     println!(
         "   redis-cli INCR visits sent; after {:?} it has no reply, {} reply frame(s) held in host A's kernel",
         t0.elapsed(),
@@ -200,6 +202,28 @@ pub fn run() -> Result<()> {
     if !caught_up || va["tx_hash"] != vb["tx_hash"] {
         bail!("the backup does not match the primary:\nA: {a:#}\nB: {b:#}");
     }
+
+    println!("== failover: host A's ftd killed (SIGKILL) with a client connection open");
+    let mut conn = ft_testbed::resp::connect(&tb, Duration::from_secs(15))?;
+    let before = ft_testbed::resp::call(&mut conn, &[b"INCR", b"visits"])?;
+    app.guard('a').kill()?;
+    let t0 = Instant::now();
+    let after = ft_testbed::resp::call(&mut conn, &[b"INCR", b"visits"])?;
+    println!(
+        "   the same connection: INCR visits -> {} before, {} after ({:?} later)",
+        String::from_utf8_lossy(&before).trim(),
+        String::from_utf8_lossy(&after).trim(),
+        t0.elapsed()
+    );
+    let sb = app.status('b')?;
+    println!(
+        "   host B: role {}, epoch {}; how it took over (ms): {}",
+        sb["role"], sb["epoch"], sb["role_history"]["last_failover"]
+    );
+    println!(
+        "   redis-cli GET greeting -> {}",
+        redis(&tb, &["GET", "greeting"])?
+    );
     println!("== done; tearing the testbed down");
     Ok(())
 }

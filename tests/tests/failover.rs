@@ -1,0 +1,265 @@
+//! Automatic failover with the VMM inside ftd, fenced by the embedded arbiter. Clients on
+//! persistent connections run INCR and SET throughout; after the fault the same
+//! connections go on, no acknowledged write is lost, and INCR replies are unique and
+//! increase in real-time order (a reply received before a request was sent is smaller).
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+use ft_testbed::{
+    Appliance, ApplianceOptions, Testbed, TestbedOptions, VmOptions, embedded_fence, resp,
+    start_arbiter,
+};
+use serde_json::Value;
+
+const T: Duration = Duration::from_secs(15);
+const CLIENTS: usize = 8;
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// One INCR as a client saw it.
+#[derive(Clone, Copy, Debug)]
+struct Incr {
+    sent: Instant,
+    received: Instant,
+    value: i64,
+}
+
+#[derive(Debug, Default)]
+struct ClientLog {
+    incrs: Vec<Incr>,
+    /// The last SET the service acknowledged (its value).
+    last_set: Option<u64>,
+}
+
+/// A client on one persistent connection: INCR ctr, SET k<id> <n>, until `stop`.
+fn client(
+    tb: &Testbed,
+    id: usize,
+    stop: Arc<AtomicBool>,
+    ops: Arc<AtomicU64>,
+) -> JoinHandle<Result<ClientLog>> {
+    let conn = resp::connect(tb, T);
+    std::thread::spawn(move || {
+        let mut c = conn?;
+        let mut log = ClientLog::default();
+        let key = format!("k{id}");
+        let mut n = 0u64;
+        while !stop.load(Ordering::Relaxed) {
+            let sent = Instant::now();
+            let r = resp::call(&mut c, &[b"INCR", b"ctr"]).with_context(|| {
+                format!("client {id}: INCR after {} operations", log.incrs.len())
+            })?;
+            log.incrs.push(Incr {
+                sent,
+                received: Instant::now(),
+                value: resp::int_reply(&r)?,
+            });
+            n += 1;
+            let v = n.to_string();
+            let r = resp::call(&mut c, &[b"SET", key.as_bytes(), v.as_bytes()])
+                .with_context(|| format!("client {id}: SET"))?;
+            if r != b"+OK\r\n" {
+                bail!(
+                    "client {id}: SET answered {:?}",
+                    String::from_utf8_lossy(&r)
+                );
+            }
+            log.last_set = Some(n);
+            ops.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(log)
+    })
+}
+
+/// Unique INCR values, increasing in real-time order.
+fn check_linearizable(all: &[Incr]) {
+    let mut values: Vec<i64> = all.iter().map(|i| i.value).collect();
+    values.sort_unstable();
+    let n = values.len();
+    values.dedup();
+    assert_eq!(values.len(), n, "an INCR value was handed out twice");
+    let mut by_recv: Vec<Incr> = all.to_vec();
+    by_recv.sort_by_key(|i| i.received);
+    let mut prefix_max = Vec::with_capacity(n);
+    let mut m = i64::MIN;
+    for i in &by_recv {
+        m = m.max(i.value);
+        prefix_max.push(m);
+    }
+    for op in all {
+        // Every reply received before this request was sent must be smaller.
+        let k = by_recv.partition_point(|i| i.received < op.sent);
+        if k > 0 {
+            assert!(
+                prefix_max[k - 1] < op.value,
+                "INCR {} was sent after a reply of {} had arrived",
+                op.value,
+                prefix_max[k - 1]
+            );
+        }
+    }
+}
+
+fn phase(app: &Appliance, h: char) -> Option<String> {
+    app.status(h)
+        .ok()
+        .and_then(|s| s["vm"]["phase"].as_str().map(String::from))
+}
+
+/// The pair with the embedded arbiter, both VMMs up, host A live.
+fn setup(tb: &Testbed) -> Appliance {
+    let app = Appliance::start(
+        tb,
+        &ApplianceOptions {
+            vm: VmOptions::vmm(),
+            fence: embedded_fence(2000, 400),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert!(
+        Appliance::wait_until(T, || phase(&app, 'a').as_deref() == Some("recording")
+            && phase(&app, 'b').as_deref() == Some("replaying")),
+        "not up:\nA: {:#}\nB: {:#}",
+        app.status('a').unwrap(),
+        app.status('b').unwrap()
+    );
+    app
+}
+
+/// Runs the clients, injects `fault` once they are busy, waits for `recovered`, lets
+/// them go on, and checks what they saw. Returns the survivor's status.
+fn under_load(
+    tb: &Testbed,
+    app: &Appliance,
+    fault: impl FnOnce(),
+    recovered: impl Fn() -> bool,
+    survivor: char,
+) -> Value {
+    let stop = Arc::new(AtomicBool::new(false));
+    let ops = Arc::new(AtomicU64::new(0));
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|i| client(tb, i, stop.clone(), ops.clone()))
+        .collect();
+    assert!(
+        Appliance::wait_until(T, || ops.load(Ordering::Relaxed) >= 500),
+        "clients made no progress before the fault"
+    );
+    let t_fault = Instant::now();
+    fault();
+    let ok = Appliance::wait_until(T, &recovered);
+    let st = app.status(survivor).unwrap();
+    assert!(ok, "no recovery: {st:#}");
+    // The clients go on after the fault.
+    let at = ops.load(Ordering::Relaxed);
+    assert!(
+        Appliance::wait_until(T, || ops.load(Ordering::Relaxed) >= at + 1000),
+        "clients stalled after recovery: {:#}",
+        app.status(survivor).unwrap()
+    );
+    stop.store(true, Ordering::Relaxed);
+    let mut logs = Vec::new();
+    for (i, h) in clients.into_iter().enumerate() {
+        match h.join().unwrap() {
+            Ok(l) => logs.push(l),
+            Err(e) => panic!("client {i} failed (its connection did not survive): {e:#}"),
+        }
+    }
+    let all: Vec<Incr> = logs.iter().flat_map(|l| l.incrs.iter().copied()).collect();
+    check_linearizable(&all);
+    for (i, l) in logs.iter().enumerate() {
+        assert!(
+            l.incrs.iter().any(|x| x.sent > t_fault),
+            "client {i} made no request after the fault"
+        );
+    }
+    // No acknowledged write is lost.
+    let mut c = resp::connect(tb, T).unwrap();
+    for (i, l) in logs.iter().enumerate() {
+        let want = l
+            .last_set
+            .map(|n| format!("${}\r\n{n}\r\n", n.to_string().len()));
+        let got = resp::call(&mut c, &[b"GET", format!("k{i}").as_bytes()]).unwrap();
+        assert_eq!(
+            Some(String::from_utf8_lossy(&got).to_string()),
+            want,
+            "client {i}'s last acknowledged SET"
+        );
+    }
+    let max = all.iter().map(|i| i.value).max().unwrap();
+    let ctr = resp::int_reply(&resp::call(&mut c, &[b"INCR", b"ctr"]).unwrap()).unwrap();
+    assert!(
+        ctr > max,
+        "INCR after the run gave {ctr}, the clients saw up to {max}"
+    );
+    st
+}
+
+#[test]
+fn the_backup_takes_over_when_the_primary_dies() {
+    let _s = serial();
+    let tb = Testbed::new(TestbedOptions {
+        start_standins: false,
+        ..Default::default()
+    })
+    .unwrap();
+    let _arb = start_arbiter(&tb).unwrap();
+    let app = setup(&tb);
+    let epoch = app.status('a').unwrap()["epoch"].as_u64().unwrap();
+    let st = under_load(
+        &tb,
+        &app,
+        || app.guard('a').kill().unwrap(),
+        || {
+            app.status('b')
+                .is_ok_and(|s| s["role"] == "solo" && s["vm"]["phase"] == "live")
+        },
+        'b',
+    );
+    let st = app.status('b').unwrap_or(st);
+    eprintln!("after the take-over: {:#}", st["role_history"]);
+    assert_eq!(st["epoch"].as_u64().unwrap(), epoch + 1, "{st:#}");
+    let f = &st["role_history"]["last_failover"];
+    assert!(f["what"].as_str().unwrap().contains("took over"), "{f:#}");
+    assert!(f["total_ms"].as_f64().unwrap() > 0.0, "{f:#}");
+    // No waiting for the old primary's lease (2 s): it paired this backup.
+    assert!(f["test_and_set_ms"].as_f64().unwrap() < 1000.0, "{f:#}");
+    assert_eq!(st["vm"]["divergence"], Value::Null);
+}
+
+#[test]
+fn the_primary_goes_solo_when_the_backup_dies() {
+    let _s = serial();
+    let tb = Testbed::new(TestbedOptions {
+        start_standins: false,
+        ..Default::default()
+    })
+    .unwrap();
+    let _arb = start_arbiter(&tb).unwrap();
+    let app = setup(&tb);
+    let epoch = app.status('a').unwrap()["epoch"].as_u64().unwrap();
+    let st = under_load(
+        &tb,
+        &app,
+        || app.guard('b').kill().unwrap(),
+        || app.status('a').is_ok_and(|s| s["role"] == "solo"),
+        'a',
+    );
+    let st = app.status('a').unwrap_or(st);
+    eprintln!("after going solo: {:#}", st["role_history"]);
+    // A new epoch before any output left without acks (which unpairs the dead backup).
+    assert_eq!(st["epoch"].as_u64().unwrap(), epoch + 1, "{st:#}");
+    assert_eq!(st["held_frames"], 0, "{st:#}");
+    let f = &st["role_history"]["last_failover"];
+    assert!(f["what"].as_str().unwrap().contains("solo"), "{f:#}");
+}
