@@ -13,8 +13,8 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use ft_testbed::{
-    Appliance, ApplianceOptions, Testbed, TestbedOptions, VmOptions, embedded_fence, resp,
-    start_arbiter,
+    Appliance, ApplianceOptions, Testbed, TestbedOptions, VmOptions, embedded_fence, names::CLI_IF,
+    resp, start_arbiter,
 };
 use serde_json::Value;
 
@@ -139,13 +139,7 @@ fn setup(tb: &Testbed) -> Appliance {
 
 /// Runs the clients, injects `fault` once they are busy, waits for `recovered`, lets
 /// them go on, and checks what they saw. Returns the survivor's status.
-fn under_load(
-    tb: &Testbed,
-    app: &Appliance,
-    fault: impl FnOnce(),
-    recovered: impl Fn() -> bool,
-    survivor: char,
-) -> Value {
+fn under_load(tb: &Testbed, app: &Appliance, fault: impl FnOnce(), recovered: impl Fn() -> bool) {
     let stop = Arc::new(AtomicBool::new(false));
     let ops = Arc::new(AtomicU64::new(0));
     let clients: Vec<_> = (0..CLIENTS)
@@ -158,14 +152,19 @@ fn under_load(
     let t_fault = Instant::now();
     fault();
     let ok = Appliance::wait_until(T, &recovered);
-    let st = app.status(survivor).unwrap();
-    assert!(ok, "no recovery: {st:#}");
+    assert!(
+        ok,
+        "no recovery:\nA: {:#}\nB: {:#}",
+        app.status('a').unwrap_or_default(),
+        app.status('b').unwrap_or_default()
+    );
     // The clients go on after the fault.
     let at = ops.load(Ordering::Relaxed);
     assert!(
         Appliance::wait_until(T, || ops.load(Ordering::Relaxed) >= at + 1000),
-        "clients stalled after recovery: {:#}",
-        app.status(survivor).unwrap()
+        "clients stalled after recovery:\nA: {:#}\nB: {:#}",
+        app.status('a').unwrap_or_default(),
+        app.status('b').unwrap_or_default()
     );
     stop.store(true, Ordering::Relaxed);
     let mut logs = Vec::new();
@@ -202,7 +201,6 @@ fn under_load(
         ctr > max,
         "INCR after the run gave {ctr}, the clients saw up to {max}"
     );
-    st
 }
 
 #[test]
@@ -216,7 +214,7 @@ fn the_backup_takes_over_when_the_primary_dies() {
     let _arb = start_arbiter(&tb).unwrap();
     let app = setup(&tb);
     let epoch = app.status('a').unwrap()["epoch"].as_u64().unwrap();
-    let st = under_load(
+    under_load(
         &tb,
         &app,
         || app.guard('a').kill().unwrap(),
@@ -224,9 +222,8 @@ fn the_backup_takes_over_when_the_primary_dies() {
             app.status('b')
                 .is_ok_and(|s| s["role"] == "solo" && s["vm"]["phase"] == "live")
         },
-        'b',
     );
-    let st = app.status('b').unwrap_or(st);
+    let st = app.status('b').unwrap();
     eprintln!("after the take-over: {:#}", st["role_history"]);
     assert_eq!(st["epoch"].as_u64().unwrap(), epoch + 1, "{st:#}");
     let f = &st["role_history"]["last_failover"];
@@ -248,18 +245,70 @@ fn the_primary_goes_solo_when_the_backup_dies() {
     let _arb = start_arbiter(&tb).unwrap();
     let app = setup(&tb);
     let epoch = app.status('a').unwrap()["epoch"].as_u64().unwrap();
-    let st = under_load(
+    under_load(
         &tb,
         &app,
         || app.guard('b').kill().unwrap(),
         || app.status('a').is_ok_and(|s| s["role"] == "solo"),
-        'a',
     );
-    let st = app.status('a').unwrap_or(st);
+    let st = app.status('a').unwrap();
     eprintln!("after going solo: {:#}", st["role_history"]);
     // A new epoch before any output left without acks (which unpairs the dead backup).
     assert_eq!(st["epoch"].as_u64().unwrap(), epoch + 1, "{st:#}");
     assert_eq!(st["held_frames"], 0, "{st:#}");
     let f = &st["role_history"]["last_failover"];
     assert!(f["what"].as_str().unwrap().contains("solo"), "{f:#}");
+}
+
+/// The logging link cut in both directions while both hosts live: both notice the
+/// silence and go to the arbiter (the primary for a new epoch, the backup to take over
+/// at the old one); exactly one wins and serves, the other halts and emits nothing on
+/// the client network from then on.
+#[test]
+fn a_cut_logging_link_leaves_exactly_one_host_live() {
+    let _s = serial();
+    let tb = Testbed::new(TestbedOptions {
+        start_standins: false,
+        ..Default::default()
+    })
+    .unwrap();
+    let _arb = start_arbiter(&tb).unwrap();
+    let app = setup(&tb);
+    let live_and_halted = || -> Option<(char, char)> {
+        let (a, b) = (app.status('a').ok()?, app.status('b').ok()?);
+        match (a["role"].as_str()?, b["role"].as_str()?) {
+            ("solo", _) if b["halted"] == true => Some(('a', 'b')),
+            (_, "solo") if a["halted"] == true => Some(('b', 'a')),
+            _ => None,
+        }
+    };
+    under_load(
+        &tb,
+        &app,
+        || tb.set_log_link_down(true).unwrap(),
+        || live_and_halted().is_some(),
+    );
+    let (winner, loser) = live_and_halted().expect("still one live, one halted");
+    let ns = |h: char| if h == 'a' { &tb.a.ns } else { &tb.b.ns };
+    eprintln!(
+        "host {winner} won: {:#}",
+        app.status(winner).unwrap()["role_history"]
+    );
+    // From now on only the winner emits: 300 more requests, the loser's client NIC
+    // stays (nearly) silent (a host's own ARP at most).
+    let (w0, l0) = (
+        tb.tx_packets(ns(winner), CLI_IF).unwrap(),
+        tb.tx_packets(ns(loser), CLI_IF).unwrap(),
+    );
+    let mut c = resp::connect(&tb, T).unwrap();
+    for _ in 0..300 {
+        resp::call(&mut c, &[b"INCR", b"after"]).unwrap();
+    }
+    let (w1, l1) = (
+        tb.tx_packets(ns(winner), CLI_IF).unwrap(),
+        tb.tx_packets(ns(loser), CLI_IF).unwrap(),
+    );
+    assert!(w1 - w0 >= 300, "the winner sent {} frames", w1 - w0);
+    assert!(l1 - l0 < 5, "the halted host sent {} frames", l1 - l0);
+    assert_eq!(app.status(loser).unwrap()["role"], "standby");
 }

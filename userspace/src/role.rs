@@ -551,8 +551,10 @@ async fn take_over(c: Ctx, vm: Arc<VmState>, followed: u64) {
                     break (g.epoch, g.deadline_monotonic_ns(sent, f.drift_margin()));
                 }
                 Ok(TasOutcome::Held {
-                    lease_remaining, ..
-                }) => {
+                    lease_remaining,
+                    epoch,
+                    ..
+                }) if epoch == followed => {
                     // Not paired (the primary could not reach the arbiter when it went
                     // live): wait for its lease to lapse. A primary still alive takes a
                     // new epoch meanwhile, and this backup then loses (Stale).
