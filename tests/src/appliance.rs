@@ -293,7 +293,7 @@ impl Appliance {
         let resp = crate::netns::try_run_in_ns(&ns, || -> Result<String> {
             let mut s = std::net::TcpStream::connect("127.0.0.1:9477")?;
             s.set_read_timeout(Some(Duration::from_secs(10)))?;
-            write!(s, "GET /metrics HTTP/1.1\r\nHost: ftd\r\n\r\n")?;
+            s.write_all(b"GET /metrics HTTP/1.1\r\nHost: ftd\r\nConnection: close\r\n\r\n")?;
             let mut out = String::new();
             s.read_to_string(&mut out)?;
             Ok(out)

@@ -457,7 +457,10 @@ fn http_get(addr: &str, path: &str) -> String {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(T)).unwrap();
-    write!(s, "GET {path} HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
+    // One write (a request split over segments is fine for the server, but this is
+    // the simple client); Connection: close so that read_to_string ends.
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").as_bytes())
+        .unwrap();
     let mut out = String::new();
     s.read_to_string(&mut out).unwrap();
     out
@@ -508,12 +511,23 @@ fn metrics_endpoint_and_cli() {
     // `ftd status` and `ftd check-config` from the command line.
     let ftd = ft_testbed::ftd_bin().unwrap();
     let out = std::process::Command::new(&ftd)
-        .args(["status", "--socket", app.sock_a.to_str().unwrap()])
+        .args(["status", "--json", "--socket", app.sock_a.to_str().unwrap()])
         .output()
         .unwrap();
     assert!(out.status.success());
     let st: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(st["role"], "primary");
+    // The operator's summary by default.
+    let out = std::process::Command::new(&ftd)
+        .args(["status", "--socket", app.sock_a.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.starts_with("node host-a: PRIMARY, epoch 1") && text.contains("held output frames"),
+        "{text}"
+    );
     let out = std::process::Command::new(&ftd)
         .args(["check-config", app.config_a.to_str().unwrap()])
         .output()

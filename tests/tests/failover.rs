@@ -231,6 +231,23 @@ fn the_backup_takes_over_when_the_primary_dies() {
     assert!(f["total_ms"].as_f64().unwrap() > 0.0, "{f:#}");
     // No waiting for the old primary's lease (2 s): it paired this backup.
     assert!(f["test_and_set_ms"].as_f64().unwrap() < 1000.0, "{f:#}");
+    // What an operator sees: `ftd status` and the metrics.
+    let out = std::process::Command::new(ft_testbed::ftd_bin().unwrap())
+        .args(["status", "--socket", app.sock_b.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.starts_with(&format!("node host-b: SOLO, epoch {}", epoch + 1))
+            && text.contains("last failover: took over"),
+        "{text}"
+    );
+    let m = app.metrics('b').unwrap();
+    assert!(m.contains("ft_role{role=\"solo\"} 1"), "{m}");
+    assert!(
+        m.contains("ft_failover_last_phase_seconds{phase=\"total\"}"),
+        "{m}"
+    );
     assert_eq!(st["vm"]["divergence"], Value::Null);
 }
 

@@ -97,3 +97,115 @@ pub fn query(path: &Path) -> anyhow::Result<Value> {
     s.read_to_end(&mut buf)?;
     Ok(serde_json::from_slice(&buf)?)
 }
+
+/// The status for an operator, in the manner of `pcs status` / `drbdadm status`: this
+/// node's role, epoch and lease, the peer and how far behind it is, held output, the VM,
+/// and the last failover with its phases.
+pub fn summary(v: &Value) -> String {
+    use std::fmt::Write as _;
+    let mut o = String::new();
+    let s = |x: &Value| -> String {
+        match x {
+            Value::String(s) => s.clone(),
+            Value::Null => "-".into(),
+            other => other.to_string(),
+        }
+    };
+    let role = if v["halted"] == true {
+        "HALTED (emits nothing; restart it as a backup)".to_string()
+    } else {
+        s(&v["role"]).to_uppercase()
+    };
+    let lease = match &v["lease_remaining_s"] {
+        Value::Number(n) => format!("{:.1} s left", n.as_f64().unwrap_or(0.0)),
+        other => s(other),
+    };
+    let _ = writeln!(
+        o,
+        "node {}: {role}, epoch {}, lease {lease}",
+        s(&v["node"]),
+        s(&v["epoch"])
+    );
+    let log = &v["log"];
+    let peer = if v["peer_alive"] == true {
+        "alive"
+    } else {
+        "SILENT"
+    };
+    match v["role"].as_str() {
+        Some("backup") => {
+            let _ = writeln!(
+                o,
+                "primary: {peer}; log received: input {} of {}, VMM {} of {}",
+                s(&v["log"]["delivered"]),
+                s(&v["channel"]["high"]),
+                s(&v["channel"]["vm_delivered"]),
+                s(&v["channel"]["vm_high"])
+            );
+        }
+        _ => {
+            let lag = |last: &Value, acked: &Value| {
+                last.as_u64()
+                    .zip(acked.as_u64())
+                    .map_or("-".into(), |(l, a)| l.saturating_sub(a).to_string())
+            };
+            let _ = writeln!(
+                o,
+                "backup: {peer}{}; unacked: input {}, VMM {}; held output frames: {}",
+                v["backup_left"]
+                    .as_str()
+                    .map_or(String::new(), |w| format!(" (left: {w})")),
+                lag(&log["last_seq"], &log["acked"]),
+                lag(&log["vm_last"], &log["vm_acked"]),
+                s(&v["held_frames"])
+            );
+        }
+    }
+    let vm = &v["vm"];
+    if vm.is_object() {
+        let _ = write!(
+            o,
+            "vm: {}, {} exits, checkpoints made {} / verified {}",
+            s(&vm["phase"]),
+            s(&vm["exits"]),
+            s(&vm["checkpoints"]),
+            s(&vm["checkpoints_verified"])
+        );
+        if let Some(d) = vm["divergence"].as_object() {
+            let _ = write!(
+                o,
+                "; DIVERGED after exit {} (at most {})",
+                s(&d["verified_equal_at_exit"]),
+                s(&d["exit"])
+            );
+        }
+        let _ = writeln!(o);
+    }
+    let f = &v["role_history"]["last_failover"];
+    if f.is_object() {
+        let ms = |k: &str| f[k].as_f64().unwrap_or(0.0);
+        let _ = writeln!(
+            o,
+            "last failover: {} (detect {:.0} ms, test-and-set {:.1} ms, drain {:.1} ms, announce {:.1} ms; total {:.0} ms)",
+            s(&f["what"]),
+            ms("detect_ms"),
+            ms("test_and_set_ms"),
+            ms("drain_ms"),
+            ms("announce_ms"),
+            ms("total_ms")
+        );
+    }
+    if let Some(t) = v["role_history"]["transitions"].as_array() {
+        for t in t.iter().rev().take(3).rev() {
+            let _ = writeln!(
+                o,
+                "  {} -> {} (epoch {}): {}",
+                s(&t["from"]),
+                s(&t["to"]),
+                s(&t["epoch"]),
+                s(&t["reason"])
+            );
+        }
+    }
+    o
+}

@@ -21,11 +21,14 @@ enum Cmd {
         #[arg(long, short)]
         config: PathBuf,
     },
-    /// Print the status of a running daemon (JSON).
+    /// Print the status of a running daemon: a summary, or everything as JSON.
     Status {
         /// The daemon's api.control_socket.
         #[arg(long, default_value = "/run/ftd/ftd.sock")]
         socket: PathBuf,
+        /// The whole status as JSON (for scripts).
+        #[arg(long)]
+        json: bool,
     },
     /// Validate a config file and print what is wrong with it.
     CheckConfig { file: PathBuf },
@@ -50,9 +53,13 @@ fn main() -> anyhow::Result<()> {
                 .build()?;
             rt.block_on(ftd::daemon::run(cfg))
         }
-        Cmd::Status { socket } => {
+        Cmd::Status { socket, json } => {
             let v = ftd::control::query(&socket)?;
-            println!("{}", serde_json::to_string_pretty(&v)?);
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                print!("{}", ftd::control::summary(&v));
+            }
             Ok(())
         }
         Cmd::CheckConfig { file } => {

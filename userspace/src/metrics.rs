@@ -1,9 +1,8 @@
-//! Prometheus text exposition of the data plane's counters and the channel status, and a
-//! minimal HTTP/1.1 endpoint serving it (GET /metrics).
+//! Prometheus text exposition of the data plane's counters, the channel status, the VM
+//! and the role controller, served at GET /metrics (axum).
 use std::{fmt::Write as _, sync::Arc, sync::atomic::Ordering::Relaxed};
 
 use ft_common::maps::{COUNTER_INFO, HIST_BUCKETS, hist_upper_us, role_name};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::daemon::Shared;
 
@@ -91,7 +90,41 @@ pub fn render(sh: &Shared) -> String {
     if let Some(vm) = &sh.vm {
         render_vm(&mut o, vm);
     }
+    render_roles(&mut o, &sh.roles);
     o
+}
+
+/// Role changes and the phases of the last failover.
+fn render_roles(o: &mut String, roles: &crate::role::Roles) {
+    let _ = writeln!(
+        o,
+        "# TYPE ft_role_changes_total counter\nft_role_changes_total {}",
+        roles.changes()
+    );
+    let _ = writeln!(
+        o,
+        "# TYPE ft_halted gauge\nft_halted {}",
+        roles.halted() as u8
+    );
+    if let Some(f) = roles.last_failover() {
+        let _ = writeln!(
+            o,
+            "# HELP ft_failover_last_phase_seconds Phases of the last failover (detect, test_and_set, drain, announce, total)\n# TYPE ft_failover_last_phase_seconds gauge"
+        );
+        for (phase, ms) in [
+            ("detect", f.detect_ms),
+            ("test_and_set", f.test_and_set_ms),
+            ("drain", f.drain_ms),
+            ("announce", f.announce_ms),
+            ("total", f.total_ms),
+        ] {
+            let _ = writeln!(
+                o,
+                "ft_failover_last_phase_seconds{{phase=\"{phase}\"}} {}",
+                ms / 1e3
+            );
+        }
+    }
 }
 
 /// The protected VM: the VMM's progress, the VMM log stream, replay and divergence.
@@ -167,32 +200,24 @@ pub fn lease_remaining_s(deadline_ns: u64) -> f64 {
 }
 
 /// Serves GET /metrics until the listener fails. One short request per connection.
+/// Serves `GET /metrics` (Prometheus text format) until the listener fails.
 pub async fn serve(listener: tokio::net::TcpListener, sh: Arc<Shared>) {
-    loop {
-        let Ok((mut conn, _)) = listener.accept().await else {
-            continue;
-        };
-        let sh = sh.clone();
-        tokio::spawn(async move {
-            let mut buf = [0u8; 2048];
-            let n =
-                match tokio::time::timeout(std::time::Duration::from_secs(2), conn.read(&mut buf))
-                    .await
-                {
-                    Ok(Ok(n)) => n,
-                    _ => return,
-                };
-            let req = String::from_utf8_lossy(&buf[..n]);
-            let (status, body) = if req.starts_with("GET /metrics") {
-                ("200 OK", render(&sh))
-            } else {
-                ("404 Not Found", "try GET /metrics\n".to_string())
-            };
-            let resp = format!(
-                "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            let _ = conn.write_all(resp.as_bytes()).await;
-        });
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let sh = sh.clone();
+            async move {
+                (
+                    [(
+                        axum::http::header::CONTENT_TYPE,
+                        "text/plain; version=0.0.4",
+                    )],
+                    render(&sh),
+                )
+            }
+        }),
+    );
+    if let Err(e) = axum::serve(listener, app).await {
+        tracing::error!("metrics endpoint stopped: {e}");
     }
 }

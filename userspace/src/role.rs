@@ -27,7 +27,7 @@ use std::{
     collections::VecDeque,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::{Duration, Instant, SystemTime},
 };
@@ -83,6 +83,7 @@ pub struct Roles {
     dp: Arc<DataPlane>,
     status: Arc<ChannelStatus>,
     history: Mutex<VecDeque<Transition>>,
+    changes: AtomicU64,
     last_failover: Mutex<Option<FailoverReport>>,
 }
 
@@ -98,6 +99,7 @@ impl Roles {
             dp,
             status,
             history: Mutex::new(VecDeque::new()),
+            changes: AtomicU64::new(0),
             last_failover: Mutex::new(None),
         })
     }
@@ -120,6 +122,7 @@ impl Roles {
         let to = self.label(&next);
         if prev.is_none_or(|p| p.role != next.role || p.epoch != next.epoch) || to == "halted" {
             info!(from, to, epoch = next.epoch, reason, "role change");
+            self.changes.fetch_add(1, Ordering::Relaxed);
             let mut h = self.history.lock().unwrap();
             if h.len() == HISTORY {
                 h.pop_front();
@@ -151,6 +154,19 @@ impl Roles {
         ) {
             error!("cannot write the halted state to the kernel: {e}");
         }
+    }
+
+    /// Role or epoch changes since the start.
+    pub fn changes(&self) -> u64 {
+        self.changes.load(Ordering::Relaxed)
+    }
+
+    pub fn halted(&self) -> bool {
+        self.status.halted.load(Ordering::Relaxed)
+    }
+
+    pub fn last_failover(&self) -> Option<FailoverReport> {
+        self.last_failover.lock().unwrap().clone()
     }
 
     pub fn transitions(&self) -> Vec<Transition> {
