@@ -334,7 +334,7 @@ impl Default for Channel {
             retx_slots: 16384,
             hold_slots: 2048,
             heartbeat_ms: 5,
-            peer_timeout_ms: 500,
+            peer_timeout_ms: 50,
             nack_retry_ms: 3,
             nack_burst: 64,
             vmlog_window: 4096,

@@ -289,7 +289,8 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     if let Some(h) = vcpu {
         let _ = h.join();
         if cfg.node.role == Role::Primary && failure.is_none() {
-            wait_for_last_ack(&dp, &vm, Duration::from_millis(ch.peer_timeout_ms)).await;
+            let bound = Duration::from_millis(ch.peer_timeout_ms).max(Duration::from_secs(1));
+            wait_for_last_ack(&dp, &vm, bound).await;
         }
     }
     stop.store(true, Relaxed);

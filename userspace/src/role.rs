@@ -38,7 +38,7 @@ use ft_vmm::vmlog::FrameKey;
 use serde::Serialize;
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::{
     channel::status::ChannelStatus,
@@ -49,6 +49,10 @@ use crate::{
 };
 
 const TICK: Duration = Duration::from_millis(5);
+/// How long a new primary waits for its backup's first ack before it goes on alone.
+const FIRST_ACK_GRACE: Duration = Duration::from_secs(3);
+/// How often a backup asks the arbiter while it waits for a live primary.
+const FOLLOW_POLL: Duration = Duration::from_millis(50);
 const HISTORY: usize = 32;
 
 /// One change of the node's role or epoch.
@@ -386,14 +390,16 @@ impl BackupWatch {
                 stalled,
             ));
         }
-        let last = if seq.last_peer_ns == 0 {
-            self.started_ns
+        // Before the backup's first ack it may still be starting (learning the epoch
+        // from the arbiter): it gets a grace period, then this node goes on alone.
+        let (last, limit) = if seq.last_peer_ns == 0 {
+            (self.started_ns, self.timeout.max(FIRST_ACK_GRACE))
         } else {
-            seq.last_peer_ns
+            (seq.last_peer_ns, self.timeout)
         };
         let silent =
             Duration::from_nanos(crate::channel::primary::monotonic_ns().saturating_sub(last));
-        if silent >= self.timeout {
+        if silent >= limit {
             return Some((
                 format!(
                     "the backup is silent on the logging channel for {} ms",
@@ -403,6 +409,53 @@ impl BackupWatch {
             ));
         }
         None
+    }
+}
+
+enum Tas {
+    /// (epoch, kernel deadline)
+    Won(u64, u64),
+    Lost(TasOutcome),
+    Stopped,
+}
+
+/// `test_and_set` at `expected`, retried while the arbiter does not answer (`waiting`
+/// says what that means). An attempt whose answer was lost may have committed: the
+/// arbiter then shows the next epoch as this node's, which counts as won. Deadlines
+/// count from the first attempt's send instant (the earliest a grant can date from).
+async fn test_and_set(c: &Ctx, arb: &Arc<dyn Arbiter>, expected: u64, waiting: &str) -> Tas {
+    let f = &c.cfg.fence;
+    let first = MonoInstant::now();
+    let mut retried = false;
+    loop {
+        match arb.test_and_set(&f.vm, &f.node, expected).await {
+            Ok(TasOutcome::Won(g)) => {
+                return Tas::Won(g.epoch, g.deadline_monotonic_ns(first, f.drift_margin()));
+            }
+            Ok(TasOutcome::Stale {
+                owner: Some(o),
+                epoch,
+            }) if retried && o == f.node && epoch == expected + 1 => {
+                info!(
+                    epoch,
+                    "an earlier test-and-set whose answer was lost had won"
+                );
+                let g = ft_fence::LeaseGrant {
+                    epoch,
+                    lease: arb.lease_len(),
+                };
+                return Tas::Won(epoch, g.deadline_monotonic_ns(first, f.drift_margin()));
+            }
+            Ok(other) => return Tas::Lost(other),
+            Err(e) => {
+                warn!("{waiting}: {e}");
+                if stopping(c) {
+                    return Tas::Stopped;
+                }
+                retried = true;
+                tokio::time::sleep(f.renew_interval() / 4).await;
+            }
+        }
     }
 }
 
@@ -419,29 +472,15 @@ async fn go_solo(
     warn!("{why}: going solo");
     let (new_epoch, deadline) = match &c.arb {
         Some(arb) => {
-            let f = &c.cfg.fence;
-            loop {
-                let sent = MonoInstant::now();
-                match arb.test_and_set(&f.vm, &f.node, epoch).await {
-                    Ok(TasOutcome::Won(g)) => {
-                        break (g.epoch, g.deadline_monotonic_ns(sent, f.drift_margin()));
-                    }
-                    Ok(other) => {
-                        c.roles.halt(&format!(
-                            "{why}, but test-and-set for a new epoch was lost ({other:?}): the backup took over"
-                        ));
-                        return None;
-                    }
-                    Err(e) => {
-                        warn!(
-                            "cannot go solo yet: {e}; output stays held until the arbiter answers"
-                        );
-                        if stopping(c) {
-                            return None;
-                        }
-                        tokio::time::sleep(f.renew_interval() / 4).await;
-                    }
+            match test_and_set(c, arb, epoch, "cannot go solo yet (output stays held)").await {
+                Tas::Won(e, deadline) => (e, deadline),
+                Tas::Lost(other) => {
+                    c.roles.halt(&format!(
+                        "{why}, but test-and-set for a new epoch was lost ({other:?}): the backup took over"
+                    ));
+                    return None;
                 }
+                Tas::Stopped => return None,
             }
         }
         None => (epoch + 1, u64::MAX),
@@ -487,14 +526,14 @@ async fn backup(c: Ctx) {
                     break info.epoch;
                 }
                 Ok(info) => {
-                    info!(owner = ?info.owner, "backup: waiting for a live primary at the arbiter")
+                    debug!(owner = ?info.owner, "backup: waiting for a live primary at the arbiter")
                 }
                 Err(e) => warn!("backup: cannot read the live primary's epoch: {e}"),
             }
             if stopping(&c) {
                 return;
             }
-            tokio::time::sleep(retry).await;
+            tokio::time::sleep(FOLLOW_POLL).await;
         };
     }
     let node = NodeState {
@@ -561,12 +600,9 @@ async fn take_over(c: Ctx, vm: Arc<VmState>, followed: u64) {
     let f = &c.cfg.fence;
     let (epoch, deadline) = match &c.arb {
         Some(arb) => loop {
-            let sent = MonoInstant::now();
-            match arb.test_and_set(&f.vm, &f.node, followed).await {
-                Ok(TasOutcome::Won(g)) => {
-                    break (g.epoch, g.deadline_monotonic_ns(sent, f.drift_margin()));
-                }
-                Ok(TasOutcome::Held {
+            match test_and_set(&c, arb, followed, "cannot take over yet (nobody goes live)").await {
+                Tas::Won(e, deadline) => break (e, deadline),
+                Tas::Lost(TasOutcome::Held {
                     lease_remaining,
                     epoch,
                     ..
@@ -580,19 +616,13 @@ async fn take_over(c: Ctx, vm: Arc<VmState>, followed: u64) {
                     );
                     tokio::time::sleep(lease_remaining.min(f.renew_interval())).await;
                 }
-                Ok(other) => {
+                Tas::Lost(other) => {
                     c.roles.halt(&format!(
                         "the primary fell silent but this backup lost test-and-set ({other:?})"
                     ));
                     return;
                 }
-                Err(e) => {
-                    warn!("cannot take over yet: {e}; nobody goes live until the arbiter answers");
-                    if stopping(&c) {
-                        return;
-                    }
-                    tokio::time::sleep(f.renew_interval() / 4).await;
-                }
+                Tas::Stopped => return,
             }
         },
         None => (followed + 1, u64::MAX),
