@@ -13,8 +13,8 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use ft_testbed::{
-    Appliance, ApplianceOptions, Testbed, TestbedOptions, VmOptions, embedded_fence, names::CLI_IF,
-    resp, start_arbiter,
+    Appliance, ApplianceOptions, ChildGuard, Testbed, TestbedOptions, VmOptions, embedded_fence,
+    names::CLI_IF, resp, start_arbiter,
 };
 use serde_json::Value;
 
@@ -116,6 +116,18 @@ fn phase(app: &Appliance, h: char) -> Option<String> {
         .and_then(|s| s["vm"]["phase"].as_str().map(String::from))
 }
 
+/// The testbed, its arbiter and the pair (dropped in reverse: the pair first).
+fn pair() -> (Testbed, ChildGuard, Appliance) {
+    let tb = Testbed::new(TestbedOptions {
+        start_standins: false,
+        ..Default::default()
+    })
+    .unwrap();
+    let arb = start_arbiter(&tb).unwrap();
+    let app = setup(&tb);
+    (tb, arb, app)
+}
+
 /// The pair with the embedded arbiter, both VMMs up, host A live.
 fn setup(tb: &Testbed) -> Appliance {
     let app = Appliance::start(
@@ -206,13 +218,7 @@ fn under_load(tb: &Testbed, app: &Appliance, fault: impl FnOnce(), recovered: im
 #[test]
 fn the_backup_takes_over_when_the_primary_dies() {
     let _s = serial();
-    let tb = Testbed::new(TestbedOptions {
-        start_standins: false,
-        ..Default::default()
-    })
-    .unwrap();
-    let _arb = start_arbiter(&tb).unwrap();
-    let app = setup(&tb);
+    let (tb, _arb, app) = pair();
     let epoch = app.status('a').unwrap()["epoch"].as_u64().unwrap();
     under_load(
         &tb,
@@ -254,13 +260,7 @@ fn the_backup_takes_over_when_the_primary_dies() {
 #[test]
 fn the_primary_goes_solo_when_the_backup_dies() {
     let _s = serial();
-    let tb = Testbed::new(TestbedOptions {
-        start_standins: false,
-        ..Default::default()
-    })
-    .unwrap();
-    let _arb = start_arbiter(&tb).unwrap();
-    let app = setup(&tb);
+    let (tb, _arb, app) = pair();
     let epoch = app.status('a').unwrap()["epoch"].as_u64().unwrap();
     under_load(
         &tb,
@@ -284,13 +284,7 @@ fn the_primary_goes_solo_when_the_backup_dies() {
 #[test]
 fn a_cut_logging_link_leaves_exactly_one_host_live() {
     let _s = serial();
-    let tb = Testbed::new(TestbedOptions {
-        start_standins: false,
-        ..Default::default()
-    })
-    .unwrap();
-    let _arb = start_arbiter(&tb).unwrap();
-    let app = setup(&tb);
+    let (tb, _arb, app) = pair();
     let live_and_halted = || -> Option<(char, char)> {
         let (a, b) = (app.status('a').ok()?, app.status('b').ok()?);
         match (a["role"].as_str()?, b["role"].as_str()?) {

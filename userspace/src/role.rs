@@ -306,19 +306,8 @@ async fn primary(c: Ctx) {
     loop {
         tokio::select! {
             Some((e, st)) = lease.rx.recv() => {
-                if e != epoch {
-                    continue;
-                }
-                match st {
-                    LeaseState::Valid { deadline_monotonic_ns, .. } => {
-                        if let Err(e) = c.dp.set_lease_deadline(deadline_monotonic_ns) {
-                            warn!("lease renewed but the kernel deadline could not be extended: {e}");
-                        }
-                    }
-                    LeaseState::Lost { reason } => {
-                        c.roles.halt(&format!("lease lost ({reason})"));
-                        return;
-                    }
+                if e == epoch && !on_lease(&c, st) {
+                    return;
                 }
             }
             _ = tick.tick() => {
@@ -693,19 +682,8 @@ async fn take_over(c: Ctx, vm: Arc<VmState>, followed: u64) {
     loop {
         tokio::select! {
             Some((e, st)) = lease.rx.recv() => {
-                if e != epoch {
-                    continue;
-                }
-                match st {
-                    LeaseState::Valid { deadline_monotonic_ns, .. } => {
-                        if let Err(e) = c.dp.set_lease_deadline(deadline_monotonic_ns) {
-                            warn!("lease renewed but the kernel deadline could not be extended: {e}");
-                        }
-                    }
-                    LeaseState::Lost { reason } => {
-                        c.roles.halt(&format!("lease lost ({reason})"));
-                        return;
-                    }
+                if e == epoch && !on_lease(&c, st) {
+                    return;
                 }
             }
             _ = tick.tick() => {
@@ -718,6 +696,25 @@ async fn take_over(c: Ctx, vm: Arc<VmState>, followed: u64) {
                     next_announce = Instant::now() + Duration::from_millis(200);
                 }
             }
+        }
+    }
+}
+
+/// A renewal extends the kernel's deadline; a lost lease halts the node (false).
+fn on_lease(c: &Ctx, st: LeaseState) -> bool {
+    match st {
+        LeaseState::Valid {
+            deadline_monotonic_ns,
+            ..
+        } => {
+            if let Err(e) = c.dp.set_lease_deadline(deadline_monotonic_ns) {
+                warn!("lease renewed but the kernel deadline could not be extended: {e}");
+            }
+            true
+        }
+        LeaseState::Lost { reason } => {
+            c.roles.halt(&format!("lease lost ({reason})"));
+            false
         }
     }
 }

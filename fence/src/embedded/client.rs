@@ -172,6 +172,23 @@ impl EmbeddedArbiter {
         }
     }
 
+    /// `Fenced` as the error it is, anything else as unexpected.
+    fn refused(&self, vm: &str, node: &str, epoch: u64, r: Reply) -> FenceError {
+        match r {
+            Reply::Fenced {
+                owner,
+                epoch: current,
+            } => FenceError::Fenced {
+                vm: vm.to_string(),
+                node: node.to_string(),
+                epoch,
+                current_owner: owner,
+                current_epoch: current,
+            },
+            r => self.unexpected(r),
+        }
+    }
+
     fn unexpected(&self, r: Reply) -> FenceError {
         FenceError::Protocol {
             addr: self.addr.clone(),
@@ -230,17 +247,7 @@ impl Arbiter for EmbeddedArbiter {
                     epoch: e,
                     follower: f,
                 } if e == epoch && f == follower => Ok(()),
-                Reply::Fenced {
-                    owner,
-                    epoch: current,
-                } => Err(FenceError::Fenced {
-                    vm: vm.to_string(),
-                    node: node.to_string(),
-                    epoch,
-                    current_owner: owner,
-                    current_epoch: current,
-                }),
-                r => Err(self.unexpected(r)),
+                r => Err(self.refused(vm, node, epoch, r)),
             }
         })
     }
@@ -261,17 +268,7 @@ impl Arbiter for EmbeddedArbiter {
                     epoch,
                     lease: Duration::from_millis(lease_ms).min(self.lease),
                 }),
-                Reply::Fenced {
-                    owner,
-                    epoch: current,
-                } => Err(FenceError::Fenced {
-                    vm: vm.to_string(),
-                    node: node.to_string(),
-                    epoch,
-                    current_owner: owner,
-                    current_epoch: current,
-                }),
-                r => Err(self.unexpected(r)),
+                r => Err(self.refused(vm, node, epoch, r)),
             }
         })
     }
@@ -285,17 +282,7 @@ impl Arbiter for EmbeddedArbiter {
         Box::pin(async move {
             match self.call(vm, node, Op::Release { epoch }).await? {
                 Reply::Released { .. } => Ok(()),
-                Reply::Fenced {
-                    owner,
-                    epoch: current,
-                } => Err(FenceError::Fenced {
-                    vm: vm.to_string(),
-                    node: node.to_string(),
-                    epoch,
-                    current_owner: owner,
-                    current_epoch: current,
-                }),
-                r => Err(self.unexpected(r)),
+                r => Err(self.refused(vm, node, epoch, r)),
             }
         })
     }
