@@ -104,49 +104,31 @@ pub struct RawSocket {
 }
 
 impl RawSocket {
+    /// A socket that sends on `iface` and receives nothing.
     pub fn open(iface: &Interface) -> Result<RawSocket, NetifError> {
-        let err = |source| NetifError::Socket {
-            name: iface.name.clone(),
-            source,
-        };
-        // SAFETY: plain socket(2) call. Protocol 0: this socket receives nothing.
-        let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0) };
-        if fd < 0 {
-            return Err(err(io::Error::last_os_error()));
-        }
-        // SAFETY: `fd` is a fresh descriptor we own.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        // SAFETY: sockaddr_ll is plain old data.
-        let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-        sll.sll_family = libc::AF_PACKET as u16;
-        sll.sll_ifindex = iface.ifindex as i32;
-        // SAFETY: `sll` is a valid sockaddr_ll for the duration of the call.
-        let r = unsafe {
-            libc::bind(
-                fd.as_raw_fd(),
-                &sll as *const _ as *const libc::sockaddr,
-                std::mem::size_of::<libc::sockaddr_ll>() as u32,
-            )
-        };
-        if r < 0 {
-            return Err(err(io::Error::last_os_error()));
-        }
-        Ok(RawSocket {
-            fd,
-            ifindex: iface.ifindex,
-        })
+        // Protocol 0: no frame is delivered to this socket.
+        Self::bound(iface, 0)
     }
 
     /// A socket that also receives the frames of one EtherType arriving on `iface`.
     pub fn open_rx(iface: &Interface, ethertype: u16) -> Result<RawSocket, NetifError> {
+        Self::bound(iface, ethertype.to_be())
+    }
+
+    /// An AF_PACKET socket bound to `iface` for `proto` (network byte order; 0 = none).
+    fn bound(iface: &Interface, proto: u16) -> Result<RawSocket, NetifError> {
         let err = |source| NetifError::Socket {
             name: iface.name.clone(),
             source,
         };
-        let proto = ethertype.to_be() as i32;
         // SAFETY: plain socket(2) call.
-        let fd =
-            unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, proto) };
+        let fd = unsafe {
+            libc::socket(
+                libc::AF_PACKET,
+                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+                proto as i32,
+            )
+        };
         if fd < 0 {
             return Err(err(io::Error::last_os_error()));
         }
@@ -155,7 +137,7 @@ impl RawSocket {
         // SAFETY: sockaddr_ll is plain old data.
         let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
         sll.sll_family = libc::AF_PACKET as u16;
-        sll.sll_protocol = proto as u16;
+        sll.sll_protocol = proto;
         sll.sll_ifindex = iface.ifindex as i32;
         // SAFETY: `sll` is a valid sockaddr_ll for the duration of the call.
         let r = unsafe {
