@@ -1,0 +1,274 @@
+//! The backup's side: follow the primary's epoch, take over when it falls silent.
+use std::{
+    sync::Arc,
+    sync::atomic::Ordering,
+    time::{Duration, Instant},
+};
+
+use ft_common::maps::{NodeState, ROLE_BACKUP, ROLE_SOLO};
+use ft_fence::TasOutcome;
+use ft_vmm::vmlog::FrameKey;
+use tracing::{debug, error, info, warn};
+
+use super::{
+    Ctx, FOLLOW_POLL, FailoverReport, Lease, TICK, Tas, on_lease, stopping, test_and_set, unix_ms,
+};
+use crate::{netif::RawSocket, vm::VmState};
+
+pub(super) async fn backup(c: Ctx) {
+    let f = &c.cfg.fence;
+    let retry = f.renew_interval();
+    let mut epoch = c.cfg.channel.epoch;
+    if let Some(arb) = &c.arb {
+        epoch = loop {
+            match arb.read(&f.vm).await {
+                Ok(info)
+                    if info.epoch > 0 && info.owner.as_deref().is_some_and(|o| o != f.node) =>
+                {
+                    break info.epoch;
+                }
+                Ok(info) => {
+                    debug!(owner = ?info.owner, "backup: waiting for a live primary at the arbiter")
+                }
+                Err(e) => warn!("backup: cannot read the live primary's epoch: {e}"),
+            }
+            if stopping(&c) {
+                return;
+            }
+            tokio::time::sleep(FOLLOW_POLL).await;
+        };
+    }
+    let node = NodeState {
+        epoch,
+        lease_deadline_ns: 0,
+        role: ROLE_BACKUP,
+        _pad: 0,
+    };
+    if let Err(e) = c
+        .roles
+        .set(node, &format!("following the primary of epoch {epoch}"))
+    {
+        error!("cannot write the epoch to the kernel: {e}");
+        return;
+    }
+    let mut last_check = Instant::now();
+    let mut tick = tokio::time::interval(TICK);
+    loop {
+        tick.tick().await;
+        if stopping(&c) || c.status.halted.load(Ordering::Relaxed) {
+            return;
+        }
+        if let Some(arb) = &c.arb
+            && last_check.elapsed() >= retry
+        {
+            last_check = Instant::now();
+            match arb.read(&f.vm).await {
+                Ok(info) if info.epoch != epoch => {
+                    c.roles.halt(&format!(
+                        "the live primary moved to epoch {} (owner {:?}) without this replica, which \
+                         follows epoch {epoch} and is stale (recreate it by state transfer)",
+                        info.epoch, info.owner
+                    ));
+                    return;
+                }
+                Ok(_) => {}
+                Err(e) => warn!("backup: arbiter unreachable ({e}); still following epoch {epoch}"),
+            }
+        }
+        let Some(vm) = c.vm.clone() else { continue };
+        let primary_known = c.status.peer_session.load(Ordering::Relaxed) != 0;
+        if primary_known
+            && !c.status.peer_alive.load(Ordering::Relaxed)
+            && *vm.phase.lock().unwrap() == "replaying"
+        {
+            take_over(c, vm, epoch).await;
+            return;
+        }
+    }
+}
+
+/// Backup whose primary fell silent: stop acking, win test-and-set at the epoch it
+/// followed, replay everything buffered, go live, hand the live VM the input the
+/// primary's guest never consumed, announce the VM's addresses; then serve solo.
+async fn take_over(c: Ctx, vm: Arc<VmState>, followed: u64) {
+    let detect = Duration::from_millis(c.cfg.channel.peer_timeout_ms);
+    let t0 = Instant::now();
+    // First: the primary can release nothing more (it needs these acks).
+    c.status.stop_acking.store(true, Ordering::Relaxed);
+    warn!(
+        "the primary is silent for {} ms: taking over",
+        detect.as_millis()
+    );
+    let f = &c.cfg.fence;
+    let (epoch, deadline) = match &c.arb {
+        Some(arb) => loop {
+            match test_and_set(&c, arb, followed, "cannot take over yet (nobody goes live)").await {
+                Tas::Won(e, deadline) => break (e, deadline),
+                Tas::Lost(TasOutcome::Held {
+                    lease_remaining,
+                    epoch,
+                    ..
+                }) if epoch == followed => {
+                    // Not paired (the primary could not reach the arbiter when it went
+                    // live): wait for its lease to lapse. A primary still alive takes a
+                    // new epoch meanwhile, and this backup then loses (Stale).
+                    warn!(
+                        "the silent primary was not paired with this backup: waiting {} ms for its lease",
+                        lease_remaining.as_millis()
+                    );
+                    tokio::time::sleep(lease_remaining.min(f.renew_interval())).await;
+                }
+                Tas::Lost(other) => {
+                    c.roles.halt(&format!(
+                        "the primary fell silent but this backup lost test-and-set ({other:?})"
+                    ));
+                    return;
+                }
+                Tas::Stopped => return,
+            }
+        },
+        None => (followed + 1, u64::MAX),
+    };
+    let tas = t0.elapsed();
+    let reason = format!(
+        "took over: the primary of epoch {followed} was silent for {} ms",
+        detect.as_millis()
+    );
+    let node = NodeState {
+        epoch,
+        lease_deadline_ns: deadline,
+        role: ROLE_SOLO,
+        _pad: 0,
+    };
+    if let Err(e) = c.roles.set(node, &reason) {
+        c.roles
+            .halt(&format!("cannot switch the data plane to solo: {e}"));
+        return;
+    }
+    let mut lease = Lease::new();
+    lease.start(&c, epoch, deadline);
+    // Replay everything buffered (the log ends where it is now), then go live.
+    let t_drain = Instant::now();
+    drop(vm.feed.lock().unwrap().take());
+    if let Some(ctl) = vm.control.lock().unwrap().as_ref() {
+        ctl.request_go_live();
+    }
+    let live = loop {
+        if vm.live.went_live.load(Ordering::Acquire) {
+            break true;
+        }
+        let phase = vm.phase.lock().unwrap().clone();
+        if phase != "replaying" || stopping(&c) {
+            break false;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    };
+    if !live {
+        c.roles.halt(&format!(
+            "the replica could not go live ({})",
+            vm.error.lock().unwrap().clone().unwrap_or_default()
+        ));
+        return;
+    }
+    vm.set_phase("live");
+    let drain = t_drain.elapsed();
+    let t_ann = Instant::now();
+    let unreferenced = deliver_unconsumed_input(&c, &vm);
+    announce(&c);
+    let announce_ms = t_ann.elapsed();
+    let report = FailoverReport {
+        what: reason.clone(),
+        at_unix_ms: unix_ms(),
+        detect_ms: detect.as_secs_f64() * 1e3,
+        test_and_set_ms: tas.as_secs_f64() * 1e3,
+        drain_ms: drain.as_secs_f64() * 1e3,
+        announce_ms: announce_ms.as_secs_f64() * 1e3,
+        unreferenced_frames: unreferenced,
+        total_ms: (detect + t0.elapsed()).as_secs_f64() * 1e3,
+    };
+    info!(?report, "live after take-over");
+    *c.roles.last_failover.lock().unwrap() = Some(report);
+    // Serve solo while the lease holds; repeat the announcement a few times.
+    let mut announce_left = 3;
+    let mut next_announce = Instant::now() + Duration::from_millis(50);
+    let mut tick = tokio::time::interval(Duration::from_millis(10));
+    loop {
+        tokio::select! {
+            Some((e, st)) = lease.rx.recv() => {
+                if e == epoch && !on_lease(&c, st) {
+                    return;
+                }
+            }
+            _ = tick.tick() => {
+                if stopping(&c) {
+                    return;
+                }
+                if announce_left > 0 && Instant::now() >= next_announce {
+                    announce(&c);
+                    announce_left -= 1;
+                    next_announce = Instant::now() + Duration::from_millis(200);
+                }
+            }
+        }
+    }
+}
+
+/// Input frames the backup holds beyond the last one the replica consumed: the
+/// primary's guest never saw them (never answered them), so the live VM gets them now,
+/// in order, through its NIC.
+fn deliver_unconsumed_input(c: &Ctx, vm: &VmState) -> u64 {
+    let Some(frames) = vm.frames.lock().unwrap().clone() else {
+        return 0;
+    };
+    let after = FrameKey {
+        epoch: vm.live.last_frame_epoch.load(Ordering::Relaxed),
+        seq: vm.live.last_frame_seq.load(Ordering::Relaxed),
+    };
+    let pending = frames.take_after(after);
+    if pending.is_empty() {
+        return 0;
+    }
+    let sock = match RawSocket::open(&c.dp.nics.vm) {
+        Ok(s) => s,
+        Err(e) => {
+            warn!(
+                "cannot hand {} unconsumed input frames to the VM: {e}",
+                pending.len()
+            );
+            return 0;
+        }
+    };
+    let mut n = 0;
+    for (_, f) in &pending {
+        if sock.send(f).is_ok() {
+            n += 1;
+        }
+    }
+    info!(
+        n,
+        "handed the input the primary's guest never consumed to the live VM"
+    );
+    n
+}
+
+/// Gratuitous ARP for the VM's address from its MAC on the client NIC: switches learn
+/// the VM's new port, neighbours refresh their entry.
+fn announce(c: &Ctx) {
+    let (mac, ip) = (c.cfg.vm.mac.0, c.cfg.vm.ipv4.octets());
+    let mut f = [0u8; 60];
+    f[..6].fill(0xff);
+    f[6..12].copy_from_slice(&mac);
+    f[12..14].copy_from_slice(&0x0806u16.to_be_bytes());
+    f[14..22].copy_from_slice(&[0, 1, 8, 0, 6, 4, 0, 1]); // Ethernet/IPv4, request
+    f[22..28].copy_from_slice(&mac);
+    f[28..32].copy_from_slice(&ip);
+    f[38..42].copy_from_slice(&ip);
+    match RawSocket::open(&c.dp.nics.client) {
+        Ok(s) => {
+            if let Err(e) = s.send(&f) {
+                warn!("gratuitous ARP not sent: {e}");
+            }
+        }
+        Err(e) => warn!("gratuitous ARP not sent: {e}"),
+    }
+}
