@@ -3,6 +3,7 @@
 //! connections go on, no acknowledged write is lost, and INCR replies are unique and
 //! increase in real-time order (a reply received before a request was sent is smaller).
 use std::{
+    io::Write,
     sync::{
         Arc,
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -13,8 +14,10 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use ft_testbed::{
-    Appliance, ApplianceOptions, ChildGuard, Testbed, TestbedOptions, VmOptions, embedded_fence,
-    names::CLI_IF, resp, start_arbiter,
+    Appliance, ApplianceOptions, Capture, ChildGuard, Testbed, TestbedOptions, VmOptions,
+    embedded_fence,
+    names::{BR_PORT_A, BR_PORT_B, CLI_IF, VM_MAC},
+    resp, start_arbiter,
 };
 use serde_json::Value;
 
@@ -322,4 +325,74 @@ fn a_cut_logging_link_leaves_exactly_one_host_live() {
     assert!(w1 - w0 >= 300, "the winner sent {} frames", w1 - w0);
     assert!(l1 - l0 < 5, "the halted host sent {} frames", l1 - l0);
     assert_eq!(app.status(loser).unwrap()["role"], "standby");
+}
+
+/// The primary frozen (SIGSTOP) for longer than the timeout, shorter than its lease:
+/// the backup takes over. Resumed (SIGCONT) with its lease still valid, the old primary
+/// finds itself fenced (it can release nothing without acks, and its test-and-set for
+/// a new epoch is stale) and halts, without emitting on the client network again.
+#[test]
+fn a_frozen_primary_resumes_fenced_and_never_emits_again() {
+    let _s = serial();
+    let (tb, _arb, app) = pair();
+    let mut c = resp::connect(&tb, T).unwrap();
+    for _ in 0..100 {
+        resp::call(&mut c, &[b"INCR", b"n"]).unwrap();
+    }
+    c.write_all(&ft_guest_service::compat::multibulk(&[b"INCR", b"n"]))
+        .unwrap();
+    app.pause('a').unwrap();
+    let t_freeze = Instant::now();
+    assert!(
+        Appliance::wait_until(T, || app
+            .status('b')
+            .is_ok_and(|s| s["role"] == "solo" && s["vm"]["phase"] == "live")),
+        "no take-over: {:#}",
+        app.status('b').unwrap()
+    );
+    // From here on B acks nothing: whatever A releases now broke the output rule.
+    let a_tx0 = tb.tx_packets(&tb.a.ns, CLI_IF).unwrap();
+    // Frames arriving at the client bridge from each host's port, attributed by port.
+    let (cap_a, cap_b) = (
+        Capture::start(&tb.client_ns, BR_PORT_A).unwrap(),
+        Capture::start(&tb.client_ns, BR_PORT_B).unwrap(),
+    );
+    app.resume('a').unwrap();
+    let frozen = t_freeze.elapsed();
+    assert!(
+        frozen < Duration::from_millis(1500),
+        "froze {frozen:?}: past the lease"
+    );
+    assert!(
+        Appliance::wait_until(T, || app.status('a').is_ok_and(|s| s["halted"] == true)),
+        "the resumed primary did not halt: {:#}",
+        app.status('a').unwrap()
+    );
+    // The request sent before the freeze is answered by B, on the same connection.
+    assert_eq!(
+        resp::int_reply(&resp::read_reply(&mut c).unwrap()).unwrap(),
+        101
+    );
+    for i in 102..300 {
+        let r = resp::call(&mut c, &[b"INCR", b"n"]).unwrap();
+        assert_eq!(resp::int_reply(&r).unwrap(), i);
+    }
+    let a_sent = tb.tx_packets(&tb.a.ns, CLI_IF).unwrap() - a_tx0;
+    assert!(
+        a_sent < 5,
+        "the fenced primary sent {a_sent} frames after B took over"
+    );
+    let from_vm = |frames: Vec<(u64, Vec<u8>)>| {
+        frames
+            .iter()
+            .filter(|(_, f)| f.len() >= 12 && f[6..12] == VM_MAC)
+            .count()
+    };
+    let (via_a, via_b) = (from_vm(cap_a.stop()), from_vm(cap_b.stop()));
+    // The capture sees the VM's traffic (through B), and none of it comes through A.
+    assert!(via_b >= 198, "only {via_b} VM frames through host B's port");
+    assert_eq!(via_a, 0, "the fenced primary emitted {via_a} VM frames");
+    let sa = app.status('a').unwrap();
+    assert_eq!(sa["role"], "standby", "{sa:#}");
+    eprintln!("{}", sa["role_history"]);
 }

@@ -391,7 +391,9 @@ fn crash_under_load(freeze_backup: bool) {
     // The backup notices the silence, replays everything it holds and goes live.
     let live = Appliance::wait_until(T, || {
         let s = app.status('b').unwrap();
-        s["vm"]["went_live"] == true && s["role"] == "solo"
+        // The controller marks the phase "live" once the VMM went live and the VM's
+        // pending input and announcement are out.
+        s["vm"]["phase"] == "live" && s["role"] == "solo"
     });
     let sb = app.status('b').unwrap();
     let b = sb["vm"].clone();
