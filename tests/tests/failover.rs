@@ -396,3 +396,34 @@ fn a_frozen_primary_resumes_fenced_and_never_emits_again() {
     assert_eq!(sa["role"], "standby", "{sa:#}");
     eprintln!("{}", sa["role_history"]);
 }
+
+/// A power cut of the primary's host: its client and logging links go down and its
+/// processes freeze at the same instant (nothing of it runs or sends again). The backup
+/// notices the silence and takes over; the clients' connections go on through it.
+#[test]
+fn a_power_cut_of_the_primary_fails_over() {
+    let _s = serial();
+    let (tb, _arb, app) = pair();
+    let epoch = app.status('a').unwrap()["epoch"].as_u64().unwrap();
+    under_load(
+        &tb,
+        &app,
+        || {
+            std::thread::scope(|s| {
+                s.spawn(|| app.pause('a').unwrap());
+                s.spawn(|| tb.set_link(&tb.a.ns, CLI_IF, false).unwrap());
+                s.spawn(|| {
+                    tb.set_link(&tb.a.ns, ft_testbed::names::LOG_IF, false)
+                        .unwrap()
+                });
+            });
+        },
+        || {
+            app.status('b')
+                .is_ok_and(|s| s["role"] == "solo" && s["vm"]["phase"] == "live")
+        },
+    );
+    let st = app.status('b').unwrap();
+    assert_eq!(st["epoch"].as_u64().unwrap(), epoch + 1, "{st:#}");
+    assert_eq!(st["vm"]["divergence"], Value::Null);
+}
