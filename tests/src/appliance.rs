@@ -375,6 +375,29 @@ impl Appliance {
         self.guard(host).resume()
     }
 
+    /// The phase of the VMM that ftd runs on `host` ("recording", "replaying", "live",
+    /// ...); None if the daemon does not answer or runs no VMM.
+    pub fn vm_phase(&self, host: char) -> Option<String> {
+        self.status(host)
+            .ok()
+            .and_then(|s| s["vm"]["phase"].as_str().map(String::from))
+    }
+
+    /// Waits (bounded) until host A's VMM records and host B's replays: the pair
+    /// protects the VM.
+    pub fn wait_replicating(&self, timeout: Duration) -> bool {
+        Self::wait_until(timeout, || {
+            self.vm_phase('a').as_deref() == Some("recording")
+                && self.vm_phase('b').as_deref() == Some("replaying")
+        })
+    }
+
+    /// `host` runs the VM alone after taking over: role solo, its VMM live.
+    pub fn live_after_take_over(&self, host: char) -> bool {
+        self.status(host)
+            .is_ok_and(|s| s["role"] == "solo" && s["vm"]["phase"] == "live")
+    }
+
     /// Polls `f` until it returns true or `timeout` passes.
     pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
         let end = Instant::now() + timeout;

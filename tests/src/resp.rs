@@ -53,3 +53,14 @@ pub fn int_reply(r: &[u8]) -> Result<i64> {
         .and_then(|v| v.trim_end().parse().ok())
         .with_context(|| format!("not an integer reply: {s:?}"))
 }
+
+/// One `redis-cli` command against the VM's service from the client namespace (bounded
+/// to 20 s), its output trimmed.
+pub fn redis_cli(tb: &Testbed, args: &[&str]) -> Result<String> {
+    let ip = VM_IP.to_string();
+    let mut v = vec!["20", "redis-cli", "-h", &ip];
+    v.extend_from_slice(args);
+    Ok(crate::ns_exec(&tb.client_ns, "timeout", &v)?
+        .trim()
+        .to_string())
+}

@@ -113,12 +113,6 @@ fn check_linearizable(all: &[Incr]) {
     }
 }
 
-fn phase(app: &Appliance, h: char) -> Option<String> {
-    app.status(h)
-        .ok()
-        .and_then(|s| s["vm"]["phase"].as_str().map(String::from))
-}
-
 /// The testbed, its arbiter and the pair (dropped in reverse: the pair first).
 fn pair() -> (Testbed, ChildGuard, Appliance) {
     let tb = Testbed::new(TestbedOptions {
@@ -143,8 +137,7 @@ fn setup(tb: &Testbed) -> Appliance {
     )
     .unwrap();
     assert!(
-        Appliance::wait_until(T, || phase(&app, 'a').as_deref() == Some("recording")
-            && phase(&app, 'b').as_deref() == Some("replaying")),
+        app.wait_replicating(T),
         "not up:\nA: {:#}\nB: {:#}",
         app.status('a').unwrap(),
         app.status('b').unwrap()
@@ -227,10 +220,7 @@ fn the_backup_takes_over_when_the_primary_dies() {
         &tb,
         &app,
         || app.guard('a').kill().unwrap(),
-        || {
-            app.status('b')
-                .is_ok_and(|s| s["role"] == "solo" && s["vm"]["phase"] == "live")
-        },
+        || app.live_after_take_over('b'),
     );
     let st = app.status('b').unwrap();
     eprintln!("after the take-over: {:#}", st["role_history"]);
@@ -344,9 +334,7 @@ fn a_frozen_primary_resumes_fenced_and_never_emits_again() {
     app.pause('a').unwrap();
     let t_freeze = Instant::now();
     assert!(
-        Appliance::wait_until(T, || app
-            .status('b')
-            .is_ok_and(|s| s["role"] == "solo" && s["vm"]["phase"] == "live")),
+        Appliance::wait_until(T, || app.live_after_take_over('b')),
         "no take-over: {:#}",
         app.status('b').unwrap()
     );
@@ -418,10 +406,7 @@ fn a_power_cut_of_the_primary_fails_over() {
                 });
             });
         },
-        || {
-            app.status('b')
-                .is_ok_and(|s| s["role"] == "solo" && s["vm"]["phase"] == "live")
-        },
+        || app.live_after_take_over('b'),
     );
     let st = app.status('b').unwrap();
     assert_eq!(st["epoch"].as_u64().unwrap(), epoch + 1, "{st:#}");

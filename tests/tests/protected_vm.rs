@@ -45,19 +45,8 @@ fn setup(o: ApplianceOptions) -> (Testbed, Appliance) {
         },
     )
     .unwrap();
-    let up = Appliance::wait_until(T, || {
-        app.status('a')
-            .ok()
-            .and_then(|s| s["vm"]["phase"].as_str().map(String::from))
-            == Some("recording".into())
-            && app
-                .status('b')
-                .ok()
-                .and_then(|s| s["vm"]["phase"].as_str().map(String::from))
-                == Some("replaying".into())
-    });
     assert!(
-        up,
+        app.wait_replicating(T),
         "VMMs not up:\nA: {:#}\nB: {:#}",
         app.status('a').unwrap(),
         app.status('b').unwrap()
@@ -68,17 +57,7 @@ fn setup(o: ApplianceOptions) -> (Testbed, Appliance) {
 
 /// One redis-cli command from the client namespace.
 fn redis(tb: &Testbed, args: &[&str]) -> String {
-    let ip = VM_IP.to_string();
-    let mut a = vec!["redis-cli", "-h", &ip];
-    a.extend_from_slice(args);
-    ns_exec(&tb.client_ns, "timeout", &{
-        let mut v = vec!["20"];
-        v.extend_from_slice(&a);
-        v
-    })
-    .unwrap()
-    .trim()
-    .to_string()
+    resp::redis_cli(tb, args).unwrap()
 }
 
 fn benchmark(tb: &Testbed, clients: u32, n: u32) -> String {
@@ -389,12 +368,9 @@ fn crash_under_load(freeze_backup: bool) {
         app.resume('b').unwrap();
     }
     // The backup notices the silence, replays everything it holds and goes live.
-    let live = Appliance::wait_until(T, || {
-        let s = app.status('b').unwrap();
-        // The controller marks the phase "live" once the VMM went live and the VM's
-        // pending input and announcement are out.
-        s["vm"]["phase"] == "live" && s["role"] == "solo"
-    });
+    // The controller marks the phase "live" once the VMM went live and the VM's
+    // pending input and announcement are out.
+    let live = Appliance::wait_until(T, || app.live_after_take_over('b'));
     let sb = app.status('b').unwrap();
     let b = sb["vm"].clone();
     assert!(live, "the backup did not take over: {sb:#}");

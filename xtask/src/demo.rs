@@ -34,15 +34,7 @@ pub fn run() -> Result<()> {
             ..Default::default()
         },
     )?;
-    let phase = |h: char| -> Option<String> {
-        app.status(h)
-            .ok()
-            .and_then(|s| s["vm"]["phase"].as_str().map(String::from))
-    };
-    let up = Appliance::wait_until(T, || {
-        phase('a').as_deref() == Some("recording") && phase('b').as_deref() == Some("replaying")
-    });
-    if !up {
+    if !app.wait_replicating(T) {
         bail!(
             "the VMMs did not come up:\nA: {}\nB: {}\nhost A's log:\n{}",
             app.status('a')?,
@@ -229,10 +221,7 @@ pub fn run() -> Result<()> {
 }
 
 fn redis(tb: &Testbed, args: &[&str]) -> Result<String> {
-    let ip = VM_IP.to_string();
-    let mut v = vec!["20", "redis-cli", "-h", &ip];
-    v.extend_from_slice(args);
-    Ok(ns_exec(&tb.client_ns, "timeout", &v)?.trim().to_string())
+    ft_testbed::resp::redis_cli(tb, args)
 }
 
 fn benchmark(tb: &Testbed, cmd: &str) -> Result<String> {

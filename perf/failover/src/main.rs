@@ -54,14 +54,7 @@ fn setup(tb: &Testbed, peer_timeout_ms: u64) -> Result<Appliance> {
             ..Default::default()
         },
     )?;
-    let phase = |h: char| -> Option<String> {
-        app.status(h)
-            .ok()
-            .and_then(|s| s["vm"]["phase"].as_str().map(String::from))
-    };
-    if !Appliance::wait_until(T, || {
-        phase('a').as_deref() == Some("recording") && phase('b').as_deref() == Some("replaying")
-    }) {
+    if !app.wait_replicating(T) {
         bail!("the pair did not come up: {}", app.status('a')?);
     }
     Ok(app)

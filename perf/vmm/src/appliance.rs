@@ -103,17 +103,13 @@ fn cpu_of(pid: Option<i32>) -> Result<f64> {
 }
 
 fn up(app: &Appliance, mode: Mode) -> bool {
-    let phase = |h: char| -> Option<String> {
-        app.status(h)
-            .ok()
-            .and_then(|s| s["vm"]["phase"].as_str().map(String::from))
-    };
-    Appliance::wait_until(Duration::from_secs(20), || match mode {
-        Mode::Off => phase('a').as_deref() == Some("running unprotected"),
-        Mode::On => {
-            phase('a').as_deref() == Some("recording") && phase('b').as_deref() == Some("replaying")
-        }
-    })
+    let t = Duration::from_secs(20);
+    match mode {
+        Mode::Off => Appliance::wait_until(t, || {
+            app.vm_phase('a').as_deref() == Some("running unprotected")
+        }),
+        Mode::On => app.wait_replicating(t),
+    }
 }
 
 fn benchmark(tb: &Testbed, clients: u32, n: u32, pipe: u32) -> Result<Vec<Row>> {
