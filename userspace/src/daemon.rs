@@ -161,7 +161,8 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                     .spawn(move || {
                         primary::run(dp, p, status, stop);
                         Ok(())
-                    })?
+                    })
+                    .map(Some)?
             }
             Role::Solo => {
                 // No backup: no log to send, no channel to run.
@@ -179,15 +180,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                         vm_stop.clone(),
                     )?);
                 }
-                std::thread::Builder::new()
-                    .name("ft-solo".into())
-                    .spawn(move || {
-                        while !stop.load(Relaxed) {
-                            std::thread::sleep(Duration::from_millis(50));
-                        }
-                        let _ = (dp, status);
-                        Ok(())
-                    })?
+                None
             }
             Role::Backup => {
                 let p = backup::BackupParams {
@@ -220,7 +213,8 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                     .name("ft-backup-rx".into())
                     .spawn(move || {
                         backup::run(dp, p, sink, feed, status, stop).map_err(anyhow::Error::from)
-                    })?
+                    })
+                    .map(Some)?
             }
         }
     };
@@ -247,8 +241,9 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut failure = None;
     {
+        // (A solo node runs no channel: this never completes.)
         let worker_done = async {
-            while !worker.is_finished() {
+            while worker.as_ref().is_none_or(|w| !w.is_finished()) {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         };
@@ -294,9 +289,12 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         }
     }
     stop.store(true, Relaxed);
-    let res = worker
-        .join()
-        .map_err(|_| anyhow::anyhow!("channel worker panicked"))?;
+    let res = match worker {
+        Some(w) => w
+            .join()
+            .map_err(|_| anyhow::anyhow!("channel worker panicked"))?,
+        None => Ok(()),
+    };
     let _ = std::fs::remove_file(&ctl_path);
     if let Some(why) = failure {
         anyhow::bail!("the protected VM stopped: {why}");
