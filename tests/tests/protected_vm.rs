@@ -429,7 +429,17 @@ fn a_corrupted_entry_is_detected_and_the_primary_keeps_serving() {
         d["verified_equal_at_exit"].as_u64().unwrap(),
     );
     assert!(verified < exit, "{d:#}");
+    // The daemon declares the replica failed once its VMM thread has ended (it polls
+    // for that): stops acking, halts, leaves.
+    let failed = Appliance::wait_until(T, || {
+        app.status('b')
+            .is_ok_and(|s| s["channel"]["stopped_acking"] == true && s["role"] == "standby")
+    });
     let sb = app.status('b').unwrap();
+    assert!(
+        failed,
+        "the diverged backup did not stop acking and halt: {sb:#}"
+    );
     assert_eq!(sb["channel"]["stopped_acking"], true, "{sb:#}");
     assert_eq!(sb["role"], "standby", "{sb:#}");
     let metrics = app.metrics('b').unwrap();
