@@ -1,6 +1,6 @@
 //! Helpers for tests and benchmarks: throw-away etcd members on loopback. Every process
 //! started here is killed when its guard is dropped (also on panic).
-use std::net::TcpListener;
+use std::net::{IpAddr, SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -40,9 +40,30 @@ pub fn free_port() -> u16 {
         .expect("cannot bind an ephemeral port on 127.0.0.1")
 }
 
+/// Where the members run: their IP address, a command prefix that places them (for
+/// example `ip netns exec <ns>`), and how to probe a member's health endpoint from
+/// there (the probe runs in the caller's network namespace unless it moves itself).
+pub struct Placement<'a> {
+    pub ip: IpAddr,
+    pub command_prefix: Vec<String>,
+    pub probe: &'a (dyn Fn(SocketAddr) -> bool + Sync),
+}
+
+impl Placement<'static> {
+    /// On 127.0.0.1 in this namespace.
+    pub fn loopback() -> Placement<'static> {
+        Placement {
+            ip: IpAddr::from([127, 0, 0, 1]),
+            command_prefix: Vec::new(),
+            probe: &health_ok,
+        }
+    }
+}
+
 /// One etcd member process.
 pub struct EtcdMember {
     pub name: String,
+    pub ip: IpAddr,
     pub client_port: u16,
     pub peer_port: u16,
     child: Option<Child>,
@@ -51,7 +72,11 @@ pub struct EtcdMember {
 
 impl EtcdMember {
     pub fn endpoint(&self) -> String {
-        format!("127.0.0.1:{}", self.client_port)
+        SocketAddr::new(self.ip, self.client_port).to_string()
+    }
+
+    pub fn client_addr(&self) -> SocketAddr {
+        SocketAddr::new(self.ip, self.client_port)
     }
 
     /// Kills the member (SIGKILL) and reaps it.
@@ -80,23 +105,36 @@ impl Drop for EtcdMember {
     }
 }
 
-/// An etcd cluster of `n` members on loopback, data in `dir`.
+/// An etcd cluster of `n` members, data in `dir`.
 pub struct EtcdCluster {
     pub members: Vec<EtcdMember>,
 }
 
 impl EtcdCluster {
-    /// Starts `n` members and waits (bounded by `ready_timeout`) until each answers on
-    /// its client port's health endpoint.
+    /// Starts `n` members on loopback and waits (bounded by `ready_timeout`) until each
+    /// answers on its client port's health endpoint.
     pub fn start(n: usize, dir: &Path, ready_timeout: Duration) -> Result<EtcdCluster, String> {
+        Self::start_placed(n, dir, ready_timeout, &Placement::loopback())
+    }
+
+    /// Starts `n` members where `at` says (ports picked on this namespace's loopback,
+    /// which is fine for a fresh namespace).
+    pub fn start_placed(
+        n: usize,
+        dir: &Path,
+        ready_timeout: Duration,
+        at: &Placement,
+    ) -> Result<EtcdCluster, String> {
         let bin = etcd_binary()?;
         std::fs::create_dir_all(dir)
             .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        let ip = at.ip;
+        let url = |port: u16| format!("http://{}", SocketAddr::new(ip, port));
         let ports: Vec<(u16, u16)> = (0..n).map(|_| (free_port(), free_port())).collect();
         let initial: Vec<String> = ports
             .iter()
             .enumerate()
-            .map(|(i, (_, p))| format!("m{i}=http://127.0.0.1:{p}"))
+            .map(|(i, (_, p))| format!("m{i}={}", url(*p)))
             .collect();
         let initial = initial.join(",");
         let token = format!("ft-fence-{}-{}", std::process::id(), ports[0].0);
@@ -106,19 +144,27 @@ impl EtcdCluster {
             let log = dir.join(format!("m{i}.log"));
             let logf = std::fs::File::create(&log).map_err(|e| e.to_string())?;
             let logf2 = logf.try_clone().map_err(|e| e.to_string())?;
-            let child = Command::new(&bin)
+            let mut cmd = match at.command_prefix.split_first() {
+                Some((p, rest)) => {
+                    let mut c = Command::new(p);
+                    c.args(rest).arg(&bin);
+                    c
+                }
+                None => Command::new(&bin),
+            };
+            let child = cmd
                 .args(["--name", &format!("m{i}")])
                 .arg("--data-dir")
                 .arg(&data)
                 .args([
                     "--listen-client-urls",
-                    &format!("http://127.0.0.1:{cp}"),
+                    &url(*cp),
                     "--advertise-client-urls",
-                    &format!("http://127.0.0.1:{cp}"),
+                    &url(*cp),
                     "--listen-peer-urls",
-                    &format!("http://127.0.0.1:{pp}"),
+                    &url(*pp),
                     "--initial-advertise-peer-urls",
-                    &format!("http://127.0.0.1:{pp}"),
+                    &url(*pp),
                     "--initial-cluster",
                     &initial,
                     "--initial-cluster-state",
@@ -141,6 +187,7 @@ impl EtcdCluster {
                 .map_err(|e| format!("cannot start {}: {e}", bin.display()))?;
             members.push(EtcdMember {
                 name: format!("m{i}"),
+                ip,
                 client_port: *cp,
                 peer_port: *pp,
                 child: Some(child),
@@ -151,7 +198,7 @@ impl EtcdCluster {
         let start = Instant::now();
         for m in &cluster.members {
             loop {
-                if health_ok(m.client_port) {
+                if (at.probe)(m.client_addr()) {
                     break;
                 }
                 if start.elapsed() > ready_timeout {
@@ -173,22 +220,42 @@ impl EtcdCluster {
     }
 }
 
-/// GET /health on the client port (plain HTTP/1.0, no client library needed).
-fn health_ok(port: u16) -> bool {
+/// One HTTP/1.0 exchange with `addr` (plain text; no client library needed). None when
+/// the member does not answer within a second.
+fn http(addr: SocketAddr, request: &str) -> Option<String> {
     use std::io::{Read, Write};
-    let Ok(mut s) = std::net::TcpStream::connect_timeout(
-        &([127, 0, 0, 1], port).into(),
-        Duration::from_millis(200),
-    ) else {
-        return false;
-    };
-    let _ = s.set_read_timeout(Some(Duration::from_millis(1000)));
-    if s.write_all(b"GET /health HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
-        .is_err()
-    {
-        return false;
-    }
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).ok()?;
+    s.set_read_timeout(Some(Duration::from_millis(1000))).ok()?;
+    s.write_all(request.as_bytes()).ok()?;
     let mut buf = Vec::new();
-    let _ = s.take(4096).read_to_end(&mut buf);
-    String::from_utf8_lossy(&buf).contains("\"health\":\"true\"")
+    let _ = s.take(16384).read_to_end(&mut buf);
+    Some(String::from_utf8_lossy(&buf).into_owned())
+}
+
+/// GET /health on a member's client port.
+pub fn health_ok(addr: SocketAddr) -> bool {
+    http(
+        addr,
+        &format!("GET /health HTTP/1.0\r\nHost: {addr}\r\n\r\n"),
+    )
+    .is_some_and(|r| r.contains("\"health\":\"true\""))
+}
+
+/// Whether the member at `addr` is the cluster's leader (its maintenance status through
+/// the JSON gateway: `header.member_id == leader`). None when it does not answer.
+pub fn is_leader(addr: SocketAddr) -> Option<bool> {
+    let body = "{}";
+    let r = http(
+        addr,
+        &format!(
+            "POST /v3/maintenance/status HTTP/1.0\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        ),
+    )?;
+    let json = &r[r.find("\r\n\r\n")? + 4..];
+    let field = |key: &str| -> Option<String> {
+        let i = json.find(&format!("\"{key}\":\""))? + key.len() + 4;
+        Some(json[i..i + json[i..].find('"')?].to_string())
+    };
+    Some(field("member_id")? == field("leader")?)
 }

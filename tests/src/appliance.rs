@@ -120,50 +120,6 @@ pub fn workspace_bin(name: &str, env: &str) -> Result<PathBuf> {
     )
 }
 
-/// Address of the embedded arbiter started by [`start_arbiter`].
-pub const ARBITER_ADDR: &str = "10.77.0.2:7700";
-
-/// Starts `ft-arbiter` in the testbed's arbiter namespace (state in the temp dir).
-pub fn start_arbiter(tb: &Testbed) -> Result<ChildGuard> {
-    let bin = workspace_bin("ft-arbiter", "FT_ARBITER_BIN")?;
-    let dir = tb.tmp_dir.join("arbiter-state");
-    std::fs::create_dir_all(&dir)?;
-    let g = tb.spawn(
-        &tb.arbiter_ns,
-        &bin,
-        [
-            "--listen",
-            ARBITER_ADDR,
-            "--state-dir",
-            dir.to_str().unwrap(),
-            "--init",
-        ],
-    )?;
-    let ok = Appliance::wait_until(Duration::from_secs(10), || {
-        crate::netns::try_run_in_ns(&tb.client_ns, || {
-            std::net::TcpStream::connect_timeout(
-                &ARBITER_ADDR.parse().unwrap(),
-                Duration::from_millis(200),
-            )
-            .is_ok()
-        })
-        .unwrap_or(false)
-    });
-    if !ok {
-        bail!("ft-arbiter did not come up:\n{}", g.log_contents());
-    }
-    Ok(g)
-}
-
-/// `[fence]` body for the embedded arbiter started by [`start_arbiter`].
-pub fn embedded_fence(lease_ms: u64, renew_ms: u64) -> String {
-    format!(
-        "backend = \"embedded\"\narbiters = [\"{ARBITER_ADDR}\"]\nlease_ms = {lease_ms}\n\
-         renew_interval_ms = {renew_ms}\nrequest_timeout_ms = {}\ndrift_margin_ms = 20",
-        (renew_ms / 2).max(10)
-    )
-}
-
 pub fn write_config(tb: &Testbed, host: char, role: &str, o: &ApplianceOptions) -> Result<PathBuf> {
     let (me, peer, epoch) = match host {
         'a' => (&tb.a, &tb.b, o.epoch_a),

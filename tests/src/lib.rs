@@ -30,6 +30,8 @@
 //! All setup/teardown commands are scoped to the testbed's own namespaces.
 
 pub mod appliance;
+pub mod arbiter;
+pub mod attribution;
 pub mod child;
 pub mod netns;
 pub mod packet;
@@ -38,12 +40,14 @@ pub mod resp;
 pub mod testbed;
 pub mod udp;
 
-pub use appliance::{
-    Appliance, ApplianceOptions, VmOptions, embedded_fence, ftd_bin, start_arbiter,
+pub use appliance::{Appliance, ApplianceOptions, VmOptions, ftd_bin};
+pub use arbiter::{
+    ARBITER_ADDR, embedded_fence, etcd_fence, etcd_leader, start_arbiter, start_etcd,
 };
+pub use attribution::{Emission, Emissions, VmEmitters};
 pub use child::ChildGuard;
 pub use netns::{fmt_mac, ifindex, ip, mac, ns_exec, run_in_ns, try_run_in_ns};
-pub use packet::{eth_frame, parse_udp, udp_checksums_ok, udp_frame};
+pub use packet::{TcpSeg, eth_frame, parse_tcp, parse_udp, udp_checksums_ok, udp_frame};
 pub use raw::{BlastStats, Capture, CaptureResult, RawSock, blast, blast_on, monotonic_ns};
 pub use testbed::{Host, Testbed, TestbedOptions, cleanup_stale, names, standin_bin};
 pub use udp::{UdpClient, spawn_udp_echo};

@@ -204,3 +204,26 @@ pub fn sysctl(ns: &str, key: &str, value: &str) -> Result<()> {
     try_run_in_ns(ns, || std::fs::write(&path, value))?
         .with_context(|| format!("sysctl {key}={value} in {ns}"))
 }
+
+/// A TCP/IP counter of namespace `ns` from `/proc/net/netstat` or `/proc/net/snmp` (for
+/// example `TcpExt` `TCPDSACKOldSent`), read in a thread inside the namespace. An error
+/// when the counter does not exist: a misspelled name must not read as 0.
+pub fn net_counter(ns: &str, group: &str, name: &str) -> Result<u64> {
+    let text = try_run_in_ns(ns, || -> Result<String> {
+        let mut s = std::fs::read_to_string("/proc/thread-self/net/netstat")?;
+        s.push_str(&std::fs::read_to_string("/proc/thread-self/net/snmp")?);
+        Ok(s)
+    })??;
+    let prefix = format!("{group}:");
+    let mut lines = text.lines().filter(|l| l.starts_with(&prefix));
+    while let (Some(names), Some(values)) = (lines.next(), lines.next()) {
+        if let Some(i) = names.split_whitespace().position(|n| n == name) {
+            let v = values
+                .split_whitespace()
+                .nth(i)
+                .with_context(|| format!("{group} {name}: no value in {values:?}"))?;
+            return v.parse().with_context(|| format!("{group} {name} = {v:?}"));
+        }
+    }
+    bail!("no counter {group} {name} in namespace {ns}")
+}

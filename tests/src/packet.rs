@@ -218,3 +218,47 @@ mod tests {
         assert!(udp_checksums_ok(&f));
     }
 }
+
+/// A TCP segment's addressing, sequence number, flags and payload length.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TcpSeg {
+    pub src_ip: Ipv4Addr,
+    pub dst_ip: Ipv4Addr,
+    pub sport: u16,
+    pub dport: u16,
+    pub seq: u32,
+    pub flags: u8,
+    pub payload_len: u32,
+}
+
+/// Parses Ethernet/IPv4/TCP (IP and TCP options accepted; fragments and truncated
+/// frames rejected).
+pub fn parse_tcp(frame: &[u8]) -> Option<TcpSeg> {
+    if frame.len() < 14 + 20 + 20 || ethertype(frame)? != ETH_P_IP {
+        return None;
+    }
+    let ip = &frame[14..];
+    if ip[0] >> 4 != 4 || ip[9] != 6 {
+        return None;
+    }
+    let ihl = usize::from(ip[0] & 0xf) * 4;
+    let tot = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
+    let frag = u16::from_be_bytes([ip[6], ip[7]]) & 0x3fff;
+    if ihl < 20 || tot < ihl + 20 || tot > ip.len() || frag != 0 {
+        return None;
+    }
+    let tcp = &ip[ihl..tot];
+    let doff = usize::from(tcp[12] >> 4) * 4;
+    if doff < 20 || doff > tcp.len() {
+        return None;
+    }
+    Some(TcpSeg {
+        src_ip: Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]),
+        dst_ip: Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]),
+        sport: u16::from_be_bytes([tcp[0], tcp[1]]),
+        dport: u16::from_be_bytes([tcp[2], tcp[3]]),
+        seq: u32::from_be_bytes([tcp[4], tcp[5], tcp[6], tcp[7]]),
+        flags: tcp[13],
+        payload_len: (tcp.len() - doff) as u32,
+    })
+}

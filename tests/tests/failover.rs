@@ -14,10 +14,11 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use ft_testbed::{
-    Appliance, ApplianceOptions, Capture, ChildGuard, Testbed, TestbedOptions, VmOptions,
-    embedded_fence,
-    names::{BR_PORT_A, BR_PORT_B, CLI_IF, VM_MAC},
-    resp, start_arbiter,
+    Appliance, ApplianceOptions, ChildGuard, Emissions, Testbed, TestbedOptions, VmEmitters,
+    VmOptions, embedded_fence, etcd_fence, etcd_leader, monotonic_ns,
+    names::{ARB_IF, CLI_IF, VM_IP, VM_PORT},
+    netns::net_counter,
+    ns_exec, resp, start_arbiter, start_etcd,
 };
 use serde_json::Value;
 
@@ -115,23 +116,27 @@ fn check_linearizable(all: &[Incr]) {
 
 /// The testbed, its arbiter and the pair (dropped in reverse: the pair first).
 fn pair() -> (Testbed, ChildGuard, Appliance) {
-    let tb = Testbed::new(TestbedOptions {
-        start_standins: false,
-        ..Default::default()
-    })
-    .unwrap();
+    let tb = testbed();
     let arb = start_arbiter(&tb).unwrap();
-    let app = setup(&tb);
+    let app = setup(&tb, embedded_fence(2000, 400));
     (tb, arb, app)
 }
 
-/// The pair with the embedded arbiter, both VMMs up, host A live.
-fn setup(tb: &Testbed) -> Appliance {
+fn testbed() -> Testbed {
+    Testbed::new(TestbedOptions {
+        start_standins: false,
+        ..Default::default()
+    })
+    .unwrap()
+}
+
+/// The pair fenced by `fence`, both VMMs up, host A live.
+fn setup(tb: &Testbed, fence: String) -> Appliance {
     let app = Appliance::start(
         tb,
         &ApplianceOptions {
             vm: VmOptions::vmm(),
-            fence: embedded_fence(2000, 400),
+            fence,
             ..Default::default()
         },
     )
@@ -146,8 +151,16 @@ fn setup(tb: &Testbed) -> Appliance {
 }
 
 /// Runs the clients, injects `fault` once they are busy, waits for `recovered`, lets
-/// them go on, and checks what they saw. Returns the survivor's status.
-fn under_load(tb: &Testbed, app: &Appliance, fault: impl FnOnce(), recovered: impl Fn() -> bool) {
+/// them go on, and checks what they saw. Returns the VM's output on the client network
+/// over the whole run, attributed to the host that emitted it; at no instant did both
+/// hosts emit (the emitting host changed at most once).
+fn under_load(
+    tb: &Testbed,
+    app: &Appliance,
+    fault: impl FnOnce(),
+    recovered: impl Fn() -> bool,
+) -> Emissions {
+    let emitters = VmEmitters::start(tb).unwrap();
     let stop = Arc::new(AtomicBool::new(false));
     let ops = Arc::new(AtomicU64::new(0));
     let clients: Vec<_> = (0..CLIENTS)
@@ -209,6 +222,22 @@ fn under_load(tb: &Testbed, app: &Appliance, fault: impl FnOnce(), recovered: im
         ctr > max,
         "INCR after the run gave {ctr}, the clients saw up to {max}"
     );
+    let out = emitters.stop().unwrap();
+    let runs = out.runs();
+    let dups = out.tcp_duplicates();
+    eprintln!(
+        "VM frames on the client network: {} via A, {} via B, emitters in order {runs:?}; \
+         {} TCP segments sent again ({} by B)",
+        out.count('a'),
+        out.count('b'),
+        dups.len(),
+        dups.iter().filter(|(h, _)| *h == 'b').count()
+    );
+    assert!(
+        runs.len() <= 2,
+        "both hosts emitted the VM's traffic at the same time: {runs:?}"
+    );
+    out
 }
 
 #[test]
@@ -216,12 +245,13 @@ fn the_backup_takes_over_when_the_primary_dies() {
     let _s = serial();
     let (tb, _arb, app) = pair();
     let epoch = app.status('a').unwrap()["epoch"].as_u64().unwrap();
-    under_load(
+    let out = under_load(
         &tb,
         &app,
         || app.guard('a').kill().unwrap(),
         || app.live_after_take_over('b'),
     );
+    assert_eq!(out.runs(), ['a', 'b']);
     let st = app.status('b').unwrap();
     eprintln!("after the take-over: {:#}", st["role_history"]);
     assert_eq!(st["epoch"].as_u64().unwrap(), epoch + 1, "{st:#}");
@@ -231,11 +261,7 @@ fn the_backup_takes_over_when_the_primary_dies() {
     // No waiting for the old primary's lease (2 s): it paired this backup.
     assert!(f["test_and_set_ms"].as_f64().unwrap() < 1000.0, "{f:#}");
     // What an operator sees: `ftd status` and the metrics.
-    let out = std::process::Command::new(ft_testbed::ftd_bin().unwrap())
-        .args(["status", "--socket", app.sock_b.to_str().unwrap()])
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
+    let text = status_text(&app, 'b');
     assert!(
         text.starts_with(&format!("node host-b: SOLO, epoch {}", epoch + 1))
             && text.contains("last failover: took over"),
@@ -255,12 +281,13 @@ fn the_primary_goes_solo_when_the_backup_dies() {
     let _s = serial();
     let (tb, _arb, app) = pair();
     let epoch = app.status('a').unwrap()["epoch"].as_u64().unwrap();
-    under_load(
+    let out = under_load(
         &tb,
         &app,
         || app.guard('b').kill().unwrap(),
         || app.status('a').is_ok_and(|s| s["role"] == "solo"),
     );
+    assert_eq!(out.runs(), ['a']);
     let st = app.status('a').unwrap();
     eprintln!("after going solo: {:#}", st["role_history"]);
     // A new epoch before any output left without acks (which unpairs the dead backup).
@@ -286,13 +313,14 @@ fn a_cut_logging_link_leaves_exactly_one_host_live() {
             _ => None,
         }
     };
-    under_load(
+    let out = under_load(
         &tb,
         &app,
         || tb.set_log_link_down(true).unwrap(),
         || live_and_halted().is_some(),
     );
     let (winner, loser) = live_and_halted().expect("still one live, one halted");
+    assert_eq!(out.runs().last(), Some(&winner), "{:?}", out.runs());
     let ns = |h: char| if h == 'a' { &tb.a.ns } else { &tb.b.ns };
     eprintln!(
         "host {winner} won: {:#}",
@@ -341,10 +369,7 @@ fn a_frozen_primary_resumes_fenced_and_never_emits_again() {
     // From here on B acks nothing: whatever A releases now broke the output rule.
     let a_tx0 = tb.tx_packets(&tb.a.ns, CLI_IF).unwrap();
     // Frames arriving at the client bridge from each host's port, attributed by port.
-    let (cap_a, cap_b) = (
-        Capture::start(&tb.client_ns, BR_PORT_A).unwrap(),
-        Capture::start(&tb.client_ns, BR_PORT_B).unwrap(),
-    );
+    let emitters = VmEmitters::start(&tb).unwrap();
     app.resume('a').unwrap();
     let frozen = t_freeze.elapsed();
     assert!(
@@ -370,13 +395,8 @@ fn a_frozen_primary_resumes_fenced_and_never_emits_again() {
         a_sent < 5,
         "the fenced primary sent {a_sent} frames after B took over"
     );
-    let from_vm = |frames: Vec<(u64, Vec<u8>)>| {
-        frames
-            .iter()
-            .filter(|(_, f)| f.len() >= 12 && f[6..12] == VM_MAC)
-            .count()
-    };
-    let (via_a, via_b) = (from_vm(cap_a.stop()), from_vm(cap_b.stop()));
+    let out = emitters.stop().unwrap();
+    let (via_a, via_b) = (out.count('a'), out.count('b'));
     // The capture sees the VM's traffic (through B), and none of it comes through A.
     assert!(via_b >= 198, "only {via_b} VM frames through host B's port");
     assert_eq!(via_a, 0, "the fenced primary emitted {via_a} VM frames");
@@ -393,7 +413,7 @@ fn a_power_cut_of_the_primary_fails_over() {
     let _s = serial();
     let (tb, _arb, app) = pair();
     let epoch = app.status('a').unwrap()["epoch"].as_u64().unwrap();
-    under_load(
+    let out = under_load(
         &tb,
         &app,
         || {
@@ -408,7 +428,183 @@ fn a_power_cut_of_the_primary_fails_over() {
         },
         || app.live_after_take_over('b'),
     );
+    assert_eq!(out.runs(), ['a', 'b']);
     let st = app.status('b').unwrap();
     assert_eq!(st["epoch"].as_u64().unwrap(), epoch + 1, "{st:#}");
     assert_eq!(st["vm"]["divergence"], Value::Null);
+}
+
+/// `ftd status` (the operator's summary) of host `h`.
+fn status_text(app: &Appliance, h: char) -> String {
+    let sock = if h == 'a' { &app.sock_a } else { &app.sock_b };
+    let out = std::process::Command::new(ft_testbed::ftd_bin().unwrap())
+        .args(["status", "--socket", sock.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "ftd status: {out:?}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The arbiter unreachable when the primary dies: the backup notices, stops acking and
+/// asks the arbiter, which does not answer, so it does not go live, and it says why
+/// (status, `ftd status`, metrics). Once the arbiter is back the take-over completes and
+/// the clients' connections go on.
+#[test]
+fn with_the_arbiter_unreachable_nobody_goes_live_until_it_is_back() {
+    let _s = serial();
+    let (tb, _arb, app) = pair();
+    let epoch = app.status('a').unwrap()["epoch"].as_u64().unwrap();
+    let mut back_at_ns = 0;
+    let out = under_load(
+        &tb,
+        &app,
+        || {
+            tb.set_link(&tb.arbiter_ns, ARB_IF, false).unwrap();
+            app.guard('a').kill().unwrap();
+            // B reaches its test-and-set and stays blocked there for a second by its own
+            // account (positive evidence that it got that far and went no further).
+            let blocked = Appliance::wait_until(T, || {
+                app.status('b').is_ok_and(|s| {
+                    s["role_history"]["waiting_for_arbiter"]["for_s"]
+                        .as_f64()
+                        .is_some_and(|t| t >= 1.0)
+                })
+            });
+            let st = app.status('b').unwrap();
+            assert!(blocked, "B never blocked on the arbiter: {st:#}");
+            assert_eq!(st["role"], "backup", "{st:#}");
+            assert_eq!(app.vm_phase('b').as_deref(), Some("replaying"));
+            let w = &st["role_history"]["waiting_for_arbiter"];
+            assert!(
+                w["what"].as_str().unwrap().contains("cannot take over"),
+                "{w:#}"
+            );
+            assert!(!w["error"].as_str().unwrap().is_empty(), "{w:#}");
+            let text = status_text(&app, 'b');
+            assert!(text.contains("BLOCKED"), "{text}");
+            let m = app.metrics('b').unwrap();
+            let blocked_s: f64 = m
+                .lines()
+                .find_map(|l| l.strip_prefix("ft_arbiter_blocked_seconds "))
+                .expect("ft_arbiter_blocked_seconds in the metrics")
+                .parse()
+                .unwrap();
+            assert!(blocked_s >= 1.0, "{m}");
+            back_at_ns = monotonic_ns();
+            tb.set_link(&tb.arbiter_ns, ARB_IF, true).unwrap();
+        },
+        || app.live_after_take_over('b'),
+    );
+    assert_eq!(out.runs(), ['a', 'b']);
+    // Nothing of the VM's came from B before the arbiter was back.
+    let first_b = out.first_from('b').unwrap();
+    assert!(
+        first_b > back_at_ns,
+        "B emitted {} ms before the arbiter was reachable",
+        (back_at_ns - first_b) as f64 / 1e6
+    );
+    let st = app.status('b').unwrap();
+    assert_eq!(st["epoch"].as_u64().unwrap(), epoch + 1, "{st:#}");
+    assert_eq!(st["role_history"]["waiting_for_arbiter"], Value::Null);
+}
+
+/// Fenced by a 3-member etcd cluster: the primary is killed and the etcd leader with
+/// it, so the backup's test-and-set meets a leader election. It takes over once the
+/// cluster has a new leader, and keeps its lease on the two members left.
+#[test]
+fn on_etcd_the_backup_takes_over_while_the_etcd_leader_dies() {
+    let _s = serial();
+    let tb = testbed();
+    let mut etcd = start_etcd(&tb, 3).unwrap();
+    let app = setup(&tb, etcd_fence(&etcd, 2000, 400));
+    let epoch = app.status('a').unwrap()["epoch"].as_u64().unwrap();
+    let leader = etcd_leader(&tb, &etcd, T).unwrap();
+    let out = under_load(
+        &tb,
+        &app,
+        || {
+            app.guard('a').kill().unwrap();
+            etcd.members[leader].kill();
+        },
+        || app.live_after_take_over('b'),
+    );
+    assert_eq!(out.runs(), ['a', 'b']);
+    let new_leader = etcd_leader(&tb, &etcd, T).unwrap();
+    assert_ne!(new_leader, leader);
+    let st = app.status('b').unwrap();
+    eprintln!("{:#}", st["role_history"]);
+    assert_eq!(st["epoch"].as_u64().unwrap(), epoch + 1, "{st:#}");
+    // Renewed on the members left: still live past the first lease's 2 s.
+    let t_live = Instant::now();
+    assert!(
+        Appliance::wait_until(T, || t_live.elapsed() > Duration::from_millis(2500)
+            && app
+                .status('b')
+                .is_ok_and(|s| s["lease_remaining_s"].as_f64().is_some_and(|l| l > 0.5))),
+        "{:#}",
+        app.status('b').unwrap()
+    );
+    assert_eq!(app.status('b').unwrap()["role"], "solo");
+}
+
+/// Duplicate output at cut-over is harmless. The client's pure ACKs to the VM are
+/// dropped (nftables in the client namespace), so the primary's guest never learns that
+/// its last reply arrived; the primary dies; the backup replays to the same state, goes
+/// live and sends that reply again. The client's TCP has it already: it drops the copy
+/// (counted as a D-SACK it sent) and the connection goes on.
+#[test]
+fn output_sent_again_at_cut_over_is_dropped_by_the_client() {
+    let _s = serial();
+    let (tb, _arb, app) = pair();
+    let mut c = resp::connect(&tb, T).unwrap();
+    let incr = |c: &mut std::net::TcpStream| {
+        resp::int_reply(&resp::call(c, &[b"INCR", b"n"]).unwrap()).unwrap()
+    };
+    for i in 1..=50 {
+        assert_eq!(incr(&mut c), i);
+    }
+    let emitters = VmEmitters::start(&tb).unwrap();
+    let rule = format!(
+        "add table ip ftdup\n\
+         add chain ip ftdup out {{ type filter hook output priority 0; policy accept; }}\n\
+         add rule ip ftdup out ip daddr {VM_IP} tcp dport {VM_PORT} tcp flags == ack counter drop\n"
+    );
+    let rule_file = tb.tmp_dir.join("drop-acks.nft");
+    std::fs::write(&rule_file, rule).unwrap();
+    ns_exec(&tb.client_ns, "nft", &["-f", rule_file.to_str().unwrap()]).unwrap();
+    assert_eq!(incr(&mut c), 51);
+    app.guard('a').kill().unwrap();
+    let dsacks = net_counter(&tb.client_ns, "TcpExt", "TCPDSACKOldSent").unwrap();
+    assert!(
+        Appliance::wait_until(T, || app.live_after_take_over('b')),
+        "no take-over: {:#}",
+        app.status('b').unwrap()
+    );
+    // The client receives the reply again, from B, and drops it.
+    assert!(
+        Appliance::wait_until(T, || net_counter(
+            &tb.client_ns,
+            "TcpExt",
+            "TCPDSACKOldSent"
+        )
+        .unwrap()
+            > dsacks),
+        "the client never received old data again"
+    );
+    let dropped_acks = ns_exec(&tb.client_ns, "nft", &["list", "table", "ip", "ftdup"]).unwrap();
+    assert!(
+        !dropped_acks.contains("counter packets 0 "),
+        "{dropped_acks}"
+    );
+    ns_exec(&tb.client_ns, "nft", &["delete", "table", "ip", "ftdup"]).unwrap();
+    for i in 52..=150 {
+        assert_eq!(incr(&mut c), i, "on the same connection after the cut-over");
+    }
+    let out = emitters.stop().unwrap();
+    assert_eq!(out.runs(), ['a', 'b']);
+    let dups = out.tcp_duplicates();
+    assert!(
+        dups.iter().any(|(h, _)| *h == 'b'),
+        "B sent nothing the client had seen from A: {dups:?}"
+    );
 }

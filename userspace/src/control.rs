@@ -181,6 +181,16 @@ pub fn summary(v: &Value) -> String {
         }
         let _ = writeln!(o);
     }
+    let w = &v["role_history"]["waiting_for_arbiter"];
+    if w.is_object() {
+        let _ = writeln!(
+            o,
+            "BLOCKED {:.1} s on the arbiter: {} ({})",
+            w["for_s"].as_f64().unwrap_or(0.0),
+            s(&w["what"]),
+            s(&w["error"])
+        );
+    }
     let f = &v["role_history"]["last_failover"];
     if f.is_object() {
         let ms = |k: &str| f[k].as_f64().unwrap_or(0.0);

@@ -106,6 +106,13 @@ fn render_roles(o: &mut String, roles: &crate::role::Roles) {
         "# TYPE ft_halted gauge\nft_halted {}",
         roles.halted() as u8
     );
+    let _ = writeln!(
+        o,
+        "# HELP ft_arbiter_blocked_seconds How long a needed test-and-set has waited for an arbiter that does not answer (0: not blocked)\n# TYPE ft_arbiter_blocked_seconds gauge\nft_arbiter_blocked_seconds {}",
+        roles
+            .arbiter_wait()
+            .map_or(0.0, |w| w.since.elapsed().as_secs_f64())
+    );
     if let Some(f) = roles.last_failover() {
         let _ = writeln!(
             o,

@@ -24,7 +24,7 @@ pub fn run() -> Result<()> {
     println!(
         "== ft-arbiter up at {}; starting ftd on host A (primary) and host B (backup), each \
          running the VMM (256 MiB guest, Redis-protocol service on {VM_IP}:{VM_PORT})",
-        ft_testbed::appliance::ARBITER_ADDR
+        ft_testbed::ARBITER_ADDR
     );
     let app = Appliance::start(
         &tb,

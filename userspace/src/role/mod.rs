@@ -90,6 +90,17 @@ pub struct Roles {
     history: Mutex<VecDeque<Transition>>,
     changes: AtomicU64,
     last_failover: Mutex<Option<FailoverReport>>,
+    /// A test-and-set this node needs but the arbiter does not answer: what waits, the
+    /// arbiter's last error, and since when (CLOCK_MONOTONIC via `Instant`).
+    arbiter_wait: Mutex<Option<ArbiterWait>>,
+}
+
+/// An arbiter call the node is blocked on (shown by `ftd status`, counted in metrics).
+#[derive(Clone, Debug)]
+pub struct ArbiterWait {
+    pub what: String,
+    pub error: String,
+    pub since: std::time::Instant,
 }
 
 fn unix_ms() -> u64 {
@@ -106,6 +117,7 @@ impl Roles {
             history: Mutex::new(VecDeque::new()),
             changes: AtomicU64::new(0),
             last_failover: Mutex::new(None),
+            arbiter_wait: Mutex::new(None),
         })
     }
 
@@ -174,6 +186,15 @@ impl Roles {
         self.last_failover.lock().unwrap().clone()
     }
 
+    /// The arbiter call the node is blocked on, if any.
+    pub fn arbiter_wait(&self) -> Option<ArbiterWait> {
+        self.arbiter_wait.lock().unwrap().clone()
+    }
+
+    fn set_arbiter_wait(&self, w: Option<ArbiterWait>) {
+        *self.arbiter_wait.lock().unwrap() = w;
+    }
+
     pub fn transitions(&self) -> Vec<Transition> {
         self.history.lock().unwrap().iter().cloned().collect()
     }
@@ -182,6 +203,11 @@ impl Roles {
         json!({
             "transitions": self.transitions(),
             "last_failover": *self.last_failover.lock().unwrap(),
+            "waiting_for_arbiter": self.arbiter_wait().map(|w| json!({
+                "what": w.what,
+                "error": w.error,
+                "for_s": w.since.elapsed().as_secs_f64(),
+            })),
         })
     }
 }
@@ -262,10 +288,11 @@ async fn test_and_set(c: &Ctx, arb: &Arc<dyn Arbiter>, expected: u64, waiting: &
     let f = &c.cfg.fence;
     let first = MonoInstant::now();
     let mut retried = false;
-    loop {
+    let since = std::time::Instant::now();
+    let r = loop {
         match arb.test_and_set(&f.vm, &f.node, expected).await {
             Ok(TasOutcome::Won(g)) => {
-                return Tas::Won(g.epoch, g.deadline_monotonic_ns(first, f.drift_margin()));
+                break Tas::Won(g.epoch, g.deadline_monotonic_ns(first, f.drift_margin()));
             }
             Ok(TasOutcome::Stale {
                 owner: Some(o),
@@ -279,19 +306,26 @@ async fn test_and_set(c: &Ctx, arb: &Arc<dyn Arbiter>, expected: u64, waiting: &
                     epoch,
                     lease: arb.lease_len(),
                 };
-                return Tas::Won(epoch, g.deadline_monotonic_ns(first, f.drift_margin()));
+                break Tas::Won(epoch, g.deadline_monotonic_ns(first, f.drift_margin()));
             }
-            Ok(other) => return Tas::Lost(other),
+            Ok(other) => break Tas::Lost(other),
             Err(e) => {
                 warn!("{waiting}: {e}");
+                c.roles.set_arbiter_wait(Some(ArbiterWait {
+                    what: waiting.to_string(),
+                    error: e.to_string(),
+                    since,
+                }));
                 if stopping(c) {
-                    return Tas::Stopped;
+                    break Tas::Stopped;
                 }
                 retried = true;
                 tokio::time::sleep(f.renew_interval() / 4).await;
             }
         }
-    }
+    };
+    c.roles.set_arbiter_wait(None);
+    r
 }
 
 /// A renewal extends the kernel's deadline; a lost lease halts the node (false).

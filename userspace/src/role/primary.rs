@@ -25,6 +25,7 @@ pub(super) async fn primary(c: Ctx) {
     let mut lease = Lease::new();
     let mut epoch = c.cfg.channel.epoch;
     if let Some(arb) = &c.arb {
+        let since = std::time::Instant::now();
         let (grant, deadline) = loop {
             match ft_fence::try_acquire(&**arb, &f.vm, &f.node, f.drift_margin()).await {
                 Ok(Acquire::Live {
@@ -37,13 +38,21 @@ pub(super) async fn primary(c: Ctx) {
                         "test-and-set lost: another node is live; this node stays not live"
                     )
                 }
-                Err(e) => warn!("not going live: {e}"),
+                Err(e) => {
+                    warn!("not going live: {e}");
+                    c.roles.set_arbiter_wait(Some(super::ArbiterWait {
+                        what: "not going live".into(),
+                        error: e.to_string(),
+                        since,
+                    }));
+                }
             }
             if stopping(&c) {
                 return;
             }
             tokio::time::sleep(retry).await;
         };
+        c.roles.set_arbiter_wait(None);
         epoch = grant.epoch;
         let node = NodeState {
             epoch,
