@@ -252,6 +252,22 @@ fn the_backup_takes_over_when_the_primary_dies() {
         || app.live_after_take_over('b'),
     );
     assert_eq!(out.runs(), ['a', 'b']);
+    // B announced the VM's addresses: broadcast gratuitous ARP (sender = target = the
+    // VM's IP) from the VM's MAC, through B's port.
+    let garp = out
+        .frames
+        .iter()
+        .filter(|e| {
+            let f = &e.frame;
+            e.host == 'b'
+                && f.len() >= 42
+                && f[..6] == [0xff; 6]
+                && f[12..14] == [0x08, 0x06]
+                && f[28..32] == VM_IP.octets()
+                && f[38..42] == VM_IP.octets()
+        })
+        .count();
+    assert!(garp >= 1, "no gratuitous ARP from B");
     let st = app.status('b').unwrap();
     eprintln!("after the take-over: {:#}", st["role_history"]);
     assert_eq!(st["epoch"].as_u64().unwrap(), epoch + 1, "{st:#}");
