@@ -93,6 +93,9 @@ pub enum Error {
     Net(String),
     #[error("snapshot: {0}")]
     Snapshot(String),
+    /// A live state transfer failed; the source VM runs on unchanged.
+    #[error("state transfer: {0}")]
+    Transfer(String),
     #[error("the VMM was asked to stop")]
     Stopped,
     #[error("configuration: {0}")]

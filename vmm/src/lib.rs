@@ -48,6 +48,7 @@ pub mod image;
 pub mod net;
 pub mod scan;
 pub mod snapshot;
+pub mod transfer;
 pub mod vmlog;
 pub mod vmm;
 pub mod vstate;

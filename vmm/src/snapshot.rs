@@ -61,15 +61,38 @@ fn read_pod<T: Copy + Default>(r: &mut dyn Read) -> Result<T> {
     Ok(v)
 }
 
+/// Everything of a VMM's state but RAM: devices, log position, vCPU.
+pub(crate) struct MachineState {
+    device: DeviceState,
+    entries_consumed: u64,
+    exit_rip: u64,
+    ready: bool,
+    vcpu: VcpuState,
+}
+
 impl Vmm {
     /// Writes a full snapshot. Call between runs (e.g. after [`crate::RunOutcome::ExitLimit`]).
     pub fn snapshot(&mut self, w: &mut dyn Write) -> Result<()> {
-        let (exit_rip, ready) = self.vcpu_mut().exit_state();
-        self.vcpu_mut().complete_pending_io()?;
-        let st = self.vcpu().save_state()?;
         w.write_all(&SNAP_MAGIC)?;
         w64(w, SNAP_VERSION)?;
         w64(w, self.config_hash())?;
+        self.write_state(w)?;
+        let ram = self.vm().ram.as_slice();
+        w64(w, ram.len() as u64)?;
+        w.write_all(ram)?;
+        w.flush()?;
+        // Start a new dirty-page epoch for incremental transfer.
+        self.vm().dirty.take_written()?;
+        Ok(())
+    }
+
+    /// Writes the state without RAM (devices, log position, vCPU): the last part of a
+    /// snapshot, and the stop phase of a live transfer. The vCPU must be stopped at a
+    /// guest exit (between runs, or at the top of the run loop).
+    pub(crate) fn write_state(&mut self, w: &mut dyn Write) -> Result<()> {
+        let (exit_rip, ready) = self.vcpu_mut().exit_state();
+        self.vcpu_mut().complete_pending_io()?;
+        let st = self.vcpu().save_state()?;
         let d = self.device_state();
         w64(w, d.exits)?;
         w64(w, d.clock_last)?;
@@ -94,12 +117,69 @@ impl Vmm {
             w64(w, i as u64)?;
             w64(w, d)?;
         }
-        let ram = self.vm().ram.as_slice();
-        w64(w, ram.len() as u64)?;
-        w.write_all(ram)?;
-        w.flush()?;
-        // Start a new dirty-page epoch for incremental transfer.
-        self.vm_mut().ram.clear_snapshot_dirty();
+        Ok(())
+    }
+
+    /// Reads what [`Vmm::write_state`] wrote (validated; applied by `apply_state`).
+    pub(crate) fn read_state(r: &mut dyn Read) -> Result<MachineState> {
+        let mut d = DeviceState {
+            exits: r64(r)?,
+            clock_last: r64(r)?,
+            timer_deadline: Some(r64(r)?).filter(|&t| t != 0),
+            pending_irqs: r64(r)? as u32,
+            rx_frames: r64(r)?,
+            rx_bytes: r64(r)?,
+            tx_frames: r64(r)?,
+            tx_bytes: r64(r)?,
+            tx_hash: r64(r)?,
+            ..Default::default()
+        };
+        let entries_consumed = r64(r)?;
+        let exit_rip = r64(r)?;
+        let ready = r64(r)? != 0;
+        d.dev_hash = r64(r)?;
+        d.nic_irq_enabled = r64(r)? != 0;
+        let regs = read_pod(r)?;
+        let sregs = read_pod(r)?;
+        let fpu = read_pod(r)?;
+        let events = read_pod(r)?;
+        let n = r64(r)? as usize;
+        if n > 64 {
+            return Err(Error::Snapshot("corrupt MSR count".into()));
+        }
+        let mut msrs = Vec::with_capacity(n);
+        for _ in 0..n {
+            msrs.push((r64(r)? as u32, r64(r)?));
+        }
+        Ok(MachineState {
+            device: d,
+            entries_consumed,
+            exit_rip,
+            ready,
+            vcpu: VcpuState {
+                regs,
+                sregs,
+                fpu,
+                events,
+                msrs,
+            },
+        })
+    }
+
+    /// Applies a state read by `read_state` after RAM holds the matching contents:
+    /// vCPU, devices, hashes rebuilt from RAM, the dirty log started afresh.
+    pub(crate) fn apply_state(&mut self, m: MachineState) -> Result<()> {
+        self.set_device_state(&m.device);
+        self.vcpu().restore_state(&m.vcpu)?;
+        self.vcpu_mut().complete_pending_io()?;
+        self.vcpu_mut().set_exit_state(m.exit_rip, m.ready);
+        let _ = self.vm().take_dirty_log()?;
+        self.vm_mut().ram.rehash_all();
+        self.vm().dirty.take_written()?;
+        self.stats = Stats {
+            entries_consumed: m.entries_consumed,
+            ..Default::default()
+        };
         Ok(())
     }
 
@@ -130,36 +210,7 @@ impl Vmm {
                 vmm.config_hash()
             )));
         }
-        let mut d = DeviceState {
-            exits: r64(r)?,
-            clock_last: r64(r)?,
-            timer_deadline: Some(r64(r)?).filter(|&t| t != 0),
-            pending_irqs: r64(r)? as u32,
-            rx_frames: r64(r)?,
-            rx_bytes: r64(r)?,
-            tx_frames: r64(r)?,
-            tx_bytes: r64(r)?,
-            tx_hash: r64(r)?,
-            ..Default::default()
-        };
-        let consumed = r64(r)?;
-        let exit_rip = r64(r)?;
-        let ready = r64(r)? != 0;
-        d.dev_hash = r64(r)?;
-        d.nic_irq_enabled = r64(r)? != 0;
-        vmm.set_device_state(&d);
-        let regs = read_pod(r)?;
-        let sregs = read_pod(r)?;
-        let fpu = read_pod(r)?;
-        let events = read_pod(r)?;
-        let n = r64(r)? as usize;
-        if n > 64 {
-            return Err(Error::Snapshot("corrupt MSR count".into()));
-        }
-        let mut msrs = Vec::with_capacity(n);
-        for _ in 0..n {
-            msrs.push((r64(r)? as u32, r64(r)?));
-        }
+        let state = Vmm::read_state(r)?;
         let size = r64(r)?;
         let ours = vmm.config().ram_size;
         if size != ours {
@@ -171,22 +222,7 @@ impl Vmm {
         r.read_exact(&mut ram)
             .map_err(|e| Error::Snapshot(format!("truncated RAM image: {e}")))?;
         vmm.vm_mut().ram.write(0, &ram)?;
-        vmm.vcpu().restore_state(&VcpuState {
-            regs,
-            sregs,
-            fpu,
-            events,
-            msrs,
-        })?;
-        vmm.vcpu_mut().complete_pending_io()?;
-        vmm.vcpu_mut().set_exit_state(exit_rip, ready);
-        let _ = vmm.vm().take_dirty_log()?;
-        vmm.vm_mut().ram.rehash_all();
-        vmm.vm_mut().ram.clear_snapshot_dirty();
-        vmm.stats = Stats {
-            entries_consumed: consumed,
-            ..Default::default()
-        };
+        vmm.apply_state(state)?;
         // The log header was consumed (replay) or written (record) by the original.
         vmm.log_started = true;
         Ok(vmm)
@@ -211,9 +247,8 @@ impl Vmm {
     /// Pages written (by the guest or the VMM) since the last snapshot or call.
     pub fn take_dirty_pages(&mut self) -> Result<Vec<u64>> {
         let dirty = self.vm().take_dirty_log()?;
-        let ram = &mut self.vm_mut().ram;
-        ram.update_hashes(&dirty);
-        Ok(ram.take_snapshot_dirty())
+        self.vm_mut().ram.update_hashes(&dirty);
+        self.vm().dirty.take_written()
     }
 
     /// Writes the given pages (an incremental snapshot delta).

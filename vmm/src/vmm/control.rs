@@ -10,9 +10,16 @@ use std::time::Duration;
 pub struct Control {
     stop: AtomicBool,
     go_live: AtomicBool,
+    /// Work for the vCPU thread at its next guest exit (a transfer's stop phase).
+    exit_work: std::sync::Mutex<Option<ExitWork>>,
+    exit_work_pending: Arc<AtomicBool>,
     pub(super) wake: OwnedFd,
     pub(super) vcpu: Arc<VcpuThread>,
 }
+
+/// Work run on the vCPU thread, stopped at a guest exit, with the VMM (see
+/// [`Control::run_at_next_exit`]).
+pub type ExitWork = Box<dyn FnOnce(&mut super::Vmm) + Send>;
 
 /// The thread inside `Vmm::run`, for signal kicks. `pthread_kill` is only called with
 /// `lock` held and `tid` non-zero, and `Vmm::run` clears `tid` under the same lock before
@@ -80,6 +87,8 @@ impl Control {
         Arc::new(Control {
             stop: AtomicBool::new(false),
             go_live: AtomicBool::new(false),
+            exit_work: std::sync::Mutex::new(None),
+            exit_work_pending: Arc::new(AtomicBool::new(false)),
             wake,
             vcpu: Arc::new(VcpuThread {
                 lock: std::sync::Mutex::new(()),
@@ -119,6 +128,53 @@ impl Control {
     pub fn request_go_live(&self) {
         self.go_live.store(true, Ordering::SeqCst);
         self.kick();
+    }
+
+    /// Runs `work` on the vCPU thread at its next guest exit (at the top of the run loop,
+    /// where a snapshot between runs would be taken), kicking it out of KVM_RUN or an
+    /// idle wait. False if other work is queued already.
+    pub fn run_at_next_exit(&self, work: ExitWork) -> bool {
+        {
+            let mut g = self.exit_work.lock().unwrap_or_else(|e| e.into_inner());
+            if g.is_some() {
+                return false;
+            }
+            *g = Some(work);
+            self.exit_work_pending.store(true, Ordering::SeqCst);
+        }
+        self.kick();
+        let vcpu = self.vcpu.clone();
+        if vcpu.kick() {
+            // A single signal could land just before the thread enters KVM_RUN: repeat
+            // (bounded) until the work was taken.
+            let me = self.exit_work_pending.clone();
+            std::thread::spawn(move || {
+                for _ in 0..1000 {
+                    std::thread::sleep(Duration::from_millis(1));
+                    if !me.load(Ordering::SeqCst) || !vcpu.kick() {
+                        break;
+                    }
+                }
+            });
+        }
+        true
+    }
+
+    /// Withdraws queued exit work that has not started (it is dropped unrun).
+    pub fn cancel_exit_work(&self) {
+        let mut g = self.exit_work.lock().unwrap_or_else(|e| e.into_inner());
+        *g = None;
+        self.exit_work_pending.store(false, Ordering::SeqCst);
+    }
+
+    pub(super) fn exit_work_pending(&self) -> bool {
+        self.exit_work_pending.load(Ordering::SeqCst)
+    }
+
+    pub(super) fn take_exit_work(&self) -> Option<ExitWork> {
+        let mut g = self.exit_work.lock().unwrap_or_else(|e| e.into_inner());
+        self.exit_work_pending.store(false, Ordering::SeqCst);
+        g.take()
     }
 
     pub fn stop_requested(&self) -> bool {

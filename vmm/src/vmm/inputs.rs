@@ -108,6 +108,7 @@ impl Vmm {
                 || self.nic.rx_pending(&self.vm.ram)?
                 || self.control.stop_requested()
                 || self.control.go_live_requested()
+                || self.control.exit_work_pending()
             {
                 return Ok(());
             }

@@ -171,10 +171,41 @@ impl Vmm {
                         ours: self.config_hash,
                     });
                 }
+                if e.exit() != self.exits {
+                    return Err(Error::LogCorrupt {
+                        offset: 0,
+                        what: format!(
+                            "the log starts at exit {}, this VMM's state is at exit {}: it was not restored from the state its primary sent at that log's start",
+                            e.exit(),
+                            self.exits
+                        ),
+                    });
+                }
             }
             Mode::Free => {}
         }
         Ok(())
+    }
+
+    /// Starts a new log at the current exit into `sink` and records from here on (from
+    /// free running, or replacing the sink of a recording VMM): the header carries this
+    /// exit, where a VMM restored from a state transfer starts its replay.
+    pub(crate) fn start_new_log(&mut self, sink: Box<dyn LogSink>) -> Result<()> {
+        self.set_sink(sink);
+        self.mode = Mode::Record;
+        self.log_started = false;
+        self.stats.log_entries = 0;
+        self.stats.log_bytes = 0;
+        self.start_log()
+    }
+
+    /// Stops recording (drops the sink) and runs free: a new backup that never got going.
+    pub(crate) fn stop_recording(&mut self) {
+        if self.mode == Mode::Record {
+            let _ = self.flush_log();
+            self.sink = None;
+            self.mode = Mode::Free;
+        }
     }
 
     /// With `wait_for_go_live`: blocks until go-live (true) or stop (Err(Stopped)).

@@ -50,7 +50,7 @@ mod state;
 
 use config::config_hash;
 pub use config::{ServiceConfig, VmmConfig};
-pub use control::{Control, KICK_SIGNAL};
+pub use control::{Control, ExitWork, KICK_SIGNAL};
 use control::{install_kick_handler, pin_current_thread};
 use exits::Exit;
 pub use live::LiveStats;
@@ -414,6 +414,11 @@ impl Vmm {
             {
                 self.flush_log()?;
                 return Ok(RunOutcome::ExitLimit);
+            }
+            // Work queued for a guest exit (a transfer's stop phase): the vCPU is stopped
+            // here exactly as between two runs.
+            if at_exit && let Some(work) = self.control.take_exit_work() {
+                work(self);
             }
             // Stage B: interrupts for this exit.
             if at_exit {

@@ -5,6 +5,8 @@
 //! wrote (KVM dirty log) plus pages the VMM wrote (tracked here).
 use crate::error::{Error, Result};
 use crate::hash::{hash_bytes, hash_words};
+use crate::vstate::dirty::PageBitmap;
+use std::sync::Arc;
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 pub const PAGE_SIZE: usize = 4096;
@@ -18,8 +20,9 @@ pub struct GuestRam {
     /// Pages written by the VMM since the last hash update (bitmap, 1 bit per page).
     vmm_dirty: Vec<u64>,
     page_hash: Vec<u64>,
-    /// Pages written (guest or VMM) since the last snapshot epoch, for incremental transfer.
-    snap_dirty: Vec<u64>,
+    /// Pages written (guest or VMM) since a state transfer last took them (shared with
+    /// the KVM dirty log and the transfer thread).
+    written: Arc<PageBitmap>,
 }
 
 // SAFETY: `host` points into the mapping owned by `mem`, which lives as long as `self`;
@@ -46,7 +49,7 @@ impl GuestRam {
             size,
             vmm_dirty: vec![0; pages.div_ceil(64)],
             page_hash: vec![0; pages],
-            snap_dirty: vec![0; pages.div_ceil(64)],
+            written: Arc::new(PageBitmap::new(pages)),
         })
     }
 
@@ -98,8 +101,9 @@ impl GuestRam {
 
     pub fn write(&mut self, addr: u64, data: &[u8]) -> Result<()> {
         let r = self.range(addr, data.len())?;
+        self.as_mut_slice()[r.clone()].copy_from_slice(data);
+        // After the write: a transfer that takes the bit copies the new bytes.
         self.mark_dirty(r.start, r.len());
-        self.as_mut_slice()[r].copy_from_slice(data);
         Ok(())
     }
 
@@ -127,10 +131,11 @@ impl GuestRam {
         if len == 0 {
             return;
         }
-        for p in start / PAGE_SIZE..=(start + len - 1) / PAGE_SIZE {
+        let (first, last) = (start / PAGE_SIZE, (start + len - 1) / PAGE_SIZE);
+        for p in first..=last {
             self.vmm_dirty[p / 64] |= 1 << (p % 64);
-            self.snap_dirty[p / 64] |= 1 << (p % 64);
         }
+        self.written.set_range(first, last);
     }
 
     /// Hash of page `p` (an all-zero page, the state of most of a large guest's RAM, is
@@ -164,7 +169,6 @@ impl GuestRam {
         let mut n = 0;
         for w in 0..self.vmm_dirty.len() {
             let mut bits = self.vmm_dirty[w] | kvm_dirty.get(w).copied().unwrap_or(0);
-            self.snap_dirty[w] |= bits;
             self.vmm_dirty[w] = 0;
             while bits != 0 {
                 let b = bits.trailing_zeros() as usize;
@@ -190,21 +194,24 @@ impl GuestRam {
         self.memory_hash()
     }
 
-    pub fn clear_snapshot_dirty(&mut self) {
-        self.snap_dirty.iter_mut().for_each(|w| *w = 0);
+    /// Makes all of RAM zero (the receiving side of a state transfer, before pages
+    /// arrive): the anonymous private mapping's pages are dropped and read back as zero.
+    pub fn zero_all(&mut self) -> Result<()> {
+        // SAFETY: `host` maps `size` bytes of a private anonymous mapping owned by `mem`;
+        // MADV_DONTNEED only replaces their contents with zero-fill-on-demand pages (KVM
+        // follows through its MMU notifier). No reference into RAM is held across this.
+        let r = unsafe { libc::madvise(self.host.cast(), self.size, libc::MADV_DONTNEED) };
+        if r != 0 {
+            return Err(Error::Memory(format!(
+                "madvise(MADV_DONTNEED) on guest RAM: {}",
+                std::io::Error::last_os_error()
+            )));
+        }
+        Ok(())
     }
 
-    /// Page numbers written since the last snapshot epoch; starts a new epoch.
-    pub fn take_snapshot_dirty(&mut self) -> Vec<u64> {
-        let mut v = Vec::new();
-        for (w, bits) in self.snap_dirty.iter_mut().enumerate() {
-            let mut b = *bits;
-            *bits = 0;
-            while b != 0 {
-                v.push((w * 64 + b.trailing_zeros() as usize) as u64);
-                b &= b - 1;
-            }
-        }
-        v
+    /// The bitmap of pages written since a transfer last took them.
+    pub fn written(&self) -> &Arc<PageBitmap> {
+        &self.written
     }
 }

@@ -3,14 +3,18 @@
 use crate::abi::*;
 use crate::error::{Error, Result};
 use crate::image::LoadedImage;
+use crate::vstate::dirty::DirtyLog;
 use crate::vstate::memory::GuestRam;
 use kvm_bindings::{KVM_MEM_LOG_DIRTY_PAGES, kvm_userspace_memory_region};
 use kvm_ioctls::{Kvm, VmFd};
+use std::sync::Arc;
 
 pub struct Vm {
     pub kvm: Kvm,
-    pub fd: VmFd,
+    pub fd: Arc<VmFd>,
     pub ram: GuestRam,
+    /// Shared with a state transfer (pre-copy on another thread).
+    pub dirty: Arc<DirtyLog>,
 }
 
 impl Vm {
@@ -31,14 +35,19 @@ impl Vm {
         // mapped) as long as the VM fd exists; the slot does not overlap any other.
         unsafe { fd.set_user_memory_region(region) }
             .map_err(Error::ioctl("KVM_SET_USER_MEMORY_REGION"))?;
-        Ok(Vm { kvm, fd, ram })
+        let fd = Arc::new(fd);
+        let dirty = Arc::new(DirtyLog::new(fd.clone(), ram_size, ram.written().clone()));
+        Ok(Vm {
+            kvm,
+            fd,
+            ram,
+            dirty,
+        })
     }
 
     /// Pages the guest wrote since the last call (KVM dirty bitmap, 1 bit per page).
     pub fn take_dirty_log(&self) -> Result<Vec<u64>> {
-        self.fd
-            .get_dirty_log(0, self.ram.size())
-            .map_err(Error::ioctl("KVM_GET_DIRTY_LOG"))
+        self.dirty.take_for_hash()
     }
 
     /// Writes GDT, TSS, IDT, page tables and boot info into RAM.

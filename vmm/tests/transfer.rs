@@ -1,0 +1,264 @@
+//! Live state transfer: a VM serving clients (free running, as a primary that lost its
+//! backup) sends its state to a new VMM while the clients go on; at the cut it starts a
+//! new log, which the new VMM replays. When the source stops, the replica's final state
+//! (RAM, registers, devices, output) is verified equal to the source's.
+mod common;
+
+use common::*;
+use ft_vmm::transfer::{Progress, TransferOptions, TransferReport, TransferSource};
+use ft_vmm::vmlog::{ChannelSource, channel};
+use ft_vmm::{Control, Mode, RunOutcome, RunReport, Vmm};
+use std::io::Read;
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, mpsc};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+/// The source VM on a tap in `ns`, free running, and its transfer handle.
+fn source(ns: &NetNs) -> (VmmThread, TransferSource) {
+    let tap = ns.open_tap();
+    let (tx, rx) = mpsc::channel();
+    let vm = spawn_vmm(cfg(Mode::Free), move |v| {
+        v.set_net(Box::new(tap));
+        tx.send(v.transfer_source()).unwrap();
+    });
+    let src = rx.recv_timeout(Duration::from_secs(20)).unwrap();
+    ns.wait_ready(Duration::from_secs(20));
+    (vm, src)
+}
+
+/// A reader that fails once `cut` is set (the link breaks).
+struct Cuttable {
+    inner: UnixStream,
+    cut: Arc<AtomicBool>,
+}
+
+impl Read for Cuttable {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.cut.load(Ordering::SeqCst) {
+            return Err(std::io::Error::other("link cut"));
+        }
+        self.inner.read(buf)
+    }
+}
+
+/// Receives on a thread; `cut_when(progress)` true breaks the link there.
+fn receiver(
+    stream: UnixStream,
+    cut_when: impl Fn(&Progress) -> bool + Send + 'static,
+) -> JoinHandle<ft_vmm::error::Result<(Vmm, TransferReport)>> {
+    std::thread::spawn(move || {
+        let cut = Arc::new(AtomicBool::new(false));
+        let mut r = Cuttable {
+            inner: stream,
+            cut: cut.clone(),
+        };
+        let mut bcfg = cfg(Mode::Replay);
+        bcfg.wait_for_go_live = false;
+        let res = Vmm::receive(bcfg, ft_vmm::GUEST_ELF, Control::new(), &mut r, &mut |p| {
+            if cut_when(p) {
+                cut.store(true, Ordering::SeqCst);
+            }
+        });
+        // Closing the stream is what the source sees of a dead receiver.
+        drop(r);
+        res
+    })
+}
+
+/// Runs the received VMM's replay of `log` on a thread.
+fn replay(mut vmm: Vmm, log: ChannelSource) -> JoinHandle<ft_vmm::error::Result<RunReport>> {
+    std::thread::spawn(move || {
+        vmm.set_source(Box::new(log));
+        vmm.run()
+    })
+}
+
+fn incr(ns: &NetNs, key: &str) -> i64 {
+    ns.redis(&["INCR", key]).parse().unwrap()
+}
+
+/// Clients write through the whole transfer (`redis-benchmark` SETs over 50,000 keys).
+fn load(ns: &NetNs) -> JoinHandle<()> {
+    let name = ns.name.clone();
+    std::thread::spawn(move || {
+        let out = std::process::Command::new("ip")
+            .args(["netns", "exec", &name, "redis-benchmark", "-h", GUEST_IP])
+            .args(["-c", "20", "-n", "40000", "-r", "50000", "-d", "64"])
+            .args(["-t", "set,incr", "-q"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+    })
+}
+
+#[test]
+fn a_live_transfer_makes_a_replica_that_ends_in_the_same_state() {
+    with_timeout(Duration::from_secs(240), || {
+        let ns = NetNs::new("xfer");
+        let (vm, src) = source(&ns);
+        ns.must(&[
+            "redis-benchmark",
+            "-h",
+            GUEST_IP,
+            "-c",
+            "10",
+            "-n",
+            "20000",
+            "-r",
+            "50000",
+            "-d",
+            "64",
+            "-t",
+            "set",
+            "-q",
+        ]);
+        let before = incr(&ns, "counter");
+        let clients = load(&ns);
+        let (a, b) = UnixStream::pair().unwrap();
+        let rx = receiver(b, |_| false);
+        let (sink, log) = channel(1 << 16);
+        let mut progress = Vec::new();
+        let rep = src
+            .send(
+                Box::new(a),
+                Box::new(sink),
+                &TransferOptions::default(),
+                &mut |p| progress.push(p.clone()),
+            )
+            .expect("transfer");
+        let (replica, got) = rx.join().unwrap().expect("receive");
+        eprintln!(
+            "sent: {rep:?}\nreceived: {got:?}\n{} progress reports",
+            progress.len()
+        );
+        assert_eq!(got.cut_exit, rep.cut_exit);
+        assert_eq!(got.bytes_sent, rep.bytes_sent);
+        assert!(rep.pause < rep.total);
+        assert!(progress.iter().any(|p| p.round >= 1), "no pre-copy round");
+        let backup = replay(replica, log);
+        clients.join().unwrap();
+        assert_eq!(incr(&ns, "counter"), before + 1, "the source serves on");
+        let (prec, _) = vm.stop().expect("source run");
+        assert_eq!(prec.outcome, RunOutcome::Stopped);
+        let brec = backup.join().unwrap().expect("replay");
+        assert_eq!(brec.outcome, RunOutcome::ReplayComplete);
+        assert_eq!(brec.exits, prec.exits);
+        assert_eq!(brec.state_hash, prec.state_hash, "replica state differs");
+        assert_eq!(brec.tx_hash, prec.tx_hash);
+        assert!(brec.stats.checkpoints_verified > 1);
+        assert_eq!(brec.stats.entries_consumed, prec.stats.log_entries);
+    });
+}
+
+/// A transfer broken during pre-copy, then one broken in the stop phase: each time the
+/// source serves on (unprotected, as before) and the next transfer succeeds.
+#[test]
+fn an_interrupted_transfer_leaves_the_source_serving_and_a_retry_succeeds() {
+    with_timeout(Duration::from_secs(240), || {
+        let ns = NetNs::new("xfercut");
+        let (vm, src) = source(&ns);
+        ns.must(&[
+            "redis-benchmark",
+            "-h",
+            GUEST_IP,
+            "-c",
+            "10",
+            "-n",
+            "20000",
+            "-r",
+            "50000",
+            "-d",
+            "64",
+            "-t",
+            "set",
+            "-q",
+        ]);
+        let mut n = incr(&ns, "counter");
+        // 1. The receiver dies half-way through the first pass.
+        let (a, b) = UnixStream::pair().unwrap();
+        let rx = receiver(b, |p| p.pages_sent > 1000);
+        let (sink, _log) = channel(1 << 16);
+        let e = src
+            .send(
+                Box::new(a),
+                Box::new(sink),
+                &TransferOptions::default(),
+                &mut |_| {},
+            )
+            .expect_err("the receiver died");
+        eprintln!("pre-copy cut: {e}");
+        assert!(rx.join().unwrap().is_err());
+        n += 1;
+        assert_eq!(incr(&ns, "counter"), n);
+        // 2. The link breaks once the stop phase's pages arrive: the source may have
+        //    finished (its writes were buffered) and cut over to a log nobody reads; the
+        //    daemon, seeing no receiver, abandons it.
+        let (a, b) = UnixStream::pair().unwrap();
+        let rx = receiver(b, |p| p.round == u32::MAX);
+        let (sink, _log) = channel(1 << 16);
+        let r = src.send(
+            Box::new(a),
+            Box::new(sink),
+            &TransferOptions::default(),
+            &mut |_| {},
+        );
+        assert!(rx.join().unwrap().is_err());
+        if r.is_ok() {
+            assert!(src.abandon());
+        }
+        n += 1;
+        assert_eq!(incr(&ns, "counter"), n);
+        // 3. A retry succeeds, and the replica ends in the source's state.
+        let (a, b) = UnixStream::pair().unwrap();
+        let rx = receiver(b, |_| false);
+        let (sink, log) = channel(1 << 16);
+        let rep = src
+            .send(
+                Box::new(a),
+                Box::new(sink),
+                &TransferOptions::default(),
+                &mut |_| {},
+            )
+            .expect("retry");
+        let (replica, _) = rx.join().unwrap().expect("receive");
+        let backup = replay(replica, log);
+        n += 1;
+        assert_eq!(incr(&ns, "counter"), n);
+        let (prec, _) = vm.stop().expect("source run");
+        let brec = backup.join().unwrap().expect("replay");
+        eprintln!("retry: {rep:?}");
+        assert_eq!(brec.outcome, RunOutcome::ReplayComplete);
+        assert_eq!(brec.state_hash, prec.state_hash, "replica state differs");
+    });
+}
+
+/// A receiver configured for another guest, or another RAM size, is refused with an
+/// error that names the mismatch; the source serves on.
+#[test]
+fn a_receiver_of_another_configuration_is_refused() {
+    with_timeout(Duration::from_secs(120), || {
+        let ns = NetNs::new("xferbad");
+        let (vm, src) = source(&ns);
+        let (a, mut b) = UnixStream::pair().unwrap();
+        let rx = std::thread::spawn(move || {
+            let mut c = cfg(Mode::Replay);
+            c.ram_size *= 2;
+            Vmm::receive(c, ft_vmm::GUEST_ELF, Control::new(), &mut b, &mut |_| {})
+                .err()
+                .map(|e| e.to_string())
+        });
+        let (sink, _log) = channel(16);
+        let _ = src.send(
+            Box::new(a),
+            Box::new(sink),
+            &TransferOptions::default(),
+            &mut |_| {},
+        );
+        let e = rx.join().unwrap().expect("refused");
+        assert!(e.contains("configuration hash") || e.contains("RAM"), "{e}");
+        assert_eq!(incr(&ns, "c"), 1);
+        vm.stop().unwrap();
+    });
+}
