@@ -108,32 +108,6 @@ fn backup_goes_live_and_counter_never_goes_backwards() {
     assert!(brec.stats.checkpoints_verified > 0);
 }
 
-/// A sink that can be cut (the primary "crashes": nothing more reaches the backup, and
-/// the stream ends without an END entry when the primary goes away).
-struct CuttableSink {
-    inner: ft_vmm::vmlog::ChannelSink,
-    cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
-}
-
-impl ft_vmm::vmlog::LogSink for CuttableSink {
-    fn append(
-        &mut self,
-        hdr: &ft_common::vmlog::EntryHdr,
-        payload: &[u8],
-    ) -> ft_vmm::error::Result<()> {
-        if self.cut.load(std::sync::atomic::Ordering::SeqCst) {
-            return Ok(());
-        }
-        self.inner.append(hdr, payload)
-    }
-    fn flush(&mut self) -> ft_vmm::error::Result<()> {
-        if self.cut.load(std::sync::atomic::Ordering::SeqCst) {
-            return Ok(());
-        }
-        self.inner.flush()
-    }
-}
-
 #[test]
 fn backup_goes_live_after_primary_crash_without_end() {
     let ns = NetNs::new("crash");

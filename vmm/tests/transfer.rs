@@ -48,6 +48,14 @@ fn receiver(
     stream: UnixStream,
     cut_when: impl Fn(&Progress) -> bool + Send + 'static,
 ) -> JoinHandle<ft_vmm::error::Result<(Vmm, TransferReport)>> {
+    receiver_with(stream, false, cut_when)
+}
+
+fn receiver_with(
+    stream: UnixStream,
+    wait_for_go_live: bool,
+    cut_when: impl Fn(&Progress) -> bool + Send + 'static,
+) -> JoinHandle<ft_vmm::error::Result<(Vmm, TransferReport)>> {
     std::thread::spawn(move || {
         let cut = Arc::new(AtomicBool::new(false));
         let mut r = Cuttable {
@@ -55,7 +63,7 @@ fn receiver(
             cut: cut.clone(),
         };
         let mut bcfg = cfg(Mode::Replay);
-        bcfg.wait_for_go_live = false;
+        bcfg.wait_for_go_live = wait_for_go_live;
         let res = Vmm::receive(bcfg, ft_vmm::GUEST_ELF, Control::new(), &mut r, &mut |p| {
             if cut_when(p) {
                 cut.store(true, Ordering::SeqCst);
@@ -260,5 +268,91 @@ fn a_receiver_of_another_configuration_is_refused() {
         assert!(e.contains("configuration hash") || e.contains("RAM"), "{e}");
         assert_eq!(incr(&ns, "c"), 1);
         vm.stop().unwrap();
+    });
+}
+
+/// Failover after failover at the VMM level, three times: the live VM makes a new
+/// backup by state transfer, clients go on, the live VM dies (its log cut mid-stream, no
+/// END), the backup consumes what it holds and goes live on the same TAP, and becomes the
+/// source of the next transfer. The counter never goes backwards and loses nothing.
+#[test]
+fn failover_after_failover_by_state_transfer() {
+    with_timeout(Duration::from_secs(300), || {
+        let ns = NetNs::new("xferff");
+        let (mut live, mut src) = source(&ns);
+        let mut counter = incr(&ns, "counter");
+        for round in 1..=3 {
+            let (a, b) = UnixStream::pair().unwrap();
+            let rx = receiver_with(b, true, |_| false);
+            let (sink, log) = channel(1 << 16);
+            let cut = Arc::new(AtomicBool::new(false));
+            let sink = CuttableSink {
+                inner: sink,
+                cut: cut.clone(),
+            };
+            let clients = load(&ns);
+            let rep = src
+                .send(
+                    Box::new(a),
+                    Box::new(sink),
+                    &TransferOptions::default(),
+                    &mut |_| {},
+                )
+                .expect("transfer");
+            let (mut replica, _) = rx.join().unwrap().expect("receive");
+            eprintln!("round {round}: {rep:?}");
+            let next_src = replica.transfer_source();
+            let ns_name = ns.name.clone();
+            replica.set_net_on_live(Box::new(move || {
+                let tap = ft_vmm::net::in_netns(&ns_name, || ft_vmm::net::Tap::open(TAP))?;
+                Ok(Box::new(tap) as Box<dyn ft_vmm::net::NetBackend>)
+            }));
+            let control = replica.control().clone();
+            let handle = std::thread::spawn(move || {
+                replica.set_source(Box::new(log));
+                let r = replica.run()?;
+                Ok((r, Vec::new()))
+            });
+            let backup = VmmThread { control, handle };
+            clients.join().unwrap();
+            for _ in 0..20 {
+                let v = incr(&ns, "counter");
+                assert_eq!(v, counter + 1);
+                counter = v;
+            }
+            // The live VM dies: nothing more reaches the backup, then it stops (its TAP
+            // is released).
+            cut.store(true, Ordering::SeqCst);
+            let (dead, _) = live.stop().expect("live VM run");
+            backup.control.request_go_live();
+            let t = std::time::Instant::now();
+            let v = loop {
+                let o = ns.exec(&["redis-cli", "-h", GUEST_IP, "INCR", "counter"]);
+                if let Ok(v) = String::from_utf8_lossy(&o.stdout).trim().parse::<i64>() {
+                    break v;
+                }
+                assert!(
+                    t.elapsed() < Duration::from_secs(30),
+                    "round {round}: no go-live"
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            };
+            // Every INCR a client saw was logged before the cut (the VM flushes its log
+            // before it waits for input), so the replica continues exactly after it.
+            assert_eq!(
+                v,
+                counter + 1,
+                "round {round}: counter went from {counter} to {v}"
+            );
+            eprintln!(
+                "round {round}: the dead VM ran {} exits, the replica went live; counter {counter} -> {v}",
+                dead.exits
+            );
+            counter = v;
+            live = backup;
+            src = next_src;
+        }
+        let (last, _) = live.stop().expect("last VM run");
+        assert!(last.went_live_at_exit.is_some());
     });
 }

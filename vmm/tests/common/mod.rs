@@ -260,3 +260,29 @@ pub fn build_elf(code: &[u8]) -> Vec<u8> {
     elf.extend_from_slice(&seg);
     elf
 }
+
+/// A sink that can be cut (the primary "crashes": nothing more reaches the backup, and
+/// the stream ends without an END entry when the primary goes away).
+pub struct CuttableSink {
+    pub inner: ft_vmm::vmlog::ChannelSink,
+    pub cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl ft_vmm::vmlog::LogSink for CuttableSink {
+    fn append(
+        &mut self,
+        hdr: &ft_common::vmlog::EntryHdr,
+        payload: &[u8],
+    ) -> ft_vmm::error::Result<()> {
+        if self.cut.load(std::sync::atomic::Ordering::SeqCst) {
+            return Ok(());
+        }
+        self.inner.append(hdr, payload)
+    }
+    fn flush(&mut self) -> ft_vmm::error::Result<()> {
+        if self.cut.load(std::sync::atomic::Ordering::SeqCst) {
+            return Ok(());
+        }
+        self.inner.flush()
+    }
+}
