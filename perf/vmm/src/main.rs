@@ -3,6 +3,7 @@
 //!   ft-perf-vmm service   the guest's service vs Debian's redis-server, side by side
 //!   ft-perf-vmm record    free vs record mode (cost of logging), log volume, replay
 //!   ft-perf-vmm appliance FT on vs FT off through ftd on the testbed, logging-link cost
+//!   ft-perf-vmm reprotect live state transfers of a loaded 1 GiB guest: pause, time, bytes
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
@@ -10,6 +11,7 @@ mod appliance;
 mod bench;
 mod netns;
 mod record;
+mod reprotect;
 mod service;
 
 #[derive(Parser)]
@@ -26,6 +28,8 @@ enum Cmd {
     Record(record::RecordArgs),
     /// FT on (primary + replaying backup) vs FT off (solo) through ftd on the testbed.
     Appliance(appliance::ApplianceArgs),
+    /// Live state transfers of a loaded guest into new replicas while clients write.
+    Reprotect(reprotect::ReprotectArgs),
 }
 
 fn main() -> Result<()> {
@@ -33,5 +37,6 @@ fn main() -> Result<()> {
         Cmd::Service(a) => service::run(&a),
         Cmd::Record(a) => record::run(&a),
         Cmd::Appliance(a) => appliance::run(&a),
+        Cmd::Reprotect(a) => reprotect::run(&a),
     }
 }
