@@ -50,7 +50,9 @@ pub struct ReprotectArgs {
 type Samples = Arc<Mutex<Vec<(Instant, Duration)>>>;
 
 fn client(ns: &str, stop: Arc<AtomicBool>, samples: Samples, id: usize) -> Result<()> {
-    let mut c = in_netns(ns, || TcpStream::connect(("10.0.0.2", 6379)).map_err(ft_vmm::Error::from))?;
+    let mut c = in_netns(ns, || {
+        TcpStream::connect(("10.0.0.2", 6379)).map_err(ft_vmm::Error::from)
+    })?;
     c.set_nodelay(true)?;
     c.set_read_timeout(Some(Duration::from_secs(30)))?;
     let mut buf = [0u8; 64];
@@ -67,7 +69,10 @@ fn client(ns: &str, stop: Arc<AtomicBool>, samples: Samples, id: usize) -> Resul
         c.write_all(req.as_bytes())?;
         let n = c.read(&mut buf)?;
         if &buf[..n] != b"+OK\r\n" {
-            bail!("client {id}: SET answered {:?}", String::from_utf8_lossy(&buf[..n]));
+            bail!(
+                "client {id}: SET answered {:?}",
+                String::from_utf8_lossy(&buf[..n])
+            );
         }
         local.push((t, t.elapsed()));
         i += 1;
@@ -166,7 +171,12 @@ pub fn run(a: &ReprotectArgs) -> Result<()> {
         let (sink, log) = channel(1 << 16);
         let t0 = Instant::now();
         let rep = src
-            .send(Box::new(w), Box::new(sink), &TransferOptions::default(), &mut |_| {})
+            .send(
+                Box::new(w),
+                Box::new(sink),
+                &TransferOptions::default(),
+                &mut |_| {},
+            )
             .with_context(|| format!("join {j}"))?;
         let t1 = Instant::now();
         windows.push((t0, t1));
@@ -208,8 +218,7 @@ pub fn run(a: &ReprotectArgs) -> Result<()> {
     }
     stop.store(true, Ordering::Relaxed);
     for c in clients {
-        c.join()
-            .map_err(|_| anyhow::anyhow!("client panicked"))??;
+        c.join().map_err(|_| anyhow::anyhow!("client panicked"))??;
     }
     control.request_stop();
     vm.join()
