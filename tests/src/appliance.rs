@@ -37,6 +37,9 @@ pub struct ApplianceOptions {
     pub channel_extra: String,
     /// Host A runs `role = "solo"` (no backup is started).
     pub solo: bool,
+    /// Re-protection: each host accepts joining backups on its logging address (port
+    /// 7480) and, started as backup, asks the peer there.
+    pub join: bool,
 }
 
 /// What runs as the protected VM.
@@ -81,6 +84,7 @@ impl Default for ApplianceOptions {
             vm: VmOptions::Standin,
             channel_extra: String::new(),
             solo: false,
+            join: false,
         }
     }
 }
@@ -148,6 +152,7 @@ heartbeat_ms = {hb}
 peer_timeout_ms = {pt}
 nack_retry_ms = {nr}
 hold_output = {ho}
+{join}
 {channel_extra}
 [api]
 metrics_listen = "127.0.0.1:9477"
@@ -158,6 +163,16 @@ control_socket = "{sock}"
 "#,
         fence = o.fence,
         channel_extra = o.channel_extra,
+        join = if o.join {
+            let (own, peer) = if host == 'a' {
+                (HOST_A_LOG_IP, HOST_B_LOG_IP)
+            } else {
+                (HOST_B_LOG_IP, HOST_A_LOG_IP)
+            };
+            format!("join_listen = \"{own}:{JOIN_PORT}\"\njoin_peer = \"{peer}:{JOIN_PORT}\"")
+        } else {
+            String::new()
+        },
         fence_ids = if o.fence.contains("\"none\"") {
             String::new()
         } else {
@@ -191,7 +206,43 @@ control_socket = "{sock}"
     Ok(path)
 }
 
+/// TCP port of the join service in the generated configs.
+pub const JOIN_PORT: u16 = 7480;
+
 impl Appliance {
+    /// Starts host `host`'s ftd again (after it was killed) as a backup, with the config
+    /// it had (its role changed to backup); waits for its control socket.
+    pub fn restart_as_backup(&mut self, tb: &Testbed, host: char) -> Result<()> {
+        let (cfg, sock) = if host == 'a' {
+            (&self.config_a, &self.sock_a)
+        } else {
+            (&self.config_b, &self.sock_b)
+        };
+        let text = std::fs::read_to_string(cfg)?;
+        let text = text
+            .lines()
+            .map(|l| {
+                if l.starts_with("role = ") {
+                    "role = \"backup\""
+                } else {
+                    l
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        std::fs::write(cfg, text)?;
+        let _ = std::fs::remove_file(sock);
+        let ns = if host == 'a' { &tb.a.ns } else { &tb.b.ns };
+        let g = tb.spawn(ns, ftd_bin()?, ["run", "--config", cfg.to_str().unwrap()])?;
+        wait_socket(sock, &g)?;
+        if host == 'a' {
+            self.a = Some(g);
+        } else {
+            self.b = Some(g);
+        }
+        Ok(())
+    }
+
     pub fn start(tb: &Testbed, o: &ApplianceOptions) -> Result<Appliance> {
         let bin = ftd_bin()?;
         let (role_a, role_b) = if o.solo {

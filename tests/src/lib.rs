@@ -39,6 +39,7 @@ pub mod raw;
 pub mod resp;
 pub mod testbed;
 pub mod udp;
+pub mod workload;
 
 pub use appliance::{Appliance, ApplianceOptions, VmOptions, ftd_bin};
 pub use arbiter::{

@@ -4,21 +4,16 @@
 //! increase in real-time order (a reply received before a request was sent is smaller).
 use std::{
     io::Write,
-    sync::{
-        Arc,
-        atomic::{AtomicBool, AtomicU64, Ordering},
-    },
-    thread::JoinHandle,
     time::{Duration, Instant},
 };
 
-use anyhow::{Context, Result, bail};
 use ft_testbed::{
     Appliance, ApplianceOptions, ChildGuard, Emissions, Testbed, TestbedOptions, VmEmitters,
     VmOptions, embedded_fence, etcd_fence, etcd_leader, monotonic_ns,
     names::{ARB_IF, CLI_IF, VM_IP, VM_PORT},
     netns::net_counter,
     ns_exec, resp, start_arbiter, start_etcd,
+    workload::{Clients, check_history},
 };
 use serde_json::Value;
 
@@ -28,90 +23,6 @@ static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn serial() -> std::sync::MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// One INCR as a client saw it.
-#[derive(Clone, Copy, Debug)]
-struct Incr {
-    sent: Instant,
-    received: Instant,
-    value: i64,
-}
-
-#[derive(Debug, Default)]
-struct ClientLog {
-    incrs: Vec<Incr>,
-    /// The last SET the service acknowledged (its value).
-    last_set: Option<u64>,
-}
-
-/// A client on one persistent connection: INCR ctr, SET k<id> <n>, until `stop`.
-fn client(
-    tb: &Testbed,
-    id: usize,
-    stop: Arc<AtomicBool>,
-    ops: Arc<AtomicU64>,
-) -> JoinHandle<Result<ClientLog>> {
-    let conn = resp::connect(tb, T);
-    std::thread::spawn(move || {
-        let mut c = conn?;
-        let mut log = ClientLog::default();
-        let key = format!("k{id}");
-        let mut n = 0u64;
-        while !stop.load(Ordering::Relaxed) {
-            let sent = Instant::now();
-            let r = resp::call(&mut c, &[b"INCR", b"ctr"]).with_context(|| {
-                format!("client {id}: INCR after {} operations", log.incrs.len())
-            })?;
-            log.incrs.push(Incr {
-                sent,
-                received: Instant::now(),
-                value: resp::int_reply(&r)?,
-            });
-            n += 1;
-            let v = n.to_string();
-            let r = resp::call(&mut c, &[b"SET", key.as_bytes(), v.as_bytes()])
-                .with_context(|| format!("client {id}: SET"))?;
-            if r != b"+OK\r\n" {
-                bail!(
-                    "client {id}: SET answered {:?}",
-                    String::from_utf8_lossy(&r)
-                );
-            }
-            log.last_set = Some(n);
-            ops.fetch_add(1, Ordering::Relaxed);
-        }
-        Ok(log)
-    })
-}
-
-/// Unique INCR values, increasing in real-time order.
-fn check_linearizable(all: &[Incr]) {
-    let mut values: Vec<i64> = all.iter().map(|i| i.value).collect();
-    values.sort_unstable();
-    let n = values.len();
-    values.dedup();
-    assert_eq!(values.len(), n, "an INCR value was handed out twice");
-    let mut by_recv: Vec<Incr> = all.to_vec();
-    by_recv.sort_by_key(|i| i.received);
-    let mut prefix_max = Vec::with_capacity(n);
-    let mut m = i64::MIN;
-    for i in &by_recv {
-        m = m.max(i.value);
-        prefix_max.push(m);
-    }
-    for op in all {
-        // Every reply received before this request was sent must be smaller.
-        let k = by_recv.partition_point(|i| i.received < op.sent);
-        if k > 0 {
-            assert!(
-                prefix_max[k - 1] < op.value,
-                "INCR {} was sent after a reply of {} had arrived",
-                op.value,
-                prefix_max[k - 1]
-            );
-        }
-    }
 }
 
 /// The testbed, its arbiter and the pair (dropped in reverse: the pair first).
@@ -161,13 +72,9 @@ fn under_load(
     recovered: impl Fn() -> bool,
 ) -> Emissions {
     let emitters = VmEmitters::start(tb).unwrap();
-    let stop = Arc::new(AtomicBool::new(false));
-    let ops = Arc::new(AtomicU64::new(0));
-    let clients: Vec<_> = (0..CLIENTS)
-        .map(|i| client(tb, i, stop.clone(), ops.clone()))
-        .collect();
+    let clients = Clients::start(tb, CLIENTS, T);
     assert!(
-        Appliance::wait_until(T, || ops.load(Ordering::Relaxed) >= 500),
+        clients.wait_ops(500, T),
         "clients made no progress before the fault"
     );
     let t_fault = Instant::now();
@@ -180,48 +87,14 @@ fn under_load(
         app.status('b').unwrap_or_default()
     );
     // The clients go on after the fault.
-    let at = ops.load(Ordering::Relaxed);
     assert!(
-        Appliance::wait_until(T, || ops.load(Ordering::Relaxed) >= at + 1000),
+        clients.wait_ops(clients.ops() + 1000, T),
         "clients stalled after recovery:\nA: {:#}\nB: {:#}",
         app.status('a').unwrap_or_default(),
         app.status('b').unwrap_or_default()
     );
-    stop.store(true, Ordering::Relaxed);
-    let mut logs = Vec::new();
-    for (i, h) in clients.into_iter().enumerate() {
-        match h.join().unwrap() {
-            Ok(l) => logs.push(l),
-            Err(e) => panic!("client {i} failed (its connection did not survive): {e:#}"),
-        }
-    }
-    let all: Vec<Incr> = logs.iter().flat_map(|l| l.incrs.iter().copied()).collect();
-    check_linearizable(&all);
-    for (i, l) in logs.iter().enumerate() {
-        assert!(
-            l.incrs.iter().any(|x| x.sent > t_fault),
-            "client {i} made no request after the fault"
-        );
-    }
-    // No acknowledged write is lost.
-    let mut c = resp::connect(tb, T).unwrap();
-    for (i, l) in logs.iter().enumerate() {
-        let want = l
-            .last_set
-            .map(|n| format!("${}\r\n{n}\r\n", n.to_string().len()));
-        let got = resp::call(&mut c, &[b"GET", format!("k{i}").as_bytes()]).unwrap();
-        assert_eq!(
-            Some(String::from_utf8_lossy(&got).to_string()),
-            want,
-            "client {i}'s last acknowledged SET"
-        );
-    }
-    let max = all.iter().map(|i| i.value).max().unwrap();
-    let ctr = resp::int_reply(&resp::call(&mut c, &[b"INCR", b"ctr"]).unwrap()).unwrap();
-    assert!(
-        ctr > max,
-        "INCR after the run gave {ctr}, the clients saw up to {max}"
-    );
+    let logs = clients.finish();
+    check_history(tb, &logs, t_fault);
     let out = emitters.stop().unwrap();
     let runs = out.runs();
     let dups = out.tcp_duplicates();

@@ -325,6 +325,13 @@ pub struct Channel {
     /// The output rule. `false` releases VM output without waiting for the backup —
     /// only for the benchmark's "gate disabled" baseline; never in production.
     pub hold_output: bool,
+    /// Re-protection: where this node accepts a joining backup (TCP `address:port`, an
+    /// address of the logging NIC), while it runs the VM alone. Empty: no joins.
+    pub join_listen: String,
+    /// Re-protection: the peer's `join_listen`, where this node (configured as backup)
+    /// asks to join a primary that runs alone. Empty: a backup only follows a log that
+    /// starts with the VM's boot.
+    pub join_peer: String,
 }
 
 impl Default for Channel {
@@ -339,6 +346,8 @@ impl Default for Channel {
             nack_burst: 64,
             vmlog_window: 4096,
             hold_output: true,
+            join_listen: String::new(),
+            join_peer: String::new(),
         }
     }
 }
@@ -455,6 +464,18 @@ impl Config {
         }
         if c.nack_retry_ms == 0 || c.nack_burst == 0 {
             return invalid("channel.nack_retry_ms and channel.nack_burst must be >= 1");
+        }
+        for (key, v) in [("join_listen", &c.join_listen), ("join_peer", &c.join_peer)] {
+            if !v.is_empty() && v.parse::<std::net::SocketAddr>().is_err() {
+                return invalid(format!(
+                    "channel.{key} = {v:?} is not an address:port (an address of the logging NIC)"
+                ));
+            }
+        }
+        if (!c.join_listen.is_empty() || !c.join_peer.is_empty()) && self.vm.kind != VmKind::Vmm {
+            return invalid(
+                "channel.join_listen / join_peer need vm.kind = \"vmm\": only ftd's own VMM can transfer its state",
+            );
         }
         if !self.api.metrics_listen.is_empty()
             && self

@@ -128,7 +128,6 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                     peer_timeout: Duration::from_millis(ch.peer_timeout_ms),
                 };
                 if let Some(tap) = tap.take() {
-                    let store = Arc::new(crate::vm::sink::VmLogStore::default());
                     vcpu = Some(crate::vm::start_primary(
                         &cfg,
                         dp.clone(),
@@ -136,25 +135,9 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                         tap,
                         session,
                         vm.clone(),
-                        store.clone(),
                         vm_stop.clone(),
                     )?);
-                    let (iface, stats, stop2) =
-                        (dp.nics.logging.clone(), vm.stats.clone(), stop.clone());
-                    let vm2 = vm.clone();
-                    std::thread::Builder::new()
-                        .name("ft-vmlog-repair".into())
-                        .spawn(move || {
-                            // The role controller takes it from here (a new epoch, then solo).
-                            let on_leave = Box::new(move |reason: u64| {
-                                *vm2.leave.lock().unwrap() = Some(leave_reason(reason).into());
-                            });
-                            if let Err(e) =
-                                crate::channel::vmrepair::run(&iface, store, stats, on_leave, stop2)
-                            {
-                                error!("VMLOG repair stopped: {e}");
-                            }
-                        })?;
+                    spawn_vmlog_repair(&dp, &vm, &stop)?;
                 }
                 std::thread::Builder::new()
                     .name("ft-primary".into())
@@ -176,13 +159,14 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                         tap,
                         session,
                         vm.clone(),
-                        Arc::new(crate::vm::sink::VmLogStore::default()),
                         vm_stop.clone(),
                     )?);
+                    spawn_vmlog_repair(&dp, &vm, &stop)?;
                 }
                 None
             }
             Role::Backup => {
+                let start = Arc::new(backup::StreamStart::default());
                 let p = backup::BackupParams {
                     own_mac: dp.nics.logging.mac,
                     peer_mac: cfg.interfaces.peer_log_mac.0,
@@ -191,23 +175,48 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                     nack_retry: Duration::from_millis(ch.nack_retry_ms),
                     nack_burst: ch.nack_burst as usize,
                     max_pending: cfg.window() + ft_common::maps::RETX_MARGIN,
+                    start: start.clone(),
                 };
                 let (sink, feed): (Box<dyn backup::InputSink>, Option<Box<dyn backup::VmFeed>>) =
                     match tap.take() {
                         // The backup's VM reads nothing from its TAP while it replays.
                         Some(tap) => {
-                            let (h, input, feed) =
-                                crate::vm::start_backup(&cfg, vm.clone(), tap, vm_stop.clone())?;
+                            let (h, input, feed) = crate::vm::start_backup(
+                                &cfg,
+                                dp.clone(),
+                                status.clone(),
+                                vm.clone(),
+                                tap,
+                                start,
+                                vm_stop.clone(),
+                            )?;
                             vcpu = Some(h);
+                            // Once live after a take-over, this node may have a backup
+                            // join it: it then sends heartbeats and repairs its VMM
+                            // stream like any primary (both idle until then).
+                            spawn_vmlog_repair(&dp, &vm, &stop)?;
+                            let hb = primary::PrimaryParams {
+                                peer_mac: cfg.interfaces.peer_log_mac.0,
+                                session,
+                                heartbeat: Duration::from_millis(ch.heartbeat_ms),
+                                peer_timeout: Duration::from_millis(ch.peer_timeout_ms),
+                            };
+                            let (dp2, st2, stop2) = (dp.clone(), status.clone(), stop.clone());
+                            std::thread::Builder::new()
+                                .name("ft-heartbeat".into())
+                                .spawn(move || primary::run(dp2, hb, st2, stop2))?;
                             (Box::new(input), Some(Box::new(feed)))
                         }
-                        None => (
-                            Box::new(backup::RawSink {
-                                sock: RawSocket::open(&dp.nics.vm)?,
-                                tagged: cfg.vm.tagged(),
-                            }),
-                            None,
-                        ),
+                        None => {
+                            start.set(1, 1);
+                            (
+                                Box::new(backup::RawSink {
+                                    sock: RawSocket::open(&dp.nics.vm)?,
+                                    tagged: cfg.vm.tagged(),
+                                }),
+                                None,
+                            )
+                        }
                     };
                 std::thread::Builder::new()
                     .name("ft-backup-rx".into())
@@ -219,6 +228,18 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         }
     };
 
+    if cfg.vm.kind == VmKind::Vmm && !cfg.channel.join_listen.is_empty() {
+        crate::vm::join::JoinServer {
+            cfg: cfg.clone(),
+            dp: dp.clone(),
+            status: status.clone(),
+            roles: roles.clone(),
+            vm: vm.clone(),
+            stop: stop.clone(),
+            vm_stop: vm_stop.clone(),
+        }
+        .spawn()?;
+    }
     if !cfg.api.metrics_listen.is_empty() {
         let listener = tokio::net::TcpListener::bind(&cfg.api.metrics_listen)
             .await
@@ -300,6 +321,33 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         anyhow::bail!("the protected VM stopped: {why}");
     }
     res.context("logging channel")
+}
+
+/// The thread that answers the backup's VMNACKs from the VMM stream's store and passes
+/// its LEAVE to the role controller (which goes solo in a new epoch).
+fn spawn_vmlog_repair(
+    dp: &DataPlane,
+    vm: &Arc<VmState>,
+    stop: &Arc<AtomicBool>,
+) -> anyhow::Result<()> {
+    let (iface, store, stats, stop2) = (
+        dp.nics.logging.clone(),
+        vm.log_store.clone(),
+        vm.stats.clone(),
+        stop.clone(),
+    );
+    let vm2 = vm.clone();
+    std::thread::Builder::new()
+        .name("ft-vmlog-repair".into())
+        .spawn(move || {
+            let on_leave = Box::new(move |reason: u64| {
+                *vm2.leave.lock().unwrap() = Some(leave_reason(reason).into());
+            });
+            if let Err(e) = crate::channel::vmrepair::run(&iface, store, stats, on_leave, stop2) {
+                error!("VMLOG repair stopped: {e}");
+            }
+        })?;
+    Ok(())
 }
 
 /// Graceful stop of the primary: its VMM has stopped and logged END; the channel keeps

@@ -18,12 +18,19 @@
 //! A transfer that fails at any point (the receiver gone, the link cut) changes nothing
 //! on the source: the guest runs on as before, and a new transfer can start.
 //!
+//! Frames in flight at the cut: whatever the NIC backend holds when the vCPU stops is
+//! taken then and delivered before anything newer. In tagged mode (the appliance) the
+//! frames that carry no log header arrived before the new log's input stream existed:
+//! they travel in the stream (`FRAMES`), the replica stores them under
+//! [`PRECUT_EPOCH`], and the new log references them like any input frame.
+//!
 //! Stream (little-endian u64s): magic `FTVMXFER`, version, configuration hash, RAM size;
 //! then records: `PAGES` (round, count, count x (page number, 4 KiB)), `ZERO` (count,
-//! count x page number: pages that are all zero now), `STATE` (the machine state), and
-//! `DONE` (the exit of the cut).
+//! count x page number: pages that are all zero now), `STATE` (the machine state),
+//! `FRAMES` (count, count x (sequence, length, bytes)), `CUT_INFO` (length, bytes: what
+//! the caller's hook said at the cut) and `DONE` (the exit of the cut).
 use crate::error::{Error, Result};
-use crate::vmlog::LogSink;
+use crate::vmlog::{FrameKey, FrameStore, LogSink};
 use crate::vmm::{Control, Vmm, VmmConfig};
 use crate::vstate::dirty::DirtyLog;
 use crate::vstate::memory::PAGE_SIZE;
@@ -38,6 +45,14 @@ const TAG_PAGES: u64 = 1;
 const TAG_ZERO: u64 = 2;
 const TAG_STATE: u64 = 3;
 const TAG_DONE: u64 = 4;
+const TAG_FRAMES: u64 = 5;
+const TAG_CUT_INFO: u64 = 6;
+/// Frame-store epoch of the frames that travel with the state (see `FRAMES`): 0, below
+/// every log epoch, because they are delivered before any frame of the new log (so a
+/// take-over's "input after the last frame consumed" never skips a newer frame).
+pub const PRECUT_EPOCH: u64 = 0;
+/// Largest `CUT_INFO` record.
+const MAX_CUT_INFO: u64 = 64 * 1024;
 /// Pages per `PAGES` record.
 const BATCH: usize = 256;
 
@@ -97,7 +112,16 @@ pub struct TransferReport {
     pub cut_exit: u64,
     /// Whether the rounds converged (else `max_rounds` ended them).
     pub converged: bool,
+    /// Frames in flight at the cut that travelled with the state.
+    pub precut_frames: u64,
+    /// What the source's hook said at the cut (receiver side).
+    pub cut_info: Vec<u8>,
 }
+
+/// Runs on the vCPU thread at the cut, before the state is written, with the VMM stopped
+/// there; its bytes reach the receiver (`TransferReport::cut_info`). The appliance
+/// switches its data plane to logging here. An error aborts the transfer.
+pub type CutHook = Box<dyn FnOnce(&mut Vmm) -> Result<Vec<u8>> + Send>;
 
 /// A handle to a VMM's memory and dirty log for a transfer from another thread.
 #[derive(Clone)]
@@ -124,11 +148,14 @@ impl Vmm {
     /// Builds a VMM from a transfer stream (see the module docs). `cfg` must describe the
     /// same guest and RAM size as the source; the result is positioned at the source's
     /// cut, ready to replay the log started there (`cfg.mode` should be `Replay`).
+    /// Frames that travelled with the state are put into `store` (which becomes the
+    /// VMM's frame store) under [`PRECUT_EPOCH`].
     pub fn receive(
         cfg: VmmConfig,
         guest_elf: &[u8],
         control: Arc<Control>,
         r: &mut dyn Read,
+        store: Option<Arc<dyn FrameStore>>,
         progress: &mut dyn FnMut(&Progress),
     ) -> Result<(Vmm, TransferReport)> {
         let t0 = Instant::now();
@@ -220,6 +247,43 @@ impl Vmm {
                     });
                     state = Some(Vmm::read_state(&mut r)?);
                 }
+                TAG_FRAMES => {
+                    let n = r64(&mut r)?;
+                    if n > 1 << 16 {
+                        return Err(Error::Transfer(format!("{n} frames at the cut")));
+                    }
+                    for _ in 0..n {
+                        let seq = r64(&mut r)?;
+                        let len = r64(&mut r)?;
+                        if len > 65536 {
+                            return Err(Error::Transfer(format!("a frame of {len} bytes")));
+                        }
+                        let mut f = vec![0u8; len as usize];
+                        read_exact(&mut r, &mut f)?;
+                        let Some(s) = store.as_ref() else {
+                            return Err(Error::Transfer(
+                                "frames came with the state but the replica has no frame store"
+                                    .into(),
+                            ));
+                        };
+                        s.put(
+                            FrameKey {
+                                epoch: PRECUT_EPOCH,
+                                seq,
+                            },
+                            &f,
+                        );
+                    }
+                    rep.precut_frames = n;
+                }
+                TAG_CUT_INFO => {
+                    let n = r64(&mut r)?;
+                    if n > MAX_CUT_INFO {
+                        return Err(Error::Transfer(format!("cut info of {n} bytes")));
+                    }
+                    rep.cut_info = vec![0u8; n as usize];
+                    read_exact(&mut r, &mut rep.cut_info)?;
+                }
                 TAG_DONE => {
                     rep.cut_exit = r64(&mut r)?;
                     break;
@@ -233,6 +297,9 @@ impl Vmm {
             ));
         };
         vmm.apply_state(state)?;
+        if let Some(s) = store {
+            vmm.set_frame_store(s);
+        }
         if vmm.exits() != rep.cut_exit {
             return Err(Error::Transfer(format!(
                 "state is at exit {}, the cut at exit {}",
@@ -250,21 +317,23 @@ impl Vmm {
 
 /// What the vCPU thread hands back after the stop phase.
 struct StopResult {
-    result: Result<(u64, u64)>,
+    result: Result<(u64, u64, u64)>,
     pause: Duration,
 }
 
 impl TransferSource {
     /// Transfers the running VMM's state into `w` (see the module docs). On success the
-    /// VMM records into `sink` from the cut on; on error it runs on unchanged.
+    /// VMM records into `sink` from the cut on; on error it runs on unchanged (if the
+    /// error came after `at_cut` ran, undoing what the hook did is the caller's part).
     pub fn send(
         &self,
         w: Box<dyn Write + Send>,
         sink: Box<dyn LogSink>,
+        at_cut: Option<CutHook>,
         opts: &TransferOptions,
         progress: &mut dyn FnMut(&Progress),
     ) -> Result<TransferReport> {
-        self.send_inner(w, sink, opts, progress)
+        self.send_inner(w, sink, at_cut, opts, progress)
             .map_err(|e| match e {
                 Error::LogIo(io) => Error::Transfer(format!(
                     "the receiver is gone ({io}); the VM runs on as before: retry the join"
@@ -277,6 +346,7 @@ impl TransferSource {
         &self,
         w: Box<dyn Write + Send>,
         sink: Box<dyn LogSink>,
+        at_cut: Option<CutHook>,
         opts: &TransferOptions,
         progress: &mut dyn FnMut(&Progress),
     ) -> Result<TransferReport> {
@@ -334,12 +404,18 @@ impl TransferSource {
         let (tx, rx) = std::sync::mpsc::channel::<(StopResult, CountingWriter)>();
         let mut w = Some(w);
         let mut sink = Some(sink);
+        let mut at_cut = Some(at_cut);
         let queued = self
             .control
             .run_at_next_exit(Box::new(move |vmm: &mut Vmm| {
                 let t = Instant::now();
                 let mut w = w.take().expect("stop phase runs once");
-                let result = stop_phase(vmm, &mut w, sink.take().expect("once"));
+                let result = stop_phase(
+                    vmm,
+                    &mut w,
+                    sink.take().expect("once"),
+                    at_cut.take().expect("once"),
+                );
                 let r = StopResult {
                     result,
                     pause: t.elapsed(),
@@ -362,7 +438,8 @@ impl TransferSource {
                 )));
             }
         };
-        let (stop_pages, cut_exit) = r.result?;
+        let (stop_pages, cut_exit, precut) = r.result?;
+        rep.precut_frames = precut;
         rep.stop_pages = stop_pages;
         rep.pages_sent += stop_pages;
         rep.cut_exit = cut_exit;
@@ -432,11 +509,23 @@ impl TransferSource {
     }
 }
 
-/// On the vCPU thread, stopped at an exit: the last written pages, the machine state,
-/// then the new log. Returns (pages sent, cut exit).
-fn stop_phase(vmm: &mut Vmm, w: &mut CountingWriter, sink: Box<dyn LogSink>) -> Result<(u64, u64)> {
-    let dirty = vmm.vm().dirty.take_written()?;
+/// On the vCPU thread, stopped at an exit: the caller's hook, the frames in flight, the
+/// last written pages, the machine state, then the new log. Returns (pages sent, cut
+/// exit, frames that travelled).
+fn stop_phase(
+    vmm: &mut Vmm,
+    w: &mut CountingWriter,
+    sink: Box<dyn LogSink>,
+    at_cut: Option<CutHook>,
+) -> Result<(u64, u64, u64)> {
     let cut = vmm.exits();
+    let info = match at_cut {
+        Some(h) => Some(h(vmm)?),
+        None => None,
+    };
+    // After the hook: from here on the backend's frames belong to the new log.
+    let precut = vmm.take_precut_frames(PRECUT_EPOCH)?;
+    let dirty = vmm.vm().dirty.take_written()?;
     let mut n = 0;
     for chunk in dirty.chunks(BATCH) {
         w64(w, TAG_PAGES)?;
@@ -451,12 +540,26 @@ fn stop_phase(vmm: &mut Vmm, w: &mut CountingWriter, sink: Box<dyn LogSink>) -> 
     }
     w64(w, TAG_STATE)?;
     vmm.write_state(w)?;
+    if !precut.is_empty() {
+        w64(w, TAG_FRAMES)?;
+        w64(w, precut.len() as u64)?;
+        for (k, f) in &precut {
+            w64(w, k.seq)?;
+            w64(w, f.len() as u64)?;
+            w.write_all(f)?;
+        }
+    }
+    if let Some(info) = info {
+        w64(w, TAG_CUT_INFO)?;
+        w64(w, info.len() as u64)?;
+        w.write_all(&info)?;
+    }
     w64(w, TAG_DONE)?;
     w64(w, cut)?;
     w.flush()?;
     // Everything the receiver needs is out: from here on the log carries the rest.
     vmm.start_new_log(sink)?;
-    Ok((n, cut))
+    Ok((n, cut, precut.len() as u64))
 }
 
 struct CountingWriter {

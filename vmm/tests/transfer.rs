@@ -64,11 +64,18 @@ fn receiver_with(
         };
         let mut bcfg = cfg(Mode::Replay);
         bcfg.wait_for_go_live = wait_for_go_live;
-        let res = Vmm::receive(bcfg, ft_vmm::GUEST_ELF, Control::new(), &mut r, &mut |p| {
-            if cut_when(p) {
-                cut.store(true, Ordering::SeqCst);
-            }
-        });
+        let res = Vmm::receive(
+            bcfg,
+            ft_vmm::GUEST_ELF,
+            Control::new(),
+            &mut r,
+            None,
+            &mut |p| {
+                if cut_when(p) {
+                    cut.store(true, Ordering::SeqCst);
+                }
+            },
+        );
         // Closing the stream is what the source sees of a dead receiver.
         drop(r);
         res
@@ -132,6 +139,7 @@ fn a_live_transfer_makes_a_replica_that_ends_in_the_same_state() {
             .send(
                 Box::new(a),
                 Box::new(sink),
+                None,
                 &TransferOptions::default(),
                 &mut |p| progress.push(p.clone()),
             )
@@ -192,6 +200,7 @@ fn an_interrupted_transfer_leaves_the_source_serving_and_a_retry_succeeds() {
             .send(
                 Box::new(a),
                 Box::new(sink),
+                None,
                 &TransferOptions::default(),
                 &mut |_| {},
             )
@@ -209,6 +218,7 @@ fn an_interrupted_transfer_leaves_the_source_serving_and_a_retry_succeeds() {
         let r = src.send(
             Box::new(a),
             Box::new(sink),
+            None,
             &TransferOptions::default(),
             &mut |_| {},
         );
@@ -226,6 +236,7 @@ fn an_interrupted_transfer_leaves_the_source_serving_and_a_retry_succeeds() {
             .send(
                 Box::new(a),
                 Box::new(sink),
+                None,
                 &TransferOptions::default(),
                 &mut |_| {},
             )
@@ -253,14 +264,22 @@ fn a_receiver_of_another_configuration_is_refused() {
         let rx = std::thread::spawn(move || {
             let mut c = cfg(Mode::Replay);
             c.ram_size *= 2;
-            Vmm::receive(c, ft_vmm::GUEST_ELF, Control::new(), &mut b, &mut |_| {})
-                .err()
-                .map(|e| e.to_string())
+            Vmm::receive(
+                c,
+                ft_vmm::GUEST_ELF,
+                Control::new(),
+                &mut b,
+                None,
+                &mut |_| {},
+            )
+            .err()
+            .map(|e| e.to_string())
         });
         let (sink, _log) = channel(16);
         let _ = src.send(
             Box::new(a),
             Box::new(sink),
+            None,
             &TransferOptions::default(),
             &mut |_| {},
         );
@@ -295,6 +314,7 @@ fn failover_after_failover_by_state_transfer() {
                 .send(
                     Box::new(a),
                     Box::new(sink),
+                    None,
                     &TransferOptions::default(),
                     &mut |_| {},
                 )

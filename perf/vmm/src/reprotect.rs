@@ -166,7 +166,14 @@ pub fn run(a: &ReprotectArgs) -> Result<()> {
         let (w, mut r) = UnixStream::pair()?;
         let rcfg = cfg(Mode::Replay);
         let receiver = std::thread::spawn(move || {
-            Vmm::receive(rcfg, ft_vmm::GUEST_ELF, Control::new(), &mut r, &mut |_| {})
+            Vmm::receive(
+                rcfg,
+                ft_vmm::GUEST_ELF,
+                Control::new(),
+                &mut r,
+                None,
+                &mut |_| {},
+            )
         });
         let (sink, log) = channel(1 << 16);
         let t0 = Instant::now();
@@ -174,6 +181,7 @@ pub fn run(a: &ReprotectArgs) -> Result<()> {
             .send(
                 Box::new(w),
                 Box::new(sink),
+                None,
                 &TransferOptions::default(),
                 &mut |_| {},
             )

@@ -99,6 +99,33 @@ impl InputSink for RawSink {
     }
 }
 
+/// Where the backup's two streams begin: sequence 1 for a log that starts with the VM's
+/// boot; after a join by state transfer, the positions of the cut. Set once by whoever
+/// knows (the VMM thread); the receive loop waits for it before it delivers anything.
+#[derive(Default)]
+pub struct StreamStart {
+    pos: std::sync::Mutex<Option<(u64, u64)>>,
+}
+
+impl StreamStart {
+    pub fn set(&self, input: u64, vm: u64) {
+        *self.pos.lock().unwrap_or_else(|e| e.into_inner()) = Some((input, vm));
+    }
+
+    /// The start, once set; None if `stop` came first.
+    fn wait(&self, stop: &AtomicBool) -> Option<(u64, u64)> {
+        loop {
+            if let Some(p) = *self.pos.lock().unwrap_or_else(|e| e.into_inner()) {
+                return Some(p);
+            }
+            if stop.load(Relaxed) {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+}
+
 pub struct BackupParams {
     pub own_mac: [u8; 6],
     pub peer_mac: [u8; 6],
@@ -107,6 +134,9 @@ pub struct BackupParams {
     pub nack_retry: Duration,
     pub nack_burst: usize,
     pub max_pending: u64,
+    /// Where the streams begin (frames that arrive before it is known wait in the
+    /// socket's ring, or are dropped and asked for again).
+    pub start: Arc<StreamStart>,
 }
 
 struct Mmap {
@@ -217,11 +247,20 @@ pub fn run(
     })?;
     info!(iface = %iface.name, "backup: receiving the log over AF_XDP");
 
+    let Some((input0, vm0)) = params.start.wait(&stop) else {
+        return Ok(());
+    };
+    if input0 > 1 {
+        info!(
+            input0,
+            vm0, "backup: the log starts at the cut of a state transfer"
+        );
+    }
     let mut rx_state = RxState {
-        input: Reorder::new(1, params.max_pending),
-        vm: Reorder::new(1, params.max_pending),
-        input_ack: 0,
-        vm_ack: 0,
+        input: Reorder::new(input0, params.max_pending),
+        vm: Reorder::new(vm0, params.max_pending),
+        input_ack: input0 - 1,
+        vm_ack: vm0 - 1,
         input_failed: false,
         vm_failed: false,
     };

@@ -10,9 +10,7 @@ use ft_fence::TasOutcome;
 use ft_vmm::vmlog::FrameKey;
 use tracing::{debug, error, info, warn};
 
-use super::{
-    Ctx, FOLLOW_POLL, FailoverReport, Lease, TICK, Tas, on_lease, stopping, test_and_set, unix_ms,
-};
+use super::{Ctx, FOLLOW_POLL, FailoverReport, Lease, TICK, Tas, stopping, test_and_set, unix_ms};
 use crate::{netif::RawSocket, vm::VmState};
 
 pub(super) async fn backup(c: Ctx) {
@@ -188,29 +186,20 @@ async fn take_over(c: Ctx, vm: Arc<VmState>, followed: u64) {
     };
     info!(?report, "live after take-over");
     *c.roles.last_failover.lock().unwrap() = Some(report);
-    // Serve solo while the lease holds; repeat the announcement a few times.
-    let mut announce_left = 3;
-    let mut next_announce = Instant::now() + Duration::from_millis(50);
-    let mut tick = tokio::time::interval(Duration::from_millis(10));
-    loop {
-        tokio::select! {
-            Some((e, st)) = lease.rx.recv() => {
-                if e == epoch && !on_lease(&c, st) {
-                    return;
-                }
+    vm.ran_alone.store(true, Ordering::Relaxed);
+    // Repeat the announcement a few times (a lost gratuitous ARP only delays a switch).
+    {
+        let (dp, cfg) = (c.dp.clone(), c.cfg.clone());
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            for _ in 0..3 {
+                send_garp(&dp, &cfg);
+                tokio::time::sleep(Duration::from_millis(200)).await;
             }
-            _ = tick.tick() => {
-                if stopping(&c) {
-                    return;
-                }
-                if announce_left > 0 && Instant::now() >= next_announce {
-                    announce(&c);
-                    announce_left -= 1;
-                    next_announce = Instant::now() + Duration::from_millis(200);
-                }
-            }
-        }
+        });
     }
+    // Serve alone under the lease; a backup may join by state transfer.
+    super::primary::serve(c, epoch, lease).await;
 }
 
 /// Input frames the backup holds beyond the last one the replica consumed: the
@@ -254,7 +243,11 @@ fn deliver_unconsumed_input(c: &Ctx, vm: &VmState) -> u64 {
 /// Gratuitous ARP for the VM's address from its MAC on the client NIC: switches learn
 /// the VM's new port, neighbours refresh their entry.
 fn announce(c: &Ctx) {
-    let (mac, ip) = (c.cfg.vm.mac.0, c.cfg.vm.ipv4.octets());
+    send_garp(&c.dp, &c.cfg)
+}
+
+fn send_garp(dp: &crate::dataplane::DataPlane, cfg: &crate::config::Config) {
+    let (mac, ip) = (cfg.vm.mac.0, cfg.vm.ipv4.octets());
     let mut f = [0u8; 60];
     f[..6].fill(0xff);
     f[6..12].copy_from_slice(&mac);
@@ -263,7 +256,7 @@ fn announce(c: &Ctx) {
     f[22..28].copy_from_slice(&mac);
     f[28..32].copy_from_slice(&ip);
     f[38..42].copy_from_slice(&ip);
-    match RawSocket::open(&c.dp.nics.client) {
+    match RawSocket::open(&dp.nics.client) {
         Ok(s) => {
             if let Err(e) = s.send(&f) {
                 warn!("gratuitous ARP not sent: {e}");

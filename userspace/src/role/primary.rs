@@ -78,7 +78,23 @@ pub(super) async fn primary(c: Ctx) {
         }
         lease.start(&c, epoch, deadline);
     }
+    if live_role == ROLE_SOLO
+        && let Some(vm) = c.vm.as_ref()
+    {
+        vm.ran_alone.store(true, Ordering::Relaxed);
+    }
+    serve(c, epoch, lease).await
+}
+
+/// A live node, paired or alone: renews its lease; while paired, watches the backup and
+/// goes solo in a new epoch when it fails; when a backup joins by state transfer (the
+/// join service switched the node to PRIMARY at the cut), pairs it at the arbiter and
+/// watches it from then on.
+pub(super) async fn serve(c: Ctx, mut epoch: u64, mut lease: Lease) {
     let mut watch = BackupWatch::new(&c);
+    let mut joins_seen =
+        c.vm.as_ref()
+            .map_or(0, |v| v.joined.load(Ordering::Relaxed));
     let mut tick = tokio::time::interval(TICK);
     loop {
         tokio::select! {
@@ -92,6 +108,12 @@ pub(super) async fn primary(c: Ctx) {
                     return;
                 }
                 let Some(vm) = c.vm.as_ref() else { continue };
+                let joins = vm.joined.load(Ordering::Relaxed);
+                if joins != joins_seen {
+                    joins_seen = joins;
+                    joined(&c, vm, epoch).await;
+                    watch = BackupWatch::new(&c);
+                }
                 let Ok(node) = c.dp.node_state() else { continue };
                 if node.role != ROLE_PRIMARY {
                     continue;
@@ -109,6 +131,26 @@ pub(super) async fn primary(c: Ctx) {
     }
 }
 
+/// A backup joined by state transfer: pair it at the arbiter (so a take-over need not
+/// wait for this node's lease: from the cut on it emits nothing without that backup's
+/// acks). Not paired (the arbiter unreachable just now), a take-over waits for the
+/// lease: slower, never unsafe.
+async fn joined(c: &Ctx, vm: &VmState, epoch: u64) {
+    *c.status.backup_left.lock().unwrap() = None;
+    let pause = vm.last_join_pause_ns.load(Ordering::Relaxed) as f64 / 1e6;
+    info!(epoch, pause_ms = pause, "a backup joined by state transfer");
+    if let Some(arb) = &c.arb {
+        let f = &c.cfg.fence;
+        match arb.pair(&f.vm, &f.node, epoch, &f.peer).await {
+            Ok(()) => info!(epoch, peer = %f.peer, "paired the joined backup at the arbiter"),
+            Err(e) => warn!(
+                "could not pair {} at the arbiter ({e}): a take-over would wait for this lease",
+                f.peer
+            ),
+        }
+    }
+}
+
 /// Primary: notices when the backup stops making progress. Acks that do not advance
 /// while entries are outstanding count, however many stale keep-alives arrive; so does
 /// silence (no ack at all) and a LEAVE.
@@ -120,6 +162,7 @@ struct BackupWatch {
 }
 
 impl BackupWatch {
+    /// Watches from now: acks stamped before now (a previous backup's) do not count.
     fn new(c: &Ctx) -> BackupWatch {
         BackupWatch {
             timeout: Duration::from_millis(c.cfg.channel.peer_timeout_ms),
@@ -135,6 +178,22 @@ impl BackupWatch {
             return Some((format!("the backup left the log ({why})"), Duration::ZERO));
         }
         let (seq, chan) = (dp.seq_state(), dp.chan_state());
+        // Before this backup's first ack it may still be starting (learning the epoch,
+        // or restoring the state of a join): only silence counts, after a grace period,
+        // then this node goes on alone.
+        if seq.last_peer_ns <= self.started_ns {
+            let silent = Duration::from_nanos(
+                crate::channel::primary::monotonic_ns().saturating_sub(self.started_ns),
+            );
+            let limit = self.timeout.max(FIRST_ACK_GRACE);
+            if silent >= limit {
+                return Some((
+                    format!("the backup sent no ack in {} ms", silent.as_millis()),
+                    silent,
+                ));
+            }
+            return None;
+        }
         let acks = (seq.acked, seq.vm_acked);
         let outstanding = seq.last_seq > seq.acked || chan.vm_last > seq.vm_acked;
         let now = Instant::now();
@@ -156,16 +215,10 @@ impl BackupWatch {
                 stalled,
             ));
         }
-        // Before the backup's first ack it may still be starting (learning the epoch
-        // from the arbiter): it gets a grace period, then this node goes on alone.
-        let (last, limit) = if seq.last_peer_ns == 0 {
-            (self.started_ns, self.timeout.max(FIRST_ACK_GRACE))
-        } else {
-            (seq.last_peer_ns, self.timeout)
-        };
-        let silent =
-            Duration::from_nanos(crate::channel::primary::monotonic_ns().saturating_sub(last));
-        if silent >= limit {
+        let silent = Duration::from_nanos(
+            crate::channel::primary::monotonic_ns().saturating_sub(seq.last_peer_ns),
+        );
+        if silent >= self.timeout {
             return Some((
                 format!(
                     "the backup is silent on the logging channel for {} ms",
@@ -206,6 +259,7 @@ async fn go_solo(
     };
     let tas = t0.elapsed();
     vm.solo.store(true, Ordering::Relaxed);
+    vm.ran_alone.store(true, Ordering::Relaxed);
     *c.status.backup_left.lock().unwrap() = Some(why.to_string());
     let node = NodeState {
         epoch: new_epoch,

@@ -6,7 +6,10 @@
 //!   `CHAN.vm_last` for the output rule.
 //! - `feed`: backup, input frames into the VMM's frame store and VMLOG entries into its
 //!   log source.
+//! - `join`: re-protection, a backup joining a primary that runs alone by live state
+//!   transfer.
 pub mod feed;
+pub mod join;
 pub mod sink;
 pub mod tap;
 
@@ -68,6 +71,26 @@ pub struct VmState {
     pub frames: Mutex<Option<MemFrameStore>>,
     /// Primary: the backup said it left (LEAVE), and why; taken by the role controller.
     pub leave: Mutex<Option<String>>,
+    /// The running VMM's state-transfer handle (a backup joining this node).
+    pub transfer: Mutex<Option<ft_vmm::transfer::TransferSource>>,
+    /// The VMM's configuration hash (guest image, RAM, service settings, CPU model).
+    pub config_hash: AtomicU64,
+    /// Backups that joined this node by state transfer (the role controller pairs each).
+    pub joined: AtomicU64,
+    /// The last (or running) join, for status.
+    pub join: Mutex<Option<Value>>,
+    pub last_join_pause_ns: AtomicU64,
+    /// This node ran the VM without a backup at some point (so its log no longer starts
+    /// with the VM's boot).
+    pub ran_alone: AtomicBool,
+    /// Primary: VMLOG frames kept for VMNACK repair (shared with the repair thread).
+    pub log_store: Arc<sink::VmLogStore>,
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 impl VmState {
@@ -87,6 +110,12 @@ impl VmState {
 }
 
 impl VmState {
+    /// Keeps the VMM's transfer handle and configuration hash (for joining backups).
+    fn offer_transfer(&self, vmm: &Vmm) {
+        *self.transfer.lock().unwrap() = Some(vmm.transfer_source());
+        self.config_hash.store(vmm.config_hash(), Relaxed);
+    }
+
     pub(crate) fn set_phase(&self, p: &str) {
         *self.phase.lock().unwrap() = p.into();
     }
@@ -122,6 +151,8 @@ impl VmState {
             "window_stall_ms": self.stats.stall_ns.load(Relaxed) as f64 / 1e6,
             "solo": self.solo.load(Relaxed),
             "entries_discarded_solo": self.stats.discarded.load(Relaxed),
+            "joins": self.joined.load(Relaxed),
+            "join": *self.join.lock().unwrap(),
         })
     }
 }
@@ -145,9 +176,9 @@ pub fn start_primary(
     tap: ft_vmm::net::Tap,
     session: u64,
     state: Arc<VmState>,
-    store: Arc<sink::VmLogStore>,
     stop: Arc<AtomicBool>,
 ) -> anyhow::Result<JoinHandle<()>> {
+    let store = state.log_store.clone();
     let image = guest_image(cfg)?;
     let mut vcfg = cfg.vm.vmm_config();
     let unprotected = state.solo.load(Relaxed);
@@ -191,6 +222,7 @@ pub fn start_primary(
             };
             let run = (|| -> ft_vmm::error::Result<RunReport> {
                 let mut vmm = Vmm::new(vcfg, &image, control.clone())?;
+                state.offer_transfer(&vmm);
                 vmm.set_live_stats(state.live.clone());
                 vmm.set_net(Box::new(tap));
                 if unprotected {
@@ -212,12 +244,20 @@ pub fn start_primary(
 }
 
 /// Backup: the replaying VMM, fed by the logging channel (`feed`). Returns the thread and
-/// the channel's two ends for the receive loop.
-/// `tap` becomes the VM's NIC when it goes live.
+/// the channel's two ends for the receive loop. `tap` becomes the VM's NIC when it goes
+/// live.
+///
+/// With `channel.join_peer` set, the VMM thread first asks the primary (once the live
+/// epoch is known): it either follows the log from the VM's boot, or receives the
+/// running VM's state and replays from the cut; `start` tells the channel where the two
+/// streams begin.
 pub fn start_backup(
     cfg: &Config,
+    dp: Arc<DataPlane>,
+    status: Arc<ChannelStatus>,
     state: Arc<VmState>,
     tap: ft_vmm::net::Tap,
+    start: Arc<crate::channel::backup::StreamStart>,
     stop: Arc<AtomicBool>,
 ) -> anyhow::Result<(JoinHandle<()>, feed::FrameStoreSink, feed::VmmFeed)> {
     let image = guest_image(cfg)?;
@@ -233,15 +273,55 @@ pub fn start_backup(
     let control = Control::new();
     *state.control.lock().unwrap() = Some(control.clone());
     *state.feed.lock().unwrap() = Some(chan_sink);
+    *state.kick.lock().unwrap() = Some(tap.try_clone()?);
     let feed = feed::VmmFeed {
         sink: state.feed.clone(),
         entries: state.entries_received.clone(),
     };
+    let cfg2 = cfg.clone();
     let h = std::thread::Builder::new()
         .name("ft-vcpu".into())
         .spawn(move || {
             let run = (|| -> ft_vmm::error::Result<RunReport> {
-                let mut vmm = Vmm::new(vcfg, &image, control.clone())?;
+                let mut vmm = if cfg2.channel.join_peer.is_empty() {
+                    start.set(1, 1);
+                    Vmm::new(vcfg, &image, control.clone())?
+                } else {
+                    state.set_phase("joining: waiting for the live epoch");
+                    while status.epoch.load(Relaxed) == 0 {
+                        if stop.load(Relaxed) {
+                            return Err(ft_vmm::Error::Stopped);
+                        }
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                    let epoch = status.epoch.load(Relaxed);
+                    match join::join(
+                        &cfg2,
+                        vcfg.clone(),
+                        &image,
+                        control.clone(),
+                        store.clone(),
+                        epoch,
+                        &state,
+                        &stop,
+                    )
+                    .map_err(ft_vmm::Error::Transfer)?
+                    {
+                        join::Joined::FromBoot => {
+                            start.set(1, 1);
+                            Vmm::new(vcfg, &image, control.clone())?
+                        }
+                        join::Joined::Transfer { vmm, cut } => {
+                            // Log frames of this run only, from the cut on.
+                            status.peer_session.store(cut.session, Relaxed);
+                            dp.set_peer_session(cut.session);
+                            dp.set_delivered(cut.input_start - 1);
+                            start.set(cut.input_start, cut.vm_start);
+                            *vmm
+                        }
+                    }
+                };
+                state.offer_transfer(&vmm);
                 vmm.set_live_stats(state.live.clone());
                 vmm.set_source(Box::new(chan_source));
                 vmm.set_frame_store(store);

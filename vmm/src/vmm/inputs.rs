@@ -50,6 +50,17 @@ impl Vmm {
             let mut free = self.nic.rx_free(&self.vm.ram)?;
             let mut n = 0;
             while free > 0 {
+                let Some((key, frame)) = self.precut.pop_front() else {
+                    break;
+                };
+                match key {
+                    Some(k) => self.deliver_ref(k, &frame)?,
+                    None => self.deliver_live(&frame)?,
+                }
+                n += 1;
+                free -= 1;
+            }
+            while free > 0 {
                 let Some(len) = self.net.as_mut().expect("checked").recv(&mut self.rxbuf)? else {
                     break;
                 };
@@ -92,6 +103,44 @@ impl Vmm {
         self.log(EV_RX_FRAME, rip, 0, 0, 0, buf)
     }
 
+    /// A frame the replica holds under `key` (it came with a transfer): delivered and
+    /// logged by reference.
+    fn deliver_ref(&mut self, key: FrameKey, frame: &[u8]) -> Result<()> {
+        let rip = self.vcpu.exit_rip();
+        self.nic.deliver(&mut self.vm.ram, frame)?;
+        let h = fnv1a(frame, FNV_OFFSET);
+        let epoch = key.epoch.to_be_bytes();
+        self.log(EV_RX_FRAME_REF, rip, key.seq, h, frame.len() as u32, &epoch)
+    }
+
+    /// At a transfer's cut: every frame the backend holds, taken now. Untagged ones (they
+    /// arrived before the new log's input stream existed) get a key in the transfer's own
+    /// space and travel with the state (returned); tagged ones are the new log's input
+    /// and are delivered as usual. Both go before any frame received later.
+    pub(crate) fn take_precut_frames(&mut self, epoch: u64) -> Result<Vec<(FrameKey, Vec<u8>)>> {
+        let mut out = Vec::new();
+        let Some(net) = self.net.as_mut() else {
+            return Ok(out);
+        };
+        while let Some(len) = net.recv(&mut self.rxbuf)? {
+            let f = self.rxbuf[..len].to_vec();
+            let tagged = LogHdr::ref_from_prefix(&f).is_ok_and(|(h, _)| {
+                h.eth.ethertype.get() == ETHERTYPE_FT && h.ft.magic == FT_MAGIC
+            });
+            if self.cfg.tagged_input && !tagged {
+                let key = FrameKey {
+                    epoch,
+                    seq: out.len() as u64 + 1,
+                };
+                out.push((key, f.clone()));
+                self.precut.push_back((Some(key), f));
+            } else {
+                self.precut.push_back((None, f));
+            }
+        }
+        Ok(out)
+    }
+
     /// Idle read (free/record): blocks until the guest has work: a frame in its RX ring
     /// (delivered at an earlier exit after the guest last looked) or waiting on the
     /// backend, a pending interrupt, the device clock at `deadline` or the timer's, or a
@@ -106,6 +155,7 @@ impl Vmm {
                 || self.pending_irqs != 0
                 || now >= deadline
                 || self.nic.rx_pending(&self.vm.ram)?
+                || !self.precut.is_empty()
                 || self.control.stop_requested()
                 || self.control.go_live_requested()
                 || self.control.exit_work_pending()

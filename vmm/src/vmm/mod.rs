@@ -160,6 +160,10 @@ pub struct Vmm {
     pub(crate) log_started: bool,
     went_live_at: Option<u64>,
     rxbuf: Vec<u8>,
+    /// Frames taken from the backend at a transfer's cut, delivered before any newer one:
+    /// with a key, logged by reference to the copy the new replica got in the transfer;
+    /// without, delivered as if just received (tagged frames of the new log).
+    pub(crate) precut: std::collections::VecDeque<(Option<crate::vmlog::FrameKey>, Vec<u8>)>,
     /// Counters shared with other threads while running (optional).
     live: Option<Arc<LiveStats>>,
 }
@@ -210,6 +214,7 @@ impl Vmm {
             log_started: false,
             went_live_at: None,
             rxbuf: vec![0u8; 65536],
+            precut: Default::default(),
             live: None,
         })
     }
