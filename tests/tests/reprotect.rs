@@ -146,3 +146,171 @@ fn failover_after_failover_with_rejoins() {
         "one host at a time, each in turn"
     );
 }
+
+/// Rewrites one line of a host's config (`key = ...`).
+fn set_config(app: &Appliance, host: char, key: &str, value: &str) {
+    let path = if host == 'a' {
+        &app.config_a
+    } else {
+        &app.config_b
+    };
+    let text = std::fs::read_to_string(path).unwrap();
+    let prefix = format!("{key} = ");
+    assert!(
+        text.lines().any(|l| l.starts_with(&prefix)),
+        "no {key} in {path:?}"
+    );
+    let text: Vec<String> = text
+        .lines()
+        .map(|l| {
+            if l.starts_with(&prefix) {
+                format!("{prefix}{value}")
+            } else {
+                l.to_string()
+            }
+        })
+        .collect();
+    std::fs::write(path, text.join("\n")).unwrap();
+}
+
+/// A 1 GiB guest holding ~300 MiB of keys. The backup dies and the primary goes solo
+/// (its streams are far from sequence 1). A backup configured with another RAM size is
+/// refused by name; one killed during pre-copy leaves the primary solo and serving;
+/// the next join succeeds; then the primary dies and the joined backup takes over.
+#[test]
+fn a_backup_rejoins_a_solo_primary_after_a_refused_and_an_interrupted_join() {
+    let _s = serial();
+    let (tb, _arb, mut app) = pair(VmOptions::Vmm {
+        ram_mib: 1024,
+        extra: String::new(),
+    });
+    let emitters = VmEmitters::start(&tb).unwrap();
+    let clients = Clients::start(&tb, CLIENTS, T);
+    assert!(clients.wait_ops(300, T), "clients made no progress");
+    let t0 = Instant::now();
+    let epoch = app.status('a').unwrap()["epoch"].as_u64().unwrap();
+    app.guard('b').kill().unwrap();
+    assert!(
+        Appliance::wait_until(T, || app.status('a').is_ok_and(|s| s["role"] == "solo")),
+        "A did not go solo"
+    );
+    // Real data, written while alone: ~100,000 keys of 3,000 bytes.
+    let out = ft_testbed::ns_exec(
+        &tb.client_ns,
+        "redis-benchmark",
+        &[
+            "-h",
+            &ft_testbed::names::VM_IP.to_string(),
+            "-c",
+            "8",
+            "-P",
+            "16",
+            "-t",
+            "set",
+            "-n",
+            "200000",
+            "-r",
+            "100000",
+            "-d",
+            "3000",
+            "-q",
+        ],
+    )
+    .unwrap();
+    eprintln!("fill: {}", out.rsplit('\r').next().unwrap_or("").trim());
+    let keys: u64 = ft_testbed::resp::redis_cli(&tb, &["DBSIZE"])
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(keys > 80_000, "{keys} keys");
+
+    // 1. Another RAM size: refused, by name; A serves on alone.
+    set_config(&app, 'b', "ram_mib", "512");
+    app.restart_as_backup(&tb, 'b').unwrap();
+    assert!(
+        Appliance::wait_until(T, || app.status('b').is_ok_and(|s| s["vm"]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("another guest image or VM configuration")))),
+        "B was not refused: {:#}",
+        app.status('b').unwrap_or_default()
+    );
+    assert_eq!(app.status('a').unwrap()["role"], "solo");
+    app.guard('b').kill().unwrap();
+    set_config(&app, 'b', "ram_mib", "1024");
+    let at = clients.ops();
+    assert!(
+        clients.wait_ops(at + 200, T),
+        "clients stalled after the refusal"
+    );
+
+    // 2. Killed during pre-copy: A stays solo and serving.
+    app.restart_as_backup(&tb, 'b').unwrap();
+    assert!(
+        Appliance::wait_until(T, || app.status('a').is_ok_and(|s| {
+            s["vm"]["join"]["phase"]
+                .as_str()
+                .is_some_and(|p| p.starts_with("pre-copy"))
+        })),
+        "no pre-copy seen: {:#}",
+        app.status('a').unwrap_or_default()["vm"]["join"]
+    );
+    app.guard('b').kill().unwrap();
+    assert!(
+        Appliance::wait_until(T, || app
+            .status('a')
+            .is_ok_and(|s| s["vm"]["join"]["phase"] == "failed")),
+        "{:#}",
+        app.status('a').unwrap_or_default()["vm"]["join"]
+    );
+    let st = app.status('a').unwrap();
+    eprintln!("interrupted: {:#}", st["vm"]["join"]);
+    assert_eq!(st["role"], "solo", "{st:#}");
+    let at = clients.ops();
+    assert!(
+        clients.wait_ops(at + 200, T),
+        "clients stalled after the interrupted join"
+    );
+
+    // 3. The next join succeeds.
+    app.restart_as_backup(&tb, 'b').unwrap();
+    assert!(
+        Appliance::wait_until(Duration::from_secs(60), || rejoined(&app, 'a', 'b')),
+        "B did not rejoin:\nA: {:#}\nB: {:#}",
+        app.status('a').unwrap_or_default(),
+        app.status('b').unwrap_or_default()
+    );
+    let st = app.status('a').unwrap();
+    eprintln!("joined: {:#}", st["vm"]["join"]);
+    assert!(
+        st["vm"]["join"]["bytes"].as_u64().unwrap() > 200 << 20,
+        "{st:#}"
+    );
+    let at = clients.ops();
+    assert!(
+        clients.wait_ops(at + 300, T),
+        "clients stalled after the join"
+    );
+
+    // 4. The primary dies; the joined backup takes over.
+    app.guard('a').kill().unwrap();
+    assert!(
+        Appliance::wait_until(T, || app.live_after_take_over('b')),
+        "B did not take over: {:#}",
+        app.status('b').unwrap_or_default()
+    );
+    let at = clients.ops();
+    assert!(
+        clients.wait_ops(at + 300, T),
+        "clients stalled after the take-over"
+    );
+    let logs = clients.finish();
+    check_history(&tb, &logs, t0);
+    let keys_after: u64 = ft_testbed::resp::redis_cli(&tb, &["DBSIZE"])
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(keys_after >= keys, "{keys_after} keys after, {keys} before");
+    let st = app.status('b').unwrap();
+    assert!(st["epoch"].as_u64().unwrap() > epoch, "{st:#}");
+    assert_eq!(emitters.stop().unwrap().runs(), ['a', 'b']);
+}

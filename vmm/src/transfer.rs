@@ -368,7 +368,12 @@ impl TransferSource {
             ram_pages: pages,
             ..Default::default()
         };
-        self.send_pages(&mut w, 0, &all, false, &mut rep)?;
+        self.send_pages(&mut w, 0, &all, false, &mut rep, &mut |sent, bytes| {
+            prog.pages_sent = sent;
+            prog.bytes_sent = bytes;
+            prog.elapsed = t0.elapsed();
+            progress(&prog);
+        })?;
         prog.pages_sent = rep.pages_sent;
         prog.bytes_sent = w.n;
         prog.elapsed = t0.elapsed();
@@ -383,7 +388,7 @@ impl TransferSource {
             prog.dirty_rate = dirty.len() as f64 / dt;
             rep.rounds = round;
             let converged = dirty.len() <= opts.stop_pages;
-            self.send_pages(&mut w, round as u64, &dirty, true, &mut rep)?;
+            self.send_pages(&mut w, round as u64, &dirty, true, &mut rep, &mut |_, _| {})?;
             let rate = w.n as f64 / t0.elapsed().as_secs_f64().max(1e-6);
             prog.pages_sent = rep.pages_sent;
             prog.bytes_sent = w.n;
@@ -461,6 +466,7 @@ impl TransferSource {
     /// pass the receiver's RAM is zero already), the others with their contents, read
     /// while the vCPU may be writing them (a page written meanwhile is marked again and
     /// sent in the next round).
+    /// `each_batch(pages sent, bytes sent)` after every batch (progress of a long pass).
     fn send_pages(
         &self,
         w: &mut CountingWriter,
@@ -468,6 +474,7 @@ impl TransferSource {
         list: &[u64],
         with_zero: bool,
         rep: &mut TransferReport,
+        each_batch: &mut dyn FnMut(u64, u64),
     ) -> Result<()> {
         let mut buf = vec![0u8; BATCH * PAGE_SIZE];
         let mut zero = Vec::new();
@@ -496,6 +503,7 @@ impl TransferSource {
                 }
                 rep.pages_sent += nonzero.len() as u64;
             }
+            each_batch(rep.pages_sent, w.n);
         }
         if with_zero && !zero.is_empty() {
             w64(w, TAG_ZERO)?;

@@ -92,6 +92,7 @@ pub(super) async fn primary(c: Ctx) {
 /// watches it from then on.
 pub(super) async fn serve(c: Ctx, mut epoch: u64, mut lease: Lease) {
     let mut watch = BackupWatch::new(&c);
+    let mut paired = true;
     let mut joins_seen =
         c.vm.as_ref()
             .map_or(0, |v| v.joined.load(Ordering::Relaxed));
@@ -112,11 +113,16 @@ pub(super) async fn serve(c: Ctx, mut epoch: u64, mut lease: Lease) {
                 if joins != joins_seen {
                     joins_seen = joins;
                     joined(&c, vm, epoch).await;
-                    watch = BackupWatch::new(&c);
                 }
                 let Ok(node) = c.dp.node_state() else { continue };
                 if node.role != ROLE_PRIMARY {
+                    paired = false;
                     continue;
+                }
+                if !paired {
+                    // Paired again (a join's cut): watch the new backup from now on.
+                    paired = true;
+                    watch = BackupWatch::new(&c);
                 }
                 let Some((why, detect)) = watch.failed(&c.dp, vm) else { continue };
                 match go_solo(&c, vm, epoch, &why, detect).await {
