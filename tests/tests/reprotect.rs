@@ -271,7 +271,21 @@ fn a_backup_rejoins_a_solo_primary_after_a_refused_and_an_interrupted_join() {
         "clients stalled after the interrupted join"
     );
 
-    // 3. The next join succeeds.
+    // 3. The next join succeeds; an operator follows it with `ftd status --follow-join`.
+    let follow = {
+        let sock = app.sock_a.clone();
+        std::thread::spawn(move || {
+            std::process::Command::new(ft_testbed::ftd_bin().unwrap())
+                .args([
+                    "status",
+                    "--follow-join",
+                    "--socket",
+                    sock.to_str().unwrap(),
+                ])
+                .output()
+                .unwrap()
+        })
+    };
     app.restart_as_backup(&tb, 'b').unwrap();
     assert!(
         Appliance::wait_until(Duration::from_secs(60), || rejoined(&app, 'a', 'b')),
@@ -281,6 +295,13 @@ fn a_backup_rejoins_a_solo_primary_after_a_refused_and_an_interrupted_join() {
     );
     let st = app.status('a').unwrap();
     eprintln!("joined: {:#}", st["vm"]["join"]);
+    let out = follow.join().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    assert!(text.contains("joined with host-b"), "{text}");
+    let m = app.metrics('a').unwrap();
+    assert!(m.contains("ft_joins_total 1\n"), "{m}");
+    assert!(m.contains("ft_join_last_pause_seconds "), "{m}");
     assert!(
         st["vm"]["join"]["bytes"].as_u64().unwrap() > 200 << 20,
         "{st:#}"

@@ -181,6 +181,10 @@ pub fn summary(v: &Value) -> String {
         }
         let _ = writeln!(o);
     }
+    let j = &vm["join"];
+    if j.is_object() {
+        let _ = writeln!(o, "re-protection: {}", join_line(j));
+    }
     let w = &v["role_history"]["waiting_for_arbiter"];
     if w.is_object() {
         let _ = writeln!(
@@ -218,4 +222,81 @@ pub fn summary(v: &Value) -> String {
         }
     }
     o
+}
+
+/// One line about the running or last join (state transfer to or from the peer).
+fn join_line(j: &Value) -> String {
+    let mib = |k: &str| j[k].as_u64().unwrap_or(0) as f64 / (1u64 << 20) as f64;
+    let phase = j["phase"].as_str().unwrap_or("-");
+    let peer = j["peer"].as_str().unwrap_or("-");
+    match phase {
+        "done" => format!(
+            "joined with {peer}: {:.0} MiB, the guest paused {:.1} ms, {:.0} ms in all (log from exit {})",
+            mib("bytes"),
+            j["pause_ms"].as_f64().unwrap_or(0.0),
+            j["total_ms"].as_f64().unwrap_or(0.0),
+            j["cut_exit"]
+        ),
+        "failed" => format!(
+            "the last join failed: {}",
+            j["error"].as_str().unwrap_or("-")
+        ),
+        _ => format!(
+            "transferring with {peer}: {phase}, {:.0} MiB sent, {} pages written in the last round ({:.0} pages/s), about {:.1} s left",
+            mib("bytes_sent"),
+            j["dirty_pages_last_round"],
+            j["dirty_pages_per_s"].as_f64().unwrap_or(0.0),
+            j["remaining_s"].as_f64().unwrap_or(0.0)
+        ),
+    }
+}
+
+/// `ftd status --follow-join`: a progress bar of the node's running join (state transfer
+/// to or from its peer) until it ends or `limit` passes.
+pub fn follow_join(socket: &Path, limit: std::time::Duration) -> anyhow::Result<()> {
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{spinner} {msg} [{bar:30}] {bytes} ({bytes_per_sec})",
+        )?
+        .progress_chars("=> "),
+    );
+    let t0 = std::time::Instant::now();
+    let since = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    loop {
+        let v = query(socket)?;
+        let j = &v["vm"]["join"];
+        let mut phase = j["phase"].as_str().unwrap_or("");
+        // A join that ended before we looked is not the one to follow.
+        let old = j["started_unix_ms"].as_u64().is_some_and(|s| s < since);
+        if old && (phase == "done" || phase == "failed") {
+            phase = "";
+        }
+        match phase {
+            "done" | "failed" => {
+                bar.finish_and_clear();
+                println!("{}", join_line(j));
+                return Ok(());
+            }
+            "" => bar.set_message("waiting for a join".to_string()),
+            _ => {
+                let sent = j["bytes_sent"].as_u64().unwrap_or(0);
+                let total = j["ram_pages"].as_u64().unwrap_or(0) * 4096;
+                bar.set_length(total.max(sent));
+                bar.set_position(sent);
+                bar.set_message(format!(
+                    "{phase}, {} pages dirty last round, ~{:.1} s left",
+                    j["dirty_pages_last_round"],
+                    j["remaining_s"].as_f64().unwrap_or(0.0)
+                ));
+            }
+        }
+        if t0.elapsed() > limit {
+            bar.abandon();
+            anyhow::bail!("no join ended within {limit:?}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
 }

@@ -29,6 +29,10 @@ enum Cmd {
         /// The whole status as JSON (for scripts).
         #[arg(long)]
         json: bool,
+        /// Show a progress bar of the running join (re-protection by state transfer)
+        /// until it ends (at most 10 minutes).
+        #[arg(long, conflicts_with = "json")]
+        follow_join: bool,
     },
     /// Validate a config file and print what is wrong with it.
     CheckConfig { file: PathBuf },
@@ -53,7 +57,12 @@ fn main() -> anyhow::Result<()> {
                 .build()?;
             rt.block_on(ftd::daemon::run(cfg))
         }
-        Cmd::Status { socket, json } => {
+        Cmd::Status {
+            socket,
+            follow_join: true,
+            ..
+        } => ftd::control::follow_join(&socket, std::time::Duration::from_secs(600)),
+        Cmd::Status { socket, json, .. } => {
             let v = ftd::control::query(&socket)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&v)?);

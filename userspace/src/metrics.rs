@@ -197,6 +197,49 @@ fn render_vm(o: &mut String, vm: &crate::vm::VmState) {
         vm.solo.load(Relaxed) as u8,
         vm.phase.lock().unwrap()
     );
+    render_join(o, vm);
+}
+
+/// Re-protection: joins served, the last one's pause and size, a running one's progress.
+fn render_join(o: &mut String, vm: &crate::vm::VmState) {
+    let _ = writeln!(
+        o,
+        "# HELP ft_joins_total Backups that joined this node by state transfer\n\
+         # TYPE ft_joins_total counter\nft_joins_total {}",
+        vm.joined.load(Relaxed)
+    );
+    let j = vm.join.lock().unwrap().clone();
+    let Some(j) = j else { return };
+    let num = |k: &str| j[k].as_f64().unwrap_or(0.0);
+    let running = !matches!(j["phase"].as_str(), Some("done") | Some("failed"));
+    let _ = writeln!(
+        o,
+        "# HELP ft_join_running 1 while a state transfer to or from the peer runs\n\
+         # TYPE ft_join_running gauge\nft_join_running {}",
+        running as u8
+    );
+    if running {
+        let _ = writeln!(
+            o,
+            "# TYPE ft_join_sent_bytes gauge\nft_join_sent_bytes {}\n\
+             # TYPE ft_join_dirty_pages_per_second gauge\nft_join_dirty_pages_per_second {}\n\
+             # TYPE ft_join_remaining_seconds gauge\nft_join_remaining_seconds {}",
+            num("bytes_sent"),
+            num("dirty_pages_per_s"),
+            num("remaining_s")
+        );
+    } else if j["phase"] == "done" {
+        let _ = writeln!(
+            o,
+            "# HELP ft_join_last_pause_seconds How long the guest paused in the last join's stop phase\n\
+             # TYPE ft_join_last_pause_seconds gauge\nft_join_last_pause_seconds {}\n\
+             # TYPE ft_join_last_bytes gauge\nft_join_last_bytes {}\n\
+             # TYPE ft_join_last_seconds gauge\nft_join_last_seconds {}",
+            num("pause_ms") / 1e3,
+            num("bytes"),
+            num("total_ms") / 1e3
+        );
+    }
 }
 
 pub fn lease_remaining_s(deadline_ns: u64) -> f64 {

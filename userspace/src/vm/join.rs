@@ -133,10 +133,12 @@ impl JoinServer {
         while !self.stop.load(Relaxed) {
             match listener.accept() {
                 Ok((s, peer)) => {
-                    if let Err(e) = self.handle(s, peer) {
+                    let started = super::unix_ms();
+                    if let Err(e) = self.handle(s, peer, started) {
                         warn!(%peer, "join: {e}");
                         *self.vm.join.lock().unwrap() = Some(json!({
                             "peer": peer.to_string(), "phase": "failed", "error": e,
+                            "started_unix_ms": started,
                         }));
                     }
                 }
@@ -212,7 +214,7 @@ impl JoinServer {
         }
     }
 
-    fn handle(&self, s: TcpStream, peer: SocketAddr) -> Result<(), String> {
+    fn handle(&self, s: TcpStream, peer: SocketAddr, started: u64) -> Result<(), String> {
         s.set_nonblocking(false).map_err(|e| e.to_string())?;
         s.set_read_timeout(Some(Duration::from_secs(10)))
             .map_err(|e| e.to_string())?;
@@ -317,7 +319,7 @@ impl JoinServer {
             Some(hook),
             &TransferOptions::default(),
             &mut |p: &Progress| {
-                *vm.join.lock().unwrap() = Some(progress_json(&who, p));
+                *vm.join.lock().unwrap() = Some(progress_json(&who, started, p));
             },
         );
         match res {
@@ -337,7 +339,7 @@ impl JoinServer {
                     "total_ms": rep.total.as_secs_f64() * 1e3,
                     "bytes": rep.bytes_sent, "rounds": rep.rounds,
                     "cut_exit": rep.cut_exit, "frames_at_cut": rep.precut_frames,
-                    "at_unix_ms": super::unix_ms(),
+                    "at_unix_ms": super::unix_ms(), "started_unix_ms": started,
                 }));
                 self.vm
                     .last_join_pause_ns
@@ -364,9 +366,10 @@ impl JoinServer {
     }
 }
 
-fn progress_json(peer: &str, p: &Progress) -> serde_json::Value {
+fn progress_json(peer: &str, started: u64, p: &Progress) -> serde_json::Value {
     json!({
         "peer": peer,
+        "started_unix_ms": started,
         "phase": if p.round == u32::MAX { "stopping".to_string() } else { format!("pre-copy round {}", p.round) },
         "bytes_sent": p.bytes_sent,
         "pages_sent": p.pages_sent,
@@ -466,6 +469,7 @@ pub fn join(
                 return Err(format!("the primary refused the join: {}", reply.reason));
             }
             Answer::Transfer => {
+                let started = super::unix_ms();
                 vm.set_phase("joining: receiving the VM's state");
                 info!(%peer, "join: receiving the VM's state");
                 let (vmm, rep) = ft_vmm::Vmm::receive(
@@ -475,7 +479,7 @@ pub fn join(
                     &mut r,
                     Some(store),
                     &mut |p: &Progress| {
-                        *vm.join.lock().unwrap() = Some(progress_json("primary", p));
+                        *vm.join.lock().unwrap() = Some(progress_json("primary", started, p));
                     },
                 )
                 .map_err(|e| e.to_string())?;
@@ -489,6 +493,7 @@ pub fn join(
                 );
                 *vm.join.lock().unwrap() = Some(json!({
                     "peer": "primary", "phase": "done", "bytes": rep.bytes_sent,
+                    "started_unix_ms": started, "total_ms": rep.total.as_secs_f64() * 1e3,
                     "cut_exit": rep.cut_exit, "frames_at_cut": rep.precut_frames,
                     "input_start": cut.input_start, "vm_start": cut.vm_start,
                 }));
