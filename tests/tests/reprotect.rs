@@ -335,3 +335,55 @@ fn a_backup_rejoins_a_solo_primary_after_a_refused_and_an_interrupted_join() {
     assert!(st["epoch"].as_u64().unwrap() > epoch, "{st:#}");
     assert_eq!(emitters.stop().unwrap().runs(), ['a', 'b']);
 }
+
+/// Planned switchover under load: `ftd switchover` on the primary hands the VM to the
+/// backup (it gets the whole log and goes live), then the old primary's ftd starts again
+/// as backup and joins. The clients lose nothing and see one short gap.
+#[test]
+fn switchover_under_load_moves_the_live_role_and_loses_nothing() {
+    let _s = serial();
+    let (tb, _arb, app) = pair(VmOptions::vmm());
+    let emitters = VmEmitters::start(&tb).unwrap();
+    let clients = Clients::start(&tb, CLIENTS, T);
+    assert!(clients.wait_ops(300, T), "clients made no progress");
+    let t0 = Instant::now();
+    let out = std::process::Command::new(ft_testbed::ftd_bin().unwrap())
+        .args(["switchover", "--socket", app.sock_a.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    eprintln!("{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "ftd switchover failed: {out:?}");
+    assert!(text.contains("this node is the backup, in sync"), "{text}");
+    let (a, b) = (app.status('a').unwrap(), app.status('b').unwrap());
+    assert_eq!(b["role"], "primary", "{b:#}");
+    assert_eq!(a["role"], "backup", "{a:#}");
+    // The same daemon process, started again in place.
+    assert!(app.guard('a').is_running());
+    let at = clients.ops();
+    assert!(
+        clients.wait_ops(at + 300, T),
+        "clients stalled after the switchover"
+    );
+    let logs = clients.finish();
+    // One short gap: the longest time any client waited for a reply.
+    let gap = logs
+        .iter()
+        .flat_map(|l| l.incrs.windows(2).map(|w| w[1].received - w[0].received))
+        .max()
+        .unwrap();
+    eprintln!("longest client gap: {gap:?}");
+    assert!(gap < Duration::from_secs(2), "gap {gap:?}");
+    check_history(&tb, &logs, t0);
+    assert_eq!(emitters.stop().unwrap().runs(), ['a', 'b']);
+    // Nothing is refused twice: a switchover on the new backup is refused with a reason.
+    let out = std::process::Command::new(ft_testbed::ftd_bin().unwrap())
+        .args(["switchover", "--socket", app.sock_a.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("run `ftd switchover` on the paired primary"),
+        "{out:?}"
+    );
+}

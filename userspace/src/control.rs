@@ -28,6 +28,7 @@ pub fn status_json(sh: &Shared) -> Value {
     let s = &sh.status;
     json!({
         "node": sh.node_name,
+        "pid": std::process::id(),
         "role": node.map(|n| role_name(n.role)),
         "epoch": node.map(|n| n.epoch),
         "lease_remaining_s": node.map(|n| {
@@ -231,9 +232,11 @@ fn join_line(j: &Value) -> String {
     let peer = j["peer"].as_str().unwrap_or("-");
     match phase {
         "done" => format!(
-            "joined with {peer}: {:.0} MiB, the guest paused {:.1} ms, {:.0} ms in all (log from exit {})",
+            "joined with {peer}: {:.0} MiB{}, {:.0} ms in all (log from exit {})",
             mib("bytes"),
-            j["pause_ms"].as_f64().unwrap_or(0.0),
+            j["pause_ms"]
+                .as_f64()
+                .map_or(String::new(), |p| format!(", the guest paused {p:.1} ms")),
             j["total_ms"].as_f64().unwrap_or(0.0),
             j["cut_exit"]
         ),
@@ -298,5 +301,68 @@ pub fn follow_join(socket: &Path, limit: std::time::Duration) -> anyhow::Result<
             anyhow::bail!("no join ended within {limit:?}");
         }
         std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+/// `ftd switchover`, on the primary: checks it can hand over (paired, the backup
+/// following, the VM recording), asks the daemon (SIGUSR1), and follows it until it runs
+/// again as a backup in sync with the new primary.
+pub fn switchover(socket: &Path) -> anyhow::Result<()> {
+    let v = query(socket)?;
+    let role = v["role"].as_str().unwrap_or("-");
+    if role != "primary" || v["halted"] == true {
+        anyhow::bail!("this node is {role}: run `ftd switchover` on the paired primary");
+    }
+    if v["peer_alive"] != true || v["vm"]["solo"] == true {
+        anyhow::bail!("the backup is not following: nothing to hand over to");
+    }
+    if v["vm"]["phase"] != "recording" {
+        anyhow::bail!("the VM is {}: nothing to hand over", v["vm"]["phase"]);
+    }
+    let pid = v["pid"]
+        .as_i64()
+        .ok_or_else(|| anyhow::anyhow!("the daemon did not report its pid"))?;
+    // SAFETY: kill(2) with a pid the daemon reported and a signal it handles.
+    if unsafe { libc::kill(pid as libc::pid_t, libc::SIGUSR1) } != 0 {
+        anyhow::bail!(
+            "cannot signal ftd (pid {pid}): {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    println!("switchover: the VM goes to the backup; this node then rejoins as backup");
+    let t0 = std::time::Instant::now();
+    let mut said_backup = false;
+    loop {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        if t0.elapsed() > std::time::Duration::from_secs(120) {
+            anyhow::bail!("this node did not rejoin as backup within 2 minutes: see ftd's log");
+        }
+        // The daemon restarts in between: the socket is gone for a moment.
+        let Ok(v) = query(socket) else { continue };
+        if v["role"] == "primary" && t0.elapsed() > std::time::Duration::from_secs(5) {
+            anyhow::bail!("the daemon is still primary: it refused (see its log)");
+        }
+        if v["role"] == "backup" && !said_backup {
+            said_backup = true;
+            println!("switchover: running as backup, joining the new primary");
+        }
+        let vm = &v["vm"];
+        if v["role"] == "backup"
+            && vm["phase"] == "replaying"
+            && vm["checkpoints_verified"].as_u64().unwrap_or(0) > 0
+        {
+            println!(
+                "switchover: done in {:.1} s; this node is the backup, in sync ({})",
+                t0.elapsed().as_secs_f64(),
+                join_line(&vm["join"])
+            );
+            return Ok(());
+        }
+        if v["halted"] == true {
+            anyhow::bail!(
+                "this node halted as backup: {}",
+                vm["error"].as_str().unwrap_or("see ftd's log")
+            );
+        }
     }
 }

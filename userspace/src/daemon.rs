@@ -46,7 +46,18 @@ fn new_session() -> u64 {
     }
 }
 
-pub async fn run(cfg: Config) -> anyhow::Result<()> {
+/// How `run` ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    /// SIGINT/SIGTERM, or the channel ended.
+    Stopped,
+    /// `ftd switchover`: this primary handed the VM to its in-sync backup (graceful stop:
+    /// the backup has the whole log and takes over); the caller starts ftd again as a
+    /// backup, which joins the new primary.
+    Switchover,
+}
+
+pub async fn run(cfg: Config) -> anyhow::Result<Exit> {
     let arbiter = match cfg.fence.backend {
         Some(Backend::None) | None => {
             warn!(
@@ -260,7 +271,9 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     info!(node = %cfg.node.name, "ftd running");
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut usr1 = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1())?;
     let mut failure = None;
+    let mut exit = Exit::Stopped;
     {
         // (A solo node runs no channel: this never completes.)
         let worker_done = async {
@@ -277,34 +290,53 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
         };
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => info!("SIGINT: shutting down"),
-            _ = term.recv() => info!("SIGTERM: shutting down"),
-            _ = &mut worker_done => error!("channel worker stopped"),
-            _ = vm_done => {
-                let why = vm.error.lock().unwrap().clone().unwrap_or_else(|| "the VM stopped".into());
-                match cfg.node.role {
-                    Role::Primary | Role::Solo => {
-                        // Fail-stop: without its VM this node has nothing to protect; exiting
-                        // detaches the data plane and lets the backup take over.
-                        error!("the protected VM stopped ({why}): exiting");
-                        failure = Some(why);
+        tokio::pin!(vm_done);
+        loop {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => info!("SIGINT: shutting down"),
+                _ = term.recv() => info!("SIGTERM: shutting down"),
+                _ = usr1.recv() => {
+                    match switchover_refusal(&dp, &status, &vm, cfg.vm.kind == VmKind::Vmm) {
+                        Some(why) => {
+                            warn!("switchover refused: {why}");
+                            continue;
+                        }
+                        None => {
+                            info!("switchover: handing the VM to the backup (graceful stop), then rejoining as backup");
+                            exit = Exit::Switchover;
+                        }
                     }
-                    Role::Backup => {
-                        declare_failed(&cfg, &dp, &status, &roles, &vm);
-                        tokio::select! {
-                            _ = tokio::signal::ctrl_c() => info!("SIGINT: shutting down"),
-                            _ = term.recv() => info!("SIGTERM: shutting down"),
+                }
+                _ = &mut worker_done => error!("channel worker stopped"),
+                _ = &mut vm_done => {
+                    let why = vm.error.lock().unwrap().clone().unwrap_or_else(|| "the VM stopped".into());
+                    match cfg.node.role {
+                        Role::Primary | Role::Solo => {
+                            // Fail-stop: without its VM this node has nothing to protect; exiting
+                            // detaches the data plane and lets the backup take over.
+                            error!("the protected VM stopped ({why}): exiting");
+                            failure = Some(why);
+                        }
+                        Role::Backup => {
+                            declare_failed(&cfg, &dp, &status, &roles, &vm);
+                            tokio::select! {
+                                _ = tokio::signal::ctrl_c() => info!("SIGINT: shutting down"),
+                                _ = term.recv() => info!("SIGTERM: shutting down"),
+                            }
                         }
                     }
                 }
             }
+            break;
         }
     }
     vm_stop.store(true, Relaxed);
     if let Some(h) = vcpu {
         let _ = h.join();
-        if cfg.node.role == Role::Primary && failure.is_none() {
+        let primary_now = dp
+            .node_state()
+            .is_ok_and(|n| n.role == ft_common::maps::ROLE_PRIMARY);
+        if (cfg.node.role == Role::Primary || primary_now) && failure.is_none() {
             let bound = Duration::from_millis(ch.peer_timeout_ms).max(Duration::from_secs(1));
             wait_for_last_ack(&dp, &vm, bound).await;
         }
@@ -320,7 +352,38 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     if let Some(why) = failure {
         anyhow::bail!("the protected VM stopped: {why}");
     }
-    res.context("logging channel")
+    res.context("logging channel")?;
+    Ok(exit)
+}
+
+/// Why this node cannot hand its VM over now (None: it can): it must be the live,
+/// paired primary, and its backup must hold the whole log.
+fn switchover_refusal(
+    dp: &DataPlane,
+    status: &ChannelStatus,
+    vm: &VmState,
+    runs_vm: bool,
+) -> Option<String> {
+    if !runs_vm {
+        return Some("ftd does not run the VM here (vm.kind = \"external\")".into());
+    }
+    let node = match dp.node_state() {
+        Ok(n) => n,
+        Err(e) => return Some(e.to_string()),
+    };
+    if node.role != ft_common::maps::ROLE_PRIMARY || status.halted.load(Relaxed) {
+        return Some(format!(
+            "this node is {}, not a paired primary",
+            ft_common::maps::role_name(node.role)
+        ));
+    }
+    if vm.solo.load(Relaxed) || !status.peer_alive.load(Relaxed) {
+        return Some("the backup is not following (no backup to hand over to)".into());
+    }
+    if *vm.phase.lock().unwrap() != "recording" {
+        return Some(format!("the VM is {}", vm.phase.lock().unwrap()));
+    }
+    None
 }
 
 /// The thread that answers the backup's VMNACKs from the VMM stream's store and passes

@@ -1,4 +1,4 @@
-//! The `ftd` command line: `run`, `status`, `check-config`.
+//! The `ftd` command line: `run`, `status`, `switchover`, `check-config`.
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
@@ -20,6 +20,18 @@ enum Cmd {
     Run {
         #[arg(long, short)]
         config: PathBuf,
+        /// Run in this role instead of the config's node.role (`ftd switchover` restarts
+        /// the old primary as backup this way).
+        #[arg(long, value_parser = ["primary", "backup", "solo"])]
+        role: Option<String>,
+    },
+    /// Planned switchover, run on the primary: its VM is handed to the in-sync backup
+    /// (graceful stop: the backup gets the whole log and goes live), then this node's ftd
+    /// starts again as backup and joins the new primary by state transfer.
+    Switchover {
+        /// The primary's api.control_socket.
+        #[arg(long, default_value = "/run/ftd/ftd.sock")]
+        socket: PathBuf,
     },
     /// Print the status of a running daemon: a summary, or everything as JSON.
     Status {
@@ -49,14 +61,37 @@ fn main() -> anyhow::Result<()> {
         .init();
     let _ = tracing_log::LogTracer::init();
     match cli.cmd {
-        Cmd::Run { config } => {
-            let cfg = ftd::config::Config::load(&config)?;
+        Cmd::Run { config, role } => {
+            let mut cfg = ftd::config::Config::load(&config)?;
+            if let Some(r) = role {
+                cfg.node.role = match r.as_str() {
+                    "primary" => ftd::config::Role::Primary,
+                    "backup" => ftd::config::Role::Backup,
+                    _ => ftd::config::Role::Solo,
+                };
+                cfg.validate()?;
+            }
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .enable_all()
                 .build()?;
-            rt.block_on(ftd::daemon::run(cfg))
+            let exit = rt.block_on(ftd::daemon::run(cfg))?;
+            drop(rt);
+            if exit == ftd::daemon::Exit::Switchover {
+                use std::os::unix::process::CommandExt;
+                tracing::info!("switchover: starting again as backup");
+                let exe = std::env::current_exe()?;
+                let err = std::process::Command::new(exe)
+                    .arg("run")
+                    .arg("--config")
+                    .arg(&config)
+                    .args(["--role", "backup"])
+                    .exec();
+                anyhow::bail!("cannot start again as backup: {err}");
+            }
+            Ok(())
         }
+        Cmd::Switchover { socket } => ftd::control::switchover(&socket),
         Cmd::Status {
             socket,
             follow_join: true,

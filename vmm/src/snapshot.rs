@@ -167,14 +167,19 @@ impl Vmm {
     }
 
     /// Applies a state read by `read_state` after RAM holds the matching contents:
-    /// vCPU, devices, hashes rebuilt from RAM, the dirty log started afresh.
-    pub(crate) fn apply_state(&mut self, m: MachineState) -> Result<()> {
+    /// vCPU, devices, hashes rebuilt from RAM (now, or with `defer_hashes` at the first
+    /// checkpoint), the dirty log started afresh.
+    pub(crate) fn apply_state(&mut self, m: MachineState, defer_hashes: bool) -> Result<()> {
         self.set_device_state(&m.device);
         self.vcpu().restore_state(&m.vcpu)?;
         self.vcpu_mut().complete_pending_io()?;
         self.vcpu_mut().set_exit_state(m.exit_rip, m.ready);
         let _ = self.vm().take_dirty_log()?;
-        self.vm_mut().ram.rehash_all();
+        if defer_hashes {
+            self.vm_mut().ram.mark_all_stale();
+        } else {
+            self.vm_mut().ram.rehash_all();
+        }
         self.vm().dirty.take_written()?;
         self.stats = Stats {
             entries_consumed: m.entries_consumed,
@@ -222,7 +227,7 @@ impl Vmm {
         r.read_exact(&mut ram)
             .map_err(|e| Error::Snapshot(format!("truncated RAM image: {e}")))?;
         vmm.vm_mut().ram.write(0, &ram)?;
-        vmm.apply_state(state)?;
+        vmm.apply_state(state, false)?;
         // The log header was consumed (replay) or written (record) by the original.
         vmm.log_started = true;
         Ok(vmm)

@@ -114,6 +114,11 @@ pub struct TransferReport {
     pub converged: bool,
     /// Frames in flight at the cut that travelled with the state.
     pub precut_frames: u64,
+    /// Where the pause went: the hook, the last pages, the machine state (and frames,
+    /// flushed to the receiver), the new log's start.
+    pub pause_parts: Vec<(&'static str, Duration)>,
+    /// From asking the vCPU to stop to the stop phase starting (the guest runs on).
+    pub stop_wait: Duration,
     /// What the source's hook said at the cut (receiver side).
     pub cut_info: Vec<u8>,
 }
@@ -296,7 +301,9 @@ impl Vmm {
                 "the stream ended without the machine state".into(),
             ));
         };
-        vmm.apply_state(state)?;
+        // Page hashes are rebuilt at the first checkpoint, not here: the source's output
+        // waits for this replica's first ack, which comes once this returns.
+        vmm.apply_state(state, true)?;
         if let Some(s) = store {
             vmm.set_frame_store(s);
         }
@@ -319,6 +326,8 @@ impl Vmm {
 struct StopResult {
     result: Result<(u64, u64, u64)>,
     pause: Duration,
+    parts: Vec<(&'static str, Duration)>,
+    started: Instant,
 }
 
 impl TransferSource {
@@ -410,20 +419,25 @@ impl TransferSource {
         let mut w = Some(w);
         let mut sink = Some(sink);
         let mut at_cut = Some(at_cut);
+        let stop_asked = Instant::now();
         let queued = self
             .control
             .run_at_next_exit(Box::new(move |vmm: &mut Vmm| {
                 let t = Instant::now();
                 let mut w = w.take().expect("stop phase runs once");
+                let mut parts = Vec::new();
                 let result = stop_phase(
                     vmm,
                     &mut w,
                     sink.take().expect("once"),
                     at_cut.take().expect("once"),
+                    &mut parts,
                 );
                 let r = StopResult {
                     result,
                     pause: t.elapsed(),
+                    parts,
+                    started: t,
                 };
                 let _ = tx.send((r, w));
             }));
@@ -443,6 +457,8 @@ impl TransferSource {
                 )));
             }
         };
+        rep.stop_wait = r.started.saturating_duration_since(stop_asked);
+        rep.pause_parts = r.parts;
         let (stop_pages, cut_exit, precut) = r.result?;
         rep.precut_frames = precut;
         rep.stop_pages = stop_pages;
@@ -525,12 +541,19 @@ fn stop_phase(
     w: &mut CountingWriter,
     sink: Box<dyn LogSink>,
     at_cut: Option<CutHook>,
+    parts: &mut Vec<(&'static str, Duration)>,
 ) -> Result<(u64, u64, u64)> {
+    let mut t = Instant::now();
+    let mut lap = |name: &'static str, parts: &mut Vec<(&'static str, Duration)>| {
+        parts.push((name, t.elapsed()));
+        t = Instant::now();
+    };
     let cut = vmm.exits();
     let info = match at_cut {
         Some(h) => Some(h(vmm)?),
         None => None,
     };
+    lap("hook", parts);
     // After the hook: from here on the backend's frames belong to the new log.
     let precut = vmm.take_precut_frames(PRECUT_EPOCH)?;
     let dirty = vmm.vm().dirty.take_written()?;
@@ -546,6 +569,7 @@ fn stop_phase(
         }
         n += chunk.len() as u64;
     }
+    lap("pages", parts);
     w64(w, TAG_STATE)?;
     vmm.write_state(w)?;
     if !precut.is_empty() {
@@ -565,8 +589,10 @@ fn stop_phase(
     w64(w, TAG_DONE)?;
     w64(w, cut)?;
     w.flush()?;
+    lap("state+flush", parts);
     // Everything the receiver needs is out: from here on the log carries the rest.
     vmm.start_new_log(sink)?;
+    lap("new log", parts);
     Ok((n, cut, precut.len() as u64))
 }
 

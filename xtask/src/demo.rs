@@ -2,7 +2,8 @@
 //! guest service. Stock `redis-cli` and `redis-benchmark` in the client namespace talk to
 //! the protected VM through host A (primary, recording); host B's VMM replays the log live
 //! with its output suppressed. Then it shows the output rule at work, loss repaired on the
-//! logging link, and what the channel, the output gate and the backup's replay did.
+//! logging link, and what the channel, the output gate and the backup's replay did; then a
+//! failover, and re-protection: the dead host rejoins by live state transfer.
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -26,11 +27,12 @@ pub fn run() -> Result<()> {
          running the VMM (256 MiB guest, Redis-protocol service on {VM_IP}:{VM_PORT})",
         ft_testbed::ARBITER_ADDR
     );
-    let app = Appliance::start(
+    let mut app = Appliance::start(
         &tb,
         &ApplianceOptions {
             fence: embedded_fence(2000, 400),
             vm: VmOptions::vmm(),
+            join: true,
             ..Default::default()
         },
     )?;
@@ -215,6 +217,38 @@ pub fn run() -> Result<()> {
     println!(
         "   redis-cli GET greeting -> {}",
         redis(&tb, &["GET", "greeting"])?
+    );
+    println!(
+        "== re-protection: host A's ftd started again as backup; it joins host B by live \
+         state transfer over the logging link"
+    );
+    app.restart_as_backup(&tb, 'a')?;
+    let joined = Appliance::wait_until(T, || {
+        app.status('b').is_ok_and(|s| s["role"] == "primary")
+            && app.status('a').is_ok_and(|s| {
+                s["vm"]["phase"] == "replaying"
+                    && s["vm"]["checkpoints_verified"].as_u64().unwrap_or(0) > 0
+            })
+    });
+    if !joined {
+        bail!(
+            "host A did not rejoin:\nA: {}\nB: {}",
+            app.status('a')?,
+            app.status('b')?
+        );
+    }
+    let j = &app.status('b')?["vm"]["join"];
+    println!(
+        "   host B is primary again, paired with host A: {} MiB sent, the guest paused {:.1} ms \
+         at exit {}, where the new log starts; host A verifies its checkpoints",
+        j["bytes"].as_u64().unwrap_or(0) >> 20,
+        j["pause_ms"].as_f64().unwrap_or(0.0),
+        j["cut_exit"]
+    );
+    let after2 = ft_testbed::resp::call(&mut conn, &[b"INCR", b"visits"])?;
+    println!(
+        "   the same client connection: INCR visits -> {}",
+        String::from_utf8_lossy(&after2).trim()
     );
     println!("== done; tearing the testbed down");
     Ok(())

@@ -75,8 +75,12 @@ pub(super) async fn backup(c: Ctx) {
         }
         let Some(vm) = c.vm.clone() else { continue };
         let primary_known = c.status.peer_session.load(Ordering::Relaxed) != 0;
+        // A primary that stopped gracefully (a switchover, or ftd stopped) logged END:
+        // once the replica verified it, nothing more can come, so no need to wait for
+        // the silence.
+        let ended = vm.live.end_verified.load(Ordering::Relaxed);
         if primary_known
-            && !c.status.peer_alive.load(Ordering::Relaxed)
+            && (!c.status.peer_alive.load(Ordering::Relaxed) || ended)
             && *vm.phase.lock().unwrap() == "replaying"
         {
             take_over(c, vm, epoch).await;
@@ -89,14 +93,22 @@ pub(super) async fn backup(c: Ctx) {
 /// followed, replay everything buffered, go live, hand the live VM the input the
 /// primary's guest never consumed, announce the VM's addresses; then serve solo.
 async fn take_over(c: Ctx, vm: Arc<VmState>, followed: u64) {
-    let detect = Duration::from_millis(c.cfg.channel.peer_timeout_ms);
+    // The primary stopped its VM gracefully (END verified), or fell silent.
+    let ended = vm.live.end_verified.load(Ordering::Relaxed);
+    let detect = if ended {
+        Duration::ZERO
+    } else {
+        Duration::from_millis(c.cfg.channel.peer_timeout_ms)
+    };
+    let cause = if ended {
+        "stopped its VM (its log ended, END verified)".to_string()
+    } else {
+        format!("was silent for {} ms", detect.as_millis())
+    };
     let t0 = Instant::now();
     // First: the primary can release nothing more (it needs these acks).
     c.status.stop_acking.store(true, Ordering::Relaxed);
-    warn!(
-        "the primary is silent for {} ms: taking over",
-        detect.as_millis()
-    );
+    warn!("the primary {cause}: taking over");
     let f = &c.cfg.fence;
     let (epoch, deadline) = match &c.arb {
         Some(arb) => loop {
@@ -128,10 +140,7 @@ async fn take_over(c: Ctx, vm: Arc<VmState>, followed: u64) {
         None => (followed + 1, u64::MAX),
     };
     let tas = t0.elapsed();
-    let reason = format!(
-        "took over: the primary of epoch {followed} was silent for {} ms",
-        detect.as_millis()
-    );
+    let reason = format!("took over: the primary of epoch {followed} {cause}");
     let node = NodeState {
         epoch,
         lease_deadline_ns: deadline,

@@ -6,6 +6,7 @@
 //! primary: STANDBY --win test-and-set, pair the peer--> PRIMARY (paired)
 //!          PRIMARY --backup failed or left; new epoch by test-and-set--> SOLO
 //!          PRIMARY | SOLO --lease lost, or test-and-set lost--> HALTED
+//!          SOLO --a backup joined (state transfer's cut, `vm::join`); pair it--> PRIMARY
 //! backup:  BACKUP --primary silent; test-and-set at the epoch it followed--> SOLO (live)
 //!          BACKUP --replica failed, test-and-set lost, epoch moved on--> HALTED
 //! solo:    STANDBY --win test-and-set--> SOLO

@@ -339,6 +339,11 @@ impl JoinServer {
                     "total_ms": rep.total.as_secs_f64() * 1e3,
                     "bytes": rep.bytes_sent, "rounds": rep.rounds,
                     "cut_exit": rep.cut_exit, "frames_at_cut": rep.precut_frames,
+                    "stop_pages": rep.stop_pages,
+                    "stop_wait_ms": rep.stop_wait.as_secs_f64() * 1e3,
+                    "pause_parts_ms": rep.pause_parts.iter()
+                        .map(|(k, d)| (k.to_string(), json!(d.as_secs_f64() * 1e3)))
+                        .collect::<serde_json::Map<_, _>>(),
                     "at_unix_ms": super::unix_ms(), "started_unix_ms": started,
                 }));
                 self.vm

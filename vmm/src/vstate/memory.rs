@@ -163,6 +163,17 @@ impl GuestRam {
         self.vmm_dirty.iter_mut().for_each(|w| *w = 0);
     }
 
+    /// Marks every page's hash stale: the next `update_hashes` recomputes them all (a
+    /// state transfer's receiver defers this work past its first ack).
+    pub fn mark_all_stale(&mut self) {
+        let pages = self.page_hash.len();
+        for (w, word) in self.vmm_dirty.iter_mut().enumerate() {
+            let first = w * 64;
+            let n = pages.saturating_sub(first).min(64);
+            *word = if n == 64 { u64::MAX } else { (1u64 << n) - 1 };
+        }
+    }
+
     /// Rehashes the pages in `kvm_dirty` (a KVM dirty bitmap) and those the VMM wrote.
     /// Returns the number of pages rehashed.
     pub fn update_hashes(&mut self, kvm_dirty: &[u64]) -> usize {
