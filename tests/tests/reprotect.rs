@@ -60,13 +60,16 @@ fn rejoined(app: &Appliance, primary: char, joiner: char) -> bool {
         && j["vm"]["checkpoints_verified"].as_u64().unwrap_or(0) > 0
 }
 
-/// Failover after failover, three times: kill the live host, the other takes over,
+/// Failover after failover, three times (1 GiB guests): kill the live host, the other takes over,
 /// restart the dead one as backup, it joins by state transfer and verifies
 /// checkpoints, and it is the one that takes over at the next kill.
 #[test]
 fn failover_after_failover_with_rejoins() {
     let _s = serial();
-    let (tb, _arb, mut app) = pair(VmOptions::vmm());
+    let (tb, _arb, mut app) = pair(VmOptions::Vmm {
+        ram_mib: 1024,
+        extra: String::new(),
+    });
     let emitters = VmEmitters::start(&tb).unwrap();
     let clients = Clients::start(&tb, CLIENTS, T);
     assert!(clients.wait_ops(300, T), "clients made no progress");
@@ -173,7 +176,7 @@ fn set_config(app: &Appliance, host: char, key: &str, value: &str) {
     std::fs::write(path, text.join("\n")).unwrap();
 }
 
-/// A 1 GiB guest holding ~300 MiB of keys. The backup dies and the primary goes solo
+/// A 1 GiB guest holding ~350 MiB of keys. The backup dies and the primary goes solo
 /// (its streams are far from sequence 1). A backup configured with another RAM size is
 /// refused by name; one killed during pre-copy leaves the primary solo and serving;
 /// the next join succeeds; then the primary dies and the joined backup takes over.
@@ -385,5 +388,74 @@ fn switchover_under_load_moves_the_live_role_and_loses_nothing() {
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("run `ftd switchover` on the paired primary"),
         "{out:?}"
+    );
+}
+
+/// The join service answers what it is sent, and nothing else: a hello for another
+/// epoch or guest is refused with the reason, garbage closes the connection, and the
+/// primary serves on alone, unharmed.
+#[test]
+fn the_join_service_refuses_stale_foreign_and_malformed_hellos() {
+    use std::io::{BufRead, BufReader, Write};
+    let _s = serial();
+    let (tb, _arb, app) = pair(VmOptions::vmm());
+    app.guard('b').kill().unwrap();
+    assert!(
+        Appliance::wait_until(T, || app.status('a').is_ok_and(|s| s["role"] == "solo")),
+        "A did not go solo"
+    );
+    let st = app.status('a').unwrap();
+    let epoch = st["epoch"].as_u64().unwrap();
+    let addr = format!(
+        "{}:{}",
+        ft_testbed::names::HOST_A_LOG_IP,
+        ft_testbed::appliance::JOIN_PORT
+    );
+    // From host B's namespace, where a joining backup would ask.
+    let ask = |line: &[u8]| -> String {
+        ft_testbed::try_run_in_ns(&tb.b.ns, || {
+            let mut s = std::net::TcpStream::connect(&addr).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            s.write_all(line).unwrap();
+            let mut out = String::new();
+            let _ = BufReader::new(s).read_line(&mut out);
+            out
+        })
+        .unwrap()
+    };
+    let hello = |epoch: u64, hash: u64| {
+        format!(
+            "{{\"version\":1,\"node\":\"intruder\",\"epoch\":{epoch},\"config_hash\":{hash}}}\n"
+        )
+    };
+    let r = ask(hello(epoch - 1, 1).as_bytes());
+    assert!(r.contains("refused") && r.contains("stale epoch"), "{r}");
+    let r = ask(hello(epoch, 1).as_bytes());
+    assert!(
+        r.contains("refused") && r.contains("another guest image or VM configuration"),
+        "{r}"
+    );
+    assert_eq!(ask(b"GET / HTTP/1.0\r\n\r\n"), "", "garbage gets no answer");
+    assert_eq!(ask(&[b'x'; 8192]), "", "an endless line gets no answer");
+    // Counted once the service is done with the connection (just after it closed it).
+    assert!(
+        Appliance::wait_until(T, || app
+            .status('a')
+            .is_ok_and(|s| s["vm"]["join_bad_requests"] == 2)),
+        "{:#}",
+        app.status('a').unwrap()
+    );
+    let st = app.status('a').unwrap();
+    assert_eq!(st["role"], "solo", "{st:#}");
+    assert_eq!(st["epoch"].as_u64().unwrap(), epoch);
+    assert_eq!(
+        st["vm"]["join"],
+        Value::Null,
+        "no join was attempted: {st:#}"
+    );
+    let mut c = ft_testbed::resp::connect(&tb, T).unwrap();
+    assert_eq!(
+        ft_testbed::resp::call(&mut c, &[b"PING"]).unwrap(),
+        b"+PONG\r\n"
     );
 }

@@ -208,6 +208,12 @@ fn render_join(o: &mut String, vm: &crate::vm::VmState) {
          # TYPE ft_joins_total counter\nft_joins_total {}",
         vm.joined.load(Relaxed)
     );
+    let _ = writeln!(
+        o,
+        "# HELP ft_join_bad_requests_total Connections to the join service that were not a join request (dropped)\n\
+         # TYPE ft_join_bad_requests_total counter\nft_join_bad_requests_total {}",
+        vm.join_bad_requests.load(Relaxed)
+    );
     let j = vm.join.lock().unwrap().clone();
     let Some(j) = j else { return };
     let num = |k: &str| j[k].as_f64().unwrap_or(0.0);

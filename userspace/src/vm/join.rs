@@ -73,6 +73,16 @@ pub struct Reply {
     pub reason: String,
 }
 
+/// The joining backup's last word: it holds the whole state.
+#[derive(Serialize, Deserialize, Debug)]
+pub struct Confirm {
+    pub received: bool,
+}
+
+/// How long the primary waits for `Confirm` after the stop phase (the backup only reads
+/// the rest of the stream and the machine state by then).
+const CONFIRM_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// What the primary's hook says at the cut.
 #[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CutInfo {
@@ -100,6 +110,13 @@ fn send_line(w: &mut TcpStream, v: &impl Serialize) -> std::io::Result<()> {
     let mut b = serde_json::to_vec(v).map_err(std::io::Error::other)?;
     b.push(b'\n');
     w.write_all(&b)
+}
+
+enum HandleError {
+    /// Not a join request that can be answered (malformed, over-long, a dead connection).
+    BadRequest(String),
+    /// A join that failed.
+    Failed(String),
 }
 
 /// The primary's side: accepts one joining backup at a time.
@@ -134,12 +151,21 @@ impl JoinServer {
             match listener.accept() {
                 Ok((s, peer)) => {
                     let started = super::unix_ms();
-                    if let Err(e) = self.handle(s, peer, started) {
-                        warn!(%peer, "join: {e}");
-                        *self.vm.join.lock().unwrap() = Some(json!({
-                            "peer": peer.to_string(), "phase": "failed", "error": e,
-                            "started_unix_ms": started,
-                        }));
+                    match self.handle(s, peer, started) {
+                        Ok(()) => {}
+                        // Not a joining backup (or a broken one): counted, not recorded as
+                        // a join.
+                        Err(HandleError::BadRequest(e)) => {
+                            self.vm.join_bad_requests.fetch_add(1, Relaxed);
+                            warn!(%peer, "join service: dropped a bad request: {e}");
+                        }
+                        Err(HandleError::Failed(e)) => {
+                            warn!(%peer, "join: {e}");
+                            *self.vm.join.lock().unwrap() = Some(json!({
+                                "peer": peer.to_string(), "phase": "failed", "error": e,
+                                "started_unix_ms": started,
+                            }));
+                        }
                     }
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
@@ -214,17 +240,19 @@ impl JoinServer {
         }
     }
 
-    fn handle(&self, s: TcpStream, peer: SocketAddr, started: u64) -> Result<(), String> {
-        s.set_nonblocking(false).map_err(|e| e.to_string())?;
+    fn handle(&self, s: TcpStream, peer: SocketAddr, started: u64) -> Result<(), HandleError> {
+        let bad = |e: String| HandleError::BadRequest(e);
+        s.set_nonblocking(false).map_err(|e| bad(e.to_string()))?;
         s.set_read_timeout(Some(Duration::from_secs(10)))
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| bad(e.to_string()))?;
         s.set_write_timeout(Some(Duration::from_secs(10)))
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| bad(e.to_string()))?;
         let _ = s.set_nodelay(true);
-        let mut w = s.try_clone().map_err(|e| e.to_string())?;
+        let mut w = s.try_clone().map_err(|e| bad(e.to_string()))?;
         let mut r = BufReader::new(s);
-        let hello: Hello = serde_json::from_str(&read_line(&mut r).map_err(|e| e.to_string())?)
-            .map_err(|e| format!("not a join hello: {e}"))?;
+        let line = read_line(&mut r).map_err(|e| bad(e.to_string()))?;
+        let hello: Hello =
+            serde_json::from_str(&line).map_err(|e| bad(format!("not a join hello: {e}")))?;
         let (answer, reason) = self.decide(&hello);
         send_line(
             &mut w,
@@ -233,7 +261,23 @@ impl JoinServer {
                 reason: reason.clone(),
             },
         )
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| bad(e.to_string()))?;
+        self.transfer(hello, answer, reason, w, r, peer, started)
+            .map_err(HandleError::Failed)
+    }
+
+    /// After the answer: nothing more, or the state transfer.
+    #[allow(clippy::too_many_arguments)]
+    fn transfer(
+        &self,
+        hello: Hello,
+        answer: Answer,
+        reason: String,
+        w: TcpStream,
+        mut r: BufReader<TcpStream>,
+        peer: SocketAddr,
+        started: u64,
+    ) -> Result<(), String> {
         if answer != Answer::Transfer {
             info!(%peer, node = %hello.node, ?answer, %reason, "join request answered");
             return Ok(());
@@ -322,6 +366,17 @@ impl JoinServer {
                 *vm.join.lock().unwrap() = Some(progress_json(&who, started, p));
             },
         );
+        // The backup confirms it holds the whole state (a link cut after the stop phase
+        // is noticed here, at once, instead of by the missing first ack).
+        let res = res.and_then(|rep| {
+            let _ = r.get_ref().set_read_timeout(Some(CONFIRM_TIMEOUT));
+            match read_line(&mut r).map(|l| serde_json::from_str::<Confirm>(&l)) {
+                Ok(Ok(Confirm { received: true })) => Ok(rep),
+                other => Err(ft_vmm::Error::Transfer(format!(
+                    "the backup did not confirm the state ({other:?})"
+                ))),
+            }
+        });
         match res {
             Ok(rep) => {
                 info!(
@@ -490,6 +545,8 @@ pub fn join(
                 .map_err(|e| e.to_string())?;
                 let cut: CutInfo = serde_json::from_slice(&rep.cut_info)
                     .map_err(|e| format!("the primary's cut information is malformed: {e}"))?;
+                send_line(&mut w, &Confirm { received: true })
+                    .map_err(|e| format!("cannot confirm the state to the primary: {e}"))?;
                 info!(
                     ?cut,
                     cut_exit = rep.cut_exit,

@@ -80,6 +80,8 @@ pub struct VmState {
     /// The last (or running) join, for status.
     pub join: Mutex<Option<Value>>,
     pub last_join_pause_ns: AtomicU64,
+    /// Connections to the join service that were not a join request (dropped).
+    pub join_bad_requests: AtomicU64,
     /// This node ran the VM without a backup at some point (so its log no longer starts
     /// with the VM's boot).
     pub ran_alone: AtomicBool,
@@ -152,6 +154,7 @@ impl VmState {
             "solo": self.solo.load(Relaxed),
             "entries_discarded_solo": self.stats.discarded.load(Relaxed),
             "joins": self.joined.load(Relaxed),
+            "join_bad_requests": self.join_bad_requests.load(Relaxed),
             "join": *self.join.lock().unwrap(),
         })
     }
