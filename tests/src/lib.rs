@@ -33,6 +33,7 @@ pub mod appliance;
 pub mod arbiter;
 pub mod attribution;
 pub mod child;
+pub mod load;
 pub mod netns;
 pub mod packet;
 pub mod raw;

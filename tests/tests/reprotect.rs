@@ -198,29 +198,8 @@ fn a_backup_rejoins_a_solo_primary_after_a_refused_and_an_interrupted_join() {
         "A did not go solo"
     );
     // Real data, written while alone: ~100,000 keys of 3,000 bytes.
-    let out = ft_testbed::ns_exec(
-        &tb.client_ns,
-        "redis-benchmark",
-        &[
-            "-h",
-            &ft_testbed::names::VM_IP.to_string(),
-            "-c",
-            "8",
-            "-P",
-            "16",
-            "-t",
-            "set",
-            "-n",
-            "200000",
-            "-r",
-            "100000",
-            "-d",
-            "3000",
-            "-q",
-        ],
-    )
-    .unwrap();
-    eprintln!("fill: {}", out.rsplit('\r').next().unwrap_or("").trim());
+    let out = ft_testbed::load::fill_keys(&tb, 100_000, 4000).unwrap();
+    eprintln!("fill: {out}");
     let keys: u64 = ft_testbed::resp::redis_cli(&tb, &["DBSIZE"])
         .unwrap()
         .parse()

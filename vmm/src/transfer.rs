@@ -423,6 +423,9 @@ impl TransferSource {
         let queued = self
             .control
             .run_at_next_exit(Box::new(move |vmm: &mut Vmm| {
+                // The guest is paused for as long as this runs: do not let ordinary
+                // threads (the receiver on this host, clients) preempt it in between.
+                let _rt = RealtimeSection::enter();
                 let t = Instant::now();
                 let mut w = w.take().expect("stop phase runs once");
                 let mut parts = Vec::new();
@@ -594,6 +597,42 @@ fn stop_phase(
     vmm.start_new_log(sink)?;
     lap("new log", parts);
     Ok((n, cut, precut.len() as u64))
+}
+
+/// The calling thread under SCHED_FIFO (priority 1) until dropped, then back to its
+/// previous policy. Without the privilege (CAP_SYS_NICE) it changes nothing.
+struct RealtimeSection {
+    prev: Option<(libc::c_int, libc::sched_param)>,
+}
+
+impl RealtimeSection {
+    fn enter() -> RealtimeSection {
+        // SAFETY: sched_getscheduler/getparam/setscheduler on the calling thread (pid 0)
+        // with a valid, initialised sched_param.
+        unsafe {
+            let policy = libc::sched_getscheduler(0);
+            let mut param: libc::sched_param = std::mem::zeroed();
+            if policy < 0 || libc::sched_getparam(0, &mut param) != 0 {
+                return RealtimeSection { prev: None };
+            }
+            let fifo = libc::sched_param { sched_priority: 1 };
+            if libc::sched_setscheduler(0, libc::SCHED_FIFO, &fifo) != 0 {
+                return RealtimeSection { prev: None };
+            }
+            RealtimeSection {
+                prev: Some((policy, param)),
+            }
+        }
+    }
+}
+
+impl Drop for RealtimeSection {
+    fn drop(&mut self) {
+        if let Some((policy, param)) = self.prev {
+            // SAFETY: restores the calling thread's own earlier policy and parameters.
+            unsafe { libc::sched_setscheduler(0, policy, &param) };
+        }
+    }
 }
 
 struct CountingWriter {

@@ -59,18 +59,7 @@ fn backup_goes_live_and_counter_never_goes_backwards() {
     backup.control.request_go_live();
 
     let t = std::time::Instant::now();
-    let first = loop {
-        let o = ns.exec(&["redis-cli", "-h", GUEST_IP, "INCR", "counter"]);
-        let s = String::from_utf8_lossy(&o.stdout).trim().to_string();
-        if let Ok(v) = s.parse::<i64>() {
-            break v;
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(30),
-            "backup did not answer after go-live: {s}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let first = incr_when_up(&ns, "counter", Duration::from_secs(30));
     eprintln!(
         "backup answered after {:?}: counter {last} -> {first}",
         t.elapsed()
@@ -155,18 +144,7 @@ fn backup_goes_live_after_primary_crash_without_end() {
     cut.store(true, std::sync::atomic::Ordering::SeqCst);
     let _ = primary.stop();
     backup.control.request_go_live();
-    let t = std::time::Instant::now();
-    let v = loop {
-        let o = ns.exec(&["redis-cli", "-h", GUEST_IP, "INCR", "c"]);
-        if let Ok(v) = String::from_utf8_lossy(&o.stdout).trim().parse::<i64>() {
-            break v;
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(30),
-            "backup did not answer after go-live"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let v = incr_when_up(&ns, "c", Duration::from_secs(30));
     assert_eq!(v, last + 1, "counter after failover");
     let (brec, _) = backup.stop().expect("backup run");
     assert!(brec.went_live_at_exit.is_some());

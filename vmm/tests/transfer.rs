@@ -90,6 +90,42 @@ fn replay(mut vmm: Vmm, log: ChannelSource) -> JoinHandle<ft_vmm::error::Result<
     })
 }
 
+/// 20,000 SETs of 64 bytes over 50,000 keys: state worth transferring.
+fn preload(ns: &NetNs) {
+    ns.must(&[
+        "redis-benchmark",
+        "-h",
+        GUEST_IP,
+        "-c",
+        "10",
+        "-n",
+        "20000",
+        "-r",
+        "50000",
+        "-d",
+        "64",
+        "-t",
+        "set",
+        "-q",
+    ]);
+}
+
+/// One transfer from `src` into `stream` with default options and no cut hook; the
+/// new log goes to `sink`.
+fn transfer(
+    src: &TransferSource,
+    stream: UnixStream,
+    sink: impl ft_vmm::vmlog::LogSink + 'static,
+) -> ft_vmm::error::Result<TransferReport> {
+    src.send(
+        Box::new(stream),
+        Box::new(sink),
+        None,
+        &TransferOptions::default(),
+        &mut |_| {},
+    )
+}
+
 fn incr(ns: &NetNs, key: &str) -> i64 {
     ns.redis(&["INCR", key]).parse().unwrap()
 }
@@ -113,22 +149,7 @@ fn a_live_transfer_makes_a_replica_that_ends_in_the_same_state() {
     with_timeout(Duration::from_secs(240), || {
         let ns = NetNs::new("xfer");
         let (vm, src) = source(&ns);
-        ns.must(&[
-            "redis-benchmark",
-            "-h",
-            GUEST_IP,
-            "-c",
-            "10",
-            "-n",
-            "20000",
-            "-r",
-            "50000",
-            "-d",
-            "64",
-            "-t",
-            "set",
-            "-q",
-        ]);
+        preload(&ns);
         let before = incr(&ns, "counter");
         let clients = load(&ns);
         let (a, b) = UnixStream::pair().unwrap();
@@ -175,36 +196,13 @@ fn an_interrupted_transfer_leaves_the_source_serving_and_a_retry_succeeds() {
     with_timeout(Duration::from_secs(240), || {
         let ns = NetNs::new("xfercut");
         let (vm, src) = source(&ns);
-        ns.must(&[
-            "redis-benchmark",
-            "-h",
-            GUEST_IP,
-            "-c",
-            "10",
-            "-n",
-            "20000",
-            "-r",
-            "50000",
-            "-d",
-            "64",
-            "-t",
-            "set",
-            "-q",
-        ]);
+        preload(&ns);
         let mut n = incr(&ns, "counter");
         // 1. The receiver dies half-way through the first pass.
         let (a, b) = UnixStream::pair().unwrap();
         let rx = receiver(b, |p| p.pages_sent > 1000);
         let (sink, _log) = channel(1 << 16);
-        let e = src
-            .send(
-                Box::new(a),
-                Box::new(sink),
-                None,
-                &TransferOptions::default(),
-                &mut |_| {},
-            )
-            .expect_err("the receiver died");
+        let e = transfer(&src, a, sink).expect_err("the receiver died");
         eprintln!("pre-copy cut: {e}");
         assert!(rx.join().unwrap().is_err());
         n += 1;
@@ -215,13 +213,7 @@ fn an_interrupted_transfer_leaves_the_source_serving_and_a_retry_succeeds() {
         let (a, b) = UnixStream::pair().unwrap();
         let rx = receiver(b, |p| p.round == u32::MAX);
         let (sink, _log) = channel(1 << 16);
-        let r = src.send(
-            Box::new(a),
-            Box::new(sink),
-            None,
-            &TransferOptions::default(),
-            &mut |_| {},
-        );
+        let r = transfer(&src, a, sink);
         assert!(rx.join().unwrap().is_err());
         if r.is_ok() {
             assert!(src.abandon());
@@ -232,15 +224,7 @@ fn an_interrupted_transfer_leaves_the_source_serving_and_a_retry_succeeds() {
         let (a, b) = UnixStream::pair().unwrap();
         let rx = receiver(b, |_| false);
         let (sink, log) = channel(1 << 16);
-        let rep = src
-            .send(
-                Box::new(a),
-                Box::new(sink),
-                None,
-                &TransferOptions::default(),
-                &mut |_| {},
-            )
-            .expect("retry");
+        let rep = transfer(&src, a, sink).expect("retry");
         let (replica, _) = rx.join().unwrap().expect("receive");
         let backup = replay(replica, log);
         n += 1;
@@ -276,13 +260,7 @@ fn a_receiver_of_another_configuration_is_refused() {
             .map(|e| e.to_string())
         });
         let (sink, _log) = channel(16);
-        let _ = src.send(
-            Box::new(a),
-            Box::new(sink),
-            None,
-            &TransferOptions::default(),
-            &mut |_| {},
-        );
+        let _ = transfer(&src, a, sink);
         let e = rx.join().unwrap().expect("refused");
         assert!(e.contains("configuration hash") || e.contains("RAM"), "{e}");
         assert_eq!(incr(&ns, "c"), 1);
@@ -310,15 +288,7 @@ fn failover_after_failover_by_state_transfer() {
                 cut: cut.clone(),
             };
             let clients = load(&ns);
-            let rep = src
-                .send(
-                    Box::new(a),
-                    Box::new(sink),
-                    None,
-                    &TransferOptions::default(),
-                    &mut |_| {},
-                )
-                .expect("transfer");
+            let rep = transfer(&src, a, sink).expect("transfer");
             let (mut replica, _) = rx.join().unwrap().expect("receive");
             eprintln!("round {round}: {rep:?}");
             let next_src = replica.transfer_source();
@@ -345,18 +315,7 @@ fn failover_after_failover_by_state_transfer() {
             cut.store(true, Ordering::SeqCst);
             let (dead, _) = live.stop().expect("live VM run");
             backup.control.request_go_live();
-            let t = std::time::Instant::now();
-            let v = loop {
-                let o = ns.exec(&["redis-cli", "-h", GUEST_IP, "INCR", "counter"]);
-                if let Ok(v) = String::from_utf8_lossy(&o.stdout).trim().parse::<i64>() {
-                    break v;
-                }
-                assert!(
-                    t.elapsed() < Duration::from_secs(30),
-                    "round {round}: no go-live"
-                );
-                std::thread::sleep(Duration::from_millis(50));
-            };
+            let v = incr_when_up(&ns, "counter", Duration::from_secs(30));
             // Every INCR a client saw was logged before the cut (the VM flushes its log
             // before it waits for input), so the replica continues exactly after it.
             assert_eq!(

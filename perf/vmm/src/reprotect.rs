@@ -10,16 +10,13 @@
 //! the source abandons the log and runs free again for the next join.
 use crate::netns::NetNs;
 use anyhow::{Context, Result, bail};
+use ft_testbed::load::{JoinSample, SetLoad, print_join_report};
 use ft_vmm::net::{Tap, in_netns};
-use ft_vmm::transfer::{TransferOptions, TransferReport};
+use ft_vmm::transfer::TransferOptions;
 use ft_vmm::vmlog::channel;
 use ft_vmm::{Control, Mode, RunReport, Vmm, VmmConfig};
-use hdrhistogram::Histogram;
-use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::os::unix::net::UnixStream;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 #[derive(clap::Args)]
@@ -44,45 +41,6 @@ pub struct ReprotectArgs {
     /// CPU of the guest's vCPU.
     #[arg(long, default_value_t = 1)]
     vcpu_cpu: usize,
-}
-
-/// Latencies of requests, by when they started.
-type Samples = Arc<Mutex<Vec<(Instant, Duration)>>>;
-
-fn client(ns: &str, stop: Arc<AtomicBool>, samples: Samples, id: usize) -> Result<()> {
-    let mut c = in_netns(ns, || {
-        TcpStream::connect(("10.0.0.2", 6379)).map_err(ft_vmm::Error::from)
-    })?;
-    c.set_nodelay(true)?;
-    c.set_read_timeout(Some(Duration::from_secs(30)))?;
-    let mut buf = [0u8; 64];
-    let mut i = 0u64;
-    let mut local = Vec::new();
-    while !stop.load(Ordering::Relaxed) {
-        let key = format!("c{id}:{}", i % 1000);
-        let req = format!(
-            "*3\r\n$3\r\nSET\r\n${}\r\n{key}\r\n$100\r\n{:0>100}\r\n",
-            key.len(),
-            i
-        );
-        let t = Instant::now();
-        c.write_all(req.as_bytes())?;
-        let n = c.read(&mut buf)?;
-        if &buf[..n] != b"+OK\r\n" {
-            bail!(
-                "client {id}: SET answered {:?}",
-                String::from_utf8_lossy(&buf[..n])
-            );
-        }
-        local.push((t, t.elapsed()));
-        i += 1;
-    }
-    samples.lock().unwrap().extend(local);
-    Ok(())
-}
-
-fn percentile_ms(h: &Histogram<u64>, q: f64) -> f64 {
-    h.value_at_quantile(q) as f64 / 1e3
 }
 
 pub fn run(a: &ReprotectArgs) -> Result<()> {
@@ -150,18 +108,16 @@ pub fn run(a: &ReprotectArgs) -> Result<()> {
         used >> 20,
         a.clients
     );
-    let stop = Arc::new(AtomicBool::new(false));
-    let samples: Samples = Arc::default();
-    let clients: Vec<_> = (0..a.clients)
-        .map(|i| {
-            let (ns, stop, s) = (ns.name.clone(), stop.clone(), samples.clone());
-            std::thread::spawn(move || client(&ns, stop, s, i))
-        })
-        .collect();
+    let mut conns = Vec::new();
+    for _ in 0..a.clients {
+        conns.push(in_netns(&ns.name, || {
+            TcpStream::connect(("10.0.0.2", 6379)).map_err(ft_vmm::Error::from)
+        })?);
+    }
+    let load = SetLoad::start(conns);
     std::thread::sleep(Duration::from_millis(500));
-    let mut windows: Vec<(Instant, Instant)> = Vec::new();
+    let mut joins: Vec<JoinSample> = Vec::new();
     let mut quiet: Vec<(Instant, Instant)> = Vec::new();
-    let mut reports: Vec<TransferReport> = Vec::new();
     for j in 0..a.joins {
         let (w, mut r) = UnixStream::pair()?;
         let rcfg = cfg(Mode::Replay);
@@ -187,7 +143,6 @@ pub fn run(a: &ReprotectArgs) -> Result<()> {
             )
             .with_context(|| format!("join {j}"))?;
         let t1 = Instant::now();
-        windows.push((t0, t1));
         let (mut replica, _) = receiver
             .join()
             .map_err(|_| anyhow::anyhow!("receiver panicked"))??;
@@ -216,7 +171,12 @@ pub fn run(a: &ReprotectArgs) -> Result<()> {
             rr.exits - rep.cut_exit,
             rr.stats.checkpoints_verified
         );
-        reports.push(rep);
+        joins.push(JoinSample {
+            pause: rep.pause,
+            total: rep.total,
+            bytes: rep.bytes_sent,
+            window: (t0, t1),
+        });
         // A window of the same length with no transfer, for the baseline.
         std::thread::sleep(Duration::from_millis(200));
         let q0 = Instant::now();
@@ -224,60 +184,16 @@ pub fn run(a: &ReprotectArgs) -> Result<()> {
         quiet.push((q0, Instant::now()));
         std::thread::sleep(Duration::from_millis(200));
     }
-    stop.store(true, Ordering::Relaxed);
-    for c in clients {
-        c.join().map_err(|_| anyhow::anyhow!("client panicked"))??;
-    }
+    let samples = load.finish()?;
     control.request_stop();
     vm.join()
         .map_err(|_| anyhow::anyhow!("VMM thread panicked"))??;
-    let mut pause = Histogram::<u64>::new(3)?;
-    let mut total = Histogram::<u64>::new(3)?;
-    for r in &reports {
-        pause.record(r.pause.as_micros() as u64)?;
-        total.record(r.total.as_micros() as u64)?;
-    }
-    let (mut during, mut without) = (Histogram::<u64>::new(3)?, Histogram::<u64>::new(3)?);
-    let in_any = |w: &[(Instant, Instant)], t: Instant, d: Duration| {
-        w.iter().any(|&(s, e)| t < e && t + d > s)
-    };
-    for &(t, d) in samples.lock().unwrap().iter() {
-        let us = d.as_micros() as u64;
-        if in_any(&windows, t, d) {
-            during.record(us)?;
-        } else if in_any(&quiet, t, d) {
-            without.record(us)?;
-        }
-    }
-    let bytes: Vec<u64> = reports.iter().map(|r| r.bytes_sent >> 20).collect();
-    println!();
-    println!("{} joins of a {} MiB guest under load:", a.joins, a.ram_mib);
-    println!(
-        "  pause (stop phase): p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
-        percentile_ms(&pause, 0.5),
-        percentile_ms(&pause, 0.99),
-        pause.max() as f64 / 1e3
-    );
-    println!(
-        "  transfer: p50 {:.0} ms, max {:.0} ms; {}-{} MiB sent per join",
-        percentile_ms(&total, 0.5),
-        total.max() as f64 / 1e3,
-        bytes.iter().min().unwrap_or(&0),
-        bytes.iter().max().unwrap_or(&0)
-    );
-    println!(
-        "  client SET latency during transfers: p50 {:.3} ms, p99 {:.3} ms, max {:.2} ms ({} requests)",
-        percentile_ms(&during, 0.5),
-        percentile_ms(&during, 0.99),
-        during.max() as f64 / 1e3,
-        during.len()
-    );
-    println!(
-        "  client SET latency without transfer:  p50 {:.3} ms, p99 {:.3} ms, max {:.2} ms ({} requests)",
-        percentile_ms(&without, 0.5),
-        percentile_ms(&without, 0.99),
-        without.max() as f64 / 1e3,
-        without.len()
-    );
+    print_join_report(
+        &format!("{} joins of a {} MiB guest under load", a.joins, a.ram_mib),
+        &joins,
+        &quiet,
+        &samples,
+        "from the start to the end of each",
+    )?;
     Ok(())
 }

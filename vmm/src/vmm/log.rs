@@ -190,13 +190,21 @@ impl Vmm {
     /// Starts a new log at the current exit into `sink` and records from here on (from
     /// free running, or replacing the sink of a recording VMM): the header carries this
     /// exit, where a VMM restored from a state transfer starts its replay.
+    ///
+    /// The header is appended, not flushed: it leaves with the next flush (before any
+    /// output, before the VMM waits for input), so sending it is no part of the pause.
     pub(crate) fn start_new_log(&mut self, sink: Box<dyn LogSink>) -> Result<()> {
-        self.set_sink(sink);
+        // The old sink is dropped on another thread: closing a socket can wait for an RCU
+        // grace period (AF_PACKET: milliseconds), which the paused guest must not.
+        if let Some(old) = self.sink.replace(sink) {
+            std::thread::spawn(move || drop(old));
+        }
         self.mode = Mode::Record;
-        self.log_started = false;
+        self.log_started = true;
         self.stats.log_entries = 0;
         self.stats.log_bytes = 0;
-        self.start_log()
+        let (h, v) = (self.config_hash, VMLOG_VERSION);
+        self.log(EV_HEADER, 0, h, v, 0, &VMLOG_MAGIC)
     }
 
     /// Stops recording (drops the sink) and runs free: a new backup that never got going.

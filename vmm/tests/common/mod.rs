@@ -286,3 +286,21 @@ impl ft_vmm::vmlog::LogSink for CuttableSink {
         self.inner.flush()
     }
 }
+
+/// INCR `key` with redis-cli until the guest answers (e.g. after a go-live), bounded by
+/// `timeout`; the value.
+pub fn incr_when_up(ns: &NetNs, key: &str, timeout: Duration) -> i64 {
+    let t = std::time::Instant::now();
+    loop {
+        let o = ns.exec(&["redis-cli", "-h", GUEST_IP, "INCR", key]);
+        let s = String::from_utf8_lossy(&o.stdout).trim().to_string();
+        if let Ok(v) = s.parse::<i64>() {
+            return v;
+        }
+        assert!(
+            t.elapsed() < timeout,
+            "the guest did not answer INCR {key} within {timeout:?}: {s}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
