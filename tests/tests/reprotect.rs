@@ -45,6 +45,18 @@ fn pair(vm: VmOptions) -> (Testbed, ChildGuard, Appliance) {
     (tb, arb, app)
 }
 
+/// A pair of 1 GiB guests with the client bridge captured and clients busy.
+fn busy_pair_1gib() -> (Testbed, ChildGuard, Appliance, VmEmitters, Clients, Instant) {
+    let (tb, arb, app) = pair(VmOptions::Vmm {
+        ram_mib: 1024,
+        extra: String::new(),
+    });
+    let emitters = VmEmitters::start(&tb).unwrap();
+    let clients = Clients::start(&tb, CLIENTS, T);
+    assert!(clients.wait_ops(300, T), "clients made no progress");
+    (tb, arb, app, emitters, clients, Instant::now())
+}
+
 fn other(h: char) -> char {
     if h == 'a' { 'b' } else { 'a' }
 }
@@ -66,14 +78,7 @@ fn rejoined(app: &Appliance, primary: char, joiner: char) -> bool {
 #[test]
 fn failover_after_failover_with_rejoins() {
     let _s = serial();
-    let (tb, _arb, mut app) = pair(VmOptions::Vmm {
-        ram_mib: 1024,
-        extra: String::new(),
-    });
-    let emitters = VmEmitters::start(&tb).unwrap();
-    let clients = Clients::start(&tb, CLIENTS, T);
-    assert!(clients.wait_ops(300, T), "clients made no progress");
-    let t0 = Instant::now();
+    let (tb, _arb, mut app, emitters, clients, t0) = busy_pair_1gib();
     let mut live = 'a';
     let mut epochs = vec![app.status('a').unwrap()["epoch"].as_u64().unwrap()];
     for round in 1..=3 {
@@ -183,14 +188,7 @@ fn set_config(app: &Appliance, host: char, key: &str, value: &str) {
 #[test]
 fn a_backup_rejoins_a_solo_primary_after_a_refused_and_an_interrupted_join() {
     let _s = serial();
-    let (tb, _arb, mut app) = pair(VmOptions::Vmm {
-        ram_mib: 1024,
-        extra: String::new(),
-    });
-    let emitters = VmEmitters::start(&tb).unwrap();
-    let clients = Clients::start(&tb, CLIENTS, T);
-    assert!(clients.wait_ops(300, T), "clients made no progress");
-    let t0 = Instant::now();
+    let (tb, _arb, mut app, emitters, clients, t0) = busy_pair_1gib();
     let epoch = app.status('a').unwrap()["epoch"].as_u64().unwrap();
     app.guard('b').kill().unwrap();
     assert!(
