@@ -530,6 +530,48 @@ ipv4 = "10.77.0.100"
 backend = "none"
 "#;
 
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(1000))]
+
+        /// The sample configs with a line dropped, duplicated, or its value replaced by
+        /// random text: a config that validates, or an error that says what is wrong;
+        /// never a panic.
+        #[test]
+        fn mutated_configs_load_or_explain(
+            which in 0usize..2,
+            line in 0usize..400,
+            how in 0u8..3,
+            junk in "[ -~]{0,24}",
+        ) {
+            let text = [
+                include_str!("../../configs/primary.toml"),
+                include_str!("../../configs/backup.toml"),
+            ][which];
+            let mut lines: Vec<String> = text.lines().map(String::from).collect();
+            let i = line % lines.len();
+            match how {
+                0 => {
+                    lines.remove(i);
+                }
+                1 => {
+                    let l = lines[i].clone();
+                    lines.insert(i, l);
+                }
+                _ => {
+                    if let Some((k, _)) = lines[i].clone().split_once('=') {
+                        lines[i] = format!("{k}= {junk}");
+                    } else {
+                        lines[i] = junk.clone();
+                    }
+                }
+            }
+            match Config::parse(&lines.join("\n")) {
+                Ok(c) => proptest::prop_assert!(c.validate().is_ok()),
+                Err(e) => proptest::prop_assert!(!e.to_string().is_empty()),
+            }
+        }
+    }
+
     fn with(extra: &str) -> Result<Config, ConfigError> {
         Config::parse(&format!("{GOOD}{extra}"))
     }

@@ -335,3 +335,53 @@ fn failover_after_failover_by_state_transfer() {
         assert!(last.went_live_at_exit.is_some());
     });
 }
+
+/// A real transfer stream (a running source into memory) with bytes flipped or cut
+/// short: the receiver builds a replica or refuses with an error; it never panics.
+#[test]
+fn a_damaged_transfer_stream_is_refused_not_a_crash() {
+    use proptest::prelude::*;
+    let stream = with_timeout(Duration::from_secs(120), || {
+        let ns = NetNs::new("xferfuzz");
+        let (vm, src) = source(&ns);
+        let (a, mut b) = UnixStream::pair().unwrap();
+        let reader = std::thread::spawn(move || {
+            let mut v = Vec::new();
+            b.read_to_end(&mut v).unwrap();
+            v
+        });
+        let (sink, _log) = channel(1 << 16);
+        transfer(&src, a, sink).expect("transfer");
+        let stream = reader.join().unwrap();
+        vm.stop().unwrap();
+        stream
+    });
+    assert!(stream.len() > 4096, "{} bytes", stream.len());
+    let n = stream.len();
+    let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig::with_cases(48));
+    runner
+        .run(
+            &(
+                proptest::collection::vec((0..n, 1u8..=255), 0..4),
+                prop_oneof![Just(n), 0..n],
+            ),
+            |(flips, cut)| {
+                let mut b = stream.clone();
+                for (at, x) in flips {
+                    b[at] ^= x;
+                }
+                b.truncate(cut);
+                let mut r = std::io::Cursor::new(b);
+                let _ = Vmm::receive(
+                    cfg(Mode::Replay),
+                    ft_vmm::GUEST_ELF,
+                    Control::new(),
+                    &mut r,
+                    Some(std::sync::Arc::new(ft_vmm::vmlog::MemFrameStore::default())),
+                    &mut |_| {},
+                );
+                Ok(())
+            },
+        )
+        .unwrap();
+}

@@ -181,6 +181,47 @@ mod tests {
         assert!(serde_json::from_slice::<Request>(ok).is_ok());
     }
 
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2000))]
+
+        /// Any bytes on the wire: a frame within the limits (whose body then parses as a
+        /// request or is an error), or an error; never a panic, never an allocation past
+        /// the limit.
+        #[test]
+        fn any_bytes_are_a_bounded_frame_or_an_error(
+            b in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..300),
+        ) {
+            let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+            let mut r = &b[..];
+            if let Ok(body) = rt.block_on(read_frame(&mut r)) {
+                proptest::prop_assert!(!body.is_empty() && body.len() <= MAX_FRAME);
+                let _ = serde_json::from_slice::<Request>(&body);
+            }
+        }
+
+        /// A valid request with bytes flipped parses as some request or is rejected.
+        #[test]
+        fn mutated_requests_parse_or_are_rejected(
+            flips in proptest::collection::vec((0usize..200, proptest::prelude::any::<u8>()), 1..6),
+        ) {
+            let mut b = encode(&Request {
+                v: 1,
+                id: 9,
+                node: "host-a".into(),
+                vm: "vm1".into(),
+                op: Op::TestAndSet { expected_epoch: 4, lease_ms: 2000 },
+            });
+            for (at, v) in flips {
+                let at = at % b.len();
+                b[at] ^= v;
+            }
+            if let Ok(r) = serde_json::from_slice::<Request>(&b) {
+                // Whatever parsed is a well-formed request again.
+                proptest::prop_assert_eq!(serde_json::from_slice::<Request>(&encode(&r)).unwrap(), r);
+            }
+        }
+    }
+
     #[tokio::test]
     async fn frame_limits() {
         let mut big = Vec::new();
