@@ -49,6 +49,10 @@ pub struct FenceConfig {
     pub peer: String,
     /// etcd key prefix.
     pub etcd_prefix: String,
+    /// Embedded arbiter: a file holding the shared secret (at least 16 bytes; the
+    /// arbiter's `--secret-file`). Requests and replies then carry its MAC, and the
+    /// arbiter refuses any other client. Empty: no authentication.
+    pub secret_file: String,
 }
 
 impl Default for FenceConfig {
@@ -64,6 +68,7 @@ impl Default for FenceConfig {
             node: String::new(),
             peer: String::new(),
             etcd_prefix: DEFAULT_PREFIX.to_string(),
+            secret_file: String::new(),
         }
     }
 }
@@ -202,6 +207,14 @@ impl FenceConfig {
                 "fence.drift_margin_ms must be above 0 (clocks drift; e.g. 100 for a 3000 ms lease)",
             );
         }
+        if !self.secret_file.is_empty() {
+            if self.backend != Some(Backend::Embedded) {
+                return bad(
+                    "fence.secret_file is for the embedded arbiter; etcd authenticates with its own TLS and users",
+                );
+            }
+            self.secret()?;
+        }
         let need = self.renew_interval_ms + self.request_timeout_ms + self.drift_margin_ms;
         if need >= self.lease_ms {
             return bad(format!(
@@ -212,15 +225,31 @@ impl FenceConfig {
         Ok(())
     }
 
+    /// The shared secret from `secret_file` (trailing newline dropped), if set.
+    pub fn secret(&self) -> Result<Option<Vec<u8>>, ConfigError> {
+        if self.secret_file.is_empty() {
+            return Ok(None);
+        }
+        read_secret(std::path::Path::new(&self.secret_file))
+            .map(Some)
+            .map_err(|e| ConfigError(format!("fence.secret_file: {e}")))
+    }
+
     /// Builds the configured arbiter client (validates first). Connects lazily.
     pub fn build_arbiter(&self) -> Result<Arc<dyn Arbiter>, ConfigError> {
         self.validate()?;
         Ok(match self.backend.expect("validated") {
-            Backend::Embedded => Arc::new(EmbeddedArbiter::new(
-                self.arbiters[0].clone(),
-                self.lease(),
-                self.request_timeout(),
-            )),
+            Backend::Embedded => {
+                let a = EmbeddedArbiter::new(
+                    self.arbiters[0].clone(),
+                    self.lease(),
+                    self.request_timeout(),
+                );
+                Arc::new(match self.secret()? {
+                    Some(k) => a.with_secret(k),
+                    None => a,
+                })
+            }
             Backend::Etcd => Arc::new(EtcdArbiter::new(
                 self.arbiters.clone(),
                 self.etcd_prefix.clone(),
@@ -230,6 +259,23 @@ impl FenceConfig {
             Backend::None => Arc::new(StaticArbiter::new()),
         })
     }
+}
+
+/// Reads a shared-secret file: at least 16 bytes once a trailing newline is dropped.
+pub fn read_secret(path: &std::path::Path) -> Result<Vec<u8>, String> {
+    let mut b = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    while b.last().is_some_and(|c| *c == b'\n' || *c == b'\r') {
+        b.pop();
+    }
+    if b.len() < 16 {
+        return Err(format!(
+            "{} holds {} bytes: a shared secret needs at least 16 (e.g. head -c 32 /dev/urandom | base64 > {})",
+            path.display(),
+            b.len(),
+            path.display()
+        ));
+    }
+    Ok(b)
 }
 
 #[cfg(test)]
@@ -249,6 +295,29 @@ mod tests {
 
     fn err(c: &FenceConfig) -> String {
         c.validate().unwrap_err().to_string()
+    }
+
+    #[test]
+    fn secret_file_is_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let short = dir.path().join("short");
+        std::fs::write(&short, "too short\n").unwrap();
+        let good = dir.path().join("good");
+        std::fs::write(&good, "a shared secret of enough bytes\n").unwrap();
+        let mut c = base();
+        c.secret_file = dir.path().join("missing").display().to_string();
+        assert!(err(&c).contains("cannot read"), "{}", err(&c));
+        c.secret_file = short.display().to_string();
+        assert!(err(&c).contains("at least 16"), "{}", err(&c));
+        c.secret_file = good.display().to_string();
+        assert!(c.validate().is_ok());
+        assert_eq!(
+            c.secret().unwrap().unwrap(),
+            b"a shared secret of enough bytes"
+        );
+        c.backend = Some(Backend::Etcd);
+        c.arbiters = vec!["10.0.0.2:2379".into()];
+        assert!(err(&c).contains("for the embedded arbiter"), "{}", err(&c));
     }
 
     #[test]

@@ -17,6 +17,13 @@ use tokio::time::timeout;
 
 const TIMEOUT: Duration = Duration::from_secs(2);
 
+fn secure_client(addr: &str, secret: &[u8]) -> Arc<dyn Arbiter> {
+    Arc::new(
+        EmbeddedArbiter::new(addr, Duration::from_millis(1000), TIMEOUT)
+            .with_secret(secret.to_vec()),
+    )
+}
+
 fn client(addr: &str, lease_ms: u64) -> Arc<dyn Arbiter> {
     Arc::new(EmbeddedArbiter::new(
         addr,
@@ -351,6 +358,7 @@ fn req(id: u64, node: &str, op: Op) -> Request {
         node: node.into(),
         vm: "vm".into(),
         op,
+        mac: None,
     }
 }
 
@@ -797,6 +805,81 @@ async fn a_missing_state_file_needs_init_and_init_never_overwrites() {
     let arb = ArbiterProc::start_on(&format!("127.0.0.1:{}", free_port()), dir.path());
     timeout(TEST_BUDGET, async {
         assert_eq!(client(&arb.addr, 1000).read("vm").await.unwrap().epoch, 1);
+    })
+    .await
+    .expect("test budget exceeded");
+}
+
+/// With a shared secret the arbiter answers only requests that carry its MAC: none, a
+/// wrong secret, or a signed request altered on the way are refused (and the connection
+/// closed) before anything changes; replies carry the MAC too, so a client with the
+/// secret refuses an arbiter without it.
+#[tokio::test]
+async fn a_shared_secret_keeps_other_clients_out() {
+    use ft_fence::embedded::proto::Signed;
+    let dir = tempfile::tempdir().unwrap();
+    let dir2 = tempfile::tempdir().unwrap();
+    timeout(TEST_BUDGET, async {
+        let key = b"0123456789abcdef-the-secret".to_vec();
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        let opts = ft_fence::ServerOptions {
+            init: true,
+            secret: Some(key.clone()),
+            ..Default::default()
+        };
+        let path = dir.path().to_path_buf();
+        let srv = tokio::spawn(async move { ft_fence::serve_with(l, path, opts).await });
+        let no_secret = client(&addr, 1000);
+        let e = no_secret.test_and_set("vm", "a", 0).await.unwrap_err();
+        assert!(e.to_string().contains("Unauthenticated"), "{e}");
+        let wrong = secure_client(&addr, b"another secret of 16+ bytes");
+        let e = wrong.test_and_set("vm", "a", 0).await.unwrap_err();
+        assert!(e.to_string().contains("Unauthenticated"), "{e}");
+        // A signed request whose op is changed after signing.
+        let mut r = tas(1, "a", 0);
+        r.sign(&key);
+        r.op = Op::Release { epoch: 5 };
+        let mut raw = Raw::connect(&addr).await;
+        let reply = raw.call(&r).await;
+        assert!(
+            matches!(
+                reply,
+                Reply::Error {
+                    code: proto::ErrorCode::Unauthenticated,
+                    ..
+                }
+            ),
+            "{reply:?}"
+        );
+        assert!(raw.closed().await);
+        // Nothing changed; the right secret works, and its replies verify.
+        let good = secure_client(&addr, &key);
+        let info = good.read("vm").await.unwrap();
+        assert_eq!((info.owner, info.epoch), (None, 0));
+        let g = good
+            .test_and_set("vm", "a", 0)
+            .await
+            .unwrap()
+            .won()
+            .unwrap();
+        assert_eq!(g.epoch, 1);
+        // An arbiter without the secret: its (unsigned) replies are refused.
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr2 = l.local_addr().unwrap().to_string();
+        let path2 = dir2.path().to_path_buf();
+        let open = ft_fence::ServerOptions {
+            init: true,
+            ..Default::default()
+        };
+        let srv2 = tokio::spawn(async move { ft_fence::serve_with(l, path2, open).await });
+        let e = secure_client(&addr2, &key)
+            .test_and_set("vm", "a", 0)
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("no valid MAC"), "{e}");
+        srv.abort();
+        srv2.abort();
     })
     .await
     .expect("test budget exceeded");

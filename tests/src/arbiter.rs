@@ -25,6 +25,8 @@ pub fn start_arbiter(tb: &Testbed) -> Result<ChildGuard> {
             "--state-dir",
             dir.to_str().unwrap(),
             "--init",
+            "--secret-file",
+            arbiter_secret()?.to_str().unwrap(),
         ],
     )?;
     let ok = Appliance::wait_until(Duration::from_secs(10), || {
@@ -43,12 +45,28 @@ pub fn start_arbiter(tb: &Testbed) -> Result<ChildGuard> {
     Ok(g)
 }
 
-/// `[fence]` body for the embedded arbiter started by [`start_arbiter`].
+/// The shared secret of the testbeds' embedded arbiters: one fixed file in the system's
+/// temp dir (written if missing; every testbed uses the same secret).
+pub fn arbiter_secret() -> Result<std::path::PathBuf> {
+    let p = std::env::temp_dir().join("ft-testbed-arbiter.secret");
+    if !p.exists() {
+        let tmp = p.with_extension(format!("{}.tmp", std::process::id()));
+        std::fs::write(&tmp, "ft-testbed shared arbiter secret\n")?;
+        std::fs::rename(&tmp, &p)?;
+    }
+    Ok(p)
+}
+
+/// `[fence]` body for the embedded arbiter started by [`start_arbiter`] (authenticated
+/// with [`arbiter_secret`]).
 pub fn embedded_fence(lease_ms: u64, renew_ms: u64) -> String {
+    let secret = arbiter_secret().expect("writing the testbed's arbiter secret");
     format!(
         "backend = \"embedded\"\narbiters = [\"{ARBITER_ADDR}\"]\nlease_ms = {lease_ms}\n\
-         renew_interval_ms = {renew_ms}\nrequest_timeout_ms = {}\ndrift_margin_ms = 20",
-        (renew_ms / 2).max(10)
+         renew_interval_ms = {renew_ms}\nrequest_timeout_ms = {}\ndrift_margin_ms = 20\n\
+         secret_file = \"{}\"",
+        (renew_ms / 2).max(10),
+        secret.display()
     )
 }
 

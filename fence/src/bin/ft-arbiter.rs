@@ -1,4 +1,5 @@
-//! `ft-arbiter --listen ADDR --state-dir DIR`: the embedded split-brain arbiter.
+//! `ft-arbiter --listen ADDR --state-dir DIR [--secret-file F]`: the embedded split-brain
+//! arbiter.
 use std::path::PathBuf;
 
 use anyhow::Context;
@@ -21,6 +22,10 @@ struct Args {
     /// never silently restart the epochs.
     #[arg(long)]
     init: bool,
+    /// A file holding the shared secret (at least 16 bytes): clients must authenticate
+    /// every request with it (the nodes' fence.secret_file), and replies are too.
+    #[arg(long)]
+    secret_file: Option<PathBuf>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -29,6 +34,10 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
+    let secret = match &args.secret_file {
+        Some(p) => Some(ft_fence::config::read_secret(p).map_err(anyhow::Error::msg)?),
+        None => None,
+    };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -42,7 +51,11 @@ fn main() -> anyhow::Result<()> {
             r = ft_fence::serve_with(
                 listener,
                 &args.state_dir,
-                ft_fence::ServerOptions { init: args.init, ..Default::default() },
+                ft_fence::ServerOptions {
+                    init: args.init,
+                    secret,
+                    ..Default::default()
+                },
             ) => r.map_err(anyhow::Error::from),
             _ = tokio::signal::ctrl_c() => { tracing::info!("interrupted"); Ok(()) }
         }

@@ -6,6 +6,7 @@ use tokio::net::TcpStream;
 use tokio::sync::Mutex;
 use tokio::time::{Instant, timeout_at};
 
+use super::proto::Signed as _;
 use super::proto::{self, ErrorCode, FrameError, Op, PROTO_VERSION, Reply, Request, Response};
 use crate::arbiter::{
     Arbiter, BoxFuture, LeaseGrant, OwnerInfo, TasOutcome, validate_follower, validate_name,
@@ -20,6 +21,8 @@ pub struct EmbeddedArbiter {
     request_timeout: Duration,
     conn: Mutex<Option<TcpStream>>,
     next_id: AtomicU64,
+    /// Shared secret: requests carry its MAC, replies must.
+    secret: Option<Vec<u8>>,
 }
 
 impl EmbeddedArbiter {
@@ -38,7 +41,15 @@ impl EmbeddedArbiter {
             request_timeout,
             conn: Mutex::new(None),
             next_id: AtomicU64::new(start.max(1)),
+            secret: None,
         }
+    }
+
+    /// Authenticates every request with `secret` (the arbiter's `--secret-file`) and
+    /// accepts only replies authenticated with it.
+    pub fn with_secret(mut self, secret: Vec<u8>) -> Self {
+        self.secret = Some(secret);
+        self
     }
 
     pub fn addr(&self) -> &str {
@@ -65,13 +76,17 @@ impl EmbeddedArbiter {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let req = Request {
+            let mut req = Request {
                 v: PROTO_VERSION,
                 id,
                 node: node.to_string(),
                 vm: vm.to_string(),
                 op: op.clone(),
+                mac: None,
             };
+            if let Some(key) = &self.secret {
+                req.sign(key);
+            }
             let body = proto::encode(&req);
             let reused = guard.is_some();
             let res = match timeout_at(deadline, self.exchange(&mut guard, &body)).await {
@@ -82,7 +97,7 @@ impl EmbeddedArbiter {
                     return Err(self.timeout_err());
                 }
             };
-            let resp = match res {
+            let mut resp = match res {
                 Ok(r) => r,
                 Err(e) => {
                     *guard = None;
@@ -93,6 +108,18 @@ impl EmbeddedArbiter {
                     return Err(e);
                 }
             };
+            if let Some(key) = &self.secret
+                && !resp.verify(key)
+            {
+                *guard = None;
+                return Err(FenceError::Protocol {
+                    addr: self.addr.clone(),
+                    detail: format!(
+                        "the reply carries no valid MAC of the shared secret ({:?}): the arbiter runs without --secret-file or with another secret",
+                        resp.reply
+                    ),
+                });
+            }
             if resp.v != PROTO_VERSION || resp.id != id {
                 *guard = None;
                 return Err(FenceError::Protocol {

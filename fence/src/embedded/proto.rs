@@ -17,6 +17,9 @@ pub struct Request {
     pub node: String,
     pub vm: String,
     pub op: Op,
+    /// With a shared secret: HMAC-SHA256 (hex) of this request encoded without `mac`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -48,6 +51,10 @@ pub struct Response {
     /// Id of the request answered (0 if the request could not be parsed).
     pub id: u64,
     pub reply: Reply,
+    /// With a shared secret: HMAC-SHA256 (hex) of this response encoded without `mac`
+    /// (it names the request's id, so an old reply cannot answer a new request).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -107,6 +114,8 @@ pub enum ErrorCode {
     StaleRequestId,
     /// The arbiter could not persist the change; nothing changed.
     Storage,
+    /// The request carries no valid MAC of the arbiter's shared secret; connection closed.
+    Unauthenticated,
     /// Too many VMs or nodes known.
     Capacity,
 }
@@ -155,6 +164,56 @@ pub fn encode<T: Serialize>(v: &T) -> Vec<u8> {
     serde_json::to_vec(v).expect("protocol types always serialize")
 }
 
+/// A message that can carry a MAC of the shared secret (requests and responses).
+pub trait Signed: Serialize + Clone {
+    fn mac_mut(&mut self) -> &mut Option<String>;
+
+    /// HMAC-SHA256 of the message encoded without its MAC.
+    fn compute_mac(&self, key: &[u8]) -> hmac::Hmac<sha2::Sha256> {
+        use hmac::Mac;
+        let mut bare = self.clone();
+        *bare.mac_mut() = None;
+        let mut m = <hmac::Hmac<sha2::Sha256> as hmac::Mac>::new_from_slice(key)
+            .expect("HMAC takes keys of any length");
+        m.update(&encode(&bare));
+        m
+    }
+
+    /// Sets the MAC for `key`.
+    fn sign(&mut self, key: &[u8]) {
+        use hmac::Mac;
+        let tag = self.compute_mac(key).finalize().into_bytes();
+        *self.mac_mut() = Some(tag.iter().map(|b| format!("{b:02x}")).collect());
+    }
+
+    /// True if the message carries a valid MAC for `key` (compared in constant time).
+    fn verify(&mut self, key: &[u8]) -> bool {
+        use hmac::Mac;
+        let Some(hex) = self.mac_mut().clone() else {
+            return false;
+        };
+        if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return false;
+        }
+        let tag: Vec<u8> = (0..32)
+            .map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).unwrap_or(0))
+            .collect();
+        self.compute_mac(key).verify_slice(&tag).is_ok()
+    }
+}
+
+impl Signed for Request {
+    fn mac_mut(&mut self) -> &mut Option<String> {
+        &mut self.mac
+    }
+}
+
+impl Signed for Response {
+    fn mac_mut(&mut self) -> &mut Option<String> {
+        &mut self.mac
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -170,6 +229,7 @@ mod tests {
                 expected_epoch: 0,
                 lease_ms: 3000,
             },
+            mac: None,
         };
         let b = encode(&r);
         assert_eq!(serde_json::from_slice::<Request>(&b).unwrap(), r);
@@ -210,6 +270,7 @@ mod tests {
                 node: "host-a".into(),
                 vm: "vm1".into(),
                 op: Op::TestAndSet { expected_epoch: 4, lease_ms: 2000 },
+                mac: None,
             });
             for (at, v) in flips {
                 let at = at % b.len();
@@ -220,6 +281,35 @@ mod tests {
                 proptest::prop_assert_eq!(serde_json::from_slice::<Request>(&encode(&r)).unwrap(), r);
             }
         }
+    }
+
+    #[test]
+    fn macs_bind_the_whole_message_and_the_key() {
+        let key = b"0123456789abcdef-secret";
+        let mut r = Request {
+            v: 1,
+            id: 7,
+            node: "a".into(),
+            vm: "vm".into(),
+            op: Op::Read,
+            mac: None,
+        };
+        assert!(!r.clone().verify(key), "unsigned");
+        r.sign(key);
+        assert!(r.clone().verify(key));
+        assert!(!r.clone().verify(b"another secret, same length"));
+        let mut changed = r.clone();
+        changed.id = 8;
+        assert!(!changed.verify(key), "a changed id keeps no valid MAC");
+        let mut changed = r.clone();
+        changed.op = Op::Release { epoch: 1 };
+        assert!(!changed.verify(key));
+        let mut garbled = r.clone();
+        garbled.mac = Some("zz".repeat(32));
+        assert!(!garbled.verify(key));
+        // Through the wire and back.
+        let mut back: Request = serde_json::from_slice(&encode(&r)).unwrap();
+        assert!(back.verify(key));
     }
 
     #[tokio::test]

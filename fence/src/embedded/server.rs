@@ -15,6 +15,7 @@ use tokio::sync::{Mutex, Semaphore};
 use tokio::task::JoinSet;
 use tokio::time::timeout;
 
+use super::proto::Signed as _;
 use super::proto::{self, ErrorCode, MAX_FRAME, Op, PROTO_VERSION, Reply, Request, Response};
 use crate::arbiter::{validate_follower, validate_name};
 use crate::error::ServeError;
@@ -42,6 +43,9 @@ pub struct ServerOptions {
     /// error (a lost file must not silently restart the epochs at 0); with it an
     /// existing state file is.
     pub init: bool,
+    /// Shared secret: every request must carry its MAC (else it is refused and the
+    /// connection closed), and every reply carries one. None: no authentication.
+    pub secret: Option<Vec<u8>>,
 }
 
 impl Default for ServerOptions {
@@ -55,6 +59,7 @@ impl Default for ServerOptions {
             max_vms: 1024,
             max_nodes: 1024,
             init: false,
+            secret: None,
         }
     }
 }
@@ -145,7 +150,7 @@ async fn connection(mut sock: TcpStream, sh: &Shared) -> Result<(), &'static str
             Ok(Err(_)) => return Err("truncated frame (eof)"),
             Ok(Ok(_)) => {}
         }
-        let req: Request = match serde_json::from_slice(&body) {
+        let mut req: Request = match serde_json::from_slice(&body) {
             Ok(r) => r,
             Err(e) => {
                 let msg = format!("not a valid v{PROTO_VERSION} request ({e}); closing connection");
@@ -153,6 +158,19 @@ async fn connection(mut sock: TcpStream, sh: &Shared) -> Result<(), &'static str
                 return Err("bad request");
             }
         };
+        if let Some(key) = &opts.secret
+            && !req.verify(key)
+        {
+            let msg = "the request carries no valid MAC of this arbiter's shared secret: give the node the same fence.secret_file as the arbiter's --secret-file; closing connection".to_string();
+            reply(
+                &mut sock,
+                opts,
+                req.id,
+                error(ErrorCode::Unauthenticated, msg),
+            )
+            .await?;
+            return Err("unauthenticated request");
+        }
         let id = req.id;
         let answer = handle(sh, req).await;
         reply(&mut sock, opts, id, answer).await?;
@@ -165,11 +183,16 @@ async fn reply(
     id: u64,
     reply: Reply,
 ) -> Result<(), &'static str> {
-    let body = proto::encode(&Response {
+    let mut resp = Response {
         v: PROTO_VERSION,
         id,
         reply,
-    });
+        mac: None,
+    };
+    if let Some(key) = &opts.secret {
+        resp.sign(key);
+    }
+    let body = proto::encode(&resp);
     match timeout(opts.io_timeout, proto::write_frame(sock, &body)).await {
         Ok(Ok(())) => Ok(()),
         _ => Err("reply write failed"),
