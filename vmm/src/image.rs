@@ -10,8 +10,6 @@ use crate::vstate::memory::GuestRam;
 
 pub struct LoadedImage {
     pub header: GuestHeader,
-    /// Hash of the image bytes (part of the log's configuration hash).
-    pub hash: u64,
 }
 
 fn u16_at(b: &[u8], off: usize) -> Result<u16> {
@@ -141,8 +139,10 @@ pub fn load(elf: &[u8], ram: &mut GuestRam) -> Result<LoadedImage> {
             header.image_end
         )));
     }
-    Ok(LoadedImage {
-        header,
-        hash: ft_common::vmlog::fnv1a(elf, ft_common::vmlog::FNV_OFFSET),
-    })
+    Ok(LoadedImage { header })
+}
+
+/// Hash of a guest image's bytes (part of the configuration hash).
+pub fn image_hash(elf: &[u8]) -> u64 {
+    ft_common::vmlog::fnv1a(elf, ft_common::vmlog::FNV_OFFSET)
 }

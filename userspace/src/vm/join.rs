@@ -468,9 +468,7 @@ pub fn join(
         .join_peer
         .parse()
         .map_err(|e| format!("channel.join_peer: {e}"))?;
-    let config_hash = ft_vmm::Vmm::new(vcfg.clone(), image, ft_vmm::Control::new())
-        .map_err(|e| e.to_string())?
-        .config_hash();
+    let config_hash = vcfg.config_hash(image);
     let mut waited_since = None;
     loop {
         if stop.load(Relaxed) {

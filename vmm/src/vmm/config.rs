@@ -129,6 +129,17 @@ impl VmmConfig {
             .map_err(|e| Error::Config(e.to_string()))
     }
 
+    /// The configuration hash of a VMM with this configuration running `guest_elf`
+    /// (image, boot information, CPU model): what its log header and its state transfers
+    /// carry. Computed without creating a VM.
+    pub fn config_hash(&self, guest_elf: &[u8]) -> u64 {
+        config_hash(
+            crate::image::image_hash(guest_elf),
+            &self.boot_info(),
+            &cpuid::MODEL,
+        )
+    }
+
     pub(crate) fn boot_info(&self) -> BootInfo {
         BootInfo {
             magic: BOOT_MAGIC,

@@ -48,7 +48,6 @@ mod live;
 mod log;
 mod state;
 
-use config::config_hash;
 pub use config::{ServiceConfig, VmmConfig};
 pub use control::{Control, ExitWork, KICK_SIGNAL};
 use control::{install_kick_handler, pin_current_thread};
@@ -181,7 +180,7 @@ impl Vmm {
         // Start dirty tracking from the loaded state.
         let _ = vm.take_dirty_log()?;
         vm.ram.rehash_all();
-        let config_hash = config_hash(img.hash, &boot, &cpuid::MODEL);
+        let config_hash = cfg.config_hash(guest_elf);
         let nic = Nic {
             capture: cfg.capture_tx.then(Vec::new),
             ..Default::default()
