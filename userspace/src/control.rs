@@ -63,10 +63,43 @@ pub fn status_json(sh: &Shared) -> Value {
             "stopped_acking": s.stop_acking.load(Relaxed),
         },
         "vm": sh.vm.as_ref().map(|v| v.json()),
+        "switchover_refused": switchover_refusal(sh),
         "role_history": sh.roles.json(),
         "counters": counters,
         "drops": drops,
     })
+}
+
+/// Why this node cannot hand its VM over now (None: it can): it must be the live,
+/// paired primary with a following backup, and its VM must be recording. The daemon
+/// checks it on `ftd switchover`'s signal; status carries it, so the command tells the
+/// operator why before it asks.
+pub fn switchover_refusal(sh: &Shared) -> Option<String> {
+    let Some(vm) = sh.vm.as_ref() else {
+        return Some("ftd does not run the VM here (vm.kind = \"external\")".into());
+    };
+    let node = match sh.dp.node_state() {
+        Ok(n) => n,
+        Err(e) => return Some(e.to_string()),
+    };
+    if node.role != ft_common::maps::ROLE_PRIMARY || sh.status.halted.load(Relaxed) {
+        return Some(format!(
+            "this node is {}, not the paired primary: run `ftd switchover` on the paired primary",
+            if sh.status.halted.load(Relaxed) {
+                "halted"
+            } else {
+                role_name(node.role)
+            }
+        ));
+    }
+    if vm.solo.load(Relaxed) || !sh.status.peer_alive.load(Relaxed) {
+        return Some("the backup is not following: nothing to hand over to".into());
+    }
+    let phase = vm.phase.lock().unwrap().clone();
+    if phase != "recording" {
+        return Some(format!("the VM is {phase}: nothing to hand over"));
+    }
+    None
 }
 
 pub async fn serve(path: &Path, sh: Arc<Shared>) -> std::io::Result<()> {
@@ -309,15 +342,8 @@ pub fn follow_join(socket: &Path, limit: std::time::Duration) -> anyhow::Result<
 /// again as a backup in sync with the new primary.
 pub fn switchover(socket: &Path) -> anyhow::Result<()> {
     let v = query(socket)?;
-    let role = v["role"].as_str().unwrap_or("-");
-    if role != "primary" || v["halted"] == true {
-        anyhow::bail!("this node is {role}: run `ftd switchover` on the paired primary");
-    }
-    if v["peer_alive"] != true || v["vm"]["solo"] == true {
-        anyhow::bail!("the backup is not following: nothing to hand over to");
-    }
-    if v["vm"]["phase"] != "recording" {
-        anyhow::bail!("the VM is {}: nothing to hand over", v["vm"]["phase"]);
+    if let Some(why) = v["switchover_refused"].as_str() {
+        anyhow::bail!("{why}");
     }
     let pid = v["pid"]
         .as_i64()

@@ -296,7 +296,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<Exit> {
                 _ = tokio::signal::ctrl_c() => info!("SIGINT: shutting down"),
                 _ = term.recv() => info!("SIGTERM: shutting down"),
                 _ = usr1.recv() => {
-                    match switchover_refusal(&dp, &status, &vm, cfg.vm.kind == VmKind::Vmm) {
+                    match crate::control::switchover_refusal(&sh) {
                         Some(why) => {
                             warn!("switchover refused: {why}");
                             continue;
@@ -354,36 +354,6 @@ pub async fn run(cfg: Config) -> anyhow::Result<Exit> {
     }
     res.context("logging channel")?;
     Ok(exit)
-}
-
-/// Why this node cannot hand its VM over now (None: it can): it must be the live,
-/// paired primary, and its backup must hold the whole log.
-fn switchover_refusal(
-    dp: &DataPlane,
-    status: &ChannelStatus,
-    vm: &VmState,
-    runs_vm: bool,
-) -> Option<String> {
-    if !runs_vm {
-        return Some("ftd does not run the VM here (vm.kind = \"external\")".into());
-    }
-    let node = match dp.node_state() {
-        Ok(n) => n,
-        Err(e) => return Some(e.to_string()),
-    };
-    if node.role != ft_common::maps::ROLE_PRIMARY || status.halted.load(Relaxed) {
-        return Some(format!(
-            "this node is {}, not a paired primary",
-            ft_common::maps::role_name(node.role)
-        ));
-    }
-    if vm.solo.load(Relaxed) || !status.peer_alive.load(Relaxed) {
-        return Some("the backup is not following (no backup to hand over to)".into());
-    }
-    if *vm.phase.lock().unwrap() != "recording" {
-        return Some(format!("the VM is {}", vm.phase.lock().unwrap()));
-    }
-    None
 }
 
 /// The thread that answers the backup's VMNACKs from the VMM stream's store and passes
