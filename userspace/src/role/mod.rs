@@ -104,7 +104,8 @@ pub struct ArbiterWait {
     pub since: std::time::Instant,
 }
 
-fn unix_ms() -> u64 {
+/// Wall-clock milliseconds since the Unix epoch (for the times operators read).
+pub(crate) fn unix_ms() -> u64 {
     SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)

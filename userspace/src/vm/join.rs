@@ -150,7 +150,7 @@ impl JoinServer {
         while !self.stop.load(Relaxed) {
             match listener.accept() {
                 Ok((s, peer)) => {
-                    let started = super::unix_ms();
+                    let started = crate::role::unix_ms();
                     match self.handle(s, peer, started) {
                         Ok(()) => {}
                         // Not a joining backup (or a broken one): counted, not recorded as
@@ -399,7 +399,7 @@ impl JoinServer {
                     "pause_parts_ms": rep.pause_parts.iter()
                         .map(|(k, d)| (k.to_string(), json!(d.as_secs_f64() * 1e3)))
                         .collect::<serde_json::Map<_, _>>(),
-                    "at_unix_ms": super::unix_ms(), "started_unix_ms": started,
+                    "at_unix_ms": crate::role::unix_ms(), "started_unix_ms": started,
                 }));
                 self.vm
                     .last_join_pause_ns
@@ -527,7 +527,7 @@ pub fn join(
                 return Err(format!("the primary refused the join: {}", reply.reason));
             }
             Answer::Transfer => {
-                let started = super::unix_ms();
+                let started = crate::role::unix_ms();
                 vm.set_phase("joining: receiving the VM's state");
                 info!(%peer, "join: receiving the VM's state");
                 let (vmm, rep) = ft_vmm::Vmm::receive(

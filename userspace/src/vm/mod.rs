@@ -89,12 +89,6 @@ pub struct VmState {
     pub log_store: Arc<sink::VmLogStore>,
 }
 
-fn unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
 impl VmState {
     /// Writes a kick frame into the VM's TAP: the data plane runs a release pass on it
     /// (and emits nothing of it).
