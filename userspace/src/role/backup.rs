@@ -181,7 +181,7 @@ async fn take_over(c: Ctx, vm: Arc<VmState>, followed: u64) {
     let drain = t_drain.elapsed();
     let t_ann = Instant::now();
     let unreferenced = deliver_unconsumed_input(&c, &vm);
-    announce(&c);
+    announce(&c.dp, &c.cfg);
     let announce_ms = t_ann.elapsed();
     let report = FailoverReport {
         what: reason.clone(),
@@ -202,7 +202,7 @@ async fn take_over(c: Ctx, vm: Arc<VmState>, followed: u64) {
         tokio::spawn(async move {
             tokio::time::sleep(Duration::from_millis(50)).await;
             for _ in 0..3 {
-                send_garp(&dp, &cfg);
+                announce(&dp, &cfg);
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
         });
@@ -251,11 +251,7 @@ fn deliver_unconsumed_input(c: &Ctx, vm: &VmState) -> u64 {
 
 /// Gratuitous ARP for the VM's address from its MAC on the client NIC: switches learn
 /// the VM's new port, neighbours refresh their entry.
-fn announce(c: &Ctx) {
-    send_garp(&c.dp, &c.cfg)
-}
-
-fn send_garp(dp: &crate::dataplane::DataPlane, cfg: &crate::config::Config) {
+fn announce(dp: &crate::dataplane::DataPlane, cfg: &crate::config::Config) {
     let (mac, ip) = (cfg.vm.mac.0, cfg.vm.ipv4.octets());
     let mut f = [0u8; 60];
     f[..6].fill(0xff);
