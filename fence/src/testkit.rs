@@ -68,6 +68,8 @@ pub struct EtcdMember {
     pub peer_port: u16,
     child: Option<Child>,
     log: PathBuf,
+    /// The command line that started it (program first), to start it again.
+    argv: Vec<std::ffi::OsString>,
 }
 
 impl EtcdMember {
@@ -89,6 +91,29 @@ impl EtcdMember {
 
     pub fn is_running(&self) -> bool {
         self.child.is_some()
+    }
+
+    /// Starts a killed member again with the same command line and data directory (it
+    /// rejoins the cluster from its write-ahead log); a running member is left alone.
+    pub fn restart(&mut self) -> Result<(), String> {
+        if self.child.is_some() {
+            return Ok(());
+        }
+        let logf = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&self.log)
+            .map_err(|e| format!("cannot open {}: {e}", self.log.display()))?;
+        let logf2 = logf.try_clone().map_err(|e| e.to_string())?;
+        let (prog, args) = self.argv.split_first().ok_or("no command line recorded")?;
+        let child = Command::new(prog)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(logf)
+            .stderr(logf2)
+            .spawn()
+            .map_err(|e| format!("cannot restart etcd member {}: {e}", self.name))?;
+        self.child = Some(child);
+        Ok(())
     }
 
     /// Last lines of the member's log (for failure messages).
@@ -152,7 +177,7 @@ impl EtcdCluster {
                 }
                 None => Command::new(&bin),
             };
-            let child = cmd
+            cmd
                 .args(["--name", &format!("m{i}")])
                 .arg("--data-dir")
                 .arg(&data)
@@ -182,7 +207,11 @@ impl EtcdCluster {
                 ])
                 .stdin(Stdio::null())
                 .stdout(logf)
-                .stderr(logf2)
+                .stderr(logf2);
+            let argv = std::iter::once(cmd.get_program().to_owned())
+                .chain(cmd.get_args().map(|a| a.to_owned()))
+                .collect();
+            let child = cmd
                 .spawn()
                 .map_err(|e| format!("cannot start {}: {e}", bin.display()))?;
             members.push(EtcdMember {
@@ -192,6 +221,7 @@ impl EtcdCluster {
                 peer_port: *pp,
                 child: Some(child),
                 log,
+                argv,
             });
         }
         let cluster = EtcdCluster { members };
