@@ -32,6 +32,7 @@
 pub mod appliance;
 pub mod arbiter;
 pub mod attribution;
+pub mod chaos;
 pub mod child;
 pub mod load;
 pub mod netns;
@@ -51,5 +52,5 @@ pub use child::ChildGuard;
 pub use netns::{fmt_mac, ifindex, ip, mac, ns_exec, run_in_ns, try_run_in_ns};
 pub use packet::{TcpSeg, eth_frame, parse_tcp, parse_udp, udp_checksums_ok, udp_frame};
 pub use raw::{BlastStats, Capture, CaptureResult, RawSock, blast, blast_on, monotonic_ns};
-pub use testbed::{Host, Testbed, TestbedOptions, cleanup_stale, names, standin_bin};
+pub use testbed::{Host, Impairment, Testbed, TestbedOptions, cleanup_stale, names, standin_bin};
 pub use udp::{UdpClient, spawn_udp_echo};

@@ -128,6 +128,19 @@ struct WireState {
     block_vmlog: bool,
     /// Overwrite two bytes of the value of the first CLOCK entry of one VMLOG frame A→B.
     corrupt_vmlog: bool,
+    /// Random loss and reordering of every frame on the wire, both directions.
+    impairment: Option<Impairment>,
+}
+
+/// Random impairment of the logging wire, in both directions: `loss_pct` % of frames
+/// dropped, `reorder_pct` % sent through a slow queue (an HTB class of 2 Mbit/s on the
+/// wire port towards the receiving host), so that later frames overtake them. The
+/// kernel here has no netem; the random choice is nftables' `numgen random`, the delay
+/// is HTB's, selected by `skb->priority`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Impairment {
+    pub loss_pct: u8,
+    pub reorder_pct: u8,
 }
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
@@ -510,10 +523,26 @@ impl Testbed {
         } else {
             String::new()
         };
+        // Random loss and reordering of everything on the wire (log, acks, the join's
+        // TCP), each direction with its own counters. Priority 1:20 is the slow HTB
+        // class that `set_log_impairment` puts on both wire ports.
+        let impair = match st.impairment {
+            Some(i) => [WIRE_A, WIRE_B]
+                .iter()
+                .map(|w| {
+                    format!(
+                        "iifname \"{w}\" numgen random mod 100 < {} counter drop comment \"rloss-{w}\"\n\
+                         iifname \"{w}\" numgen random mod 100 < {} meta priority set 1:20 counter comment \"reorder-{w}\"\n",
+                        i.loss_pct, i.reorder_pct
+                    )
+                })
+                .collect(),
+            None => String::new(),
+        };
         format!(
             "table bridge {WIRE_TABLE}\ndelete table bridge {WIRE_TABLE}\n\
              table bridge {WIRE_TABLE} {{\n\
-             chain forward {{ type filter hook forward priority 0; policy accept;\n{drop_all}{vmlog}{corrupt}{loss}}}\n}}\n"
+             chain forward {{ type filter hook forward priority 0; policy accept;\n{drop_all}{vmlog}{corrupt}{loss}{impair}}}\n}}\n"
         )
     }
 
@@ -582,6 +611,40 @@ impl Testbed {
             .with_context(|| format!("no packet counter in {line:?}"))?;
         n.parse()
             .with_context(|| format!("packet counter {n:?} in {line:?}"))
+    }
+
+    /// Random loss and reordering on the logging wire in both directions (see
+    /// [`Impairment`]); `None` removes it.
+    pub fn set_log_impairment(&self, imp: Option<Impairment>) -> Result<()> {
+        if let Some(i) = imp
+            && (i.loss_pct > 100 || i.reorder_pct > 100)
+        {
+            bail!("impairment percentages must be at most 100: {i:?}");
+        }
+        for w in [WIRE_A, WIRE_B] {
+            // The queues stay installed; without the nft rules every frame takes the
+            // default (fast) class.
+            if imp.is_some() {
+                let tc = |args: &str| -> Result<()> {
+                    let v: Vec<&str> = args.split_whitespace().collect();
+                    crate::ns_exec(&self.wire_ns, "tc", &v).map(drop)
+                };
+                tc(&format!(
+                    "qdisc replace dev {w} root handle 1: htb default 10"
+                ))?;
+                tc(&format!(
+                    "class replace dev {w} parent 1: classid 1:10 htb rate 10gbit"
+                ))?;
+                tc(&format!(
+                    "class replace dev {w} parent 1: classid 1:20 htb rate 2mbit ceil 2mbit"
+                ))?;
+            }
+        }
+        self.wire
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .impairment = imp;
+        self.apply_wire()
     }
 
     /// Drops all frames on the logging wire in both directions while `down`.

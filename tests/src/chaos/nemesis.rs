@@ -1,0 +1,386 @@
+//! The nemesis: a fault schedule drawn from a seed, faults applied to the testbed and
+//! healed, and the wait for re-protection between faults.
+use std::{
+    fmt,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+use ft_fence::testkit::EtcdCluster;
+use rand::{Rng, SeedableRng, rngs::StdRng};
+use serde_json::Value;
+
+use crate::{Appliance, Impairment, Testbed, names::*};
+
+/// The kinds of fault.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum FaultKind {
+    /// SIGKILL of a host's ftd (its VMM with it).
+    KillFtd,
+    /// A host loses power: both its NICs go dark and its ftd dies at the same instant.
+    PowerCut,
+    /// SIGSTOP of a host's ftd for the hold time, then SIGCONT.
+    Pause,
+    /// The logging link drops everything, both ways.
+    LogPartition,
+    /// One host's client NIC is cut off the client network.
+    ClientPartition,
+    /// Random loss and reordering on the logging link, both ways.
+    LogLossReorder,
+    /// An etcd member is killed, and restarted at the heal.
+    EtcdMemberKill,
+    /// Neither host reaches the arbiter (etcd).
+    ArbiterUnreachable,
+}
+
+pub const ALL_KINDS: [FaultKind; 8] = [
+    FaultKind::KillFtd,
+    FaultKind::PowerCut,
+    FaultKind::Pause,
+    FaultKind::LogPartition,
+    FaultKind::ClientPartition,
+    FaultKind::LogLossReorder,
+    FaultKind::EtcdMemberKill,
+    FaultKind::ArbiterUnreachable,
+];
+
+impl FaultKind {
+    /// Faults of one class are never combined (one host fault at a time: the appliance
+    /// survives the failure of one host, not of both).
+    fn class(self) -> u8 {
+        match self {
+            FaultKind::KillFtd
+            | FaultKind::PowerCut
+            | FaultKind::Pause
+            | FaultKind::ClientPartition => 0,
+            FaultKind::LogPartition | FaultKind::LogLossReorder => 1,
+            FaultKind::EtcdMemberKill | FaultKind::ArbiterUnreachable => 2,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            FaultKind::KillFtd => "kill-ftd",
+            FaultKind::PowerCut => "power-cut",
+            FaultKind::Pause => "pause",
+            FaultKind::LogPartition => "log-partition",
+            FaultKind::ClientPartition => "client-partition",
+            FaultKind::LogLossReorder => "log-loss-reorder",
+            FaultKind::EtcdMemberKill => "etcd-member-kill",
+            FaultKind::ArbiterUnreachable => "arbiter-unreachable",
+        }
+    }
+}
+
+/// Which host a host fault hits, named by its role when the fault starts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Target {
+    Primary,
+    Backup,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct Fault {
+    pub kind: FaultKind,
+    pub target: Target,
+    /// etcd member (EtcdMemberKill).
+    pub member: usize,
+    pub impairment: Impairment,
+}
+
+impl fmt::Display for Fault {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.kind {
+            FaultKind::KillFtd
+            | FaultKind::PowerCut
+            | FaultKind::Pause
+            | FaultKind::ClientPartition => {
+                write!(f, "{} of the {:?}", self.kind.name(), self.target)
+            }
+            FaultKind::EtcdMemberKill => write!(f, "{} m{}", self.kind.name(), self.member),
+            FaultKind::LogLossReorder => write!(
+                f,
+                "{} ({}% loss, {}% reordered)",
+                self.kind.name(),
+                self.impairment.loss_pct,
+                self.impairment.reorder_pct
+            ),
+            _ => f.write_str(self.kind.name()),
+        }
+    }
+}
+
+/// One step of the schedule: one or two faults at once, held for `hold`.
+#[derive(Clone, Debug)]
+pub struct Step {
+    pub faults: Vec<Fault>,
+    pub hold: Duration,
+}
+
+impl fmt::Display for Step {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let fs: Vec<String> = self.faults.iter().map(|x| x.to_string()).collect();
+        write!(f, "{} for {} ms", fs.join(" + "), self.hold.as_millis())
+    }
+}
+
+/// The fault schedule of a seed: `steps` steps, each one fault (two, one time in
+/// three, of different classes), held 0.3–3 s. The same seed gives the same schedule.
+pub fn schedule(seed: u64, steps: usize, etcd_members: usize) -> Vec<Step> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let fault = |rng: &mut StdRng, kind: FaultKind| Fault {
+        kind,
+        target: if rng.random_bool(0.5) {
+            Target::Primary
+        } else {
+            Target::Backup
+        },
+        member: rng.random_range(0..etcd_members.max(1)),
+        impairment: Impairment {
+            loss_pct: rng.random_range(5..=30),
+            reorder_pct: rng.random_range(10..=40),
+        },
+    };
+    (0..steps)
+        .map(|_| {
+            let first = ALL_KINDS[rng.random_range(0..ALL_KINDS.len())];
+            let mut faults = vec![fault(&mut rng, first)];
+            if rng.random_bool(1.0 / 3.0) {
+                let others: Vec<FaultKind> = ALL_KINDS
+                    .into_iter()
+                    .filter(|k| k.class() != first.class())
+                    .collect();
+                let second = others[rng.random_range(0..others.len())];
+                faults.push(fault(&mut rng, second));
+            }
+            Step {
+                faults,
+                hold: Duration::from_millis(rng.random_range(300..=3000)),
+            }
+        })
+        .collect()
+}
+
+/// What an applied fault left to undo.
+#[derive(Clone, Copy, Debug)]
+enum Undo {
+    Resume(char),
+    LinksUp(char),
+    ClientPortUp(char),
+    LogLinkUp,
+    NoImpairment,
+    RestartMember(usize),
+    ArbiterUp,
+    Nothing,
+}
+
+/// Drives the testbed's faults.
+pub struct Nemesis<'a> {
+    pub tb: &'a Testbed,
+    pub app: &'a mut Appliance,
+    pub etcd: &'a mut EtcdCluster,
+    undo: Vec<Undo>,
+}
+
+pub fn other(h: char) -> char {
+    if h == 'a' { 'b' } else { 'a' }
+}
+
+impl<'a> Nemesis<'a> {
+    pub fn new(tb: &'a Testbed, app: &'a mut Appliance, etcd: &'a mut EtcdCluster) -> Self {
+        Nemesis {
+            tb,
+            app,
+            etcd,
+            undo: Vec::new(),
+        }
+    }
+
+    fn ns(&self, h: char) -> &str {
+        if h == 'a' {
+            &self.tb.a.ns
+        } else {
+            &self.tb.b.ns
+        }
+    }
+
+    /// Applies a step's faults; `primary` is the current primary.
+    pub fn apply(&mut self, step: &Step, primary: char) -> Result<()> {
+        for f in &step.faults {
+            let host = match f.target {
+                Target::Primary => primary,
+                Target::Backup => other(primary),
+            };
+            let undo = match f.kind {
+                FaultKind::KillFtd => {
+                    self.app.guard(host).kill()?;
+                    Undo::Nothing
+                }
+                FaultKind::PowerCut => {
+                    let ns = self.ns(host).to_string();
+                    self.tb.set_link(&ns, CLI_IF, false)?;
+                    self.tb.set_link(&ns, LOG_IF, false)?;
+                    self.app.guard(host).kill()?;
+                    Undo::LinksUp(host)
+                }
+                FaultKind::Pause => {
+                    self.app.pause(host)?;
+                    Undo::Resume(host)
+                }
+                FaultKind::ClientPartition => {
+                    let port = if host == 'a' { BR_PORT_A } else { BR_PORT_B };
+                    self.tb.set_link(&self.tb.client_ns, port, false)?;
+                    Undo::ClientPortUp(host)
+                }
+                FaultKind::LogPartition => {
+                    self.tb.set_log_link_down(true)?;
+                    Undo::LogLinkUp
+                }
+                FaultKind::LogLossReorder => {
+                    self.tb.set_log_impairment(Some(f.impairment))?;
+                    Undo::NoImpairment
+                }
+                FaultKind::EtcdMemberKill => {
+                    self.etcd.members[f.member].kill();
+                    Undo::RestartMember(f.member)
+                }
+                FaultKind::ArbiterUnreachable => {
+                    self.tb.set_link(&self.tb.client_ns, BR_PORT_R, false)?;
+                    Undo::ArbiterUp
+                }
+            };
+            self.undo.push(undo);
+        }
+        Ok(())
+    }
+
+    /// Undoes every applied fault (a killed ftd stays dead: [`Nemesis::reprotect`]
+    /// restarts it).
+    pub fn heal(&mut self) -> Result<()> {
+        for u in std::mem::take(&mut self.undo).into_iter().rev() {
+            match u {
+                Undo::Resume(h) => self.app.resume(h)?,
+                Undo::LinksUp(h) => {
+                    let ns = self.ns(h).to_string();
+                    self.tb.set_link(&ns, CLI_IF, true)?;
+                    self.tb.set_link(&ns, LOG_IF, true)?;
+                }
+                Undo::ClientPortUp(h) => {
+                    let port = if h == 'a' { BR_PORT_A } else { BR_PORT_B };
+                    self.tb.set_link(&self.tb.client_ns, port, true)?;
+                }
+                Undo::LogLinkUp => self.tb.set_log_link_down(false)?,
+                Undo::NoImpairment => self.tb.set_log_impairment(None)?,
+                Undo::RestartMember(m) => {
+                    self.etcd.members[m].restart().map_err(anyhow::Error::msg)?
+                }
+                Undo::ArbiterUp => self.tb.set_link(&self.tb.client_ns, BR_PORT_R, true)?,
+                Undo::Nothing => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Status of host `h`, None if its ftd is dead or does not answer.
+    pub fn status(&self, h: char) -> Option<Value> {
+        let g = if h == 'a' { &self.app.a } else { &self.app.b };
+        if !g.as_ref().is_some_and(|g| g.is_running()) {
+            return None;
+        }
+        self.app.status(h).ok()
+    }
+
+    /// The host running the VM as primary or alone (not halted), if one does.
+    pub fn live(&self) -> Option<char> {
+        ['a', 'b'].into_iter().find(|&h| {
+            self.status(h).is_some_and(|s| {
+                (s["role"] == "primary" || s["role"] == "solo")
+                    && s["halted"] != true
+                    && (s["vm"]["phase"] == "recording" || s["vm"]["phase"] == "live")
+            })
+        })
+    }
+
+    /// `p` is a paired primary and the other host a backup replaying its log, with
+    /// checkpoints verified: the VM is protected.
+    pub fn protected_by(&self, p: char) -> bool {
+        let (Some(ps), Some(bs)) = (self.status(p), self.status(other(p))) else {
+            return false;
+        };
+        ps["role"] == "primary"
+            && ps["halted"] != true
+            && bs["role"] == "backup"
+            && bs["halted"] != true
+            && bs["vm"]["phase"] == "replaying"
+            && bs["vm"]["checkpoints_verified"].as_u64().unwrap_or(0) > 0
+    }
+
+    /// A divergence either host reports, as text.
+    pub fn divergence(&self) -> Option<String> {
+        ['a', 'b'].into_iter().find_map(|h| {
+            let s = self.status(h)?;
+            (!s["vm"]["divergence"].is_null())
+                .then(|| format!("host {h}: {}", s["vm"]["divergence"]))
+        })
+    }
+
+    /// After a heal: waits for a live host, then for the VM to be protected again,
+    /// restarting the other host's ftd as a joining backup when it is dead, halted or
+    /// not following. Returns the primary and how many ftd were restarted. Bounded by
+    /// `timeout`.
+    pub fn reprotect(&mut self, timeout: Duration) -> Result<(char, usize)> {
+        let end = Instant::now() + timeout;
+        let mut restarted = 0;
+        let live = loop {
+            if let Some(l) = self.live() {
+                break l;
+            }
+            if Instant::now() > end {
+                bail!(
+                    "no host runs the VM after the heal:\nA: {:?}\nB: {:?}",
+                    self.status('a'),
+                    self.status('b')
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let o = other(live);
+        // A backup that still follows gets a few seconds to show it (a backup that
+        // was cut off may be about to halt, or catching up).
+        let grace = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < grace.min(end) {
+            if self.protected_by(live) {
+                return Ok((live, restarted));
+            }
+            if self.status(o).is_none_or(|s| s["halted"] == true) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if !self.protected_by(live) {
+            self.app.guard(o).kill()?;
+            self.app
+                .restart_as_backup(self.tb, o)
+                .with_context(|| format!("restarting host {o}'s ftd as backup"))?;
+            restarted += 1;
+        }
+        while Instant::now() < end {
+            if self.protected_by(live) {
+                return Ok((live, restarted));
+            }
+            if self.live() != Some(live) {
+                bail!(
+                    "host {live} stopped running the VM while {o} rejoined:\n{live}: {:?}\n{o}: {:?}",
+                    self.status(live),
+                    self.status(o)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        bail!(
+            "not protected again within {timeout:?}:\n{live}: {:#}\n{o}: {:#}",
+            self.status(live).unwrap_or_default(),
+            self.status(o).unwrap_or_default()
+        )
+    }
+}
