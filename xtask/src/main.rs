@@ -2,7 +2,8 @@
 //! starts the arbiter and the appliance (ftd running the VMM) on both hosts, drives the
 //! protected VM's service with stock redis tools and prints what the logging channel,
 //! the output gate and the backup's replay did. `cargo xtask test` runs every
-//! check and test (what CI runs).
+//! check and test (what CI runs). `cargo xtask chaos --faults N --seed S` runs the chaos
+//! suite (`ft_testbed::chaos`) and prints its report.
 use std::{
     path::{Path, PathBuf},
     process::Command,
@@ -28,6 +29,28 @@ enum Cmd {
     Test,
     /// Formatting and clippy only.
     Lint,
+    /// The chaos suite: random faults under concurrent clients, the history checked for
+    /// linearizability (stateright). A failing seed replays the same fault schedule.
+    Chaos {
+        /// Steps of the fault schedule (each one or two faults).
+        #[arg(long, default_value_t = 20)]
+        faults: usize,
+        /// Seed of the schedule and of the clients' operation mix.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Concurrent clients.
+        #[arg(long, default_value_t = 8)]
+        clients: usize,
+        /// Calls per second over all clients between throughput samples (0: unpaced).
+        #[arg(long, default_value_t = 2000)]
+        rate: u64,
+        /// Guest RAM in MiB (what every re-protection transfers).
+        #[arg(long, default_value_t = 256)]
+        ram_mib: u64,
+        /// Where the history and the report are written.
+        #[arg(long, default_value = "target/chaos")]
+        out: PathBuf,
+    },
 }
 
 fn root() -> PathBuf {
@@ -87,7 +110,8 @@ fn target_bin(name: &str) -> PathBuf {
     dir.join("debug").join(name)
 }
 
-fn demo() -> Result<()> {
+/// Builds the binaries the testbed fixtures run and tells the fixtures where they are.
+fn build_fixture_bins() -> Result<()> {
     run(cargo().args([
         "build",
         "--bins",
@@ -107,7 +131,35 @@ fn demo() -> Result<()> {
         // Only this single-threaded process reads these variables.
         unsafe_env(var, target_bin(bin));
     }
+    Ok(())
+}
+
+fn demo() -> Result<()> {
+    build_fixture_bins()?;
     demo::run()
+}
+
+fn chaos(o: ft_testbed::chaos::ChaosOptions) -> Result<()> {
+    build_fixture_bins()?;
+    eprintln!(
+        "chaos: {} steps, seed {}, {} clients at {} calls/s, {} MiB guest; history in {}",
+        o.faults,
+        o.seed,
+        o.clients,
+        o.rate,
+        o.ram_mib,
+        o.out_dir.display()
+    );
+    let report = ft_testbed::chaos::run(&o, &mut |line| eprintln!("{line}"))?;
+    println!("{report}");
+    if !report.passed() {
+        bail!(
+            "the chaos run failed; `cargo xtask chaos --faults {} --seed {}` replays its schedule",
+            o.faults,
+            o.seed
+        );
+    }
+    Ok(())
 }
 
 fn unsafe_env(var: &str, val: PathBuf) {
@@ -121,5 +173,18 @@ fn main() -> Result<()> {
         Cmd::Demo => demo(),
         Cmd::Test => test(),
         Cmd::Lint => lint(),
+        Cmd::Chaos {
+            faults,
+            seed,
+            clients,
+            rate,
+            ram_mib,
+            out,
+        } => chaos(ft_testbed::chaos::ChaosOptions {
+            clients,
+            rate,
+            ram_mib,
+            ..ft_testbed::chaos::ChaosOptions::new(faults, seed, root().join(out))
+        }),
     }
 }
