@@ -6,9 +6,11 @@
 //! - [`wire`]: frames on the logging link (log entries, acks, nacks, heartbeats).
 //! - [`maps`]: values of the BPF maps (config, sequence state, lease, hold ring,
 //!   retransmission store) and the counter/histogram indices.
+//! - [`siphash`]: SipHash-2-4, the keyed MAC of the backup's frames (checked in XDP).
 #![no_std]
 
 pub mod maps;
+pub mod siphash;
 pub mod vmlog;
 pub mod wire;
 
