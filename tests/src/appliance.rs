@@ -124,6 +124,34 @@ pub fn workspace_bin(name: &str, env: &str) -> Result<PathBuf> {
     )
 }
 
+/// The channel key file both hosts' configs name (`[channel] key_file`): 16 random
+/// bytes, made once per testbed on first use.
+pub fn channel_key_file(tb: &Testbed) -> Result<PathBuf> {
+    use std::{io::Write, os::unix::fs::OpenOptionsExt};
+    let path = tb.tmp_dir.join("channel.key");
+    if !path.exists() {
+        let mut key = [0u8; 16];
+        std::fs::File::open("/dev/urandom")?.read_exact(&mut key)?;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .and_then(|mut f| f.write_all(&key))
+            .with_context(|| format!("writing the channel key {}", path.display()))?;
+    }
+    Ok(path)
+}
+
+/// The testbed's channel key (what the backup's acks are tagged with).
+pub fn channel_key(tb: &Testbed) -> Result<[u8; 16]> {
+    let path = channel_key_file(tb)?;
+    let b = std::fs::read(&path)?;
+    b.as_slice()
+        .try_into()
+        .with_context(|| format!("{} holds {} bytes, not 16", path.display(), b.len()))
+}
+
 pub fn write_config(tb: &Testbed, host: char, role: &str, o: &ApplianceOptions) -> Result<PathBuf> {
     let (me, peer, epoch) = match host {
         'a' => (&tb.a, &tb.b, o.epoch_a),
@@ -152,6 +180,7 @@ heartbeat_ms = {hb}
 peer_timeout_ms = {pt}
 nack_retry_ms = {nr}
 hold_output = {ho}
+key_file = "{key}"
 {join}
 {channel_extra}
 [api]
@@ -199,6 +228,7 @@ control_socket = "{sock}"
         nr = o.nack_retry_ms,
         ho = o.hold_output,
         sock = sock.display(),
+        key = channel_key_file(tb)?.display(),
     );
     let _ = me;
     let path = tb.tmp_dir.join(format!("ftd-{host}.toml"));

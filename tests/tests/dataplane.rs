@@ -2,7 +2,7 @@
 //! real daemons (`ftd`) on two hosts. Run as root after `cargo build --bins`.
 use std::{net::Ipv4Addr, time::Duration};
 
-use ft_common::wire::*;
+use ft_common::{siphash::SipKey, wire::*};
 use ft_testbed::{
     Appliance, ApplianceOptions, Capture, RawSock, Testbed, TestbedOptions, UdpClient, blast,
     names::*, parse_udp, udp_frame,
@@ -43,18 +43,42 @@ fn setup(o: ApplianceOptions) -> (Testbed, Appliance, UdpClient) {
     (tb, app, c)
 }
 
-fn ft_frame(src: [u8; 6], dst: [u8; 6], kind: u8, session: u64, epoch: u64, seq: u64) -> Vec<u8> {
+/// A logging-link frame as the backup's daemon makes it: the backup's kinds (ack, nack,
+/// VMNACK, LEAVE) carry their tag under `key` (the testbed's channel key, or another one
+/// to forge).
+fn ft_frame(
+    key: &SipKey,
+    src: [u8; 6],
+    dst: [u8; 6],
+    kind: u8,
+    session: u64,
+    epoch: u64,
+    seq: u64,
+) -> Vec<u8> {
+    let mut ft = FtHdr::new(kind, session, epoch, seq);
+    let tagged = kind_is_tagged(kind);
+    if tagged {
+        ft.len.set(TAG_LEN as u16);
+    }
     let hdr = LogHdr {
         eth: EthHdr {
             dst,
             src,
             ethertype: ETHERTYPE_FT.into(),
         },
-        ft: FtHdr::new(kind, session, epoch, seq),
+        ft,
     };
     let mut v = hdr.as_bytes().to_vec();
-    v.resize(60, 0);
+    if tagged {
+        v.extend_from_slice(&frame_tag(key, &ft).to_be_bytes());
+    }
+    v.resize(v.len().max(60), 0);
     v
+}
+
+/// The testbed's channel key (both hosts' `[channel] key_file`).
+fn testbed_key(tb: &Testbed) -> SipKey {
+    SipKey::from_bytes(&ft_testbed::appliance::channel_key(tb).unwrap())
 }
 
 #[test]
@@ -238,6 +262,10 @@ fn bad_acks_and_frames_never_release_output() {
     let ses = app.session('a').unwrap();
     let wire = RawSock::open(&tb.wire_ns, WIRE_A).unwrap(); // faces host A's logging NIC
     let client = RawSock::open(&tb.client_ns, BRIDGE).unwrap();
+    // Every frame below has the right tag: each is dropped for its own reason.
+    let key = testbed_key(&tb);
+    let ft_frame =
+        |src, dst, kind, session, epoch, seq| ft_frame(&key, src, dst, kind, session, epoch, seq);
 
     let mut truncated = ft_frame(b_log, a_log, KIND_ACK, ses, 1, last);
     truncated.truncate(ETH_HLEN + 10);
@@ -336,6 +364,100 @@ fn bad_acks_and_frames_never_release_output() {
             "missing eBPF warning {w:?} in ftd's log:\n{log}"
         );
     }
+}
+
+/// Ack forgery on the logging link: a host there can copy the backup's MAC address, the
+/// epoch, the primary's session and a plausible sequence, but not the tag (SipHash under
+/// the channel key, checked in XDP). Acks and nacks with a wrong tag, no tag, or the tag
+/// of another header are dropped and counted as `bad_mac` and release nothing; the very
+/// same ack with the right tag releases the held reply while the real backup is still
+/// paused, so it is the tag that made the difference.
+#[test]
+fn forged_acks_without_the_key_never_release_output() {
+    let _serial = serial();
+    let (tb, app, c) = setup(ApplianceOptions::default());
+    app.pause('b').unwrap();
+    c.send("INCR forged").unwrap();
+    assert!(Appliance::wait_until(T, || app.held('a').unwrap() >= 1));
+    let st = app.status('a').unwrap();
+    let last = st["log"]["last_seq"].as_u64().unwrap();
+    let acked = st["log"]["acked"].as_u64().unwrap();
+    assert!(
+        acked < last,
+        "the reply's input is not acked yet ({acked}/{last})"
+    );
+    let (a_log, b_log) = (tb.a.log_mac, tb.b.log_mac);
+    let ses = app.session('a').unwrap();
+    let epoch = st["epoch"].as_u64().unwrap();
+    let wire = RawSock::open(&tb.wire_ns, WIRE_A).unwrap(); // faces host A's logging NIC
+    let key = testbed_key(&tb);
+    let mut guess = ft_testbed::appliance::channel_key(&tb).unwrap();
+    guess[15] ^= 1; // one bit off
+    let wrong_key = SipKey::from_bytes(&guess);
+
+    let good_ack = ft_frame(&key, b_log, a_log, KIND_ACK, ses, epoch, last);
+    let mut untagged = ft_frame(&key, b_log, a_log, KIND_HEARTBEAT, ses, epoch, last);
+    untagged[ETH_HLEN + 2] = KIND_ACK; // an ack of the old format: len 0, no tag
+    let mut flipped = good_ack.clone();
+    flipped[TAGGED_HLEN - 1] ^= 0x80;
+    // A genuine tag, of an older ack: moved onto a higher sequence.
+    let older = ft_frame(&key, b_log, a_log, KIND_ACK, ses, epoch, acked);
+    let mut replayed = good_ack.clone();
+    replayed[LOG_OVERHEAD..TAGGED_HLEN].copy_from_slice(&older[LOG_OVERHEAD..TAGGED_HLEN]);
+    let cases = [
+        (
+            "ack tagged under another key",
+            ft_frame(&wrong_key, b_log, a_log, KIND_ACK, ses, epoch, last),
+        ),
+        ("ack without a tag", untagged),
+        ("ack with a flipped tag bit", flipped),
+        ("ack with an older ack's tag", replayed),
+        (
+            "nack tagged under another key",
+            ft_frame(&wrong_key, b_log, a_log, KIND_NACK, ses, epoch, last),
+        ),
+    ];
+    let retransmits = app.counter('a', "log_retransmitted_frames_total").unwrap();
+    for (what, frame) in cases {
+        let before = app.counter('a', "bad_mac").unwrap();
+        wire.send(&frame).unwrap();
+        assert!(
+            Appliance::wait_until(T, || app.counter('a', "bad_mac").unwrap() > before),
+            "{what}: not counted as bad_mac"
+        );
+        assert!(
+            c.recv(Duration::from_millis(100)).unwrap().is_none(),
+            "{what} released output"
+        );
+        assert!(app.held('a').unwrap() >= 1, "{what}: reply no longer held");
+        assert_eq!(
+            app.status('a').unwrap()["log"]["acked"].as_u64().unwrap(),
+            acked,
+            "{what} moved the cumulative ack"
+        );
+    }
+    assert_eq!(
+        app.counter('a', "log_retransmitted_frames_total").unwrap(),
+        retransmits,
+        "a forged nack was answered"
+    );
+    // The same ack with the right tag: released, although the backup is still paused.
+    wire.send(&good_ack).unwrap();
+    assert_eq!(
+        c.recv(T).unwrap().map(|r| r.0).as_deref(),
+        Some("1"),
+        "the correctly tagged ack released the reply"
+    );
+    assert_eq!(
+        app.status('a').unwrap()["log"]["acked"].as_u64().unwrap(),
+        last
+    );
+    app.resume('b').unwrap();
+    let log = app.guard('a').log_contents();
+    assert!(
+        log.contains("wrong or missing tag"),
+        "missing eBPF warning in ftd's log:\n{log}"
+    );
 }
 
 /// A full hold ring drops new output (counted) and never releases early; what it held is

@@ -15,6 +15,8 @@ pub enum ConfigError {
     Parse { path: PathBuf, message: String },
     #[error("invalid config: {0}")]
     Invalid(String),
+    #[error(transparent)]
+    Key(#[from] crate::channel::auth::KeyError),
 }
 
 fn invalid<T>(msg: impl Into<String>) -> Result<T, ConfigError> {
@@ -332,6 +334,13 @@ pub struct Channel {
     /// asks to join a primary that runs alone. Empty: a backup only follows a log that
     /// starts with the VM's boot.
     pub join_peer: String,
+    /// File with the 16-byte key of the logging link, the same on both hosts (required):
+    /// the backup's acks, nacks, VMNACKs and LEAVEs carry a MAC under it (checked in
+    /// XDP), and a joining backup proves it holds it. `ftd keygen <file>` makes one.
+    pub key_file: PathBuf,
+    /// The key read from `key_file` by [`Config::parse`].
+    #[serde(skip)]
+    pub key: crate::channel::auth::ChannelKey,
 }
 
 impl Default for Channel {
@@ -348,6 +357,8 @@ impl Default for Channel {
             hold_output: true,
             join_listen: String::new(),
             join_peer: String::new(),
+            key_file: PathBuf::new(),
+            key: Default::default(),
         }
     }
 }
@@ -399,6 +410,7 @@ impl Config {
             cfg.fence.vm = "vm".into();
         }
         cfg.validate()?;
+        cfg.channel.key = crate::channel::auth::ChannelKey::load(&cfg.channel.key_file)?;
         Ok(cfg)
     }
 
@@ -462,6 +474,9 @@ impl Config {
         if !(16..=1 << 20).contains(&c.vmlog_window) {
             return invalid("channel.vmlog_window must be 16..=1048576 frames");
         }
+        if c.key_file.as_os_str().is_empty() {
+            return Err(crate::channel::auth::KeyError::NotSet.into());
+        }
         if c.nack_retry_ms == 0 || c.nack_burst == 0 {
             return invalid("channel.nack_retry_ms and channel.nack_burst must be >= 1");
         }
@@ -514,7 +529,7 @@ impl Config {
 mod tests {
     use super::*;
 
-    const GOOD: &str = r#"
+    const GOOD_BODY: &str = r#"
 [node]
 name = "a"
 role = "primary"
@@ -530,6 +545,33 @@ ipv4 = "10.77.0.100"
 backend = "none"
 "#;
 
+    /// A channel key file for the tests (the samples name /etc/ftd/channel.key).
+    fn test_key() -> &'static std::path::Path {
+        static KEY: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+        KEY.get_or_init(|| {
+            let p =
+                std::env::temp_dir().join(format!("ftd-config-test-{}.key", std::process::id()));
+            std::fs::write(&p, [0x5a; 16]).unwrap();
+            p
+        })
+    }
+
+    /// A minimal valid config; its `[channel]` table (with the key) comes last.
+    fn good() -> String {
+        format!(
+            "{GOOD_BODY}[channel]\nkey_file = \"{}\"\n",
+            test_key().display()
+        )
+    }
+
+    /// A sample config with its key path pointing at the tests' key.
+    fn sample(text: &str) -> String {
+        text.replace(
+            "\"/etc/ftd/channel.key\"",
+            &format!("\"{}\"", test_key().display()),
+        )
+    }
+
     proptest::proptest! {
         #![proptest_config(proptest::prelude::ProptestConfig::with_cases(1000))]
 
@@ -543,10 +585,10 @@ backend = "none"
             how in 0u8..3,
             junk in "[ -~]{0,24}",
         ) {
-            let text = [
+            let text = sample([
                 include_str!("../../configs/primary.toml"),
                 include_str!("../../configs/backup.toml"),
-            ][which];
+            ][which]);
             let mut lines: Vec<String> = text.lines().map(String::from).collect();
             let i = line % lines.len();
             match how {
@@ -572,8 +614,10 @@ backend = "none"
         }
     }
 
+    /// `good()` plus `extra`; lines of a leading `[channel]` go into its `[channel]`.
     fn with(extra: &str) -> Result<Config, ConfigError> {
-        Config::parse(&format!("{GOOD}{extra}"))
+        let extra = extra.strip_prefix("[channel]\n").unwrap_or(extra);
+        Config::parse(&format!("{}{extra}", good()))
     }
 
     fn err(r: Result<Config, ConfigError>) -> String {
@@ -582,7 +626,7 @@ backend = "none"
 
     #[test]
     fn minimal_config_gets_defaults() {
-        let c = Config::parse(GOOD).unwrap();
+        let c = Config::parse(&good()).unwrap();
         assert_eq!(c.node.role, Role::Primary);
         assert_eq!(c.channel.retx_slots, 16384);
         assert!(c.channel.hold_output);
@@ -596,7 +640,9 @@ backend = "none"
             let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
                 .join("../configs")
                 .join(f);
-            Config::load(&p).unwrap_or_else(|e| panic!("{f}: {e}"));
+            let text = std::fs::read_to_string(&p).unwrap();
+            assert!(text.contains("key_file = \"/etc/ftd/channel.key\""), "{f}");
+            Config::parse(&sample(&text)).unwrap_or_else(|e| panic!("{f}: {e}"));
         }
     }
 
@@ -612,16 +658,16 @@ backend = "none"
             .contains("4 x heartbeat_ms")
         );
         assert!(err(with("[api]\nmetrics_listen = \"nope\"\n")).contains("address:port"));
-        let bad_mac = GOOD.replace("02:00:00:00:00:02", "02:00:00:00:00");
+        let bad_mac = good().replace("02:00:00:00:00:02", "02:00:00:00:00");
         assert!(err(Config::parse(&bad_mac)).contains("not a MAC"));
-        let same_nic = GOOD.replace("vm = \"vmh\"", "vm = \"cli0\"");
+        let same_nic = good().replace("vm = \"vmh\"", "vm = \"cli0\"");
         assert!(err(Config::parse(&same_nic)).contains("three different"));
-        let mcast = GOOD.replace("02:f7:00:00:00:64", "01:00:5e:00:00:01");
+        let mcast = good().replace("02:f7:00:00:00:64", "01:00:5e:00:00:01");
         assert!(err(Config::parse(&mcast)).contains("unicast"));
     }
 
     fn with_vm(keys: &str) -> Result<Config, ConfigError> {
-        Config::parse(&GOOD.replace(
+        Config::parse(&good().replace(
             "ipv4 = \"10.77.0.100\"\n",
             &format!("ipv4 = \"10.77.0.100\"\n{keys}\n"),
         ))
@@ -629,7 +675,7 @@ backend = "none"
 
     #[test]
     fn vm_section_defaults_to_the_built_in_vmm() {
-        let c = Config::parse(GOOD).unwrap();
+        let c = Config::parse(&good()).unwrap();
         assert_eq!(c.vm.kind, VmKind::Vmm);
         assert!(c.vm.tagged());
         let v = c.vm.vmm_config();
@@ -669,13 +715,39 @@ backend = "none"
 
     #[test]
     fn fence_section_is_validated() {
-        let no_backend = GOOD.replace("backend = \"none\"\n", "");
+        let no_backend = good().replace("backend = \"none\"\n", "");
         assert!(err(Config::parse(&no_backend)).contains("fence"));
-        let other = GOOD.replace(
+        let other = good().replace(
             "backend = \"none\"",
             "backend = \"embedded\"\narbiters = [\"10.0.0.2:7700\"]\nvm = \"vm1\"\nnode = \"b\"\npeer = \"c\"",
         );
         assert!(err(Config::parse(&other)).contains("differs from node.name"));
+    }
+
+    #[test]
+    fn the_channel_key_is_required_and_checked() {
+        let c = Config::parse(&good()).unwrap();
+        assert_eq!(
+            c.channel.key,
+            crate::channel::auth::ChannelKey::from_bytes([0x5a; 16])
+        );
+        let no_key = good().replace(&format!("key_file = \"{}\"", test_key().display()), "");
+        let e = err(Config::parse(&no_key));
+        assert!(
+            e.contains("key_file is required") && e.contains("ftd keygen"),
+            "{e}"
+        );
+        let missing = good().replace(
+            &test_key().display().to_string(),
+            "/nonexistent/channel.key",
+        );
+        let e = err(Config::parse(&missing));
+        assert!(
+            e.contains("/nonexistent/channel.key") && e.contains("head -c 16 /dev/urandom"),
+            "{e}"
+        );
+        // Not printed with the config.
+        assert!(!format!("{c:?}").contains("5a, 5a") && !format!("{c:?}").contains("90, 90"));
     }
 
     #[test]
@@ -684,6 +756,8 @@ backend = "none"
         assert!(
             err(Config::parse("[node]\nname = \"a\"\nrole = \"primary\"\n")).contains("missing")
         );
-        assert!(err(Config::parse(&GOOD.replace("primary", "leader"))).contains("unknown variant"));
+        assert!(
+            err(Config::parse(&good().replace("primary", "leader"))).contains("unknown variant")
+        );
     }
 }

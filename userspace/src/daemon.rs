@@ -134,6 +134,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<Exit> {
             Role::Primary => {
                 let p = primary::PrimaryParams {
                     peer_mac: cfg.interfaces.peer_log_mac.0,
+                    key: ch.key.clone(),
                     session,
                     heartbeat: Duration::from_millis(ch.heartbeat_ms),
                     peer_timeout: Duration::from_millis(ch.peer_timeout_ms),
@@ -148,7 +149,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<Exit> {
                         vm.clone(),
                         vm_stop.clone(),
                     )?);
-                    spawn_vmlog_repair(&dp, &vm, &stop)?;
+                    spawn_vmlog_repair(&dp, &vm, &ch.key, &stop)?;
                 }
                 std::thread::Builder::new()
                     .name("ft-primary".into())
@@ -172,7 +173,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<Exit> {
                         vm.clone(),
                         vm_stop.clone(),
                     )?);
-                    spawn_vmlog_repair(&dp, &vm, &stop)?;
+                    spawn_vmlog_repair(&dp, &vm, &ch.key, &stop)?;
                 }
                 None
             }
@@ -181,6 +182,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<Exit> {
                 let p = backup::BackupParams {
                     own_mac: dp.nics.logging.mac,
                     peer_mac: cfg.interfaces.peer_log_mac.0,
+                    key: ch.key.clone(),
                     heartbeat: Duration::from_millis(ch.heartbeat_ms),
                     peer_timeout: Duration::from_millis(ch.peer_timeout_ms),
                     nack_retry: Duration::from_millis(ch.nack_retry_ms),
@@ -205,9 +207,10 @@ pub async fn run(cfg: Config) -> anyhow::Result<Exit> {
                             // Once live after a take-over, this node may have a backup
                             // join it: it then sends heartbeats and repairs its VMM
                             // stream like any primary (both idle until then).
-                            spawn_vmlog_repair(&dp, &vm, &stop)?;
+                            spawn_vmlog_repair(&dp, &vm, &ch.key, &stop)?;
                             let hb = primary::PrimaryParams {
                                 peer_mac: cfg.interfaces.peer_log_mac.0,
+                                key: ch.key.clone(),
                                 session,
                                 heartbeat: Duration::from_millis(ch.heartbeat_ms),
                                 peer_timeout: Duration::from_millis(ch.peer_timeout_ms),
@@ -361,6 +364,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<Exit> {
 fn spawn_vmlog_repair(
     dp: &DataPlane,
     vm: &Arc<VmState>,
+    key: &crate::channel::auth::ChannelKey,
     stop: &Arc<AtomicBool>,
 ) -> anyhow::Result<()> {
     let (iface, store, stats, stop2) = (
@@ -370,13 +374,16 @@ fn spawn_vmlog_repair(
         stop.clone(),
     );
     let vm2 = vm.clone();
+    let key = key.clone();
     std::thread::Builder::new()
         .name("ft-vmlog-repair".into())
         .spawn(move || {
             let on_leave = Box::new(move |reason: u64| {
                 *vm2.leave.lock().unwrap() = Some(leave_reason(reason).into());
             });
-            if let Err(e) = crate::channel::vmrepair::run(&iface, store, stats, on_leave, stop2) {
+            if let Err(e) =
+                crate::channel::vmrepair::run(&iface, &key, store, stats, on_leave, stop2)
+            {
                 error!("VMLOG repair stopped: {e}");
             }
         })?;
@@ -433,13 +440,16 @@ fn declare_failed(
     let epoch = status.epoch.load(Relaxed);
     if let Ok(sock) = RawSocket::open(&dp.nics.logging) {
         let f = crate::channel::frames::control_frame(
-            ft_common::wire::KIND_LEAVE,
+            &cfg.channel.key,
             dp.nics.logging.mac,
             cfg.interfaces.peer_log_mac.0,
-            status.peer_session.load(Relaxed),
-            epoch,
-            0,
-            reason,
+            crate::channel::frames::hdr(
+                ft_common::wire::KIND_LEAVE,
+                status.peer_session.load(Relaxed),
+                epoch,
+                0,
+                reason,
+            ),
         );
         // A few times: a lost LEAVE only delays the primary's reaction (it also sees the
         // acks stop).

@@ -1,4 +1,4 @@
-//! The `ftd` command line: `run`, `status`, `switchover`, `check-config`.
+//! The `ftd` command line: `run`, `status`, `switchover`, `check-config`, `keygen`.
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
@@ -48,6 +48,12 @@ enum Cmd {
     },
     /// Validate a config file and print what is wrong with it.
     CheckConfig { file: PathBuf },
+    /// Write a new channel key (16 random bytes, mode 0600) for `[channel] key_file`;
+    /// copy the same file to the peer host. Never overwrites an existing file.
+    Keygen {
+        /// Where to write it, e.g. /etc/ftd/channel.key.
+        file: PathBuf,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -104,6 +110,15 @@ fn main() -> anyhow::Result<()> {
             } else {
                 print!("{}", ftd::control::summary(&v));
             }
+            Ok(())
+        }
+        Cmd::Keygen { file } => {
+            ftd::channel::auth::ChannelKey::generate(&file)?;
+            println!(
+                "{}: new channel key written; copy this file to the peer host and set \
+                 [channel] key_file to it on both",
+                file.display()
+            );
             Ok(())
         }
         Cmd::CheckConfig { file } => {

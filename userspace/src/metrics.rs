@@ -214,6 +214,12 @@ fn render_join(o: &mut String, vm: &crate::vm::VmState) {
          # TYPE ft_join_bad_requests_total counter\nft_join_bad_requests_total {}",
         vm.join_bad_requests.load(Relaxed)
     );
+    let _ = writeln!(
+        o,
+        "# HELP ft_control_frames_bad_tag_total VMNACK/LEAVE frames the daemon ignored for a wrong or missing tag (XDP drops most first: ft_drops_total{{reason=\"bad_mac\"}})\n\
+         # TYPE ft_control_frames_bad_tag_total counter\nft_control_frames_bad_tag_total {}",
+        vm.stats.bad_tags.load(Relaxed)
+    );
     let j = vm.join.lock().unwrap().clone();
     let Some(j) = j else { return };
     let num = |k: &str| j[k].as_f64().unwrap_or(0.0);

@@ -37,10 +37,9 @@ pub const CFG_HOLD_OUTPUT: u32 = 1;
 pub const CFG_VM_TAGGED_INPUT: u32 = 2;
 
 /// Static configuration, written once by the daemon before attaching (map `CONFIG`, 1 entry).
+/// (`Debug` leaves out the tag key.)
 #[repr(C)]
-#[derive(
-    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
-)]
+#[derive(Clone, Copy, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
 pub struct Config {
     /// `RETX` entries - 1 (entries is a power of two).
     pub retx_mask: u64,
@@ -63,6 +62,39 @@ pub struct Config {
     /// This daemon run's session number (random, non-zero): carried by every frame this
     /// node sends as primary; acks of another session are dropped.
     pub session: u64,
+    /// SipHash key of the logging link's tags (`k0`, `k1`; from `[channel] key_file`):
+    /// the backup's frames whose tag does not verify are dropped
+    /// (`ft_common::wire::frame_tag`).
+    pub tag_key: [u64; 2],
+}
+
+impl core::fmt::Debug for Config {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("Config")
+            .field("retx_mask", &self.retx_mask)
+            .field("hold_mask", &self.hold_mask)
+            .field("window", &self.window)
+            .field("flags", &self.flags)
+            .field("client_ifindex", &self.client_ifindex)
+            .field("log_ifindex", &self.log_ifindex)
+            .field("vm_ifindex", &self.vm_ifindex)
+            .field("vm_ipv4", &self.vm_ipv4)
+            .field("vm_mac", &self.vm_mac)
+            .field("own_log_mac", &self.own_log_mac)
+            .field("peer_log_mac", &self.peer_log_mac)
+            .field("session", &self.session)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Config {
+    #[inline(always)]
+    pub fn tag_key(&self) -> crate::siphash::SipKey {
+        crate::siphash::SipKey {
+            k0: self.tag_key[0],
+            k1: self.tag_key[1],
+        }
+    }
 }
 
 /// Dynamic node state (map `NODE`, 1 entry), written by the daemon only. Changed in an
@@ -246,6 +278,9 @@ counters! {
     C_DROP_STANDBY = 41, "ft_drops_total", "standby";
     C_DROP_RETX_ERR = 42, "ft_drops_total", "retransmit_error";
     C_DROP_BAD_SESSION = 43, "ft_drops_total", "wrong_session";
+    /// A frame from the backup (ack, nack, VMNACK, LEAVE) without the right tag: forged,
+    /// or the peer has another `channel.key_file`.
+    C_DROP_BAD_MAC = 44, "ft_drops_total", "bad_mac";
     /// VMLOG frames handed to the backup daemon.
     C_VMLOG_RX = 14, "ft_vmlog_received_frames_total", "";
     /// VMNACK and LEAVE frames passed to the primary daemon.
@@ -274,7 +309,7 @@ mod tests {
 
     #[test]
     fn layouts_have_expected_sizes() {
-        assert_eq!(core::mem::size_of::<Config>(), 72);
+        assert_eq!(core::mem::size_of::<Config>(), 88);
         assert_eq!(core::mem::size_of::<SeqState>(), 32);
         assert_eq!(core::mem::size_of::<ChanState>(), 32);
         assert_eq!(core::mem::size_of::<NodeState>(), 24);

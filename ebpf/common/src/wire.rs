@@ -3,7 +3,7 @@
 //! Every frame on the logging link is
 //!
 //! ```text
-//! | EthHdr (14) | FtHdr (32) | payload (FtHdr.len bytes) |
+//! | EthHdr (14) | FtHdr (40) | payload (FtHdr.len bytes) |
 //! ```
 //!
 //! with `EthHdr.ethertype == ETHERTYPE_FT`. All multi-byte fields are big-endian and
@@ -23,22 +23,55 @@
 //!   `seq` = the frame's VMM-stream sequence.
 //! - `ACK`: backup -> primary, cumulative for both streams: `seq` = every input frame up
 //!   to it is held by the backup, `aux` = every VMLOG frame up to it is buffered for
-//!   replay. No payload.
-//! - `NACK`: backup -> primary, "resend input frame `seq`". Padded to a full log frame:
-//!   the primary's XDP rewrites it in place into the stored frame (`FLAG_RETRANSMIT`).
+//!   replay. Payload: the tag.
+//! - `NACK`: backup -> primary, "resend input frame `seq`". Payload: the tag, then zero
+//!   padding to a full log frame: the primary's XDP checks the tag and rewrites the
+//!   frame in place into the stored frame (`FLAG_RETRANSMIT`), which overwrites the tag.
 //! - `VMNACK`: backup -> primary, "resend VMLOG frame `seq`" (answered by the daemon).
+//!   Payload: the tag.
 //! - `HEARTBEAT`: primary -> backup every heartbeat period while replicating; `seq` =
 //!   highest input sequence assigned, `aux` = highest VMLOG sequence sent, so the
 //!   backup notices lost tail frames of either stream.
 //! - `LEAVE`: backup -> primary: "I stopped following this log" (it diverged or shuts
-//!   down); `aux` = a reason code.
+//!   down); `aux` = a reason code. Payload: the tag.
 //!
 //! `session` is a random number the primary's daemon draws at start: every frame it
 //! sends carries it, the backup echoes it in acks and nacks, and the primary's XDP
 //! drops acks of another session — a restarted primary (same epoch, new session) can
 //! never have its output released by acks meant for its previous run.
+//!
+//! ## Authentication (version 3)
+//!
+//! Every frame the backup sends to the primary (`ACK`, `NACK`, `VMNACK`, `LEAVE`) has
+//! `len` = [`TAG_LEN`] and carries an 8-byte **tag** as its payload (big-endian, like
+//! every field; [`TaggedHdr`]): SipHash-2-4 ([`crate::siphash`]) keyed with the 16-byte
+//! channel key (`[channel] key_file`, the same file on both hosts) over the whole 40-byte
+//! `FtHdr` as it is on the wire ([`frame_tag`]): magic, version, kind, flags, len,
+//! reserved, session, epoch, seq and aux. Changing any of them (an ack's sequence, its
+//! epoch or session, a NACK into an ACK) needs the key. The primary's XDP (`ft_log_rx`)
+//! checks the tag of all four kinds before anything else looks at their contents and
+//! drops a frame with a wrong or missing tag (`ft_drops_total{reason="bad_mac"}`); the
+//! daemon checks VMNACK and LEAVE tags again. Not covered: the Ethernet header (source
+//! and destination are checked against the configuration but are not secret) and a
+//! NACK's padding (meaningless).
+//!
+//! A replayed genuine frame gains nothing: acks are cumulative and only move the ack
+//! forward, so an old ack of this session and epoch cannot release more than the backup
+//! already confirmed; a replayed NACK or VMNACK costs one retransmission; a LEAVE is
+//! only sent when the backup stops following, after which the primary moves to a new
+//! epoch (where the replay no longer matches).
+//!
+//! Not authenticated: the primary's frames to the backup (`LOG`, `VMLOG`, `HEARTBEAT`).
+//! `LOG` frames are made by XDP at line rate, and a tag over the header alone would not
+//! protect the client frame it carries. Why the tag is in the payload, not the header:
+//! a longer header would grow every log frame and move the input frame the VMM reads
+//! (tagged input); only the backup's small frames pay for the tag this way. See
+//! ARCHITECTURE.md ("Authentication on the logging link") for what a host on the link
+//! can and cannot do.
 use zerocopy::byteorder::network_endian::{U16, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
+
+use crate::siphash::{SipKey, siphash24_words};
 
 /// IEEE 802 "local experimental" EtherType 1, used for all logging-link frames.
 pub const ETHERTYPE_FT: u16 = 0x88B5;
@@ -46,7 +79,8 @@ pub const ETHERTYPE_IPV4: u16 = 0x0800;
 pub const ETHERTYPE_ARP: u16 = 0x0806;
 
 pub const FT_MAGIC: u8 = 0xF7;
-pub const FT_VERSION: u8 = 2;
+/// 3: the backup's frames carry a tag (see the module docs).
+pub const FT_VERSION: u8 = 3;
 
 pub const KIND_LOG: u8 = 1;
 pub const KIND_ACK: u8 = 2;
@@ -137,6 +171,69 @@ pub struct LogHdr {
     pub ft: FtHdr,
 }
 
+/// Bytes of the tag the backup's frames carry as their payload.
+pub const TAG_LEN: usize = 8;
+
+/// The kinds the backup sends to the primary: each carries a tag.
+#[inline(always)]
+pub fn kind_is_tagged(kind: u8) -> bool {
+    matches!(kind, KIND_ACK | KIND_NACK | KIND_VMNACK | KIND_LEAVE)
+}
+
+/// Headers and tag of a frame from the backup (`ACK`, `NACK`, `VMNACK`, `LEAVE`).
+#[repr(C)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout, Unaligned,
+)]
+pub struct TaggedHdr {
+    pub eth: EthHdr,
+    pub ft: FtHdr,
+    /// [`frame_tag`] of `ft` (with `ft.len` = [`TAG_LEN`]).
+    pub tag: U64,
+}
+
+/// Bytes of [`TaggedHdr`].
+pub const TAGGED_HLEN: usize = LOG_OVERHEAD + TAG_LEN;
+
+/// The message a tag covers: the 40 bytes of `h` as they are on the wire, as the five
+/// little-endian words SipHash reads them as. Fixed size, so the eBPF programs can hash
+/// it in a straight line.
+#[inline(always)]
+pub fn tag_words(h: &FtHdr) -> [u64; 5] {
+    let len = h.len.to_bytes();
+    let reserved = h.reserved.to_bytes();
+    [
+        u64::from_le_bytes([
+            h.magic,
+            h.version,
+            h.kind,
+            h.flags,
+            len[0],
+            len[1],
+            reserved[0],
+            reserved[1],
+        ]),
+        u64::from_le_bytes(h.session.to_bytes()),
+        u64::from_le_bytes(h.epoch.to_bytes()),
+        u64::from_le_bytes(h.seq.to_bytes()),
+        u64::from_le_bytes(h.aux.to_bytes()),
+    ]
+}
+
+/// The tag of a frame with header `h`: SipHash-2-4 of the header bytes.
+#[inline(always)]
+pub fn frame_tag(key: &SipKey, h: &FtHdr) -> u64 {
+    siphash24_words(key, &tag_words(h))
+}
+
+/// Userspace: `payload` (of a frame parsed by [`parse_log_frame`]) is the right tag for
+/// `h`.
+pub fn tag_valid(key: &SipKey, h: &FtHdr, payload: &[u8]) -> bool {
+    h.len.get() as usize == TAG_LEN
+        && payload.len() == TAG_LEN
+        && payload == frame_tag(key, h).to_be_bytes()
+}
+
 /// Why a parsed logging-link frame is not acceptable (userspace parser).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ParseError {
@@ -172,6 +269,7 @@ mod tests {
         assert_eq!(core::mem::size_of::<EthHdr>(), ETH_HLEN);
         assert_eq!(core::mem::size_of::<FtHdr>(), FT_HLEN);
         assert_eq!(core::mem::size_of::<LogHdr>(), LOG_OVERHEAD);
+        assert_eq!(core::mem::size_of::<TaggedHdr>(), TAGGED_HLEN);
         const { assert!(SLOT_DATA >= MAX_FRAME) };
     }
 
@@ -207,5 +305,55 @@ mod tests {
         bad[12] = 0x08;
         bad[13] = 0x00;
         assert_eq!(parse_log_frame(&bad), Err(ParseError::NotFt));
+    }
+
+    fn key() -> SipKey {
+        SipKey::from_bytes(&[7; 16])
+    }
+
+    fn ack() -> FtHdr {
+        let mut h = FtHdr::new(KIND_ACK, 0x5e55, 7, 42);
+        h.aux.set(9);
+        h.len.set(TAG_LEN as u16);
+        h
+    }
+
+    #[test]
+    fn the_tag_covers_the_header_bytes_as_sent() {
+        let h = ack();
+        // The words are the wire bytes, so a receiver hashes exactly what it got.
+        assert_eq!(
+            frame_tag(&key(), &h),
+            crate::siphash::siphash24(&key(), h.as_bytes())
+        );
+        // Every bit of every header byte changes the tag.
+        let t = frame_tag(&key(), &h);
+        for i in 0..FT_HLEN {
+            for bit in 0..8 {
+                let mut b = h;
+                b.as_mut_bytes()[i] ^= 1 << bit;
+                assert_ne!(frame_tag(&key(), &b), t, "byte {i} bit {bit}");
+            }
+        }
+        let other = SipKey::from_bytes(&[8; 16]);
+        assert_ne!(frame_tag(&other, &h), t);
+    }
+
+    #[test]
+    fn tag_valid_checks_tag_and_length() {
+        let h = ack();
+        let tag = frame_tag(&key(), &h).to_be_bytes();
+        assert!(tag_valid(&key(), &h, &tag));
+        assert!(!tag_valid(&SipKey::from_bytes(&[8; 16]), &h, &tag));
+        assert!(!tag_valid(&key(), &h, &tag[..4]));
+        let mut bad = tag;
+        bad[7] ^= 1;
+        assert!(!tag_valid(&key(), &h, &bad));
+        // An untagged frame (len 0) is never valid.
+        let mut untagged = h;
+        untagged.len.set(0);
+        assert!(!tag_valid(&key(), &untagged, &[]));
+        assert!(kind_is_tagged(KIND_ACK) && kind_is_tagged(KIND_LEAVE));
+        assert!(!kind_is_tagged(KIND_LOG) && !kind_is_tagged(KIND_HEARTBEAT));
     }
 }

@@ -251,6 +251,20 @@ fn try_log_rx(ctx: &XdpContext) -> Result<u32, u32> {
                 }
                 return drop(C_DROP_BAD_SESSION);
             }
+            // The backup's frames carry a tag (SipHash of the header under the channel
+            // key): nothing about an ack, nack, VMNACK or LEAVE is believed before it
+            // verifies. A forger on the link can copy the peer's MAC, the epoch, the
+            // session and a plausible sequence, but not the tag.
+            if kind_is_tagged(kind) && !tag_ok(data, end, cfg, &hdr.ft) {
+                if rare(C_DROP_BAD_MAC) {
+                    warn!(
+                        ctx,
+                        "logging link: frame (kind {}) with a wrong or missing tag dropped: forged, or the peer's channel.key_file differs",
+                        kind
+                    );
+                }
+                return drop(C_DROP_BAD_MAC);
+            }
             match kind {
                 KIND_ACK if node.role == ROLE_PRIMARY => {
                     on_ack(ctx, st, ch, fseq, hdr.ft.aux.get())
@@ -315,6 +329,20 @@ fn try_log_rx(ctx: &XdpContext) -> Result<u32, u32> {
         }
         _ => drop(C_DROP_NOT_REPLICATING),
     }
+}
+
+/// The frame at `data` carries the right tag for its header: `len` = TAG_LEN and the
+/// payload's first 8 bytes are `frame_tag(key, ft)`.
+#[inline(always)]
+fn tag_ok(data: usize, end: usize, cfg: &Config, ft: &FtHdr) -> bool {
+    if ft.len.get() as usize != TAG_LEN || data + TAGGED_HLEN > end {
+        return false;
+    }
+    // SAFETY: TAGGED_HLEN bytes are in bounds (checked above); TaggedHdr is Unaligned.
+    let tag = unsafe { (*(data as *const TaggedHdr)).tag.get() };
+    // The key is in CONFIG, which the daemon writes once, before it attaches any program
+    // (the map update returns before the attach): never written while a program reads it.
+    tag == frame_tag(&cfg.tag_key(), ft)
 }
 
 #[inline(always)]

@@ -22,7 +22,8 @@ use tracing::{debug, info, warn};
 use xdpilone::{IfInfo, Socket, SocketConfig, Umem, UmemConfig};
 
 use super::{
-    frames::control_frame,
+    auth::ChannelKey,
+    frames::{control_frame, hdr},
     reorder::{Outcome, Reorder},
     status::ChannelStatus,
 };
@@ -129,6 +130,8 @@ impl StreamStart {
 pub struct BackupParams {
     pub own_mac: [u8; 6],
     pub peer_mac: [u8; 6],
+    /// Tags the acks and nacks (the primary's XDP drops frames without the right tag).
+    pub key: ChannelKey,
     pub heartbeat: Duration,
     pub peer_timeout: Duration,
     pub nack_retry: Duration,
@@ -335,13 +338,10 @@ pub fn run(
         // Cumulative ack of both streams on progress, and as a keep-alive.
         if acked != last_ack_sent.0 || now.duration_since(last_ack_sent.1) >= params.heartbeat {
             let f = control_frame(
-                KIND_ACK,
+                &params.key,
                 params.own_mac,
                 params.peer_mac,
-                session,
-                epoch,
-                acked.0,
-                acked.1,
+                hdr(KIND_ACK, session, epoch, acked.0, acked.1),
             );
             send(&f, &status.acks_sent);
             last_ack_sent = (acked, now);
@@ -357,7 +357,12 @@ pub fn run(
             .into_iter()
             .map(|s| (KIND_VMNACK, s));
         for (kind, s) in nacks.chain(vm_nacks) {
-            let f = control_frame(kind, params.own_mac, params.peer_mac, session, epoch, s, 0);
+            let f = control_frame(
+                &params.key,
+                params.own_mac,
+                params.peer_mac,
+                hdr(kind, session, epoch, s, 0),
+            );
             send(&f, &status.nacks_sent);
         }
         if now.duration_since(last_stats) >= Duration::from_millis(100) {

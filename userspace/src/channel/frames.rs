@@ -2,52 +2,66 @@
 use ft_common::wire::*;
 use zerocopy::{IntoBytes, byteorder::network_endian::U16};
 
-/// Builds a payload-less logging-link frame (ack, nack, heartbeat, leave).
-pub fn control_frame(
-    kind: u8,
-    src: [u8; 6],
-    dst: [u8; 6],
-    session: u64,
-    epoch: u64,
-    seq: u64,
-    aux: u64,
-) -> Vec<u8> {
-    let mut ft = FtHdr::new(kind, session, epoch, seq);
-    ft.aux.set(aux);
-    let hdr = LogHdr {
-        eth: EthHdr {
-            dst,
-            src,
-            ethertype: U16::new(ETHERTYPE_FT),
-        },
-        ft,
+use super::auth::ChannelKey;
+
+/// Builds a control frame (ack, nack, VMNACK, leave, heartbeat) with header `ft`. The
+/// backup's kinds (`kind_is_tagged`) get `len` = `TAG_LEN` and their tag under `key` as
+/// the payload; a heartbeat has no payload.
+pub fn control_frame(key: &ChannelKey, src: [u8; 6], dst: [u8; 6], mut ft: FtHdr) -> Vec<u8> {
+    let tagged = kind_is_tagged(ft.kind);
+    if tagged {
+        ft.len.set(TAG_LEN as u16);
+    }
+    let eth = EthHdr {
+        dst,
+        src,
+        ethertype: U16::new(ETHERTYPE_FT),
     };
-    let mut v = hdr.as_bytes().to_vec();
+    let mut v = if tagged {
+        TaggedHdr {
+            eth,
+            ft,
+            tag: key.tag(&ft).into(),
+        }
+        .as_bytes()
+        .to_vec()
+    } else {
+        LogHdr { eth, ft }.as_bytes().to_vec()
+    };
     // Pad to the Ethernet minimum so that NICs that pad do not change the length. A nack
     // is padded to a full log frame: the primary's XDP rewrites it in place into the
     // missing entry, and shrinking a frame always works where growing it may not (the
     // driver decides the tailroom).
-    let size = if kind == KIND_NACK {
+    let size = if ft.kind == KIND_NACK {
         LOG_OVERHEAD + MAX_FRAME
     } else {
         60
     };
-    v.resize(size, 0);
+    v.resize(size.max(v.len()), 0);
     v
+}
+
+/// A control frame's header: `kind`, `session`, `epoch`, `seq` and `aux`.
+pub fn hdr(kind: u8, session: u64, epoch: u64, seq: u64, aux: u64) -> FtHdr {
+    let mut ft = FtHdr::new(kind, session, epoch, seq);
+    ft.aux.set(aux);
+    ft
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn key() -> ChannelKey {
+        ChannelKey::from_bytes([3; 16])
+    }
+
     #[test]
-    fn control_frames_parse_back() {
-        let f = control_frame(KIND_NACK, [1; 6], [2; 6], 0x5e55, 9, 77, 0);
+    fn control_frames_parse_back_with_their_tags() {
+        let f = control_frame(&key(), [1; 6], [2; 6], hdr(KIND_NACK, 0x5e55, 9, 77, 0));
         assert_eq!(f.len(), LOG_OVERHEAD + MAX_FRAME);
-        assert_eq!(
-            control_frame(KIND_ACK, [1; 6], [2; 6], 0x5e55, 9, 77, 0).len(),
-            60
-        );
+        let ack = control_frame(&key(), [1; 6], [2; 6], hdr(KIND_ACK, 0x5e55, 9, 77, 5));
+        assert_eq!(ack.len(), TAGGED_HLEN);
         let (h, payload) = parse_log_frame(&f).unwrap();
         assert_eq!(
             (
@@ -58,7 +72,20 @@ mod tests {
             ),
             (KIND_NACK, 0x5e55, 9, 77)
         );
-        assert!(payload.is_empty());
         assert_eq!(h.eth.src, [1; 6]);
+        assert!(tag_valid(&key().sip(), &h.ft, payload));
+        let (h, payload) = parse_log_frame(&ack).unwrap();
+        assert_eq!(h.ft.aux.get(), 5);
+        assert!(tag_valid(&key().sip(), &h.ft, payload));
+        assert!(!tag_valid(
+            &ChannelKey::from_bytes([4; 16]).sip(),
+            &h.ft,
+            payload
+        ));
+        // Heartbeats are not tagged.
+        let hb = control_frame(&key(), [1; 6], [2; 6], hdr(KIND_HEARTBEAT, 1, 9, 77, 5));
+        assert_eq!(hb.len(), 60);
+        let (h, payload) = parse_log_frame(&hb).unwrap();
+        assert_eq!((h.ft.len.get(), payload.len()), (0, 0));
     }
 }

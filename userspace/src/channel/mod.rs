@@ -2,6 +2,7 @@
 //! (XDP); userspace only adds heartbeats. The backup receives log frames over AF_XDP,
 //! puts them in order, hands them to the VM side exactly once, and sends cumulative acks
 //! and per-entry nacks.
+pub mod auth;
 pub mod backup;
 pub mod frames;
 pub mod primary;

@@ -12,7 +12,11 @@ use std::{
 use ft_common::{maps::ROLE_PRIMARY, wire::KIND_HEARTBEAT};
 use tracing::{info, warn};
 
-use super::{frames::control_frame, status::ChannelStatus};
+use super::{
+    auth::ChannelKey,
+    frames::{control_frame, hdr},
+    status::ChannelStatus,
+};
 use crate::{dataplane::DataPlane, netif::RawSocket};
 
 pub fn monotonic_ns() -> u64 {
@@ -27,6 +31,8 @@ pub fn monotonic_ns() -> u64 {
 
 pub struct PrimaryParams {
     pub peer_mac: [u8; 6],
+    /// The channel key (heartbeats are not tagged; kept for the frame builder).
+    pub key: ChannelKey,
     pub session: u64,
     pub heartbeat: Duration,
     pub peer_timeout: Duration,
@@ -61,13 +67,16 @@ pub fn run(
             continue;
         }
         let f = control_frame(
-            KIND_HEARTBEAT,
+            &p.key,
             iface.mac,
             p.peer_mac,
-            p.session,
-            epoch,
-            seq.last_seq,
-            dp.chan_state().vm_last,
+            hdr(
+                KIND_HEARTBEAT,
+                p.session,
+                epoch,
+                seq.last_seq,
+                dp.chan_state().vm_last,
+            ),
         );
         match out.send(&f) {
             Ok(()) => ChannelStatus::inc(&status.heartbeats_sent),

@@ -1,5 +1,7 @@
 //! Primary: answers the backup's `VMNACK`s from the VMM stream's store (the input stream
-//! is repaired in the kernel), and hears its `LEAVE`.
+//! is repaired in the kernel), and hears its `LEAVE`. XDP verified their tags before it
+//! passed them up; they are verified here again, so nothing that reaches this socket by
+//! another path (a frame the data plane did not see) is believed without the key.
 use std::{
     sync::{
         Arc,
@@ -11,6 +13,7 @@ use std::{
 use ft_common::wire::*;
 use tracing::{debug, warn};
 
+use super::auth::ChannelKey;
 use crate::{
     netif::{Interface, NetifError, RawSocket},
     vm::sink::{VmLogStats, VmLogStore},
@@ -21,6 +24,7 @@ pub type OnLeave = Box<dyn Fn(u64) + Send>;
 
 pub fn run(
     iface: &Interface,
+    key: &ChannelKey,
     store: Arc<VmLogStore>,
     stats: Arc<VmLogStats>,
     on_leave: OnLeave,
@@ -28,14 +32,23 @@ pub fn run(
 ) -> Result<(), NetifError> {
     let sock = RawSocket::open_rx(iface, ETHERTYPE_FT)?;
     let mut buf = vec![0u8; 4096];
+    let sip = key.sip();
     while !stop.load(Relaxed) {
         let Ok(Some(n)) = sock.recv(&mut buf, Duration::from_millis(50)) else {
             continue;
         };
-        // XDP checked peer, session and epoch before passing the frame up.
-        let Ok((hdr, _)) = parse_log_frame(&buf[..n]) else {
+        // XDP checked peer, session, epoch and tag before passing the frame up.
+        let Ok((hdr, payload)) = parse_log_frame(&buf[..n]) else {
             continue;
         };
+        if kind_is_tagged(hdr.ft.kind) && !tag_valid(&sip, &hdr.ft, payload) {
+            stats.bad_tags.fetch_add(1, Relaxed);
+            warn!(
+                kind = hdr.ft.kind,
+                "a backup frame with a wrong or missing tag ignored"
+            );
+            continue;
+        }
         match hdr.ft.kind {
             KIND_VMNACK => {
                 let seq = hdr.ft.seq.get();

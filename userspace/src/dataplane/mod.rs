@@ -171,6 +171,10 @@ impl DataPlane {
             peer_log_mac: cfg.interfaces.peer_log_mac.0,
             _pad: [0; 2],
             session,
+            tag_key: {
+                let k = cfg.channel.key.sip();
+                [k.k0, k.k1]
+            },
         };
         let mut cfg_map: Array<MapData, Config_> =
             Array::try_from(ebpf.take_map("CONFIG").expect("CONFIG map"))

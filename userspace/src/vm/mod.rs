@@ -149,6 +149,7 @@ impl VmState {
             "entries_discarded_solo": self.stats.discarded.load(Relaxed),
             "joins": self.joined.load(Relaxed),
             "join_bad_requests": self.join_bad_requests.load(Relaxed),
+            "control_frames_bad_tag": self.stats.bad_tags.load(Relaxed),
             "join": *self.join.lock().unwrap(),
         })
     }

@@ -76,6 +76,9 @@ pub struct VmLogStats {
     pub stalled: AtomicBool,
     /// Entries discarded because the primary runs alone (no backup to replay them).
     pub discarded: AtomicU64,
+    /// VMNACK and LEAVE frames the daemon ignored for a wrong or missing tag (XDP drops
+    /// them first: this counts only what reached the daemon by another path).
+    pub bad_tags: AtomicU64,
 }
 
 #[derive(Debug, thiserror::Error)]
