@@ -551,3 +551,94 @@ fn a_solo_node_serves_unprotected_and_logs_nothing() {
     assert!(log_tx < 10, "the logging NIC sent {log_tx} frames");
     assert!(app.counter('a', "solo_delivered_frames_total").unwrap() > 15_000);
 }
+
+/// The join service gives the VM's memory only to a host that holds the channel key: a
+/// hello from the logging link with the live epoch and the right configuration hash but
+/// no MAC under the key is refused and counted (`join_auth_failures`), and nothing is
+/// transferred; the pair keeps replicating. (A joiner with the key is answered: every
+/// re-protection test joins that way.)
+#[test]
+fn a_join_hello_without_the_channel_key_is_refused_and_counted() {
+    use std::io::BufRead;
+    let _s = serial();
+    let tb = Testbed::new(TestbedOptions {
+        start_standins: false,
+        ..Default::default()
+    })
+    .unwrap();
+    let _arb = ft_testbed::start_arbiter(&tb).unwrap();
+    let app = Appliance::start(
+        &tb,
+        &ApplianceOptions {
+            vm: VmOptions::vmm(),
+            fence: ft_testbed::embedded_fence(2000, 400),
+            join: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert!(app.wait_replicating(T), "{:#}", app.status('a').unwrap());
+    let st = app.status('a').unwrap();
+    let epoch = st["epoch"].as_u64().unwrap();
+    let addr = format!(
+        "{}:{}",
+        ft_testbed::names::HOST_A_LOG_IP,
+        ft_testbed::appliance::JOIN_PORT
+    );
+    // From host B's namespace, where a joining backup would connect: read the challenge,
+    // answer with a hello that cannot prove the key.
+    let ask = |mac: &str| -> (String, String) {
+        ft_testbed::try_run_in_ns(&tb.b.ns, || {
+            let s = TcpStream::connect(&addr).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let mut w = s.try_clone().unwrap();
+            let mut r = std::io::BufReader::new(s);
+            let mut challenge = String::new();
+            r.read_line(&mut challenge).unwrap();
+            let hello = format!(
+                "{{\"version\":2,\"node\":\"intruder\",\"epoch\":{epoch},\"config_hash\":{},\
+                 \"nonce\":\"00112233445566778899aabbccddeeff\",\"mac\":\"{mac}\"}}\n",
+                st["vm"]["config_hash"].as_u64().unwrap()
+            );
+            w.write_all(hello.as_bytes()).unwrap();
+            let mut reply = String::new();
+            let _ = r.read_line(&mut reply);
+            (challenge, reply)
+        })
+        .unwrap()
+    };
+    let (challenge, reply) = ask("");
+    assert!(
+        challenge.contains("\"nonce\""),
+        "no challenge: {challenge:?}"
+    );
+    assert!(
+        reply.contains("refused") && reply.contains("not authenticated"),
+        "{reply}"
+    );
+    let (_, reply) = ask(&"ab".repeat(32)); // a MAC of the right size, not under the key
+    assert!(reply.contains("not authenticated"), "{reply}");
+    assert!(
+        Appliance::wait_until(T, || app
+            .status('a')
+            .is_ok_and(|s| s["vm"]["join_auth_failures"] == 2)),
+        "{:#}",
+        app.status('a').unwrap()
+    );
+    let st = app.status('a').unwrap();
+    assert_eq!(
+        st["vm"]["join"],
+        Value::Null,
+        "no join was attempted: {st:#}"
+    );
+    assert_eq!(st["vm"]["join_bad_requests"], 0, "{st:#}");
+    assert!(
+        app.metrics('a')
+            .unwrap()
+            .contains("ft_join_auth_failures_total 2")
+    );
+    // The pair is untouched: still primary and backup, the guest answers.
+    assert_eq!(st["role"], "primary", "{st:#}");
+    assert_eq!(redis(&tb, &["PING"]), "PONG");
+    assert!(app.wait_replicating(T));
+}

@@ -216,6 +216,12 @@ fn render_join(o: &mut String, vm: &crate::vm::VmState) {
     );
     let _ = writeln!(
         o,
+        "# HELP ft_join_auth_failures_total Join hellos refused because they did not prove the channel key\n\
+         # TYPE ft_join_auth_failures_total counter\nft_join_auth_failures_total {}",
+        vm.join_auth_failures.load(Relaxed)
+    );
+    let _ = writeln!(
+        o,
         "# HELP ft_control_frames_bad_tag_total VMNACK/LEAVE frames the daemon ignored for a wrong or missing tag (XDP drops most first: ft_drops_total{{reason=\"bad_mac\"}})\n\
          # TYPE ft_control_frames_bad_tag_total counter\nft_control_frames_bad_tag_total {}",
         vm.stats.bad_tags.load(Relaxed)

@@ -1,12 +1,19 @@
 //! Re-protection: a backup joins a primary that runs the VM alone (SOLO), by live state
 //! transfer over TCP on the logging link (`channel.join_listen` / `channel.join_peer`).
 //!
-//! 1. The joining backup knows the live epoch (from the arbiter) and says hello: its
-//!    node, epoch and VM configuration hash. The primary answers `transfer` (it runs
-//!    alone, the epoch and configuration match), `follow-from-boot` (it has not run the
-//!    VM without a backup: the log starts with the VM's boot, follow it as usual),
-//!    `retry` (it still counts on another backup) or `refused` with the reason (stale
-//!    epoch, another guest or configuration, halted).
+//! 1. The joining backup knows the live epoch (from the arbiter). The primary greets
+//!    every connection with a challenge (16 random bytes); the backup says hello: its
+//!    node, epoch, VM configuration hash, a challenge of its own, and an HMAC-SHA256
+//!    under the channel key (`[channel] key_file`) of the primary's challenge and its
+//!    hello. A hello whose MAC does not verify is refused and counted
+//!    (`join_auth_failures`): only a host with the key gets the VM's memory. Otherwise
+//!    the primary answers `transfer` (it runs alone, the epoch and configuration match),
+//!    `follow-from-boot` (it has not run the VM without a backup: the log starts with
+//!    the VM's boot, follow it as usual), `retry` (it still counts on another backup) or
+//!    `refused` with the reason (stale epoch, another guest or configuration, halted),
+//!    with an HMAC of the backup's challenge and the answer: the backup takes state only
+//!    from a primary with the key. (Not protected: the state stream after the answer is
+//!    neither encrypted nor MACed; see ARCHITECTURE.md.)
 //! 2. On `transfer` the VMM's state streams over (pre-copy while the VM runs, then the
 //!    stop at a guest exit; `ft_vmm::transfer`). At the cut, on the vCPU thread, the
 //!    primary's hook switches the data plane to PRIMARY: from that exit on, input is
@@ -42,13 +49,33 @@ use tracing::{info, warn};
 
 use super::{VmState, sink};
 use crate::{
-    channel::status::ChannelStatus, config::Config, dataplane::DataPlane, netif::RawSocket,
+    channel::{
+        auth::{ChannelKey, fill_random, hex},
+        status::ChannelStatus,
+    },
+    config::Config,
+    dataplane::DataPlane,
+    netif::RawSocket,
     role::Roles,
 };
 
-const JOIN_VERSION: u32 = 1;
+/// 2: challenge-response under the channel key.
+const JOIN_VERSION: u32 = 2;
 /// Longest hello or reply line.
 const MAX_LINE: u64 = 4096;
+/// Random bytes of a challenge.
+const NONCE_LEN: usize = 16;
+/// Labels of the two MACs (so that one can never pass for the other).
+const HELLO_MAC: &str = "ft-join-hello";
+const REPLY_MAC: &str = "ft-join-reply";
+
+/// The primary's first line on every connection.
+#[derive(Serialize, Deserialize, Debug)]
+pub struct Challenge {
+    pub version: u32,
+    /// Hex, NONCE_LEN fresh random bytes.
+    pub nonce: String,
+}
 
 #[derive(Serialize, Deserialize, Debug)]
 pub struct Hello {
@@ -56,6 +83,47 @@ pub struct Hello {
     pub node: String,
     pub epoch: u64,
     pub config_hash: u64,
+    /// The joiner's challenge to the primary (hex): the reply's MAC covers it.
+    #[serde(default)]
+    pub nonce: String,
+    /// HMAC-SHA256 (hex) under the channel key of the primary's challenge and this
+    /// hello ([`Hello::mac`]).
+    #[serde(default)]
+    pub mac: String,
+}
+
+impl Hello {
+    /// The MAC of this hello in answer to `challenge`.
+    fn compute_mac(&self, key: &ChannelKey, challenge: &str) -> String {
+        let parts = self.mac_parts(challenge);
+        key.mac_hex(HELLO_MAC, &parts.each_ref().map(|p| p.as_slice()))
+    }
+
+    fn mac_valid(&self, key: &ChannelKey, challenge: &str) -> bool {
+        let parts = self.mac_parts(challenge);
+        key.verify_hex(
+            HELLO_MAC,
+            &parts.each_ref().map(|p| p.as_slice()),
+            &self.mac,
+        )
+    }
+
+    fn mac_parts(&self, challenge: &str) -> [Vec<u8>; 6] {
+        [
+            challenge.as_bytes().to_vec(),
+            self.version.to_be_bytes().to_vec(),
+            self.node.as_bytes().to_vec(),
+            self.epoch.to_be_bytes().to_vec(),
+            self.config_hash.to_be_bytes().to_vec(),
+            self.nonce.as_bytes().to_vec(),
+        ]
+    }
+}
+
+fn new_nonce() -> String {
+    let mut n = [0u8; NONCE_LEN];
+    fill_random(&mut n);
+    hex(&n)
 }
 
 #[derive(Serialize, Deserialize, Debug, PartialEq, Eq, Clone, Copy)]
@@ -71,6 +139,36 @@ pub enum Answer {
 pub struct Reply {
     pub answer: Answer,
     pub reason: String,
+    /// HMAC-SHA256 (hex) of the joiner's challenge, the primary's and the answer; empty
+    /// when the hello was not authenticated (a refusal).
+    #[serde(default)]
+    pub mac: String,
+}
+
+impl Reply {
+    fn mac_parts(&self, hello_nonce: &str, challenge: &str) -> [Vec<u8>; 4] {
+        [
+            hello_nonce.as_bytes().to_vec(),
+            challenge.as_bytes().to_vec(),
+            serde_json::to_vec(&self.answer).unwrap_or_default(),
+            self.reason.as_bytes().to_vec(),
+        ]
+    }
+
+    fn sign(mut self, key: &ChannelKey, hello_nonce: &str, challenge: &str) -> Reply {
+        let parts = self.mac_parts(hello_nonce, challenge);
+        self.mac = key.mac_hex(REPLY_MAC, &parts.each_ref().map(|p| p.as_slice()));
+        self
+    }
+
+    fn mac_valid(&self, key: &ChannelKey, hello_nonce: &str, challenge: &str) -> bool {
+        let parts = self.mac_parts(hello_nonce, challenge);
+        key.verify_hex(
+            REPLY_MAC,
+            &parts.each_ref().map(|p| p.as_slice()),
+            &self.mac,
+        )
+    }
 }
 
 /// The joining backup's last word: it holds the whole state.
@@ -95,7 +193,7 @@ pub struct CutInfo {
     pub session: u64,
 }
 
-fn read_line(r: &mut BufReader<TcpStream>) -> std::io::Result<String> {
+fn read_line(r: &mut impl BufRead) -> std::io::Result<String> {
     let mut s = String::new();
     let n = std::io::Read::take(&mut *r, MAX_LINE).read_line(&mut s)?;
     if n == 0 || !s.ends_with('\n') {
@@ -106,7 +204,7 @@ fn read_line(r: &mut BufReader<TcpStream>) -> std::io::Result<String> {
     Ok(s)
 }
 
-fn send_line(w: &mut TcpStream, v: &impl Serialize) -> std::io::Result<()> {
+fn send_line(w: &mut impl Write, v: &impl Serialize) -> std::io::Result<()> {
     let mut b = serde_json::to_vec(v).map_err(std::io::Error::other)?;
     b.push(b'\n');
     w.write_all(&b)
@@ -182,13 +280,7 @@ impl JoinServer {
     /// What to tell a joining backup that says `hello`.
     fn decide(&self, hello: &Hello) -> (Answer, String) {
         if hello.version != JOIN_VERSION {
-            return (
-                Answer::Refused,
-                format!(
-                    "join protocol version {} (this primary speaks {JOIN_VERSION}): run the same ft version on both hosts",
-                    hello.version
-                ),
-            );
+            return version_refusal(hello.version);
         }
         if self.status.halted.load(Relaxed) {
             return (Answer::Refused, "this node halted".into());
@@ -250,18 +342,13 @@ impl JoinServer {
         let _ = s.set_nodelay(true);
         let mut w = s.try_clone().map_err(|e| bad(e.to_string()))?;
         let mut r = BufReader::new(s);
-        let line = read_line(&mut r).map_err(|e| bad(e.to_string()))?;
-        let hello: Hello =
-            serde_json::from_str(&line).map_err(|e| bad(format!("not a join hello: {e}")))?;
-        let (answer, reason) = self.decide(&hello);
-        send_line(
-            &mut w,
-            &Reply {
-                answer,
-                reason: reason.clone(),
-            },
-        )
-        .map_err(|e| bad(e.to_string()))?;
+        let Some((hello, answer, reason)) =
+            serve_handshake(&self.cfg.channel.key, &mut w, &mut r, |h| self.decide(h))?
+        else {
+            self.vm.join_auth_failures.fetch_add(1, Relaxed);
+            warn!(%peer, "join service: refused a hello that is not authenticated (no channel key)");
+            return Ok(());
+        };
         self.transfer(hello, answer, reason, w, r, peer, started)
             .map_err(HandleError::Failed)
     }
@@ -426,6 +513,128 @@ impl JoinServer {
     }
 }
 
+/// Why a hello without the right MAC is refused.
+const UNAUTHENTICATED: &str = "the join request is not authenticated: the joining host does \
+     not hold this node's channel key (both hosts need the same [channel] key_file)";
+
+/// The primary's half of the handshake: its challenge, the backup's hello, the answer
+/// (`decide`, for an authenticated hello of this version), MACed under `key`. None: the
+/// hello did not prove the key; it was refused (to be counted).
+fn serve_handshake(
+    key: &ChannelKey,
+    w: &mut impl Write,
+    r: &mut impl BufRead,
+    decide: impl FnOnce(&Hello) -> (Answer, String),
+) -> Result<Option<(Hello, Answer, String)>, HandleError> {
+    let bad = |e: String| HandleError::BadRequest(e);
+    let challenge = new_nonce();
+    send_line(
+        w,
+        &Challenge {
+            version: JOIN_VERSION,
+            nonce: challenge.clone(),
+        },
+    )
+    .map_err(|e| bad(e.to_string()))?;
+    let line = read_line(r).map_err(|e| bad(e.to_string()))?;
+    let hello: Hello =
+        serde_json::from_str(&line).map_err(|e| bad(format!("not a join hello: {e}")))?;
+    let (answer, reason) = if hello.version != JOIN_VERSION {
+        version_refusal(hello.version)
+    } else if !hello.mac_valid(key, &challenge) {
+        // Nothing about this node is told to a host without the key, nothing is sent.
+        let reply = Reply {
+            answer: Answer::Refused,
+            reason: UNAUTHENTICATED.into(),
+            mac: String::new(),
+        };
+        send_line(w, &reply).map_err(|e| bad(e.to_string()))?;
+        return Ok(None);
+    } else {
+        decide(&hello)
+    };
+    let reply = Reply {
+        answer,
+        reason: reason.clone(),
+        mac: String::new(),
+    }
+    .sign(key, &hello.nonce, &challenge);
+    send_line(w, &reply).map_err(|e| bad(e.to_string()))?;
+    Ok(Some((hello, answer, reason)))
+}
+
+/// What the joining backup's handshake got.
+enum Asked {
+    /// The primary's authenticated answer.
+    Reply(Reply),
+    /// The connection broke before an answer: ask again.
+    Retry(String),
+}
+
+/// The joining backup's half of the handshake: reads the primary's challenge, says
+/// hello with its MAC, and returns the answer if the primary proved the key too. A
+/// refusal is reported as an error whether or not it is authenticated (it only stops
+/// the join).
+fn ask(
+    key: &ChannelKey,
+    w: &mut impl Write,
+    r: &mut impl BufRead,
+    node: &str,
+    epoch: u64,
+    config_hash: u64,
+) -> Result<Asked, String> {
+    let challenge: Challenge = match read_line(r).map(|l| serde_json::from_str(&l)) {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => {
+            return Err(format!(
+                "the primary's join greeting is malformed ({e}): run the same ft version on both hosts"
+            ));
+        }
+        Err(e) => return Ok(Asked::Retry(e.to_string())),
+    };
+    if challenge.version != JOIN_VERSION {
+        return Err(format!(
+            "the primary speaks join protocol version {}, this node {JOIN_VERSION}: run the same ft version on both hosts",
+            challenge.version
+        ));
+    }
+    let mut hello = Hello {
+        version: JOIN_VERSION,
+        node: node.into(),
+        epoch,
+        config_hash,
+        nonce: new_nonce(),
+        mac: String::new(),
+    };
+    hello.mac = hello.compute_mac(key, &challenge.nonce);
+    send_line(w, &hello).map_err(|e| format!("join hello: {e}"))?;
+    let reply: Reply = match read_line(r).map(|l| serde_json::from_str(&l)) {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => return Err(format!("the primary's join answer is malformed: {e}")),
+        Err(e) => return Ok(Asked::Retry(e.to_string())),
+    };
+    if reply.answer == Answer::Refused {
+        return Err(format!("the primary refused the join: {}", reply.reason));
+    }
+    if !reply.mac_valid(key, &hello.nonce, &challenge.nonce) {
+        return Err(
+            "the primary's join answer is not authenticated: it does not hold this node's \
+             channel key (both hosts need the same [channel] key_file); not taking state from it"
+                .into(),
+        );
+    }
+    Ok(Asked::Reply(reply))
+}
+
+fn version_refusal(version: u32) -> (Answer, String) {
+    (
+        Answer::Refused,
+        format!(
+            "join protocol version {version} (this primary speaks {JOIN_VERSION}): run the same ft version on both hosts"
+        ),
+    )
+}
+
 fn progress_json(peer: &str, started: u64, p: &Progress) -> serde_json::Value {
     json!({
         "peer": peer,
@@ -492,20 +701,16 @@ pub fn join(
             .map_err(|e| e.to_string())?;
         let mut w = s.try_clone().map_err(|e| e.to_string())?;
         let mut r = BufReader::new(s);
-        send_line(
+        let reply = match ask(
+            &cfg.channel.key,
             &mut w,
-            &Hello {
-                version: JOIN_VERSION,
-                node: cfg.node.name.clone(),
-                epoch,
-                config_hash,
-            },
-        )
-        .map_err(|e| format!("join hello to {peer}: {e}"))?;
-        let reply: Reply = match read_line(&mut r).map(|l| serde_json::from_str(&l)) {
-            Ok(Ok(r)) => r,
-            Ok(Err(e)) => return Err(format!("the primary's join answer is malformed: {e}")),
-            Err(e) => {
+            &mut r,
+            &cfg.node.name,
+            epoch,
+            config_hash,
+        )? {
+            Asked::Reply(reply) => reply,
+            Asked::Retry(e) => {
                 warn!(%peer, "join: {e}; retrying");
                 std::thread::sleep(Duration::from_millis(200));
                 continue;
@@ -563,5 +768,156 @@ pub fn join(
                 });
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::net::UnixStream;
+
+    use super::*;
+
+    fn key(b: u8) -> ChannelKey {
+        ChannelKey::from_bytes([b; 16])
+    }
+
+    /// What the primary's handshake got: the authenticated hello and answer, None when
+    /// refused as unauthenticated, or the bad request.
+    type Served = Result<Option<(Hello, Answer, String)>, String>;
+
+    /// Runs the primary's handshake on one end of a socket pair (answering `transfer`)
+    /// and `client` on the other; returns what both got.
+    fn handshake<T: Send + 'static>(
+        primary_key: ChannelKey,
+        client: impl FnOnce(&mut UnixStream, &mut BufReader<UnixStream>) -> T + Send + 'static,
+    ) -> (Served, T) {
+        let (a, b) = UnixStream::pair().unwrap();
+        let c = std::thread::spawn(move || {
+            let mut w = b.try_clone().unwrap();
+            let mut r = BufReader::new(b);
+            client(&mut w, &mut r)
+        });
+        let mut w = a.try_clone().unwrap();
+        let mut r = BufReader::new(a);
+        let served = serve_handshake(&primary_key, &mut w, &mut r, |h| {
+            assert_eq!(h.node, "host-b");
+            (Answer::Transfer, String::new())
+        })
+        .map_err(|e| match e {
+            HandleError::BadRequest(e) | HandleError::Failed(e) => e,
+        });
+        drop((w, r));
+        (served, c.join().unwrap())
+    }
+
+    fn ask_as(
+        k: ChannelKey,
+    ) -> impl FnOnce(&mut UnixStream, &mut BufReader<UnixStream>) -> Result<Asked, String> {
+        move |w, r| ask(&k, w, r, "host-b", 7, 0x1234)
+    }
+
+    #[test]
+    fn a_backup_with_the_key_is_answered_and_checks_the_answer() {
+        let (served, asked) = handshake(key(1), ask_as(key(1)));
+        let (hello, answer, _) = served.unwrap().expect("authenticated");
+        assert_eq!((hello.epoch, hello.config_hash), (7, 0x1234));
+        assert_eq!(answer, Answer::Transfer);
+        match asked.unwrap() {
+            Asked::Reply(r) => assert_eq!(r.answer, Answer::Transfer),
+            Asked::Retry(e) => panic!("retry: {e}"),
+        }
+    }
+
+    #[test]
+    fn a_hello_without_the_key_is_refused_before_anything_is_decided() {
+        // Another key.
+        let (served, asked) = handshake(key(1), ask_as(key(2)));
+        assert!(served.unwrap().is_none(), "refused as unauthenticated");
+        let e = asked.err().expect("the joiner sees the refusal");
+        assert!(
+            e.contains("not authenticated") && e.contains("key_file"),
+            "{e}"
+        );
+        // No MAC at all (the version-1 hello of an intruder, with this version).
+        let (served, reply) = handshake(key(1), |w, r| {
+            let _challenge = read_line(r).unwrap();
+            w.write_all(b"{\"version\":2,\"node\":\"host-b\",\"epoch\":7,\"config_hash\":4660}\n")
+                .unwrap();
+            read_line(r).unwrap()
+        });
+        assert!(served.unwrap().is_none());
+        assert!(
+            reply.contains("refused") && reply.contains("not authenticated"),
+            "{reply}"
+        );
+        // A MAC made for another challenge (a replayed hello).
+        let (served, _) = handshake(key(1), |w, r| {
+            let _challenge = read_line(r).unwrap();
+            let mut h = Hello {
+                version: JOIN_VERSION,
+                node: "host-b".into(),
+                epoch: 7,
+                config_hash: 0x1234,
+                nonce: new_nonce(),
+                mac: String::new(),
+            };
+            h.mac = h.compute_mac(&key(1), "an earlier challenge");
+            send_line(w, &h).unwrap();
+            read_line(r)
+        });
+        assert!(served.unwrap().is_none(), "a replayed hello is refused");
+    }
+
+    #[test]
+    fn an_old_version_is_refused_by_name_and_garbage_is_a_bad_request() {
+        let (served, reply) = handshake(key(1), |w, r| {
+            let _challenge = read_line(r).unwrap();
+            w.write_all(b"{\"version\":1,\"node\":\"x\",\"epoch\":7,\"config_hash\":1}\n")
+                .unwrap();
+            read_line(r).unwrap()
+        });
+        let (_, answer, reason) = served.unwrap().expect("answered");
+        assert_eq!(answer, Answer::Refused);
+        assert!(reason.contains("join protocol version 1"), "{reason}");
+        assert!(reply.contains("join protocol version 1"), "{reply}");
+        let (served, _) = handshake(key(1), |w, r| {
+            let _challenge = read_line(r).unwrap();
+            w.write_all(b"GET / HTTP/1.0\r\n\r\n").unwrap();
+        });
+        assert!(served.unwrap_err().contains("not a join hello"));
+    }
+
+    #[test]
+    fn a_joiner_takes_no_state_from_a_primary_without_the_key() {
+        // A fake primary: answers `transfer` with a MAC under another key.
+        let (a, b) = UnixStream::pair().unwrap();
+        let fake = std::thread::spawn(move || {
+            let mut w = a.try_clone().unwrap();
+            let mut r = BufReader::new(a);
+            let challenge = new_nonce();
+            send_line(
+                &mut w,
+                &Challenge {
+                    version: JOIN_VERSION,
+                    nonce: challenge.clone(),
+                },
+            )
+            .unwrap();
+            let hello: Hello = serde_json::from_str(&read_line(&mut r).unwrap()).unwrap();
+            let reply = Reply {
+                answer: Answer::Transfer,
+                reason: String::new(),
+                mac: String::new(),
+            }
+            .sign(&key(9), &hello.nonce, &challenge);
+            send_line(&mut w, &reply).unwrap();
+        });
+        let mut w = b.try_clone().unwrap();
+        let mut r = BufReader::new(b);
+        let e = ask(&key(1), &mut w, &mut r, "host-b", 7, 1)
+            .err()
+            .expect("refused to take state");
+        assert!(e.contains("not authenticated"), "{e}");
+        fake.join().unwrap();
     }
 }

@@ -82,6 +82,9 @@ pub struct VmState {
     pub last_join_pause_ns: AtomicU64,
     /// Connections to the join service that were not a join request (dropped).
     pub join_bad_requests: AtomicU64,
+    /// Join hellos refused because their MAC did not verify under the channel key (a
+    /// host without the key, or another key_file).
+    pub join_auth_failures: AtomicU64,
     /// This node ran the VM without a backup at some point (so its log no longer starts
     /// with the VM's boot).
     pub ran_alone: AtomicBool,
@@ -149,6 +152,8 @@ impl VmState {
             "entries_discarded_solo": self.stats.discarded.load(Relaxed),
             "joins": self.joined.load(Relaxed),
             "join_bad_requests": self.join_bad_requests.load(Relaxed),
+            "join_auth_failures": self.join_auth_failures.load(Relaxed),
+            "config_hash": self.config_hash.load(Relaxed),
             "control_frames_bad_tag": self.stats.bad_tags.load(Relaxed),
             "join": *self.join.lock().unwrap(),
         })
