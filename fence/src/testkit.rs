@@ -177,8 +177,7 @@ impl EtcdCluster {
                 }
                 None => Command::new(&bin),
             };
-            cmd
-                .args(["--name", &format!("m{i}")])
+            cmd.args(["--name", &format!("m{i}")])
                 .arg("--data-dir")
                 .arg(&data)
                 .args([
