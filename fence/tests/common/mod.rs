@@ -46,13 +46,18 @@ impl ArbiterProc {
             .stdout(Stdio::null())
             .spawn()
             .expect("cannot start ft-arbiter");
-        let p = ArbiterProc {
+        let mut p = ArbiterProc {
             addr: addr.to_string(),
             state_dir: state_dir.to_path_buf(),
             child: Some(child),
         };
         let t0 = Instant::now();
         while std::net::TcpStream::connect(addr).is_err() {
+            if let Some(c) = p.child.as_mut()
+                && let Ok(Some(status)) = c.try_wait()
+            {
+                panic!("ft-arbiter on {addr} exited at startup ({status}); see its stderr above");
+            }
             assert!(
                 t0.elapsed() < Duration::from_secs(10),
                 "ft-arbiter did not listen on {addr} within 10 s"
