@@ -368,9 +368,11 @@ fn switchover_under_load_moves_the_live_role_and_loses_nothing() {
     );
 }
 
-/// The join service answers what it is sent, and nothing else: a hello for another
-/// epoch or guest is refused with the reason, garbage closes the connection, and the
-/// primary serves on alone, unharmed.
+/// The join service answers what it is sent, and nothing else: every connection gets a
+/// challenge; a hello signed with the channel key for another epoch or guest is
+/// refused with the reason; one that does not prove the key (no MAC, or a MAC made for
+/// another challenge) is refused as unauthenticated without a reason, and counted;
+/// garbage closes the connection; and the primary serves on alone, unharmed.
 #[test]
 fn the_join_service_refuses_stale_foreign_and_malformed_hellos() {
     use std::io::{BufRead, BufReader, Write};
@@ -388,37 +390,79 @@ fn the_join_service_refuses_stale_foreign_and_malformed_hellos() {
         ft_testbed::names::HOST_A_LOG_IP,
         ft_testbed::appliance::JOIN_PORT
     );
-    // From host B's namespace, where a joining backup would ask.
-    let ask = |line: &[u8]| -> String {
+    // From host B's namespace, where a joining backup would ask: the challenge, then the
+    // answer to the line `line(challenge nonce)`.
+    let ask = |line: &(dyn Fn(&str) -> Vec<u8> + Sync)| -> String {
         ft_testbed::try_run_in_ns(&tb.b.ns, || {
             let mut s = std::net::TcpStream::connect(&addr).unwrap();
             s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-            s.write_all(line).unwrap();
+            let mut r = BufReader::new(s.try_clone().unwrap());
+            let mut challenge = String::new();
+            r.read_line(&mut challenge).unwrap();
+            let challenge: ftd::vm::join::Challenge = serde_json::from_str(&challenge)
+                .unwrap_or_else(|e| panic!("challenge {challenge:?}: {e}"));
+            s.write_all(&line(&challenge.nonce)).unwrap();
             let mut out = String::new();
-            let _ = BufReader::new(s).read_line(&mut out);
+            let _ = r.read_line(&mut out);
             out
         })
         .unwrap()
     };
-    let hello = |epoch: u64, hash: u64| {
-        format!(
-            "{{\"version\":1,\"node\":\"intruder\",\"epoch\":{epoch},\"config_hash\":{hash}}}\n"
-        )
+    let key = ftd::channel::auth::ChannelKey::load(
+        &ft_testbed::appliance::channel_key_file(&tb).unwrap(),
+    )
+    .unwrap();
+    let config_hash = st["vm"]["config_hash"].as_u64().unwrap();
+    let hello = |epoch: u64, config_hash: u64| ftd::vm::join::Hello {
+        version: 2,
+        node: "joiner".into(),
+        epoch,
+        config_hash,
+        nonce: "00".into(),
+        mac: String::new(),
     };
-    let r = ask(hello(epoch - 1, 1).as_bytes());
+    let line = |h: ftd::vm::join::Hello| {
+        let mut v = serde_json::to_vec(&h).unwrap();
+        v.push(b'\n');
+        v
+    };
+    // With the key: refused by reason.
+    let r = ask(&|nonce| line(hello(epoch - 1, config_hash).signed(&key, nonce)));
     assert!(r.contains("refused") && r.contains("stale epoch"), "{r}");
-    let r = ask(hello(epoch, 1).as_bytes());
+    let r = ask(&|nonce| line(hello(epoch, config_hash ^ 1).signed(&key, nonce)));
     assert!(
         r.contains("refused") && r.contains("another guest image or VM configuration"),
         "{r}"
     );
-    assert_eq!(ask(b"GET / HTTP/1.0\r\n\r\n"), "", "garbage gets no answer");
-    assert_eq!(ask(&[b'x'; 8192]), "", "an endless line gets no answer");
+    // Without it (no MAC, or one made for another challenge): refused, told nothing.
+    let stale = hello(epoch, config_hash).signed(&key, "an earlier challenge");
+    let stale = line(stale);
+    for h in [line(hello(epoch, config_hash)), stale] {
+        let r = ask(&|_| h.clone());
+        assert!(
+            r.contains("refused") && r.contains("not authenticated"),
+            "{r}"
+        );
+        assert!(
+            !r.contains("epoch") && !r.contains("hash"),
+            "told an intruder: {r}"
+        );
+    }
+    assert_eq!(
+        ask(&|_| b"GET / HTTP/1.0\r\n\r\n".to_vec()),
+        "",
+        "garbage gets no answer"
+    );
+    assert_eq!(
+        ask(&|_| vec![b'x'; 8192]),
+        "",
+        "an endless line gets no answer"
+    );
     // Counted once the service is done with the connection (just after it closed it).
     assert!(
-        Appliance::wait_until(T, || app
-            .status('a')
-            .is_ok_and(|s| s["vm"]["join_bad_requests"] == 2)),
+        Appliance::wait_until(T, || app.status('a').is_ok_and(
+            |s| s["vm"]["join_bad_requests"] == 2 && s["vm"]["join_auth_failures"] == 2
+        )),
         "{:#}",
         app.status('a').unwrap()
     );

@@ -93,6 +93,12 @@ pub struct Hello {
 }
 
 impl Hello {
+    /// This hello with its MAC in answer to `challenge` (the primary's nonce).
+    pub fn signed(mut self, key: &ChannelKey, challenge: &str) -> Hello {
+        self.mac = self.compute_mac(key, challenge);
+        self
+    }
+
     /// The MAC of this hello in answer to `challenge`.
     fn compute_mac(&self, key: &ChannelKey, challenge: &str) -> String {
         let parts = self.mac_parts(challenge);
