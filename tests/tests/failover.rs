@@ -294,6 +294,58 @@ fn a_frozen_primary_resumes_fenced_and_never_emits_again() {
     eprintln!("{}", sa["role_history"]);
 }
 
+/// The primary frozen while client frames keep arriving: its XDP goes on duplicating
+/// them to the backup (and clients retransmit into a frozen VM), so the logging link is
+/// never quiet. The backup must still see that the primary's daemon and VM are gone —
+/// no heartbeats, no VMM log — and take over. (Before the fix, any frame on the link
+/// counted as a sign of life, and a steady client stream kept the VM down for as long
+/// as the primary stayed frozen.)
+#[test]
+fn a_frozen_primary_is_detected_while_client_frames_keep_arriving() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let _s = serial();
+    let (tb, _arb, app) = pair();
+    let mut c = resp::connect(&tb, T).unwrap();
+    assert_eq!(resp::call(&mut c, &[b"PING"]).unwrap(), b"+PONG\r\n");
+    let high = |h: char| app.status(h).unwrap()["channel"]["high"].as_u64().unwrap();
+    let h0 = high('b');
+    let stop = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        // A datagram to the VM every 2 ms, until the backup took over (or T passed).
+        let flood = s.spawn(|| {
+            ft_testbed::run_in_ns(&tb.client_ns, || {
+                let u = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+                let mut n = 0u64;
+                while !stop.load(Ordering::Relaxed) && n < 20_000 {
+                    u.send_to(b"are you there", (VM_IP, 9)).unwrap();
+                    n += 1;
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                n
+            })
+        });
+        std::thread::sleep(Duration::from_millis(100));
+        app.pause('a').unwrap();
+        let took_over = Appliance::wait_until(T, || app.live_after_take_over('b'));
+        let during = high('b') - h0;
+        stop.store(true, Ordering::Relaxed);
+        let sent = flood.join().unwrap();
+        assert!(
+            took_over,
+            "no take-over while client frames kept arriving ({sent} sent): {:#}",
+            app.status('b').unwrap()
+        );
+        // The condition under test arose: the frozen primary's XDP kept logging them.
+        assert!(
+            during > 100,
+            "only {during} input frames reached the backup: the link was quiet"
+        );
+    });
+    app.resume('a').unwrap();
+    let r = resp::call(&mut c, &[b"PING"]).unwrap();
+    assert_eq!(r, b"+PONG\r\n", "the same connection, answered by B");
+}
+
 /// A power cut of the primary's host: its client and logging links go down and its
 /// processes freeze at the same instant (nothing of it runs or sends again). The backup
 /// notices the silence and takes over; the clients' connections go on through it.

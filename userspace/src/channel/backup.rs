@@ -298,7 +298,9 @@ pub fn run(
                     // SAFETY: the descriptor lies inside our UMEM (checked) and the kernel
                     // has handed this frame to us until we put it back on the fill ring.
                     let frame = unsafe { std::slice::from_raw_parts(map.ptr.as_ptr().add(off), n) };
-                    last_rx = now;
+                    if from_primary_daemon(frame) {
+                        last_rx = now;
+                    }
                     handle_frame(frame, &dp, &mut rx_state, sink.as_mut(), &mut feed, &status);
                 }
                 recycled.push(desc.addr & !(FRAME_SIZE as u64 - 1));
@@ -402,6 +404,14 @@ struct RxState {
     vm_ack: u64,
     input_failed: bool,
     vm_failed: bool,
+}
+
+/// Frames only the primary's daemon sends: heartbeats and the VMM stream. The
+/// primary's XDP goes on duplicating client frames (LOG, and their retransmissions)
+/// while its daemon and VM are frozen, and clients retransmit into a frozen VM, so
+/// those frames do not show that the primary is alive.
+fn from_primary_daemon(frame: &[u8]) -> bool {
+    matches!(parse_log_frame(frame), Ok((h, _)) if matches!(h.ft.kind, KIND_HEARTBEAT | KIND_VMLOG))
 }
 
 fn handle_frame(
