@@ -50,6 +50,10 @@ enum Cmd {
         /// Where the history and the report are written.
         #[arg(long, default_value = "target/chaos")]
         out: PathBuf,
+        /// Run release builds of the daemons (what the README's figures use); the
+        /// default debug builds check the same properties, slower.
+        #[arg(long)]
+        release: bool,
     },
 }
 
@@ -103,25 +107,20 @@ fn test() -> Result<()> {
     Ok(())
 }
 
-fn target_bin(name: &str) -> PathBuf {
+fn target_bin(name: &str, release: bool) -> PathBuf {
     let dir = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| root().join("target"));
-    dir.join("debug").join(name)
+    dir.join(if release { "release" } else { "debug" })
+        .join(name)
 }
 
 /// Builds the binaries the testbed fixtures run and tells the fixtures where they are.
-fn build_fixture_bins() -> Result<()> {
-    run(cargo().args([
-        "build",
-        "--bins",
-        "-p",
-        "ftd",
-        "-p",
-        "ft-fence",
-        "-p",
-        "ft-testbed",
-    ]))?;
+fn build_fixture_bins(release: bool) -> Result<()> {
+    run(cargo()
+        .arg("build")
+        .args(release.then_some("--release"))
+        .args(["--bins", "-p", "ftd", "-p", "ft-fence", "-p", "ft-testbed"]))?;
     // SAFETY-free env setup: tell the fixtures where the freshly built binaries are.
     for (var, bin) in [
         ("FTD_BIN", "ftd"),
@@ -129,18 +128,18 @@ fn build_fixture_bins() -> Result<()> {
         ("FT_ARBITER_BIN", "ft-arbiter"),
     ] {
         // Only this single-threaded process reads these variables.
-        unsafe_env(var, target_bin(bin));
+        unsafe_env(var, target_bin(bin, release));
     }
     Ok(())
 }
 
 fn demo() -> Result<()> {
-    build_fixture_bins()?;
+    build_fixture_bins(false)?;
     demo::run()
 }
 
-fn chaos(o: ft_testbed::chaos::ChaosOptions) -> Result<()> {
-    build_fixture_bins()?;
+fn chaos(o: ft_testbed::chaos::ChaosOptions, release: bool) -> Result<()> {
+    build_fixture_bins(release)?;
     eprintln!(
         "chaos: {} steps, seed {}, {} clients at {} calls/s, {} MiB guest; history in {}",
         o.faults,
@@ -180,11 +179,15 @@ fn main() -> Result<()> {
             rate,
             ram_mib,
             out,
-        } => chaos(ft_testbed::chaos::ChaosOptions {
-            clients,
-            rate,
-            ram_mib,
-            ..ft_testbed::chaos::ChaosOptions::new(faults, seed, root().join(out))
-        }),
+            release,
+        } => chaos(
+            ft_testbed::chaos::ChaosOptions {
+                clients,
+                rate,
+                ram_mib,
+                ..ft_testbed::chaos::ChaosOptions::new(faults, seed, root().join(out))
+            },
+            release,
+        ),
     }
 }
