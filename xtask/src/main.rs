@@ -12,6 +12,7 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
+use ft_testbed::chaos::nemesis::FaultKind;
 
 mod demo;
 
@@ -50,6 +51,15 @@ enum Cmd {
         /// Where the history and the report are written.
         #[arg(long, default_value = "target/chaos")]
         out: PathBuf,
+        /// Kinds of fault to draw from, comma-separated (default: all): kill-ftd,
+        /// power-cut, pause, log-partition, client-partition, log-loss-reorder,
+        /// etcd-member-kill, arbiter-unreachable.
+        #[arg(long, value_delimiter = ',')]
+        kinds: Vec<String>,
+        /// Turn the output rule off (`hold_output = false`): a self-check of the suite,
+        /// which must then find lost or duplicated writes at a primary's crash.
+        #[arg(long)]
+        unsafe_no_output_rule: bool,
         /// Run release builds of the daemons (what the README's figures use); the
         /// default debug builds check the same properties, slower.
         #[arg(long)]
@@ -179,15 +189,26 @@ fn main() -> Result<()> {
             rate,
             ram_mib,
             out,
+            kinds,
+            unsafe_no_output_rule,
             release,
-        } => chaos(
-            ft_testbed::chaos::ChaosOptions {
+        } => {
+            let mut o = ft_testbed::chaos::ChaosOptions {
                 clients,
                 rate,
                 ram_mib,
+                output_rule: !unsafe_no_output_rule,
                 ..ft_testbed::chaos::ChaosOptions::new(faults, seed, root().join(out))
-            },
-            release,
-        ),
+            };
+            if !kinds.is_empty() {
+                o.kinds = kinds
+                    .iter()
+                    .map(|k| {
+                        FaultKind::from_name(k).with_context(|| format!("no fault kind {k:?}"))
+                    })
+                    .collect::<Result<_>>()?;
+            }
+            chaos(o, release)
+        }
     }
 }

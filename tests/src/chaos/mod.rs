@@ -44,6 +44,11 @@ pub struct ChaosOptions {
     /// Calls per second over all clients outside the throughput samples (which run
     /// unpaced); 0 = unpaced throughout.
     pub rate: u64,
+    /// The kinds of fault the schedule draws from.
+    pub kinds: Vec<FaultKind>,
+    /// The output rule (`hold_output`). Off only to show that the checks catch what it
+    /// prevents: replies released before the backup has what they depend on.
+    pub output_rule: bool,
 }
 
 impl ChaosOptions {
@@ -56,6 +61,8 @@ impl ChaosOptions {
             out_dir,
             sample: Duration::from_secs(3),
             rate: 2000,
+            kinds: nemesis::ALL_KINDS.to_vec(),
+            output_rule: true,
         }
     }
 }
@@ -108,6 +115,7 @@ pub struct Report {
     pub check_time: Duration,
     /// The clients' pace outside throughput samples (calls/s, 0 = unpaced).
     pub rate: u64,
+    pub output_rule: bool,
 }
 
 impl Report {
@@ -142,6 +150,12 @@ impl fmt::Display for Report {
             self.planned,
             self.elapsed.as_secs_f64()
         )?;
+        if !self.output_rule {
+            writeln!(
+                f,
+                "  OUTPUT RULE OFF (hold_output = false): a self-check of the suite"
+            )?;
+        }
         if let Some(a) = &self.aborted {
             writeln!(f, "  ABORTED: {a}")?;
         }
@@ -282,6 +296,7 @@ pub fn run(o: &ChaosOptions, say: &mut dyn FnMut(&str)) -> Result<Report> {
             },
             fence: etcd_fence(&etcd, 2000, 400),
             join: true,
+            hold_output: o.output_rule,
             ..Default::default()
         },
     )?;
@@ -305,7 +320,8 @@ pub fn run(o: &ChaosOptions, say: &mut dyn FnMut(&str)) -> Result<Report> {
         Appliance::wait_until(Duration::from_secs(30), || clients.ok() > 200),
         "the clients made no progress before the first fault"
     );
-    let schedule = nemesis::schedule(o.seed, o.faults, etcd.members.len());
+    anyhow::ensure!(!o.kinds.is_empty(), "no kinds of fault to draw from");
+    let schedule = nemesis::schedule(o.seed, o.faults, etcd.members.len(), &o.kinds);
     let mut report = Report {
         seed: o.seed,
         planned: schedule.len(),
@@ -328,6 +344,7 @@ pub fn run(o: &ChaosOptions, say: &mut dyn FnMut(&str)) -> Result<Report> {
         elapsed: Duration::ZERO,
         check_time: Duration::ZERO,
         rate: o.rate,
+        output_rule: o.output_rule,
     };
     let mut gaps_at: Vec<(u64, u64)> = Vec::new();
     {

@@ -58,6 +58,11 @@ impl FaultKind {
         }
     }
 
+    /// The kind named `name` (as [`FaultKind::name`] spells it).
+    pub fn from_name(name: &str) -> Option<FaultKind> {
+        ALL_KINDS.into_iter().find(|k| k.name() == name)
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             FaultKind::KillFtd => "kill-ftd",
@@ -125,8 +130,9 @@ impl fmt::Display for Step {
 }
 
 /// The fault schedule of a seed: `steps` steps, each one fault (two, one time in
-/// three, of different classes), held 0.3–3 s. The same seed gives the same schedule.
-pub fn schedule(seed: u64, steps: usize, etcd_members: usize) -> Vec<Step> {
+/// three, of different classes), held 0.3–3 s, drawn from `kinds`. The same seed and
+/// kinds give the same schedule.
+pub fn schedule(seed: u64, steps: usize, etcd_members: usize, kinds: &[FaultKind]) -> Vec<Step> {
     let mut rng = StdRng::seed_from_u64(seed);
     let fault = |rng: &mut StdRng, kind: FaultKind| Fault {
         kind,
@@ -143,13 +149,14 @@ pub fn schedule(seed: u64, steps: usize, etcd_members: usize) -> Vec<Step> {
     };
     (0..steps)
         .map(|_| {
-            let first = ALL_KINDS[rng.random_range(0..ALL_KINDS.len())];
+            let first = kinds[rng.random_range(0..kinds.len())];
             let mut faults = vec![fault(&mut rng, first)];
-            if rng.random_bool(1.0 / 3.0) {
-                let others: Vec<FaultKind> = ALL_KINDS
-                    .into_iter()
-                    .filter(|k| k.class() != first.class())
-                    .collect();
+            let others: Vec<FaultKind> = kinds
+                .iter()
+                .copied()
+                .filter(|k| k.class() != first.class())
+                .collect();
+            if rng.random_bool(1.0 / 3.0) && !others.is_empty() {
                 let second = others[rng.random_range(0..others.len())];
                 faults.push(fault(&mut rng, second));
             }
