@@ -7,7 +7,7 @@ use thiserror::Error;
 
 use crate::arbiter::{Arbiter, StaticArbiter, validate_name};
 use crate::embedded::EmbeddedArbiter;
-use crate::etcd::{DEFAULT_PREFIX, EtcdArbiter};
+use crate::etcd::{DEFAULT_PREFIX, EtcdArbiter, EtcdTls};
 use crate::keeper::LeaseTiming;
 
 /// Which arbiter decides who may go live.
@@ -53,6 +53,21 @@ pub struct FenceConfig {
     /// arbiter's `--secret-file`). Requests and replies then carry its MAC, and the
     /// arbiter refuses any other client. Empty: no authentication.
     pub secret_file: String,
+    /// etcd only: PEM file of the CA that signed the members' certificates. Set: the
+    /// members are reached over TLS (`https://host:port` or `host:port` endpoints) and
+    /// their certificates must name the endpoint's host. Empty: plain http.
+    pub etcd_ca_file: String,
+    /// etcd only, with `etcd_ca_file`: this node's client certificate (PEM), for members
+    /// started with `--client-cert-auth` (mutual TLS). Set together with `etcd_key_file`.
+    pub etcd_cert_file: String,
+    /// The private key (PEM) of `etcd_cert_file`.
+    pub etcd_key_file: String,
+    /// etcd only: the etcd user this node authenticates as (etcd authentication); its
+    /// role must grant readwrite on `etcd_prefix`. Needs `etcd_password_file` and TLS.
+    pub etcd_user: String,
+    /// A file holding the password of `etcd_user` (trailing newline dropped). The
+    /// password is never written in the configuration itself.
+    pub etcd_password_file: String,
 }
 
 impl Default for FenceConfig {
@@ -69,6 +84,11 @@ impl Default for FenceConfig {
             peer: String::new(),
             etcd_prefix: DEFAULT_PREFIX.to_string(),
             secret_file: String::new(),
+            etcd_ca_file: String::new(),
+            etcd_cert_file: String::new(),
+            etcd_key_file: String::new(),
+            etcd_user: String::new(),
+            etcd_password_file: String::new(),
         }
     }
 }
@@ -80,6 +100,89 @@ pub struct ConfigError(pub String);
 
 fn bad(msg: impl Into<String>) -> Result<(), ConfigError> {
     Err(ConfigError(msg.into()))
+}
+
+/// A TLS or authentication setting of the etcd backend that cannot work.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum EtcdAccessError {
+    #[error(
+        "fence.{key} is set but fence.backend is not \"etcd\": remove it (the embedded arbiter authenticates with fence.secret_file)"
+    )]
+    NotEtcd { key: &'static str },
+    #[error(
+        "fence.etcd_cert_file and fence.etcd_key_file go together (a client certificate and its private key): set both or neither"
+    )]
+    HalfIdentity,
+    #[error(
+        "fence.etcd_cert_file needs fence.etcd_ca_file: a client certificate is only sent over TLS; set the CA that signed the members' certificates"
+    )]
+    IdentityWithoutCa,
+    #[error(
+        "fence.etcd_user and fence.etcd_password_file go together (the password is read from the file, never written in the configuration): set both or neither"
+    )]
+    HalfUser,
+    #[error(
+        "fence.etcd_user without TLS would send the password in clear text: set fence.etcd_ca_file (and https endpoints)"
+    )]
+    PasswordInClear,
+    #[error("fence.{key} = {path:?} cannot be read ({cause}): fix the path or its permissions")]
+    Unreadable {
+        key: &'static str,
+        path: String,
+        cause: String,
+    },
+    #[error(
+        "fence.{key} = {path:?} holds no PEM {what} (a \"-----BEGIN {what}-----\" block): check that the files are not swapped"
+    )]
+    NotPem {
+        key: &'static str,
+        path: String,
+        what: &'static str,
+    },
+    #[error("fence.etcd_password_file = {path:?} is empty: write the etcd user's password in it")]
+    EmptyPassword { path: String },
+    #[error(
+        "fence.arbiters entry {endpoint:?} is http:// but fence.etcd_ca_file turns TLS on: write it as \"https://host:port\" (or \"host:port\")"
+    )]
+    HttpWithTls { endpoint: String },
+    #[error(
+        "fence.arbiters entry {endpoint:?} is https:// but fence.etcd_ca_file is empty: set the CA file that signed the members' certificates"
+    )]
+    HttpsWithoutCa { endpoint: String },
+}
+
+impl From<EtcdAccessError> for ConfigError {
+    fn from(e: EtcdAccessError) -> Self {
+        ConfigError(e.to_string())
+    }
+}
+
+/// The etcd credentials read from their files.
+struct EtcdAccess {
+    tls: Option<EtcdTls>,
+    user: Option<(String, String)>,
+}
+
+fn read_file(key: &'static str, path: &str) -> Result<Vec<u8>, EtcdAccessError> {
+    std::fs::read(path).map_err(|e| EtcdAccessError::Unreadable {
+        key,
+        path: path.to_string(),
+        cause: e.to_string(),
+    })
+}
+
+fn read_pem(key: &'static str, path: &str, what: &'static str) -> Result<Vec<u8>, EtcdAccessError> {
+    let b = read_file(key, path)?;
+    // "PRIVATE KEY" also matches "EC PRIVATE KEY" and "RSA PRIVATE KEY".
+    let marker = format!("{what}-----");
+    if !String::from_utf8_lossy(&b).contains(&marker) {
+        return Err(EtcdAccessError::NotPem {
+            key,
+            path: path.to_string(),
+            what,
+        });
+    }
+    Ok(b)
 }
 
 impl FenceConfig {
@@ -135,6 +238,7 @@ impl FenceConfig {
                 return bad("fence.peer must name the other host, not this one (fence.node)");
             }
         }
+        self.etcd_access()?;
         match backend {
             Backend::Embedded => {
                 if self.arbiters.len() != 1 {
@@ -210,7 +314,7 @@ impl FenceConfig {
         if !self.secret_file.is_empty() {
             if self.backend != Some(Backend::Embedded) {
                 return bad(
-                    "fence.secret_file is for the embedded arbiter; etcd authenticates with its own TLS and users",
+                    "fence.secret_file is for the embedded arbiter; for etcd set fence.etcd_ca_file, etcd_cert_file/etcd_key_file (TLS) and etcd_user/etcd_password_file (etcd authentication)",
                 );
             }
             self.secret()?;
@@ -235,6 +339,84 @@ impl FenceConfig {
             .map_err(|e| ConfigError(format!("fence.secret_file: {e}")))
     }
 
+    /// The etcd TLS and authentication settings, checked and read from their files
+    /// (all empty: none). Any of them with another backend is an error.
+    fn etcd_access(&self) -> Result<EtcdAccess, EtcdAccessError> {
+        let set = [
+            ("etcd_ca_file", &self.etcd_ca_file),
+            ("etcd_cert_file", &self.etcd_cert_file),
+            ("etcd_key_file", &self.etcd_key_file),
+            ("etcd_user", &self.etcd_user),
+            ("etcd_password_file", &self.etcd_password_file),
+        ];
+        if self.backend != Some(Backend::Etcd) {
+            return match set.iter().find(|(_, v)| !v.is_empty()) {
+                Some((key, _)) => Err(EtcdAccessError::NotEtcd { key }),
+                None => Ok(EtcdAccess {
+                    tls: None,
+                    user: None,
+                }),
+            };
+        }
+        let tls_on = !self.etcd_ca_file.is_empty();
+        if self.etcd_cert_file.is_empty() != self.etcd_key_file.is_empty() {
+            return Err(EtcdAccessError::HalfIdentity);
+        }
+        if !self.etcd_cert_file.is_empty() && !tls_on {
+            return Err(EtcdAccessError::IdentityWithoutCa);
+        }
+        if self.etcd_user.is_empty() != self.etcd_password_file.is_empty() {
+            return Err(EtcdAccessError::HalfUser);
+        }
+        if !self.etcd_user.is_empty() && !tls_on {
+            return Err(EtcdAccessError::PasswordInClear);
+        }
+        for a in &self.arbiters {
+            let lower = a.to_ascii_lowercase();
+            if tls_on && lower.starts_with("http://") {
+                return Err(EtcdAccessError::HttpWithTls {
+                    endpoint: a.clone(),
+                });
+            }
+            if !tls_on && lower.starts_with("https://") {
+                return Err(EtcdAccessError::HttpsWithoutCa {
+                    endpoint: a.clone(),
+                });
+            }
+        }
+        let tls = if tls_on {
+            let ca = read_pem("etcd_ca_file", &self.etcd_ca_file, "CERTIFICATE")?;
+            let t = EtcdTls::new(ca);
+            Some(if self.etcd_cert_file.is_empty() {
+                t
+            } else {
+                let cert = read_pem("etcd_cert_file", &self.etcd_cert_file, "CERTIFICATE")?;
+                let key = read_pem("etcd_key_file", &self.etcd_key_file, "PRIVATE KEY")?;
+                t.with_identity(cert, key)
+            })
+        } else {
+            None
+        };
+        let user = if self.etcd_user.is_empty() {
+            None
+        } else {
+            let raw = read_file("etcd_password_file", &self.etcd_password_file)?;
+            let text = String::from_utf8(raw).map_err(|_| EtcdAccessError::Unreadable {
+                key: "etcd_password_file",
+                path: self.etcd_password_file.clone(),
+                cause: "not UTF-8 text".into(),
+            })?;
+            let pw = text.trim_end_matches(['\n', '\r']);
+            if pw.is_empty() {
+                return Err(EtcdAccessError::EmptyPassword {
+                    path: self.etcd_password_file.clone(),
+                });
+            }
+            Some((self.etcd_user.clone(), pw.to_string()))
+        };
+        Ok(EtcdAccess { tls, user })
+    }
+
     /// Builds the configured arbiter client (validates first). Connects lazily.
     pub fn build_arbiter(&self) -> Result<Arc<dyn Arbiter>, ConfigError> {
         self.validate()?;
@@ -250,12 +432,22 @@ impl FenceConfig {
                     None => a,
                 })
             }
-            Backend::Etcd => Arc::new(EtcdArbiter::new(
-                self.arbiters.clone(),
-                self.etcd_prefix.clone(),
-                self.lease(),
-                self.request_timeout(),
-            )),
+            Backend::Etcd => {
+                let mut a = EtcdArbiter::new(
+                    self.arbiters.clone(),
+                    self.etcd_prefix.clone(),
+                    self.lease(),
+                    self.request_timeout(),
+                );
+                let access = self.etcd_access()?;
+                if let Some(t) = access.tls {
+                    a = a.with_tls(t);
+                }
+                if let Some((u, p)) = access.user {
+                    a = a.with_user(u, p);
+                }
+                Arc::new(a)
+            }
             Backend::None => Arc::new(StaticArbiter::new()),
         })
     }
@@ -318,6 +510,131 @@ mod tests {
         c.backend = Some(Backend::Etcd);
         c.arbiters = vec!["10.0.0.2:2379".into()];
         assert!(err(&c).contains("for the embedded arbiter"), "{}", err(&c));
+    }
+
+    /// An etcd config with every security option set to files in `dir`.
+    fn secured(dir: &std::path::Path) -> FenceConfig {
+        let w = |name: &str, text: &str| {
+            let p = dir.join(name);
+            std::fs::write(&p, text).unwrap();
+            p.display().to_string()
+        };
+        FenceConfig {
+            backend: Some(Backend::Etcd),
+            arbiters: vec!["https://10.0.0.3:2379".into(), "10.0.0.4:2379".into()],
+            etcd_ca_file: w(
+                "ca.pem",
+                "-----BEGIN CERTIFICATE-----\nx\n-----END CERTIFICATE-----\n",
+            ),
+            etcd_cert_file: w(
+                "c.pem",
+                "-----BEGIN CERTIFICATE-----\ny\n-----END CERTIFICATE-----\n",
+            ),
+            etcd_key_file: w(
+                "c.key",
+                "-----BEGIN PRIVATE KEY-----\nz\n-----END PRIVATE KEY-----\n",
+            ),
+            etcd_user: "ft-node".into(),
+            etcd_password_file: w("pw", "s3cret\n"),
+            ..base()
+        }
+    }
+
+    #[test]
+    fn etcd_tls_and_auth_options_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let good = secured(dir.path());
+        good.validate().unwrap();
+        let d = good.build_arbiter().unwrap().describe();
+        assert!(
+            d.contains("TLS with a client certificate") && d.contains("etcd user ft-node"),
+            "{d}"
+        );
+        let e = |f: &dyn Fn(&mut FenceConfig)| {
+            let mut c = good.clone();
+            f(&mut c);
+            err(&c)
+        };
+        let has = |m: String, what: &str| assert!(m.contains(what), "{m}");
+        has(e(&|c| c.etcd_key_file.clear()), "set both or neither");
+        has(e(&|c| c.etcd_cert_file.clear()), "set both or neither");
+        has(
+            e(&|c| c.etcd_password_file.clear()),
+            "fence.etcd_user and fence.etcd_password_file go together",
+        );
+        has(e(&|c| c.etcd_user.clear()), "go together");
+        // No CA: no TLS, so neither a client certificate nor a password may be sent.
+        has(
+            e(&|c| {
+                c.etcd_ca_file.clear();
+                c.arbiters = vec!["10.0.0.3:2379".into()];
+            }),
+            "needs fence.etcd_ca_file",
+        );
+        has(
+            e(&|c| {
+                c.etcd_ca_file.clear();
+                c.etcd_cert_file.clear();
+                c.etcd_key_file.clear();
+                c.arbiters = vec!["10.0.0.3:2379".into()];
+            }),
+            "clear text",
+        );
+        has(
+            e(&|c| {
+                c.etcd_ca_file.clear();
+                c.etcd_cert_file.clear();
+                c.etcd_key_file.clear();
+                c.etcd_user.clear();
+                c.etcd_password_file.clear();
+            }),
+            "is https:// but fence.etcd_ca_file is empty",
+        );
+        has(
+            e(&|c| c.arbiters.push("http://10.0.0.5:2379".into())),
+            "is http:// but",
+        );
+        has(
+            e(&|c| c.etcd_ca_file = "/nonexistent/ca.pem".into()),
+            "fence.etcd_ca_file = \"/nonexistent/ca.pem\" cannot be read",
+        );
+        has(
+            e(&|c| std::mem::swap(&mut c.etcd_cert_file, &mut c.etcd_key_file)),
+            "holds no PEM CERTIFICATE",
+        );
+        let empty = dir.path().join("empty");
+        std::fs::write(&empty, "\n").unwrap();
+        has(
+            e(&|c| c.etcd_password_file = empty.display().to_string()),
+            "is empty",
+        );
+        // Only with backend = "etcd".
+        let mut c = base();
+        c.etcd_ca_file = good.etcd_ca_file.clone();
+        has(
+            err(&c),
+            "fence.etcd_ca_file is set but fence.backend is not \"etcd\"",
+        );
+        c.backend = Some(Backend::None);
+        c.arbiters.clear();
+        c.etcd_ca_file.clear();
+        c.etcd_user = "u".into();
+        has(err(&c), "fence.etcd_user is set but");
+    }
+
+    #[test]
+    fn etcd_password_comes_from_its_file_without_the_newline() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = secured(dir.path());
+        let a = c.etcd_access().unwrap();
+        assert_eq!(a.user, Some(("ft-node".to_string(), "s3cret".to_string())));
+        assert!(a.tls.is_some());
+        let t = FenceConfig::from_toml_str(&format!(
+            "backend = \"etcd\"\narbiters = [\"https://10.0.0.3:2379\"]\nvm = \"v\"\nnode = \"a\"\npeer = \"b\"\netcd_ca_file = {:?}\netcd_user = \"ft-node\"\netcd_password_file = {:?}",
+            c.etcd_ca_file, c.etcd_password_file
+        ))
+        .unwrap();
+        assert_eq!(t.etcd_user, "ft-node");
     }
 
     #[test]

@@ -43,6 +43,28 @@ pub enum FenceError {
     )]
     Etcd { endpoints: String, detail: String },
 
+    /// A TLS handshake or certificate check failed (`tls`), or, without TLS, a member
+    /// closed plain connections before it ever answered, as a member that serves https
+    /// only does.
+    #[error("{}", tls_text(endpoints, *tls, detail))]
+    EtcdTls {
+        endpoints: String,
+        /// Whether this node speaks TLS to etcd (fence.etcd_ca_file set).
+        tls: bool,
+        detail: String,
+    },
+
+    #[error(
+        "the etcd cluster [{endpoints}] refused {}: {detail}; this node will not go live (nor keep a lease) until etcd accepts it: {}",
+        user.as_deref().map_or("this node (no fence.etcd_user set)".to_string(), |u| format!("etcd user {u:?}")),
+        auth_hint(user.is_some())
+    )]
+    EtcdAuth {
+        endpoints: String,
+        user: Option<String>,
+        detail: String,
+    },
+
     #[error("invalid {what} {value:?}: {why}")]
     InvalidName {
         what: &'static str,
@@ -55,6 +77,26 @@ fn owner_text(owner: &Option<String>) -> String {
     match owner {
         Some(o) => format!("owner {o}"),
         None => "no owner".to_string(),
+    }
+}
+
+fn tls_text(endpoints: &str, tls: bool, detail: &str) -> String {
+    if tls {
+        format!(
+            "TLS with the etcd cluster [{endpoints}] failed: {detail}; this node will not go live (nor keep a lease) until TLS works: check that fence.etcd_ca_file is the CA that signed the members' certificates, that those certificates name the host written in fence.arbiters, and, for members started with --client-cert-auth, that fence.etcd_cert_file/etcd_key_file hold a client certificate signed by the members' --trusted-ca-file"
+        )
+    } else {
+        format!(
+            "the etcd cluster [{endpoints}] closed plain-http connections before answering any request ({detail}), as members that serve TLS only do; this node will not go live (nor keep a lease) until it can talk to etcd: if the members serve https, set fence.etcd_ca_file (and fence.etcd_cert_file/etcd_key_file if they require client certificates); otherwise check that a quorum of them is up"
+        )
+    }
+}
+
+fn auth_hint(user: bool) -> &'static str {
+    if user {
+        "check fence.etcd_user and the password in fence.etcd_password_file, and that the user's role grants readwrite on fence.etcd_prefix"
+    } else {
+        "etcd authentication is enabled on the cluster: set fence.etcd_user and fence.etcd_password_file (a user whose role grants readwrite on fence.etcd_prefix)"
     }
 }
 

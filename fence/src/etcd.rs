@@ -15,11 +15,22 @@
 //! compares pin the `mod_revision` (or absence) of the epoch and owner keys as read, so
 //! any concurrent change makes the transaction fail and the decision is retaken on fresh
 //! data.
-use std::sync::atomic::{AtomicUsize, Ordering};
+//!
+//! Security ([`EtcdTls`], [`EtcdArbiter::with_user`]; `fence.etcd_ca_file`,
+//! `etcd_cert_file`/`etcd_key_file`, `etcd_user`/`etcd_password_file`): TLS to the
+//! members (their certificates must be signed by the CA and name the endpoint's host),
+//! optionally with a client certificate (members run with `--client-cert-auth`), and
+//! etcd authentication (a user whose role grants readwrite on the key prefix). A member
+//! that fails TLS or refuses the credentials is an error like an unreachable one
+//! ([`FenceError::EtcdTls`], [`FenceError::EtcdAuth`]): nobody goes live through it.
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex as StdMutex};
 use std::time::Duration;
 
-use etcd_client::{Client, Compare, CompareOp, ConnectOptions, GetOptions, PutOptions, Txn, TxnOp};
+use etcd_client::{
+    Certificate, Client, Compare, CompareOp, ConnectOptions, GetOptions, Identity, PutOptions,
+    TlsOptions, Txn, TxnOp,
+};
 use tokio::sync::Mutex;
 use tokio::time::timeout;
 
@@ -31,15 +42,61 @@ use crate::error::FenceError;
 /// Default key prefix.
 pub const DEFAULT_PREFIX: &str = "/ft-fence/";
 
+/// TLS towards the etcd members: the CA that signed their certificates (PEM) and, for
+/// members started with `--client-cert-auth`, this node's client certificate and key.
+#[derive(Clone)]
+pub struct EtcdTls {
+    ca_pem: Vec<u8>,
+    identity: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+impl EtcdTls {
+    /// Trust the members whose certificates `ca_pem` signed.
+    pub fn new(ca_pem: Vec<u8>) -> Self {
+        Self {
+            ca_pem,
+            identity: None,
+        }
+    }
+
+    /// Present this client certificate (PEM) with its private key (PEM): mutual TLS.
+    pub fn with_identity(mut self, cert_pem: Vec<u8>, key_pem: Vec<u8>) -> Self {
+        self.identity = Some((cert_pem, key_pem));
+        self
+    }
+
+    fn options(&self) -> TlsOptions {
+        let o = TlsOptions::new().ca_certificate(Certificate::from_pem(&self.ca_pem));
+        match &self.identity {
+            Some((c, k)) => o.identity(Identity::from_pem(c, k)),
+            None => o,
+        }
+    }
+}
+
+impl std::fmt::Debug for EtcdTls {
+    // Never prints key material.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdTls")
+            .field("client_certificate", &self.identity.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
 /// Client of an etcd cluster implementing [`Arbiter`].
 pub struct EtcdArbiter {
     endpoints: Vec<String>,
     prefix: String,
     lease: Duration,
     request_timeout: Duration,
+    tls: Option<EtcdTls>,
+    /// etcd authentication: (user, password).
+    user: Option<(String, String)>,
     /// One client per endpoint (connected lazily); requests go to `current` and fail
     /// over to the next endpoint on an etcd/transport error.
     clients: Vec<Mutex<Option<Client>>>,
+    /// Per endpoint: some request on it succeeded (see `unanswered_hint`).
+    answered: Vec<AtomicBool>,
     current: AtomicUsize,
 }
 
@@ -71,14 +128,30 @@ impl EtcdArbiter {
         request_timeout: Duration,
     ) -> Self {
         let clients = endpoints.iter().map(|_| Mutex::new(None)).collect();
+        let answered = endpoints.iter().map(|_| AtomicBool::new(false)).collect();
         Self {
             endpoints,
             prefix: prefix.into(),
             lease,
             request_timeout,
+            tls: None,
+            user: None,
             clients,
+            answered,
             current: AtomicUsize::new(0),
         }
+    }
+
+    /// Reaches the members over TLS (endpoints `https://host:port` or `host:port`).
+    pub fn with_tls(mut self, tls: EtcdTls) -> Self {
+        self.tls = Some(tls);
+        self
+    }
+
+    /// Authenticates as etcd user `user` (its role must grant readwrite on the prefix).
+    pub fn with_user(mut self, user: impl Into<String>, password: impl Into<String>) -> Self {
+        self.user = Some((user.into(), password.into()));
+        self
     }
 
     fn eps(&self) -> String {
@@ -89,6 +162,29 @@ impl EtcdArbiter {
         FenceError::Etcd {
             endpoints: self.eps(),
             detail: e.to_string(),
+        }
+    }
+
+    /// An error of the etcd client, told apart: refused credentials or permissions
+    /// ([`FenceError::EtcdAuth`]), a failed TLS handshake or certificate check
+    /// ([`FenceError::EtcdTls`]), anything else ([`FenceError::Etcd`]).
+    fn etcd_err(&self, e: etcd_client::Error) -> FenceError {
+        let detail = error_chain(&e);
+        match classify(&e, &detail, self.tls.is_some()) {
+            Kind::Auth => FenceError::EtcdAuth {
+                endpoints: self.eps(),
+                user: self.user.as_ref().map(|(u, _)| u.clone()),
+                detail,
+            },
+            Kind::Tls => FenceError::EtcdTls {
+                endpoints: self.eps(),
+                tls: self.tls.is_some(),
+                detail,
+            },
+            Kind::Other => FenceError::Etcd {
+                endpoints: self.eps(),
+                detail,
+            },
         }
     }
 
@@ -116,16 +212,69 @@ impl EtcdArbiter {
         }
         // Per-RPC timeout: half the request budget, so one failover always fits.
         let rpc_timeout = (self.request_timeout / 2).max(Duration::from_millis(50));
-        let opts = ConnectOptions::new()
+        let mut opts = ConnectOptions::new()
             .with_connect_timeout(rpc_timeout)
             .with_timeout(rpc_timeout)
             .with_keep_alive(Duration::from_secs(2), self.request_timeout)
             .with_require_leader(true);
+        if let Some(tls) = &self.tls {
+            opts = opts.with_tls(tls.options());
+        }
+        if let Some((user, password)) = &self.user {
+            // Authenticates at connect; a token lost with a member's restart is renewed.
+            opts = opts
+                .with_user(user.clone(), password.clone())
+                .with_auto_token_refresh(true);
+        }
         let c = Client::connect([&self.endpoints[idx]], Some(opts))
             .await
-            .map_err(|e| self.err(format!("connect to {}: {e}", self.endpoints[idx])))?;
+            .map_err(|e| {
+                let mut e = self.etcd_err(e);
+                if let FenceError::Etcd { detail, .. }
+                | FenceError::EtcdTls { detail, .. }
+                | FenceError::EtcdAuth { detail, .. } = &mut e
+                {
+                    *detail = format!("connect to {}: {detail}", self.endpoints[idx]);
+                }
+                e
+            })?;
         *g = Some(c.clone());
         Ok(c)
+    }
+
+    /// A connection broken before the member ever answered is, with TLS, what a member
+    /// that refuses our client certificate does (TLS 1.3 reports it after the handshake,
+    /// often as a bare close), and without TLS what a member that serves https only
+    /// does to a plain client: say so ([`FenceError::EtcdTls`]).
+    fn unanswered_hint(&self, e: FenceError) -> FenceError {
+        // Matched without case, spaces and underscores ("broken pipe", "BrokenPipe").
+        const BROKEN: [&str; 6] = [
+            "connectionclosed",
+            "brokenpipe",
+            "connectionreset",
+            "unexpectedeof",
+            "framewithinvalidsize",
+            "h2protocolerror",
+        ];
+        match e {
+            FenceError::Etcd { endpoints, detail } => {
+                let squashed: String = detail
+                    .chars()
+                    .filter(|c| !matches!(c, ' ' | '_'))
+                    .collect::<String>()
+                    .to_ascii_lowercase();
+                if BROKEN.iter().any(|w| squashed.contains(w)) {
+                    FenceError::EtcdTls {
+                        endpoints,
+                        tls: self.tls.is_some(),
+                        detail,
+                    }
+                } else {
+                    FenceError::Etcd { endpoints, detail }
+                }
+            }
+            e => e,
+        }
     }
 
     /// Runs one attempt of an operation on the current endpoint; on an etcd error
@@ -146,8 +295,22 @@ impl EtcdArbiter {
                 Ok(c) => attempt(c).await,
                 Err(e) => Err(e),
             };
+            let res = match res {
+                Ok(v) => {
+                    self.answered[idx].store(true, Ordering::Relaxed);
+                    Ok(v)
+                }
+                Err(e) if !self.answered[idx].load(Ordering::Relaxed) => {
+                    Err(self.unanswered_hint(e))
+                }
+                Err(e) => Err(e),
+            };
             match res {
-                Err(e @ FenceError::Etcd { .. }) => {
+                Err(
+                    e @ (FenceError::Etcd { .. }
+                    | FenceError::EtcdTls { .. }
+                    | FenceError::EtcdAuth { .. }),
+                ) => {
                     tracing::debug!(endpoint = %self.endpoints[idx], error = %e, "etcd attempt failed; trying next member");
                     last = Some(e);
                     let _ = self.current.compare_exchange(
@@ -188,7 +351,7 @@ impl EtcdArbiter {
         let resp = c
             .get(self.key_prefix(vm), Some(GetOptions::new().with_prefix()))
             .await
-            .map_err(|e| self.err(e))?;
+            .map_err(|e| self.etcd_err(e))?;
         let mut s = Snapshot::default();
         for kv in resp.kvs() {
             let key = kv.key();
@@ -273,7 +436,7 @@ impl EtcdArbiter {
                 let lease = c
                     .lease_grant(self.ttl_secs(), None)
                     .await
-                    .map_err(|e| self.err(e))?;
+                    .map_err(|e| self.etcd_err(e))?;
                 ours.lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .push(lease.id());
@@ -298,7 +461,7 @@ impl EtcdArbiter {
                     ),
                     TxnOp::delete(self.follower_key(vm), None),
                 ]);
-                let r = c.txn(txn).await.map_err(|e| self.err(e))?;
+                let r = c.txn(txn).await.map_err(|e| self.etcd_err(e))?;
                 if r.succeeded() {
                     if let Some(o) = s.owner.as_ref().filter(|o| o.node == node) {
                         // Our own previous lease (re-take); drop it, best effort. (A
@@ -359,12 +522,12 @@ impl EtcdArbiter {
         let (mut keeper, mut stream) = c
             .lease_keep_alive(lease_id)
             .await
-            .map_err(|e| self.err(e))?;
+            .map_err(|e| self.etcd_err(e))?;
         // The request queued while the stream opens is not reliably delivered (seen with
         // etcd 3.4): send one explicitly and take the first answer (either is a renewal
         // sent after `t_send`).
-        keeper.keep_alive().await.map_err(|e| self.err(e))?;
-        let resp = stream.message().await.map_err(|e| self.err(e))?;
+        keeper.keep_alive().await.map_err(|e| self.etcd_err(e))?;
+        let resp = stream.message().await.map_err(|e| self.etcd_err(e))?;
         match resp {
             Some(r) if r.ttl() > 0 => Ok(LeaseGrant {
                 epoch,
@@ -405,7 +568,7 @@ impl EtcdArbiter {
                 format!("{epoch} {follower}"),
                 Some(PutOptions::new().with_lease(lease_id)),
             )]);
-        let r = c.txn(txn).await.map_err(|e| self.err(e))?;
+        let r = c.txn(txn).await.map_err(|e| self.etcd_err(e))?;
         if r.succeeded() {
             return Ok(());
         }
@@ -430,7 +593,7 @@ impl EtcdArbiter {
             .and_then([TxnOp::delete(ok, None)]);
         // Lease id must be read before the delete to revoke it afterwards.
         let s = self.snapshot(&mut c, vm).await?;
-        let r = c.txn(txn).await.map_err(|e| self.err(e))?;
+        let r = c.txn(txn).await.map_err(|e| self.etcd_err(e))?;
         if r.succeeded() {
             if let Some(o) = s.owner.filter(|o| o.node == node && o.epoch == epoch) {
                 let _ = c.lease_revoke(o.lease_id).await;
@@ -535,6 +698,63 @@ impl Arbiter for EtcdArbiter {
     }
 
     fn describe(&self) -> String {
-        format!("etcd cluster [{}] prefix {}", self.eps(), self.prefix)
+        let tls = match &self.tls {
+            Some(t) if t.identity.is_some() => ", TLS with a client certificate",
+            Some(_) => ", TLS",
+            None => "",
+        };
+        let user = match &self.user {
+            Some((u, _)) => format!(", etcd user {u}"),
+            None => String::new(),
+        };
+        format!(
+            "etcd cluster [{}] prefix {}{tls}{user}",
+            self.eps(),
+            self.prefix
+        )
     }
+}
+
+/// The error and its sources, joined (tonic and hyper put the cause in the sources).
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut src = e.source();
+    while let Some(s) = src {
+        let t = s.to_string();
+        if !out.contains(&t) {
+            out.push_str(": ");
+            out.push_str(&t);
+        }
+        src = s.source();
+    }
+    out
+}
+
+enum Kind {
+    Auth,
+    Tls,
+    Other,
+}
+
+fn classify(e: &etcd_client::Error, chain: &str, tls: bool) -> Kind {
+    if let etcd_client::Error::GRpcStatus(st) = e {
+        // gRPC codes PERMISSION_DENIED and UNAUTHENTICATED.
+        const PERMISSION_DENIED: i32 = 7;
+        const UNAUTHENTICATED: i32 = 16;
+        let m = st.message();
+        if matches!(i32::from(st.code()), PERMISSION_DENIED | UNAUTHENTICATED)
+            || m.contains("authentication failed")
+            || m.contains("user name is empty")
+            || m.contains("permission denied")
+            || m.contains("invalid auth token")
+        {
+            return Kind::Auth;
+        }
+    }
+    let c = chain.to_ascii_lowercase();
+    const TLS_WORDS: [&str; 6] = ["certificate", "tls", "handshake", "alert", "x509", "ssl"];
+    if tls && TLS_WORDS.iter().any(|w| c.contains(w)) {
+        return Kind::Tls;
+    }
+    Kind::Other
 }

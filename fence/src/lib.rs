@@ -39,8 +39,10 @@
 //!   written to disk (a restart re-grants a full lease anyway). The embedded arbiter is a
 //!   single point of failure for *going live* (never for safety); the redundant
 //!   deployment is the `etcd` backend.
-//! * `etcd` ([`etcd`]): a 3- or 5-member etcd cluster; see that module for the keys and
-//!   the compare-and-swap transaction.
+//! * `etcd` ([`etcd`]): a 3- or 5-member etcd cluster; see that module for the keys,
+//!   the compare-and-swap transaction, and TLS (mutual) and etcd authentication
+//!   (`fence.etcd_ca_file`, `etcd_cert_file`/`etcd_key_file`, `etcd_user`/
+//!   `etcd_password_file`).
 //! * `none`: a static lease for single-host demos (must be configured explicitly).
 //!
 //! # Embedded wire protocol
@@ -88,8 +90,8 @@ pub use arbiter::{
     Acquire, Arbiter, BoxFuture, LeaseGrant, MAX_NAME_LEN, MonoInstant, OwnerInfo, StaticArbiter,
     TasOutcome, monotonic_now_ns, try_acquire, validate_name,
 };
-pub use config::{Backend, ConfigError, FenceConfig};
+pub use config::{Backend, ConfigError, EtcdAccessError, FenceConfig};
 pub use embedded::{EmbeddedArbiter, ServerOptions, serve, serve_with};
 pub use error::{FenceError, ServeError};
-pub use etcd::EtcdArbiter;
+pub use etcd::{EtcdArbiter, EtcdTls};
 pub use keeper::{LeaseKeeper, LeaseState, LeaseTiming};
