@@ -60,12 +60,25 @@ impl Placement<'static> {
     }
 }
 
+/// Server-side TLS of test members: each serves its client port over https with
+/// `cert`/`key` (the certificate must name the member's IP); with `client_ca` the members
+/// run with `--client-cert-auth` and accept only clients whose certificate it signed.
+#[derive(Clone, Debug)]
+pub struct MemberTls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub client_ca: Option<PathBuf>,
+}
+
 /// One etcd member process.
 pub struct EtcdMember {
     pub name: String,
     pub ip: IpAddr,
     pub client_port: u16,
     pub peer_port: u16,
+    /// Plain-http port that answers `/health` (and `/metrics`): TLS members only.
+    pub metrics_port: Option<u16>,
+    tls: bool,
     child: Option<Child>,
     log: PathBuf,
     /// The command line that started it (program first), to start it again.
@@ -73,8 +86,19 @@ pub struct EtcdMember {
 }
 
 impl EtcdMember {
+    /// `ip:port`, or `https://ip:port` for a TLS member.
     pub fn endpoint(&self) -> String {
-        SocketAddr::new(self.ip, self.client_port).to_string()
+        let a = SocketAddr::new(self.ip, self.client_port);
+        if self.tls {
+            format!("https://{a}")
+        } else {
+            a.to_string()
+        }
+    }
+
+    /// Where the health probe asks: the metrics port of a TLS member, else the client port.
+    fn probe_addr(&self) -> SocketAddr {
+        SocketAddr::new(self.ip, self.metrics_port.unwrap_or(self.client_port))
     }
 
     pub fn client_addr(&self) -> SocketAddr {
@@ -150,11 +174,37 @@ impl EtcdCluster {
         ready_timeout: Duration,
         at: &Placement,
     ) -> Result<EtcdCluster, String> {
+        Self::start_with(n, dir, ready_timeout, at, None)
+    }
+
+    /// Starts `n` members on loopback whose client ports speak TLS only (https; peers
+    /// talk plain http among themselves). Readiness is probed on each member's
+    /// plain-http metrics port.
+    pub fn start_tls(
+        n: usize,
+        dir: &Path,
+        ready_timeout: Duration,
+        tls: &MemberTls,
+    ) -> Result<EtcdCluster, String> {
+        Self::start_with(n, dir, ready_timeout, &Placement::loopback(), Some(tls))
+    }
+
+    fn start_with(
+        n: usize,
+        dir: &Path,
+        ready_timeout: Duration,
+        at: &Placement,
+        tls: Option<&MemberTls>,
+    ) -> Result<EtcdCluster, String> {
         let bin = etcd_binary()?;
         std::fs::create_dir_all(dir)
             .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
         let ip = at.ip;
         let url = |port: u16| format!("http://{}", SocketAddr::new(ip, port));
+        let client_url = |port: u16| match tls {
+            Some(_) => format!("https://{}", SocketAddr::new(ip, port)),
+            None => url(port),
+        };
         let ports: Vec<(u16, u16)> = (0..n).map(|_| (free_port(), free_port())).collect();
         let initial: Vec<String> = ports
             .iter()
@@ -182,9 +232,9 @@ impl EtcdCluster {
                 .arg(&data)
                 .args([
                     "--listen-client-urls",
-                    &url(*cp),
+                    &client_url(*cp),
                     "--advertise-client-urls",
-                    &url(*cp),
+                    &client_url(*cp),
                     "--listen-peer-urls",
                     &url(*pp),
                     "--initial-advertise-peer-urls",
@@ -207,6 +257,19 @@ impl EtcdCluster {
                 .stdin(Stdio::null())
                 .stdout(logf)
                 .stderr(logf2);
+            let metrics_port = tls.map(|_| free_port());
+            if let (Some(t), Some(mp)) = (tls, metrics_port) {
+                cmd.arg("--cert-file")
+                    .arg(&t.cert)
+                    .arg("--key-file")
+                    .arg(&t.key)
+                    .args(["--listen-metrics-urls", &url(mp)]);
+                if let Some(ca) = &t.client_ca {
+                    cmd.arg("--client-cert-auth")
+                        .arg("--trusted-ca-file")
+                        .arg(ca);
+                }
+            }
             let argv = std::iter::once(cmd.get_program().to_owned())
                 .chain(cmd.get_args().map(|a| a.to_owned()))
                 .collect();
@@ -218,17 +281,28 @@ impl EtcdCluster {
                 ip,
                 client_port: *cp,
                 peer_port: *pp,
+                metrics_port,
+                tls: tls.is_some(),
                 child: Some(child),
                 log,
                 argv,
             });
         }
-        let cluster = EtcdCluster { members };
+        let mut cluster = EtcdCluster { members };
         let start = Instant::now();
-        for m in &cluster.members {
+        for m in &mut cluster.members {
             loop {
-                if (at.probe)(m.client_addr()) {
+                if (at.probe)(m.probe_addr()) {
                     break;
+                }
+                // A member that exited (a port taken meanwhile, a bad flag) never gets
+                // healthy: say so at once.
+                if let Some(Ok(Some(status))) = m.child.as_mut().map(|c| c.try_wait()) {
+                    return Err(format!(
+                        "etcd member {} exited at startup ({status}); its log:\n{}",
+                        m.name,
+                        m.log_tail()
+                    ));
                 }
                 if start.elapsed() > ready_timeout {
                     return Err(format!(
@@ -287,4 +361,143 @@ pub fn is_leader(addr: SocketAddr) -> Option<bool> {
         Some(json[i..i + json[i..].find('"')?].to_string())
     };
     Some(field("member_id")? == field("leader")?)
+}
+
+/// Certificates for TLS tests, made with the `openssl` command (EC P-256, valid 2 days):
+/// a CA, a member certificate for 127.0.0.1/localhost and a client certificate signed by
+/// it, and an unrelated CA with a client certificate of its own (to test refusals).
+#[derive(Clone, Debug)]
+pub struct TestPki {
+    pub ca: PathBuf,
+    pub server_cert: PathBuf,
+    pub server_key: PathBuf,
+    /// Signed by `ca`; common name `client_cn`.
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
+    pub client_cn: String,
+    /// A CA that signed none of the above.
+    pub other_ca: PathBuf,
+    /// Signed by `other_ca`.
+    pub stranger_cert: PathBuf,
+    pub stranger_key: PathBuf,
+}
+
+const PKI_CNF: &str = "[req]
+distinguished_name = dn
+[dn]
+[ca]
+basicConstraints = critical,CA:TRUE
+keyUsage = critical,keyCertSign,cRLSign
+subjectKeyIdentifier = hash
+[server]
+basicConstraints = CA:FALSE
+keyUsage = critical,digitalSignature
+extendedKeyUsage = serverAuth,clientAuth
+subjectAltName = IP:127.0.0.1,DNS:localhost
+[client]
+basicConstraints = CA:FALSE
+keyUsage = critical,digitalSignature
+extendedKeyUsage = clientAuth
+";
+
+/// Runs `openssl` with `args`; stderr in the error.
+fn openssl(args: &[&str]) -> Result<(), String> {
+    let out = Command::new("openssl")
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("cannot run openssl (install it): {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "openssl {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(())
+}
+
+/// Makes the certificates of [`TestPki`] in `dir` (created if missing).
+pub fn make_test_pki(dir: &Path, client_cn: &str) -> Result<TestPki, String> {
+    std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    let p = |name: &str| dir.join(name).display().to_string();
+    let cnf = p("pki.cnf");
+    std::fs::write(&cnf, PKI_CNF).map_err(|e| format!("cannot write {cnf}: {e}"))?;
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    let ca = |name: &str| -> Result<(), String> {
+        let (key, pem, subj) = (
+            p(&format!("{name}.key")),
+            p(&format!("{name}.pem")),
+            format!("/CN=ft-fence test {name}"),
+        );
+        let mut a = vec![
+            "req",
+            "-x509",
+            "-days",
+            "2",
+            "-config",
+            &cnf,
+            "-extensions",
+            "ca",
+        ];
+        a.extend(ec);
+        a.extend(["-keyout", &key, "-out", &pem, "-subj", &subj]);
+        openssl(&a)
+    };
+    let leaf = |name: &str, cn: &str, ca: &str, ext: &str, serial: &str| -> Result<(), String> {
+        let (key, csr, pem) = (
+            p(&format!("{name}.key")),
+            p(&format!("{name}.csr")),
+            p(&format!("{name}.pem")),
+        );
+        let subj = format!("/CN={cn}");
+        let mut a = vec!["req", "-new", "-config", &cnf];
+        a.extend(ec);
+        a.extend(["-keyout", &key, "-out", &csr, "-subj", &subj]);
+        openssl(&a)?;
+        let (ca_pem, ca_key) = (p(&format!("{ca}.pem")), p(&format!("{ca}.key")));
+        openssl(&[
+            "x509",
+            "-req",
+            "-days",
+            "2",
+            "-in",
+            &csr,
+            "-CA",
+            &ca_pem,
+            "-CAkey",
+            &ca_key,
+            "-set_serial",
+            serial,
+            "-extfile",
+            &cnf,
+            "-extensions",
+            ext,
+            "-out",
+            &pem,
+        ])
+    };
+    ca("ca")?;
+    ca("other-ca")?;
+    leaf("server", "localhost", "ca", "server", "2")?;
+    leaf("client", client_cn, "ca", "client", "3")?;
+    leaf("stranger", client_cn, "other-ca", "client", "4")?;
+    let f = |name: &str| dir.join(name);
+    Ok(TestPki {
+        ca: f("ca.pem"),
+        server_cert: f("server.pem"),
+        server_key: f("server.key"),
+        client_cert: f("client.pem"),
+        client_key: f("client.key"),
+        client_cn: client_cn.to_string(),
+        other_ca: f("other-ca.pem"),
+        stranger_cert: f("stranger.pem"),
+        stranger_key: f("stranger.key"),
+    })
 }
