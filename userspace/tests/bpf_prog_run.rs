@@ -42,9 +42,13 @@
 //! About 13 500 cases: random ones (proptest, fixed seed and counts; `PROPTEST_RNG_SEED`
 //! picks others) and every truncation length of the seeds; a few seconds in all.
 //!
-//! Where the model allows two outcomes it says so (`LENIENT`): the programs do not check
-//! a heartbeat's `len`, nor a LOG or VMLOG `len` above `MAX_FRAME` that is present in the
-//! frame (the backup daemon's parser drops those, uncounted).
+//! The model names one outcome per frame (apart from the order of failing header
+//! checks, (c)), except where it depends on what the test cannot fix: a NACK too short
+//! to grow depends on the driver's tailroom. The backup's `len` checks are exact: a
+//! heartbeat whose `len` is not 0, and a LOG or VMLOG frame whose `len` is above
+//! `MAX_FRAME` or past the frame's end, are dropped as `malformed` before anything counts
+//! them as received or stamps the primary alive
+//! (`logging_link_each_check_drops_with_its_reason` has each as a single fault).
 //!
 //! Not reachable this way: `ft_strip` (a devmap program: the kernel refuses to test-run
 //! those), the redirects themselves (without `BPF_F_TEST_XDP_LIVE_FRAMES` a test run
@@ -283,16 +287,13 @@ struct Snap {
     counters: Vec<u64>,
 }
 
-const CHAN_BYTES: usize = size_of::<ChanState>();
-
 /// The loaded object and its maps.
 struct Plane {
     ebpf: Ebpf,
     config: Array<MapData, MapConfig>,
     node: Array<MapData, NodeState>,
     seq: Array<MapData, SeqState>,
-    // `ChanState` has no `aya::Pod` impl (ftd maps CHAN instead): its bytes.
-    chan: Array<MapData, [u8; CHAN_BYTES]>,
+    chan: Array<MapData, ChanState>,
     hold_ctl: Array<MapData, HoldCtl>,
     hold: Array<MapData, HoldSlot>,
     retx: Array<MapData, RetxSlot>,
@@ -395,8 +396,7 @@ impl Plane {
     fn put(&mut self, st: &State) -> Result<(), MapError> {
         self.node.set(0, st.node, 0)?;
         self.seq.set(0, st.seq, 0)?;
-        let chan: [u8; CHAN_BYTES] = st.chan.as_bytes().try_into().expect("size");
-        self.chan.set(0, chan, 0)?;
+        self.chan.set(0, st.chan, 0)?;
         self.hold_ctl.set(0, st.ctl, 0)
     }
 
@@ -404,7 +404,7 @@ impl Plane {
         Ok(State {
             node: self.node.get(&0, 0)?,
             seq: self.seq.get(&0, 0)?,
-            chan: ChanState::read_from_bytes(&self.chan.get(&0, 0)?).expect("size"),
+            chan: self.chan.get(&0, 0)?,
             ctl: self.hold_ctl.get(&0, 0)?,
         })
     }
@@ -845,6 +845,16 @@ fn log_rx_expect(sc: &Scene, f: &[u8]) -> Vec<Expect> {
                         &[C_DROP_MALFORMED],
                     )];
                 }
+                if len > MAX_FRAME as u64 {
+                    // The bytes are there, but no primary logs a frame this long (and the
+                    // daemon's parser refuses it): malformed, counted, never received.
+                    return vec![Expect::dropped(
+                        "oversize log",
+                        st,
+                        XDP_DROP,
+                        &[C_DROP_MALFORMED],
+                    )];
+                }
                 let delivered = st.chan.delivered;
                 if seq <= delivered {
                     return vec![Expect::dropped(
@@ -866,18 +876,7 @@ fn log_rx_expect(sc: &Scene, f: &[u8]) -> Vec<Expect> {
                 if ft.flags & FLAG_RETRANSMIT != 0 {
                     cs.push(C_LOG_RX_RETRANSMIT);
                 }
-                let mut es = vec![to_daemon("log received", &cs)];
-                if len > MAX_FRAME as u64 {
-                    // LENIENT: XDP does not check a log frame's len against MAX_FRAME (the
-                    // daemon's parser drops it, uncounted). Dropped and counted is fine too.
-                    es.push(Expect::dropped(
-                        "oversize log",
-                        st,
-                        XDP_DROP,
-                        &[C_DROP_MALFORMED, C_DROP_OVERSIZE],
-                    ));
-                }
-                es
+                vec![to_daemon("log received", &cs)]
             }
             KIND_VMLOG => {
                 if len > payload_room {
@@ -888,32 +887,29 @@ fn log_rx_expect(sc: &Scene, f: &[u8]) -> Vec<Expect> {
                         &[C_DROP_MALFORMED],
                     )];
                 }
-                let mut es = vec![to_daemon("vmlog received", &[C_VMLOG_RX])];
                 if len > MAX_FRAME as u64 {
-                    // LENIENT: as for LOG.
-                    es.push(Expect::dropped(
+                    // As for LOG.
+                    return vec![Expect::dropped(
                         "oversize vmlog",
                         st,
                         XDP_DROP,
-                        &[C_DROP_MALFORMED, C_DROP_OVERSIZE],
-                    ));
+                        &[C_DROP_MALFORMED],
+                    )];
                 }
-                es
+                vec![to_daemon("vmlog received", &[C_VMLOG_RX])]
             }
             KIND_HEARTBEAT => {
-                let mut es = vec![to_daemon("heartbeat received", &[C_HEARTBEAT_RX])];
-                if len > 0 {
-                    // LENIENT: XDP does not check a heartbeat's len (it has no payload; a
-                    // len past the end is dropped by the daemon's parser, uncounted).
-                    es[0].what = "heartbeat received with len".into();
-                    es.push(Expect::dropped(
+                if len != 0 {
+                    // A heartbeat has no payload: one with a len (in the frame or past its
+                    // end) is malformed, counted, and never stamps the primary alive.
+                    return vec![Expect::dropped(
                         "heartbeat len",
                         st,
                         XDP_DROP,
                         &[C_DROP_MALFORMED],
-                    ));
+                    )];
                 }
-                es
+                vec![to_daemon("heartbeat received", &[C_HEARTBEAT_RX])]
             }
             _ => vec![unexpected()],
         },
@@ -1043,13 +1039,45 @@ fn primary_edges() -> Vec<Vec<u8>> {
 }
 
 /// The same for the backup: the entry it already has, the last and first sequence past
-/// its window.
+/// its window; LOG and VMLOG frames of the largest `len` (`MAX_FRAME`, with bytes after
+/// the payload) and one larger (bytes present); a heartbeat with a one-byte payload.
 fn backup_edges() -> Vec<Vec<u8>> {
     let window = config().window + RETX_MARGIN;
-    [100, 100 + window, 101 + window]
+    let mut es: Vec<Vec<u8>> = [100, 100 + window, 101 + window]
         .into_iter()
         .map(|s| primary_frame(KIND_LOG, s, 0, 0, &client_frame(s)))
-        .collect()
+        .collect();
+    es.push(padded(
+        primary_frame(KIND_LOG, 102, 0, 0, &largest_client_frame(102)),
+        8,
+    ));
+    es.push(padded(
+        primary_frame(KIND_VMLOG, 4, 0, 0, &[0x22; MAX_FRAME]),
+        8,
+    ));
+    es.push(primary_frame(
+        KIND_LOG,
+        103,
+        0,
+        0,
+        &padded(largest_client_frame(103), 1),
+    ));
+    es.push(primary_frame(KIND_VMLOG, 5, 0, 0, &[0x33; MAX_FRAME + 1]));
+    es.push(primary_frame(KIND_HEARTBEAT, 201, 51, 0, &[0]));
+    es
+}
+
+/// A client frame of `MAX_FRAME` bytes, numbered `s`.
+fn largest_client_frame(s: u64) -> Vec<u8> {
+    let f = udp_frame(VM_MAC, CLIENT_MAC, s, MAX_FRAME - 42);
+    assert_eq!(f.len(), MAX_FRAME);
+    f
+}
+
+/// `f` with `n` zero bytes appended (after its payload: padding, not counted in `len`).
+fn padded(mut f: Vec<u8>, n: usize) -> Vec<u8> {
+    f.resize(f.len() + n, 0);
+    f
 }
 
 fn backup_seeds() -> Vec<Vec<u8>> {
@@ -1446,6 +1474,9 @@ fn logging_link_backup_drops_and_counts_malformed_frames() {
             "log received",
             "vmlog received",
             "heartbeat received",
+            "heartbeat len",
+            "oversize log",
+            "oversize vmlog",
             "log len past end",
             "duplicate log",
             "log out of window",
@@ -1760,6 +1791,7 @@ fn logging_link_each_check_drops_with_its_reason() {
     let mut bp = Plane::load();
     let bsc = backup_scene(&mut bp);
     let log = |seq: u64| primary_frame(KIND_LOG, seq, 0, 0, &client_frame(seq));
+    let heartbeat = || primary_frame(KIND_HEARTBEAT, 200, 50, 0, &[]);
     let bcases: Vec<(&str, Vec<u8>, u32)> = vec![
         (
             "log of another epoch",
@@ -1800,6 +1832,31 @@ fn logging_link_each_check_drops_with_its_reason() {
             C_DROP_MALFORMED,
         ),
         (
+            "log with len MAX_FRAME + 1, bytes present",
+            primary_frame(KIND_LOG, 101, 0, 0, &padded(largest_client_frame(101), 1)),
+            C_DROP_MALFORMED,
+        ),
+        (
+            "vmlog with len MAX_FRAME + 1, bytes present",
+            primary_frame(KIND_VMLOG, 3, 0, 0, &[1; MAX_FRAME + 1]),
+            C_DROP_MALFORMED,
+        ),
+        (
+            "heartbeat with len in the frame",
+            primary_frame(KIND_HEARTBEAT, 200, 50, 0, &[0; 6]),
+            C_DROP_MALFORMED,
+        ),
+        (
+            "heartbeat with len past the end",
+            resigned(heartbeat(), Field::Len, 3),
+            C_DROP_MALFORMED,
+        ),
+        (
+            "heartbeat with len 0xffff",
+            resigned(heartbeat(), Field::Len, 6),
+            C_DROP_MALFORMED,
+        ),
+        (
             "an ack on the backup",
             backup_frame(KIND_ACK, SESSION, EPOCH, 150, 45),
             C_DROP_UNEXPECTED_KIND,
@@ -1832,6 +1889,28 @@ fn logging_link_each_check_drops_with_its_reason() {
         after.counters[C_LOG_RX as usize],
         before.counters[C_LOG_RX as usize] + 1
     );
+    // The length checks drop only what they must: the largest frames (len = MAX_FRAME,
+    // with or without padding after them) and a heartbeat (len 0) are received.
+    for (f, what) in [
+        (
+            primary_frame(KIND_LOG, 101, 0, 0, &largest_client_frame(101)),
+            "log received",
+        ),
+        (
+            padded(
+                primary_frame(KIND_LOG, 101, 0, 0, &largest_client_frame(101)),
+                8,
+            ),
+            "log received",
+        ),
+        (
+            primary_frame(KIND_VMLOG, 3, 0, 0, &[1; MAX_FRAME]),
+            "vmlog received",
+        ),
+        (heartbeat(), "heartbeat received"),
+    ] {
+        assert_eq!(link_case(&mut bp, &bsc, &f).as_deref(), Ok(what));
+    }
     // A backup that does not know the session yet accepts any.
     let mut fresh = backup_scene(&mut bp);
     fresh.st.chan.peer_session = 0;

@@ -30,4 +30,8 @@ mod pod {
     unsafe impl aya::Pod for HoldSlot {}
     // SAFETY: see above.
     unsafe impl aya::Pod for RetxSlot {}
+    // SAFETY: ChanState is #[repr(C)] (four u64 fields), has no padding (checked by
+    // zerocopy's IntoBytes derive) and every bit pattern is a valid value (FromBytes
+    // derive), so aya may copy it to and from map bytes as is.
+    unsafe impl aya::Pod for ChanState {}
 }

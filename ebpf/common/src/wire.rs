@@ -31,9 +31,15 @@
 //!   Payload: the tag.
 //! - `HEARTBEAT`: primary -> backup every heartbeat period while replicating; `seq` =
 //!   highest input sequence assigned, `aux` = highest VMLOG sequence sent, so the
-//!   backup notices lost tail frames of either stream.
+//!   backup notices lost tail frames of either stream. No payload: `len` = 0.
 //! - `LEAVE`: backup -> primary: "I stopped following this log" (it diverged or shuts
 //!   down); `aux` = a reason code. Payload: the tag.
+//!
+//! The backup's XDP drops a `LOG` or `VMLOG` frame whose `len` is above [`MAX_FRAME`] or
+//! runs past the frame's end, and a `HEARTBEAT` whose `len` is not 0, as malformed
+//! (`ft_drops_total{reason="malformed"}`): such a frame never counts as received, never
+//! stamps the primary alive and never reaches the daemon (whose parser,
+//! [`parse_log_frame`], would refuse the first two anyway).
 //!
 //! `session` is a random number the primary's daemon draws at start: every frame it
 //! sends carries it, the backup echoes it in acks and nacks, and the primary's XDP

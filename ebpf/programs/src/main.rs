@@ -296,7 +296,7 @@ fn try_log_rx(ctx: &XdpContext) -> Result<u32, u32> {
             }
             match kind {
                 KIND_LOG => {
-                    if hdr.ft.len.get() as usize > end - data - LOG_OVERHEAD {
+                    if !payload_len_ok(hdr.ft.len.get(), data, end) {
                         return drop(C_DROP_MALFORMED);
                     }
                     // SAFETY: live map value, aligned field (written by the daemon).
@@ -314,13 +314,19 @@ fn try_log_rx(ctx: &XdpContext) -> Result<u32, u32> {
                     to_daemon(ctx, st)
                 }
                 KIND_VMLOG => {
-                    if hdr.ft.len.get() as usize > end - data - LOG_OVERHEAD {
+                    if !payload_len_ok(hdr.ft.len.get(), data, end) {
                         return drop(C_DROP_MALFORMED);
                     }
                     count(C_VMLOG_RX);
                     to_daemon(ctx, st)
                 }
                 KIND_HEARTBEAT => {
+                    // A heartbeat has no payload. One that claims one is not a frame the
+                    // primary's daemon made: it must not count as received nor stamp
+                    // the primary alive (`last_peer_ns`).
+                    if hdr.ft.len.get() != 0 {
+                        return drop(C_DROP_MALFORMED);
+                    }
                     count(C_HEARTBEAT_RX);
                     to_daemon(ctx, st)
                 }
@@ -329,6 +335,15 @@ fn try_log_rx(ctx: &XdpContext) -> Result<u32, u32> {
         }
         _ => drop(C_DROP_NOT_REPLICATING),
     }
+}
+
+/// A LOG or VMLOG frame's `len` is one the primary makes and the backup daemon's parser
+/// (`wire::parse_log_frame`) accepts: at most `MAX_FRAME` and within the frame (the
+/// caller checked that the `LOG_OVERHEAD` header bytes are in it).
+#[inline(always)]
+fn payload_len_ok(len: u16, data: usize, end: usize) -> bool {
+    let len = len as usize;
+    len <= MAX_FRAME && len <= end - data - LOG_OVERHEAD
 }
 
 /// The frame at `data` carries the right tag for its header: `len` = TAG_LEN and the
