@@ -346,6 +346,55 @@ fn a_frozen_primary_is_detected_while_client_frames_keep_arriving() {
     assert_eq!(r, b"+PONG\r\n", "the same connection, answered by B");
 }
 
+/// The primary alone cut off from the arbiter (its clients and the backup still reach
+/// it): its lease lapses and it halts. A halted node must stop its VM too (fail-stop):
+/// a VM that went on running and logging would look alive to the backup, which would
+/// never take over, and nobody would serve (found by the chaos suite: a client-link
+/// partition of the primary, whose arbiter is on the client network). The backup takes
+/// over, on the clients' same connection.
+#[test]
+fn a_primary_that_loses_its_lease_stops_its_vm_and_the_backup_takes_over() {
+    let _s = serial();
+    let (tb, _arb, app) = pair();
+    let mut c = resp::connect(&tb, T).unwrap();
+    for i in 1..=100 {
+        let r = resp::call(&mut c, &[b"INCR", b"n"]).unwrap();
+        assert_eq!(resp::int_reply(&r).unwrap(), i);
+    }
+    let arbiter = ft_testbed::names::ARBITER_IP.to_string();
+    for args in [
+        vec!["add", "table", "inet", "cut"],
+        vec![
+            "add",
+            "chain",
+            "inet",
+            "cut",
+            "out",
+            "{ type filter hook output priority 0 ; }",
+        ],
+        vec![
+            "add", "rule", "inet", "cut", "out", "ip", "daddr", &arbiter, "drop",
+        ],
+    ] {
+        ns_exec(&tb.a.ns, "nft", &args).unwrap();
+    }
+    assert!(
+        Appliance::wait_until(T, || app.status('a').is_ok_and(|s| s["halted"] == true)
+            || !app.guard('a').is_running()),
+        "A kept its lease without the arbiter: {:#}",
+        app.status('a').unwrap()
+    );
+    assert!(
+        Appliance::wait_until(T, || app.live_after_take_over('b')),
+        "B did not take over from the halted primary: {:#}",
+        app.status('b').unwrap()
+    );
+    for i in 101..=200 {
+        let r = resp::call(&mut c, &[b"INCR", b"n"]).unwrap();
+        assert_eq!(resp::int_reply(&r).unwrap(), i);
+    }
+}
+
 /// A power cut of the primary's host: its client and logging links go down and its
 /// processes freeze at the same instant (nothing of it runs or sends again). The backup
 /// notices the silence and takes over; the clients' connections go on through it.

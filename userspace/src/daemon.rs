@@ -294,8 +294,28 @@ pub async fn run(cfg: Config) -> anyhow::Result<Exit> {
             }
         };
         tokio::pin!(vm_done);
+        // A node that halts (lease lost, test-and-set lost, replica failed) is fenced
+        // by the kernel, but its VM would keep running and logging: its backup would
+        // keep seeing a live primary and never take over. Fail-stop: stop the VM (a
+        // recording VMM logs END first, so a backup that verifies it takes over at
+        // once); the daemon then reacts to its VM stopping, below.
+        let halted = async {
+            while !roles.halted() {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        };
+        tokio::pin!(halted);
+        let mut halt_handled = false;
         loop {
             tokio::select! {
+                _ = &mut halted, if !halt_handled => {
+                    halt_handled = true;
+                    if let Some(c) = vm.control.lock().unwrap().clone() {
+                        warn!("halted: stopping the VM (fail-stop)");
+                        c.request_stop();
+                    }
+                    continue;
+                }
                 _ = tokio::signal::ctrl_c() => info!("SIGINT: shutting down"),
                 _ = term.recv() => info!("SIGTERM: shutting down"),
                 _ = usr1.recv() => {
