@@ -173,7 +173,7 @@ pub fn schedule(seed: u64, steps: usize, etcd_members: usize, kinds: &[FaultKind
 enum Undo {
     Resume(char),
     LinksUp(char),
-    ClientPortUp(char),
+    ClientLinkUp(char),
     LogLinkUp,
     NoImpairment,
     RestartMember(usize),
@@ -235,9 +235,11 @@ impl<'a> Nemesis<'a> {
                     Undo::Resume(host)
                 }
                 FaultKind::ClientPartition => {
-                    let port = if host == 'a' { BR_PORT_A } else { BR_PORT_B };
-                    self.tb.set_link(&self.tb.client_ns, port, false)?;
-                    Undo::ClientPortUp(host)
+                    // The host's NIC, as when its cable is pulled: the bridge port
+                    // stays up (its capture goes on) and loses carrier.
+                    let ns = self.ns(host).to_string();
+                    self.tb.set_link(&ns, CLI_IF, false)?;
+                    Undo::ClientLinkUp(host)
                 }
                 FaultKind::LogPartition => {
                     self.tb.set_log_link_down(true)?;
@@ -272,9 +274,9 @@ impl<'a> Nemesis<'a> {
                     self.tb.set_link(&ns, CLI_IF, true)?;
                     self.tb.set_link(&ns, LOG_IF, true)?;
                 }
-                Undo::ClientPortUp(h) => {
-                    let port = if h == 'a' { BR_PORT_A } else { BR_PORT_B };
-                    self.tb.set_link(&self.tb.client_ns, port, true)?;
+                Undo::ClientLinkUp(h) => {
+                    let ns = self.ns(h).to_string();
+                    self.tb.set_link(&ns, CLI_IF, true)?;
                 }
                 Undo::LogLinkUp => self.tb.set_log_link_down(false)?,
                 Undo::NoImpairment => self.tb.set_log_impairment(None)?,
