@@ -299,15 +299,25 @@ impl<'a> Nemesis<'a> {
         self.app.status(h).ok()
     }
 
-    /// The host running the VM as primary or alone (not halted), if one does.
+    /// The host running the VM as primary or alone (not halted), if exactly one does.
+    /// Both can say so for a moment after a partition heals: the one that was cut off
+    /// learns that the other took a newer epoch at its next arbiter call, and halts
+    /// (its kernel fences its output meanwhile).
     pub fn live(&self) -> Option<char> {
-        ['a', 'b'].into_iter().find(|&h| {
-            self.status(h).is_some_and(|s| {
-                (s["role"] == "primary" || s["role"] == "solo")
-                    && s["halted"] != true
-                    && (s["vm"]["phase"] == "recording" || s["vm"]["phase"] == "live")
+        let live: Vec<char> = ['a', 'b']
+            .into_iter()
+            .filter(|&h| {
+                self.status(h).is_some_and(|s| {
+                    (s["role"] == "primary" || s["role"] == "solo")
+                        && s["halted"] != true
+                        && (s["vm"]["phase"] == "recording" || s["vm"]["phase"] == "live")
+                })
             })
-        })
+            .collect();
+        match live[..] {
+            [h] => Some(h),
+            _ => None,
+        }
     }
 
     /// `p` is a paired primary and the other host a backup replaying its log, with
