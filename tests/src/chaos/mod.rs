@@ -268,8 +268,11 @@ impl Report {
 /// Answered calls per second over `d`, the clients unpaced.
 fn throughput(clients: &Clients, d: Duration) -> f64 {
     clients.unpaced(|| {
-        // Let the clients leave their paced rhythm first.
-        std::thread::sleep(Duration::from_millis(50));
+        // After a fault, clients may still be reconnecting: wait until they all answer
+        // again (each client's next call), then let them leave their paced rhythm.
+        let n = clients.ok();
+        Appliance::wait_until(Duration::from_secs(10), || clients.ok() > n + 200);
+        std::thread::sleep(Duration::from_millis(200));
         let (n0, t0) = (clients.ok(), Instant::now());
         std::thread::sleep(d);
         (clients.ok() - n0) as f64 / t0.elapsed().as_secs_f64()
