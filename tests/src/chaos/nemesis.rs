@@ -343,63 +343,73 @@ impl<'a> Nemesis<'a> {
         })
     }
 
-    /// After a heal: waits for a live host, then for the VM to be protected again,
-    /// restarting the other host's ftd as a joining backup when it is dead, halted or
-    /// not following. Returns the primary and how many ftd were restarted. Bounded by
-    /// `timeout`.
+    /// The live host once the roles settled: exactly one host runs the VM, and the
+    /// other does not claim it (a backup that is taking over is SOLO before its VM went
+    /// live: it must not be mistaken for a stale backup and restarted).
+    fn settled(&self) -> Option<char> {
+        let l = self.live()?;
+        let claims = self.status(other(l)).is_some_and(|s| {
+            s["halted"] != true && (s["role"] == "solo" || s["role"] == "primary")
+        });
+        (!claims).then_some(l)
+    }
+
+    /// After a heal: waits until the roles settled, then for the VM to be protected
+    /// again. The other host's ftd is restarted as a joining backup when it is dead or
+    /// halted, or when it stays a backup that does not follow the live host for 5 s (a
+    /// backup that was cut off may be about to halt, or catching up). Returns the primary
+    /// and how many ftd were restarted. Bounded by `timeout`.
     pub fn reprotect(&mut self, timeout: Duration) -> Result<(char, usize)> {
         let end = Instant::now() + timeout;
         let mut restarted = 0;
-        let live = loop {
-            if let Some(l) = self.live() {
-                break l;
-            }
-            if Instant::now() > end {
-                bail!(
-                    "no host runs the VM after the heal:\nA: {:?}\nB: {:?}",
-                    self.status('a'),
-                    self.status('b')
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        let o = other(live);
-        // A backup that still follows gets a few seconds to show it (a backup that
-        // was cut off may be about to halt, or catching up).
-        let grace = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < grace.min(end) {
-            if self.protected_by(live) {
-                return Ok((live, restarted));
-            }
-            if self.status(o).is_none_or(|s| s["halted"] == true) {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        if !self.protected_by(live) {
-            self.app.guard(o).kill()?;
-            self.app
-                .restart_as_backup(self.tb, o)
-                .with_context(|| format!("restarting host {o}'s ftd as backup"))?;
-            restarted += 1;
-        }
+        // (live host, since when its peer has been a backup that does not follow it)
+        let mut stale_since: Option<(char, Instant)> = None;
+        // Restarts made for the current live host.
+        let mut restarts: (char, usize) = (' ', 0);
         while Instant::now() < end {
+            let Some(live) = self.settled() else {
+                stale_since = None;
+                std::thread::sleep(Duration::from_millis(20));
+                continue;
+            };
             if self.protected_by(live) {
                 return Ok((live, restarted));
             }
-            if self.live() != Some(live) {
-                bail!(
-                    "host {live} stopped running the VM while {o} rejoined:\n{live}: {:?}\n{o}: {:?}",
-                    self.status(live),
-                    self.status(o)
-                );
+            let o = other(live);
+            let dead_or_halted = self.status(o).is_none_or(|s| s["halted"] == true);
+            let since = match stale_since {
+                Some((l, t)) if l == live => t,
+                _ => {
+                    stale_since = Some((live, Instant::now()));
+                    Instant::now()
+                }
+            };
+            if restarts.0 != live {
+                restarts = (live, 0);
+            }
+            // A restarted backup then joins, which takes a while: it is restarted again
+            // only if it dies or halts (at most 3 times); failing that, the wait ends in
+            // the time-out below.
+            // A backup that stopped acking is taking over (or blocked at the arbiter
+            // doing so): never restarted while it is not halted.
+            let taking_over = self
+                .status(o)
+                .is_some_and(|s| s["channel"]["stopped_acking"] == true);
+            let stale = restarts.1 == 0 && !taking_over && since.elapsed() > Duration::from_secs(5);
+            if restarts.1 < 3 && (dead_or_halted || stale) {
+                self.app.guard(o).kill()?;
+                self.app
+                    .restart_as_backup(self.tb, o)
+                    .with_context(|| format!("restarting host {o}'s ftd as backup"))?;
+                restarted += 1;
+                restarts.1 += 1;
             }
             std::thread::sleep(Duration::from_millis(20));
         }
         bail!(
-            "not protected again within {timeout:?}:\n{live}: {:#}\n{o}: {:#}",
-            self.status(live).unwrap_or_default(),
-            self.status(o).unwrap_or_default()
+            "not protected again within {timeout:?}:\nA: {:#}\nB: {:#}",
+            self.status('a').unwrap_or_default(),
+            self.status('b').unwrap_or_default()
         )
     }
 }
