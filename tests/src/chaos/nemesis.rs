@@ -328,8 +328,11 @@ impl<'a> Nemesis<'a> {
         };
         ps["role"] == "primary"
             && ps["halted"] != true
+            && ps["peer_alive"] == true
             && bs["role"] == "backup"
             && bs["halted"] != true
+            && bs["channel"]["stopped_acking"] != true
+            && bs["peer_alive"] == true
             && bs["vm"]["phase"] == "replaying"
             && bs["vm"]["checkpoints_verified"].as_u64().unwrap_or(0) > 0
     }
@@ -366,16 +369,29 @@ impl<'a> Nemesis<'a> {
         let mut stale_since: Option<(char, Instant)> = None;
         // Restarts made for the current live host.
         let mut restarts: (char, usize) = (' ', 0);
+        // The other host's checkpoints verified when first seen (by its pid): protection
+        // needs one more, verified after the heal (right after a heal both hosts can
+        // still look paired while they are in the middle of a failover).
+        let mut verified_at_heal: Option<(u64, u64)> = None;
         while Instant::now() < end {
             let Some(live) = self.settled() else {
                 stale_since = None;
                 std::thread::sleep(Duration::from_millis(20));
                 continue;
             };
-            if self.protected_by(live) {
-                return Ok((live, restarted));
-            }
             let o = other(live);
+            if self.protected_by(live) {
+                let st = self.status(o).unwrap_or_default();
+                let (pid, v) = (
+                    st["pid"].as_u64().unwrap_or(0),
+                    st["vm"]["checkpoints_verified"].as_u64().unwrap_or(0),
+                );
+                match verified_at_heal {
+                    Some((p, v0)) if p == pid && v > v0 => return Ok((live, restarted)),
+                    Some((p, _)) if p == pid => {}
+                    _ => verified_at_heal = Some((pid, v)),
+                }
+            }
             let dead_or_halted = self.status(o).is_none_or(|s| s["halted"] == true);
             let since = match stale_since {
                 Some((l, t)) if l == live => t,
