@@ -61,7 +61,17 @@ impl LeaseKeeper {
             let retry = (timing.renew_interval / 4).max(Duration::from_millis(5));
             let mut last_err = String::from("no renewal attempted yet");
             loop {
-                let wake = next_at.min(instant_of(deadline));
+                // Renew at the interval, and in any case early enough that one request
+                // can complete before the deadline: a grant can arrive with little time
+                // left (a test-and-set retried after its first reply was lost returns
+                // the lease it had already taken), and the keeper must try to renew it
+                // rather than let it lapse untried.
+                let renew_by = deadline.saturating_sub(timing.request_timeout.as_nanos() as u64);
+                let wake = if monotonic_now_ns() < renew_by {
+                    next_at.min(instant_of(renew_by))
+                } else {
+                    next_at.min(instant_of(deadline))
+                };
                 sleep_until(wake).await;
                 let sent = MonoInstant::now();
                 if deadline != u64::MAX && sent.0 >= deadline {

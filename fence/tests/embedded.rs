@@ -535,6 +535,50 @@ async fn bad_input_gets_errors_and_changes_nothing() {
     drop(arb);
 }
 
+/// A grant that arrives with less time left than the renewal interval (a test-and-set
+/// retried after its first reply was lost returns the lease it had already taken) is
+/// renewed before it lapses, not declared lost untried. (Found by the chaos suite: a
+/// backup that took over while the arbiter was cut off halted at once with "no
+/// renewal attempted yet".)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lease_keeper_renews_a_grant_that_arrives_nearly_expired() {
+    let dir = tempfile::tempdir().unwrap();
+    let arb = ArbiterProc::start(dir.path());
+    timeout(TEST_BUDGET, async {
+        let a: Arc<dyn Arbiter> = Arc::new(EmbeddedArbiter::new(
+            &arb.addr,
+            Duration::from_millis(3000),
+            Duration::from_millis(200),
+        ));
+        let g = a.test_and_set("vm", "a", 0).await.unwrap().won().unwrap();
+        // Installed deadline 300 ms away; the interval alone would first renew at 1 s.
+        let nearly = monotonic_now_ns() + 300_000_000;
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let timing = LeaseTiming {
+            renew_interval: Duration::from_millis(1000),
+            request_timeout: Duration::from_millis(200),
+            drift_margin: Duration::from_millis(20),
+        };
+        let _k = LeaseKeeper::spawn(a, "vm", "a", g.epoch, nearly, timing, move |s| {
+            let _ = tx.send(s);
+        });
+        match timeout(Duration::from_secs(3), rx.recv())
+            .await
+            .unwrap()
+            .unwrap()
+        {
+            LeaseState::Valid {
+                deadline_monotonic_ns,
+                ..
+            } => assert!(deadline_monotonic_ns > nearly),
+            s => panic!("the nearly expired grant was not renewed: {s:?}"),
+        }
+    })
+    .await
+    .expect("test budget exceeded");
+    drop(arb);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lease_keeper_renews_and_never_extends_after_arbiter_loss() {
     let dir = tempfile::tempdir().unwrap();
