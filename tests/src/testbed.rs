@@ -629,14 +629,15 @@ impl Testbed {
                     let v: Vec<&str> = args.split_whitespace().collect();
                     crate::ns_exec(&self.wire_ns, "tc", &v).map(drop)
                 };
+                // Fresh each time (HTB cannot `replace` itself): remove what an earlier
+                // call installed, if anything.
+                let _ = tc(&format!("qdisc del dev {w} root"));
+                tc(&format!("qdisc add dev {w} root handle 1: htb default 10"))?;
                 tc(&format!(
-                    "qdisc replace dev {w} root handle 1: htb default 10"
+                    "class add dev {w} parent 1: classid 1:10 htb rate 10gbit"
                 ))?;
                 tc(&format!(
-                    "class replace dev {w} parent 1: classid 1:10 htb rate 10gbit"
-                ))?;
-                tc(&format!(
-                    "class replace dev {w} parent 1: classid 1:20 htb rate 2mbit ceil 2mbit"
+                    "class add dev {w} parent 1: classid 1:20 htb rate 2mbit ceil 2mbit"
                 ))?;
             }
         }

@@ -292,14 +292,20 @@ async fn test_and_set(c: &Ctx, arb: &Arc<dyn Arbiter>, expected: u64, waiting: &
     let mut retried = false;
     let since = std::time::Instant::now();
     let r = loop {
+        let sent = MonoInstant::now();
         match arb.test_and_set(&f.vm, &f.node, expected).await {
+            // The lease began when the arbiter handled this request: after it was sent.
+            // (Counting from the first attempt, a win after retries while the arbiter
+            // was unreachable arrived with its lease already over, and the node halted.)
             Ok(TasOutcome::Won(g)) => {
-                break Tas::Won(g.epoch, g.deadline_monotonic_ns(first, f.drift_margin()));
+                break Tas::Won(g.epoch, g.deadline_monotonic_ns(sent, f.drift_margin()));
             }
             Ok(TasOutcome::Stale {
                 owner: Some(o),
                 epoch,
             }) if retried && o == f.node && epoch == expected + 1 => {
+                // Which earlier attempt won is unknown: its lease counts from the first
+                // (the lease keeper renews it at once if little is left).
                 info!(
                     epoch,
                     "an earlier test-and-set whose answer was lost had won"
