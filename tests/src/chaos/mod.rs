@@ -46,8 +46,8 @@ pub struct ChaosOptions {
     pub rate: u64,
     /// The kinds of fault the schedule draws from.
     pub kinds: Vec<FaultKind>,
-    /// The output rule (`hold_output`). Off only to show that the checks catch what it
-    /// prevents: replies released before the backup has what they depend on.
+    /// The output rule (`hold_output`). Off only to explore what the suite sees
+    /// without it: replies released before the backup has what they depend on.
     pub output_rule: bool,
 }
 
@@ -153,7 +153,7 @@ impl fmt::Display for Report {
         if !self.output_rule {
             writeln!(
                 f,
-                "  OUTPUT RULE OFF (hold_output = false): a self-check of the suite"
+                "  OUTPUT RULE OFF (hold_output = false): replies may leave before the backup has what they depend on"
             )?;
         }
         if let Some(a) = &self.aborted {
