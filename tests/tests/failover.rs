@@ -237,7 +237,8 @@ fn a_cut_logging_link_leaves_exactly_one_host_live() {
 /// The primary frozen (SIGSTOP) for longer than the timeout, shorter than its lease:
 /// the backup takes over. Resumed (SIGCONT) with its lease still valid, the old primary
 /// finds itself fenced (it can release nothing without acks, and its test-and-set for
-/// a new epoch is stale) and halts, without emitting on the client network again.
+/// a new epoch is stale) and halts, without emitting on the client network again; it
+/// stops its VM, and its daemon exits.
 #[test]
 fn a_frozen_primary_resumes_fenced_and_never_emits_again() {
     let _s = serial();
@@ -289,9 +290,15 @@ fn a_frozen_primary_resumes_fenced_and_never_emits_again() {
     // The capture sees the VM's traffic (through B), and none of it comes through A.
     assert!(via_b >= 198, "only {via_b} VM frames through host B's port");
     assert_eq!(via_a, 0, "the fenced primary emitted {via_a} VM frames");
-    let sa = app.status('a').unwrap();
-    assert_eq!(sa["role"], "standby", "{sa:#}");
-    eprintln!("{}", sa["role_history"]);
+    // Halted, it stopped its VM (fail-stop), and its daemon, configured as primary,
+    // exited without its VM.
+    let exited = app.guard('a').wait_exit(T).unwrap();
+    assert!(
+        exited.is_some(),
+        "the halted primary's daemon is still running"
+    );
+    let log = app.guard('a').log_contents();
+    assert!(log.contains("halted: stopping the VM"), "{log}");
 }
 
 /// The primary frozen while client frames keep arriving: its XDP goes on duplicating
