@@ -10,6 +10,7 @@
 #![no_std]
 
 pub mod maps;
+pub mod probe;
 pub mod siphash;
 pub mod vmlog;
 pub mod wire;

@@ -18,6 +18,7 @@
 #![allow(internal_features)]
 
 mod hold;
+mod probe;
 mod shared;
 
 use aya_ebpf::{
