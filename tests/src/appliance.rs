@@ -16,6 +16,9 @@ use crate::{ChildGuard, Testbed, fmt_mac, names::*};
 #[derive(Clone, Debug)]
 pub struct ApplianceOptions {
     pub hold_output: bool,
+    /// `[channel] kernel_acks`: the backup's XDP acks in-order frames (false: its daemon
+    /// sends every ack; the benchmark's comparison).
+    pub kernel_acks: bool,
     pub retx_slots: u32,
     pub hold_slots: u32,
     pub heartbeat_ms: u64,
@@ -70,6 +73,7 @@ impl Default for ApplianceOptions {
     fn default() -> Self {
         ApplianceOptions {
             hold_output: true,
+            kernel_acks: true,
             retx_slots: 16384,
             hold_slots: 2048,
             heartbeat_ms: 5,
@@ -180,6 +184,7 @@ heartbeat_ms = {hb}
 peer_timeout_ms = {pt}
 nack_retry_ms = {nr}
 hold_output = {ho}
+kernel_acks = {ka}
 key_file = "{key}"
 {join}
 {channel_extra}
@@ -227,6 +232,7 @@ control_socket = "{sock}"
         pt = o.peer_timeout_ms,
         nr = o.nack_retry_ms,
         ho = o.hold_output,
+        ka = o.kernel_acks,
         sock = sock.display(),
         key = channel_key_file(tb)?.display(),
     );

@@ -188,7 +188,8 @@ fn burst_test(loss_every: Option<u32>) {
         });
         assert!(
             caught_up,
-            "backup never caught up: {:#}",
+            "backup never caught up\nprimary: {:#}\nbackup: {:#}",
+            app.status('a').unwrap(),
             app.status('b').unwrap()
         );
         blast(&tb.client_ns, BRIDGE, chunk, Some(30_000)).unwrap();

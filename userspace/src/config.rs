@@ -327,6 +327,18 @@ pub struct Channel {
     /// The output rule. `false` releases VM output without waiting for the backup —
     /// only for the benchmark's "gate disabled" baseline; never in production.
     pub hold_output: bool,
+    /// Backup: XDP acks log frames that arrive in order itself, once they are copied
+    /// into the ring the daemon drains, so the output rule waits for one kernel-to-kernel
+    /// round trip and never for the backup's userspace. `false` leaves every ack to the
+    /// daemon — only for the benchmark's comparison. Needs native XDP (`xdp_mode =
+    /// "driver"`); in generic mode the daemon acks.
+    pub kernel_acks: bool,
+    /// Backup: least time between two acks XDP sends for one stream, in microseconds
+    /// (batching under load). A frame that arrives sooner is confirmed but its ack is
+    /// left to the daemon's next one (one per wake-up) or to XDP's next after the
+    /// interval; an isolated frame (request/response) is acked at once. 0: every
+    /// in-order frame gets its own ack.
+    pub kernel_ack_interval_us: u64,
     /// Re-protection: where this node accepts a joining backup (TCP `address:port`, an
     /// address of the logging NIC), while it runs the VM alone. Empty: no joins.
     pub join_listen: String,
@@ -355,6 +367,8 @@ impl Default for Channel {
             nack_burst: 64,
             vmlog_window: 4096,
             hold_output: true,
+            kernel_acks: true,
+            kernel_ack_interval_us: 200,
             join_listen: String::new(),
             join_peer: String::new(),
             key_file: PathBuf::new(),

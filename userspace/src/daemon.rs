@@ -451,7 +451,7 @@ fn declare_failed(
     } else {
         ft_common::wire::LEAVE_SHUTDOWN
     };
-    status.stop_acking.store(true, Relaxed);
+    crate::channel::backup::stop_confirming(dp, status);
     roles.halt(&format!(
         "this backup's replica failed ({}): it stops acking the log; it must be recreated \
          from the primary",

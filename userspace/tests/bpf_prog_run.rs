@@ -50,11 +50,18 @@
 //! them as received or stamps the primary alive
 //! (`logging_link_each_check_drops_with_its_reason` has each as a single fault).
 //!
+//! The backup's log receive is checked whole: a valid LOG, VMLOG or heartbeat frame is
+//! copied into `LOG_RING` (the test drains the ring after every case and compares each
+//! record with the frame), and an in-order LOG or VMLOG frame (its sequence right after
+//! the stream's `KACK` field, the primary's session known) raises `KACK` and comes out as
+//! the tagged cumulative ack of both streams (`XDP_TX`); any other buffered frame is
+//! consumed (`XDP_DROP`, no drop counted: it is buffered, not lost). No frame ever puts a
+//! record in the ring that is not exactly a valid frame, and nothing else moves `KACK`.
+//!
 //! Not reachable this way: `ft_strip` (a devmap program: the kernel refuses to test-run
 //! those), the redirects themselves (without `BPF_F_TEST_XDP_LIVE_FRAMES` a test run
-//! returns `XDP_REDIRECT` and sends nothing; `XSKS` is empty, so a valid log frame on the
-//! backup ends as `no_afxdp_socket`, which the model expects), and several CPUs racing
-//! on the maps.
+//! returns `XDP_REDIRECT` and sends nothing), a full `LOG_RING` (8 MiB), and several
+//! CPUs racing on the maps.
 //!
 //! `FT_TEST_EBPF_OBJECT=<file>` runs the tests against another build of ebpf/programs,
 //! e.g. one with a check broken on purpose, without rebuilding ftd.
@@ -62,7 +69,7 @@ use std::{cell::RefCell, collections::BTreeMap, ops::Range, process::Command};
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, MapData, MapError, PerCpuArray, ProgramArray},
+    maps::{Array, MapData, MapError, PerCpuArray, ProgramArray, RingBuf},
     programs::{Program, ProgramError, SchedClassifier, TestRun, TestRunOptions, Xdp},
 };
 use ft_common::{
@@ -112,7 +119,7 @@ fn config() -> MapConfig {
         retx_mask: RETX_SLOTS as u64 - 1,
         hold_mask: HOLD_SLOTS as u64 - 1,
         window: RETX_SLOTS as u64 - RETX_MARGIN,
-        flags: CFG_HOLD_OUTPUT,
+        flags: CFG_HOLD_OUTPUT | CFG_KERNEL_ACKS,
         client_ifindex: LO_IFINDEX,
         log_ifindex: LO_IFINDEX,
         vm_ifindex: LO_IFINDEX,
@@ -263,6 +270,18 @@ fn enter_private_netns() {
 /// The object under test: the one `ftd` embeds, or the file named by
 /// `FT_TEST_EBPF_OBJECT` (to check that these tests catch a deliberately broken program
 /// without rebuilding ftd: build ebpf/programs elsewhere, as userspace/build.rs does).
+/// CLOCK_MONOTONIC in ns: the clock of `bpf_ktime_get_ns()`.
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec we own.
+    let r = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    assert_eq!(r, 0, "clock_gettime");
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
 fn object() -> Vec<u8> {
     match std::env::var_os("FT_TEST_EBPF_OBJECT") {
         Some(path) => std::fs::read(&path).unwrap_or_else(|e| panic!("{path:?}: {e}")),
@@ -277,6 +296,7 @@ struct State {
     seq: SeqState,
     chan: ChanState,
     ctl: HoldCtl,
+    kack: KernelAck,
 }
 
 /// Everything a case may change, read back from the maps.
@@ -285,6 +305,8 @@ struct Snap {
     st: State,
     cfg: MapConfig,
     counters: Vec<u64>,
+    /// The frames of the `LOG_RING` records submitted since the last snapshot.
+    ring: Vec<Vec<u8>>,
 }
 
 /// The loaded object and its maps.
@@ -298,6 +320,8 @@ struct Plane {
     hold: Array<MapData, HoldSlot>,
     retx: Array<MapData, RetxSlot>,
     counters: PerCpuArray<MapData, u64>,
+    kack: Array<MapData, KernelAck>,
+    ring: RefCell<RingBuf<MapData>>,
 }
 
 impl Plane {
@@ -342,6 +366,8 @@ impl Plane {
             hold: take!("HOLD"),
             retx: take!("RETX"),
             counters: take!("COUNTERS"),
+            kack: take!("KACK"),
+            ring: RefCell::new(take!("LOG_RING")),
             ebpf,
         };
         p.config.set(0, config(), 0).unwrap();
@@ -397,6 +423,7 @@ impl Plane {
         self.node.set(0, st.node, 0)?;
         self.seq.set(0, st.seq, 0)?;
         self.chan.set(0, st.chan, 0)?;
+        self.kack.set(0, st.kack, 0)?;
         self.hold_ctl.set(0, st.ctl, 0)
     }
 
@@ -406,7 +433,24 @@ impl Plane {
             seq: self.seq.get(&0, 0)?,
             chan: self.chan.get(&0, 0)?,
             ctl: self.hold_ctl.get(&0, 0)?,
+            kack: self.kack.get(&0, 0)?,
         })
+    }
+
+    /// Drains `LOG_RING`: the frame of each record (`LogRec`: len, padding, frame).
+    fn drain_ring(&self) -> Vec<Vec<u8>> {
+        let mut ring = self.ring.borrow_mut();
+        let mut out = Vec::new();
+        while let Some(rec) = ring.next() {
+            let len = u32::from_ne_bytes(rec[..4].try_into().unwrap()) as usize;
+            assert!(
+                rec.len() >= LOG_REC_HDR + len,
+                "record of {} bytes claims a {len}-byte frame",
+                rec.len()
+            );
+            out.push(rec[LOG_REC_HDR..LOG_REC_HDR + len].to_vec());
+        }
+        out
     }
 
     fn snap(&self) -> Result<Snap, MapError> {
@@ -414,6 +458,7 @@ impl Plane {
             st: self.state()?,
             cfg: self.config.get(&0, 0)?,
             counters: self.counters()?,
+            ring: self.drain_ring(),
         })
     }
 
@@ -456,6 +501,10 @@ struct Expect {
     held: u64,
     /// The frame that comes out (None: not checked).
     out: Option<Vec<u8>>,
+    /// `KACK` afterwards.
+    kack: KernelAck,
+    /// The frames copied into `LOG_RING`, in order.
+    ring: Vec<Vec<u8>>,
 }
 
 impl Expect {
@@ -471,6 +520,8 @@ impl Expect {
             released: 0,
             held: 0,
             out: None,
+            kack: b.kack,
+            ring: vec![],
         }
     }
 
@@ -544,6 +595,20 @@ fn check(e: &Expect, o: &Obs) -> Result<(), String> {
                 "unchanged"
             }
         ));
+    }
+    // KACK: the sequences exactly; a send stamp moves exactly when the model sends (the
+    // model marks a send by changing the stamp; the kernel writes the time).
+    let (ka, ke, kb) = (a.st.kack, e.kack, b.st.kack);
+    if (ka.input, ka.vm) != (ke.input, ke.vm)
+        || (ka.input_tx_ns != kb.input_tx_ns) != (ke.input_tx_ns != kb.input_tx_ns)
+        || (ka.vm_tx_ns != kb.vm_tx_ns) != (ke.vm_tx_ns != kb.vm_tx_ns)
+    {
+        errs.push(format!("KACK {ka:?} (expected {ke:?}, before {kb:?})"));
+    }
+    if a.ring != e.ring {
+        let got: Vec<String> = a.ring.iter().map(|f| hex(f)).collect();
+        let want: Vec<String> = e.ring.iter().map(|f| hex(f)).collect();
+        errs.push(format!("LOG_RING records {got:?} (expected {want:?})"));
     }
     let released = a.st.ctl.head.wrapping_sub(b.st.ctl.head);
     let held = a.st.ctl.tail.wrapping_sub(b.st.ctl.tail);
@@ -757,17 +822,55 @@ fn log_rx_expect(sc: &Scene, f: &[u8]) -> Vec<Expect> {
         };
         log_tc_expect(sc, e, f)
     };
-    // Backup: a valid frame goes to the daemon's AF_XDP socket; none is registered here,
-    // so it ends as `no_afxdp_socket` after being counted as received.
-    let to_daemon = |what: &str, counters: &[u32]| {
+    // Backup: a valid frame is copied into LOG_RING (headers and `len` payload bytes,
+    // not the padding) and counted as received. The next in order of its stream (`kack`:
+    // the stream's KACK sequence and send-stamp fields, None for a heartbeat), with the
+    // session known and kernel acks on, raises the field and comes out as the tagged ack
+    // of both streams, unless the stream's last ack was sent within the interval (read on
+    // the same clock, CLOCK_MONOTONIC; the scenes keep stamps seconds away from the
+    // interval's end); any other is consumed.
+    type Field = fn(&mut KernelAck) -> &mut u64;
+    let to_daemon = |what: &str, counters: &[u32], kack: Option<(Field, Field)>| {
         let mut e = Expect {
             peer_touched: true,
-            ..Expect::dropped(what, st, XDP_DROP, &[C_DROP_NO_XSK])
+            ring: vec![f[..LOG_OVERHEAD + len as usize].to_vec()],
+            ..Expect::new(what, st, XDP_DROP)
         };
         for c in counters {
             e = e.count(*c, 1);
         }
-        e
+        let Some((field, stamp)) = kack else { return e };
+        let mut k = st.kack;
+        if st.chan.peer_session == 0
+            || cfg.flags & CFG_KERNEL_ACKS == 0
+            || *field(&mut k) != seq.wrapping_sub(1)
+        {
+            return e;
+        }
+        *field(&mut k) = seq;
+        if monotonic_ns().wrapping_sub(*stamp(&mut k)) < cfg.kack_interval_ns {
+            return Expect {
+                what: format!("{what}, deferred"),
+                kack: k,
+                ..e.count(C_KACK_DEFERRED, 1)
+            };
+        }
+        *stamp(&mut k) = !*stamp(&mut k);
+        let mut ft = FtHdr::new(KIND_ACK, st.chan.peer_session, st.node.epoch, k.input);
+        ft.aux.set(k.vm);
+        ft.len.set(TAG_LEN as u16);
+        let ack = TaggedHdr {
+            eth: eth(cfg.peer_log_mac, cfg.own_log_mac, ETHERTYPE_FT),
+            ft,
+            tag: frame_tag(&tag_key(), &ft).into(),
+        };
+        Expect {
+            what: format!("{what}, acked"),
+            action: XDP_TX,
+            kack: k,
+            out: Some(ack.as_bytes().to_vec()),
+            ..e.count(C_KACK_SENT, 1)
+        }
     };
     let unexpected = || Expect::dropped("unexpected kind", st, XDP_DROP, &[C_DROP_UNEXPECTED_KIND]);
     match role {
@@ -856,7 +959,7 @@ fn log_rx_expect(sc: &Scene, f: &[u8]) -> Vec<Expect> {
                     )];
                 }
                 let delivered = st.chan.delivered;
-                if seq <= delivered {
+                if seq <= delivered || seq <= st.kack.input & !KACK_STOP {
                     return vec![Expect::dropped(
                         "duplicate log",
                         st,
@@ -876,7 +979,11 @@ fn log_rx_expect(sc: &Scene, f: &[u8]) -> Vec<Expect> {
                 if ft.flags & FLAG_RETRANSMIT != 0 {
                     cs.push(C_LOG_RX_RETRANSMIT);
                 }
-                vec![to_daemon("log received", &cs)]
+                vec![to_daemon(
+                    "log received",
+                    &cs,
+                    Some((|k| &mut k.input, |k| &mut k.input_tx_ns)),
+                )]
             }
             KIND_VMLOG => {
                 if len > payload_room {
@@ -896,7 +1003,19 @@ fn log_rx_expect(sc: &Scene, f: &[u8]) -> Vec<Expect> {
                         &[C_DROP_MALFORMED],
                     )];
                 }
-                vec![to_daemon("vmlog received", &[C_VMLOG_RX])]
+                if seq <= st.kack.vm & !KACK_STOP {
+                    return vec![Expect::dropped(
+                        "duplicate vmlog",
+                        st,
+                        XDP_DROP,
+                        &[C_DROP_DUP],
+                    )];
+                }
+                vec![to_daemon(
+                    "vmlog received",
+                    &[C_VMLOG_RX],
+                    Some((|k| &mut k.vm, |k| &mut k.vm_tx_ns)),
+                )]
             }
             KIND_HEARTBEAT => {
                 if len != 0 {
@@ -909,7 +1028,7 @@ fn log_rx_expect(sc: &Scene, f: &[u8]) -> Vec<Expect> {
                         &[C_DROP_MALFORMED],
                     )];
                 }
-                vec![to_daemon("heartbeat received", &[C_HEARTBEAT_RX])]
+                vec![to_daemon("heartbeat received", &[C_HEARTBEAT_RX], None)]
             }
             _ => vec![unexpected()],
         },
@@ -934,6 +1053,7 @@ fn empty_state(role: u32) -> State {
         seq: SeqState::default(),
         chan: ChanState::default(),
         ctl: HoldCtl::default(),
+        kack: KernelAck::default(),
     }
 }
 
@@ -992,11 +1112,17 @@ fn primary_scene(p: &mut Plane) -> Scene {
     }
 }
 
-/// A backup following session SESSION that has stored input frames up to 100.
+/// A backup following session SESSION that has stored input frames up to 100 and holds
+/// both streams in order up to 100 and 2 (the kernel's acks).
 fn backup_scene(p: &mut Plane) -> Scene {
     let mut st = empty_state(ROLE_BACKUP);
     st.chan.delivered = 100;
     st.chan.peer_session = SESSION;
+    st.kack = KernelAck {
+        input: 100,
+        vm: 2,
+        ..Default::default()
+    };
     p.put(&st).unwrap();
     Scene {
         st,
@@ -1472,7 +1598,9 @@ fn logging_link_backup_drops_and_counts_malformed_frames() {
         "backup",
         &[
             "log received",
+            "log received, acked",
             "vmlog received",
+            "vmlog received, acked",
             "heartbeat received",
             "heartbeat len",
             "oversize log",
@@ -1894,27 +2022,89 @@ fn logging_link_each_check_drops_with_its_reason() {
     for (f, what) in [
         (
             primary_frame(KIND_LOG, 101, 0, 0, &largest_client_frame(101)),
-            "log received",
+            "log received, acked",
         ),
         (
             padded(
                 primary_frame(KIND_LOG, 101, 0, 0, &largest_client_frame(101)),
                 8,
             ),
+            "log received, acked",
+        ),
+        (
+            primary_frame(KIND_LOG, 102, 0, 0, &largest_client_frame(102)),
             "log received",
         ),
         (
             primary_frame(KIND_VMLOG, 3, 0, 0, &[1; MAX_FRAME]),
-            "vmlog received",
+            "vmlog received, acked",
+        ),
+        (
+            primary_frame(KIND_VMLOG, 2, 0, 0, &[1; 8]),
+            "duplicate vmlog",
         ),
         (heartbeat(), "heartbeat received"),
     ] {
         assert_eq!(link_case(&mut bp, &bsc, &f).as_deref(), Ok(what));
     }
-    // A backup that does not know the session yet accepts any.
+    // A backup that does not know the session yet accepts any, and acks none itself
+    // (an ack would name a session the daemon did not choose).
     let mut fresh = backup_scene(&mut bp);
     fresh.st.chan.peer_session = 0;
-    link_case(&mut bp, &fresh, &resigned(log(101), Field::Session, 1)).unwrap();
+    assert_eq!(
+        link_case(&mut bp, &fresh, &resigned(log(101), Field::Session, 1)).as_deref(),
+        Ok("log received")
+    );
+    // Stopped kernel acks (take-over, failure): buffered, never acked, even in order.
+    let mut stopped = backup_scene(&mut bp);
+    stopped.st.kack.input |= KACK_STOP;
+    stopped.st.kack.vm |= KACK_STOP;
+    assert_eq!(
+        link_case(&mut bp, &stopped, &log(101)).as_deref(),
+        Ok("log received")
+    );
+    assert_eq!(
+        link_case(
+            &mut bp,
+            &stopped,
+            &primary_frame(KIND_VMLOG, 3, 0, 0, &[1; 8])
+        )
+        .as_deref(),
+        Ok("vmlog received")
+    );
+    assert_eq!(
+        link_case(&mut bp, &stopped, &log(100)).as_deref(),
+        Ok("duplicate log")
+    );
+    // Batching: an in-order frame within the interval of the stream's last ack sent is
+    // confirmed in KACK but not sent; the other stream's stamp does not matter.
+    let mut batching = backup_scene(&mut bp);
+    batching.cfg.kack_interval_ns = 10_000_000_000;
+    bp.config.set(0, batching.cfg, 0).unwrap();
+    batching.st.kack.input_tx_ns = monotonic_ns();
+    batching.st.kack.vm_tx_ns = monotonic_ns() - 20_000_000_000;
+    assert_eq!(
+        link_case(&mut bp, &batching, &log(101)).as_deref(),
+        Ok("log received, deferred")
+    );
+    assert_eq!(
+        link_case(
+            &mut bp,
+            &batching,
+            &primary_frame(KIND_VMLOG, 3, 0, 0, &[1; 8])
+        )
+        .as_deref(),
+        Ok("vmlog received, acked")
+    );
+    // Kernel acks off (generic XDP, or the benchmark's baseline): buffered, never acked.
+    let mut off = backup_scene(&mut bp);
+    off.cfg.flags &= !CFG_KERNEL_ACKS;
+    bp.config.set(0, off.cfg, 0).unwrap();
+    assert_eq!(
+        link_case(&mut bp, &off, &log(101)).as_deref(),
+        Ok("log received")
+    );
+    bp.config.set(0, config(), 0).unwrap();
 }
 
 // ---- ft_client_rx ----------------------------------------------------------------------------

@@ -35,4 +35,7 @@ mod pod {
     // zerocopy's IntoBytes derive) and every bit pattern is a valid value (FromBytes
     // derive), so aya may copy it to and from map bytes as is.
     unsafe impl aya::Pod for ChanState {}
+    // SAFETY: KernelAck is #[repr(C)] (two u64 fields), has no padding (IntoBytes derive)
+    // and every bit pattern is a valid value (FromBytes derive).
+    unsafe impl aya::Pod for KernelAck {}
 }

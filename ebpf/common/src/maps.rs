@@ -2,7 +2,9 @@
 //! ("Maps and their owners"); in short: userspace writes `CONFIG` once at start, `NODE`
 //! on role/epoch/lease changes and every field of `CHAN`; the kernel programs own every
 //! field of `SEQ`, and `HOLD_CTL`, `HOLD` and `RETX`; `COUNTERS`/`HOLD_HIST` are written
-//! by the kernel and read by userspace. No map value has fields of both owners.
+//! by the kernel and read by userspace; `LOG_RING` is written by XDP and drained by the
+//! daemon. Only `KACK` has two writers, and both only raise its fields atomically (see
+//! [`KernelAck`]).
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
 use crate::wire::SLOT_DATA;
@@ -35,6 +37,11 @@ pub const CFG_HOLD_OUTPUT: u32 = 1;
 /// Deliver inbound frames to the VM side with the log header kept (a VMM reads the
 /// sequence number); otherwise the header is stripped (plain stand-in VM).
 pub const CFG_VM_TAGGED_INPUT: u32 = 2;
+/// Backup: XDP acks in-order log frames itself (`XDP_TX`). Off in generic (skb) XDP mode:
+/// there the ack reuses the received skb, whose checksum metadata (a client frame's
+/// `CHECKSUM_PARTIAL` offsets, on veth) would travel on to the primary and break the
+/// ack as the carrier of released output. Then the daemon acks everything.
+pub const CFG_KERNEL_ACKS: u32 = 4;
 
 /// Static configuration, written once by the daemon before attaching (map `CONFIG`, 1 entry).
 /// (`Debug` leaves out the tag key.)
@@ -66,6 +73,11 @@ pub struct Config {
     /// the backup's frames whose tag does not verify are dropped
     /// (`ft_common::wire::frame_tag`).
     pub tag_key: [u64; 2],
+    /// Backup: least time between two acks XDP sends for one stream (ns). A frame that
+    /// arrives sooner is acked in `KACK` but not sent: the daemon's next ack (one per
+    /// wake-up) carries it, or XDP's next ack after the interval. Bounds the ack rate
+    /// under load (batching) while an isolated frame is acked at once.
+    pub kack_interval_ns: u64,
 }
 
 impl core::fmt::Debug for Config {
@@ -83,6 +95,7 @@ impl core::fmt::Debug for Config {
             .field("own_log_mac", &self.own_log_mac)
             .field("peer_log_mac", &self.peer_log_mac)
             .field("session", &self.session)
+            .field("kack_interval_ns", &self.kack_interval_ns)
             .finish_non_exhaustive()
     }
 }
@@ -152,6 +165,62 @@ pub struct ChanState {
     pub peer_session: u64,
     pub _pad: u64,
 }
+
+/// Backup: the cumulative acks of both streams as far as the log is buffered for replay
+/// (map `KACK`, 1 entry, mmapable). The one map value with two writers, both only ever
+/// raising a field with an atomic read-modify-write on the same word:
+/// - `ft_log_rx` (XDP) raises a field from `s - 1` to `s` (compare-and-swap) after it
+///   copied frame `s` into `LOG_RING`, and then sends the ack itself: the in-order fast
+///   path, with no userspace on it;
+/// - the daemon raises it to what it holds in order (atomic max), after it repaired a
+///   gap, and sets [`KACK_STOP`] in both fields (atomic or) when this replica must
+///   confirm nothing more (take-over, failure): the value it gets back is the last ack
+///   anybody sent, and every frame up to it is in `LOG_RING` or already in the daemon,
+///   because XDP submits a frame's record before its compare-and-swap.
+///
+/// A field starts as `KACK_STOP` (nothing acked by the kernel) until the daemon knows
+/// where the stream starts and stores its position.
+#[repr(C)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
+pub struct KernelAck {
+    /// Every input frame up to it is buffered for replay.
+    pub input: u64,
+    /// Every VMLOG frame up to it is buffered for replay.
+    pub vm: u64,
+    /// `bpf_ktime_get_ns()` of XDP's last ack sent for an input frame (written by XDP
+    /// only).
+    pub input_tx_ns: u64,
+    /// The same for a VMLOG frame.
+    pub vm_tx_ns: u64,
+}
+
+/// Set in a [`KernelAck`] sequence field: XDP acks nothing more of that stream.
+pub const KACK_STOP: u64 = 1 << 63;
+
+/// Bytes of `LOG_RING`, the backup's BPF ring buffer of received log frames (power of
+/// two, a multiple of the page size). Holds what the daemon has not drained yet: at
+/// least 5,000 full-size frames.
+pub const LOG_RING_BYTES: u32 = 8 << 20;
+/// Frame bytes of a small `LOG_RING` record: heartbeats, acks-sized frames and log
+/// frames of client frames up to 194 bytes.
+pub const LOG_REC_SMALL: usize = 248;
+/// Frame bytes of a large record: any valid log frame (`LOG_OVERHEAD + MAX_FRAME`).
+pub const LOG_REC_LARGE: usize = 1576;
+
+/// A `LOG_RING` record: the log frame exactly as received (`len` bytes of `frame`).
+/// XDP reserves the smallest size that fits; the daemon reads `len` and the frame.
+#[repr(C)]
+#[derive(Clone, Copy, FromBytes, Immutable, KnownLayout)]
+pub struct LogRec<const N: usize> {
+    pub len: u32,
+    pub _pad: u32,
+    pub frame: [u8; N],
+}
+
+/// Bytes of a `LogRec` before the frame.
+pub const LOG_REC_HDR: usize = 8;
 
 /// Control block of the hold ring (map `HOLD_CTL`, 1 entry).
 #[repr(C)]
@@ -260,7 +329,9 @@ counters! {
     C_DROP_OVERSIZE = 23, "ft_drops_total", "oversize";
     C_DROP_DUP = 24, "ft_drops_total", "duplicate_log";
     C_DROP_SEQ_WINDOW = 25, "ft_drops_total", "log_seq_out_of_window";
-    C_DROP_NO_XSK = 26, "ft_drops_total", "no_afxdp_socket";
+    /// Backup: `LOG_RING` full (the daemon is not draining it): the frame is not
+    /// buffered, not acked, and asked for again once the daemon notices the gap.
+    C_DROP_LOG_RING_FULL = 26, "ft_drops_total", "log_ring_full";
     C_DROP_RETX_MISS = 27, "ft_drops_total", "nack_not_in_store";
     C_DROP_MALFORMED = 28, "ft_drops_total", "malformed";
     C_DROP_BAD_PEER = 29, "ft_drops_total", "wrong_peer_mac";
@@ -288,6 +359,11 @@ counters! {
     C_LEAVE_RX = 16, "ft_leave_received_total", "";
     /// Release passes the daemon triggered with a kick frame on the VM NIC (role change).
     C_RELEASE_KICK = 17, "ft_release_kicks_total", "";
+    /// Backup: acks XDP sent itself (`XDP_TX`), an in-order frame buffered in `LOG_RING`.
+    C_KACK_SENT = 18, "ft_kernel_acks_sent_total", "";
+    /// Backup: in-order frames XDP acked in `KACK` but did not send an ack for (another
+    /// was sent less than `kack_interval_ns` ago); the daemon's next ack carries them.
+    C_KACK_DEFERRED = 19, "ft_kernel_acks_deferred_total", "";
 }
 
 /// Entries of the `COUNTERS` map.
@@ -309,9 +385,16 @@ mod tests {
 
     #[test]
     fn layouts_have_expected_sizes() {
-        assert_eq!(core::mem::size_of::<Config>(), 88);
+        assert_eq!(core::mem::size_of::<Config>(), 96);
         assert_eq!(core::mem::size_of::<SeqState>(), 32);
         assert_eq!(core::mem::size_of::<ChanState>(), 32);
+        assert_eq!(core::mem::size_of::<KernelAck>(), 32);
+        assert_eq!(
+            core::mem::size_of::<LogRec<LOG_REC_SMALL>>(),
+            LOG_REC_HDR + LOG_REC_SMALL
+        );
+        const { assert!(LOG_REC_LARGE >= crate::wire::LOG_OVERHEAD + crate::wire::MAX_FRAME) };
+        const { assert!(LOG_REC_SMALL.is_multiple_of(8) && LOG_REC_LARGE.is_multiple_of(8)) };
         assert_eq!(core::mem::size_of::<NodeState>(), 24);
         assert_eq!(core::mem::size_of::<HoldSlot>(), 40 + SLOT_DATA);
         assert_eq!(core::mem::size_of::<RetxSlot>(), 16 + SLOT_DATA);

@@ -295,41 +295,56 @@ fn try_log_rx(ctx: &XdpContext) -> Result<u32, u32> {
                 }
                 return drop(C_DROP_BAD_SESSION);
             }
+            let ka = kack().ok_or(xdp_action::XDP_DROP)?;
+            let len = hdr.ft.len.get();
             match kind {
                 KIND_LOG => {
-                    if !payload_len_ok(hdr.ft.len.get(), data, end) {
+                    if !payload_len_ok(len, data, end) {
                         return drop(C_DROP_MALFORMED);
                     }
-                    // SAFETY: live map value, aligned field (written by the daemon).
-                    let delivered = unsafe { load64(&(*ch).delivered) };
-                    if fseq <= delivered {
+                    // SAFETY: live map values, aligned fields (`delivered` is written by
+                    // the daemon; `input` raised atomically by both).
+                    let (delivered, kin) =
+                        unsafe { (load64(&(*ch).delivered), load64(&(*ka).input)) };
+                    if fseq <= delivered || fseq <= kin & !KACK_STOP {
                         return drop(C_DROP_DUP);
                     }
                     if fseq - delivered > cfg.window + RETX_MARGIN {
                         return drop(C_DROP_SEQ_WINDOW);
                     }
+                    buffer(ctx, st, len)?;
                     count(C_LOG_RX);
                     if hdr.ft.flags & FLAG_RETRANSMIT != 0 {
                         count(C_LOG_RX_RETRANSMIT);
                     }
-                    to_daemon(ctx, st)
+                    // SAFETY: live map value, aligned fields.
+                    let (f, t) = unsafe { (&mut (*ka).input, &mut (*ka).input_tx_ns) };
+                    kernel_ack(ctx, cfg, node, ch, ka, f, t, fseq)
                 }
                 KIND_VMLOG => {
-                    if !payload_len_ok(hdr.ft.len.get(), data, end) {
+                    if !payload_len_ok(len, data, end) {
                         return drop(C_DROP_MALFORMED);
                     }
+                    // SAFETY: live map value, aligned field raised atomically by both.
+                    if fseq <= unsafe { load64(&(*ka).vm) } & !KACK_STOP {
+                        return drop(C_DROP_DUP);
+                    }
+                    buffer(ctx, st, len)?;
                     count(C_VMLOG_RX);
-                    to_daemon(ctx, st)
+                    // SAFETY: live map value, aligned fields.
+                    let (f, t) = unsafe { (&mut (*ka).vm, &mut (*ka).vm_tx_ns) };
+                    kernel_ack(ctx, cfg, node, ch, ka, f, t, fseq)
                 }
                 KIND_HEARTBEAT => {
                     // A heartbeat has no payload. One that claims one is not a frame the
                     // primary's daemon made: it must not count as received nor stamp
                     // the primary alive (`last_peer_ns`).
-                    if hdr.ft.len.get() != 0 {
+                    if len != 0 {
                         return drop(C_DROP_MALFORMED);
                     }
+                    buffer(ctx, st, 0)?;
                     count(C_HEARTBEAT_RX);
-                    to_daemon(ctx, st)
+                    Ok(xdp_action::XDP_DROP)
                 }
                 _ => drop(C_DROP_UNEXPECTED_KIND),
             }
@@ -367,15 +382,127 @@ fn drop(counter: u32) -> Result<u32, u32> {
     Ok(xdp_action::XDP_DROP)
 }
 
-/// Backup: hand a log frame to the daemon's AF_XDP socket for this queue.
+/// Backup: copy the log frame (headers and `len` payload bytes, checked in bounds by the
+/// caller) into `LOG_RING` for the daemon: from here on it is buffered for replay. A full
+/// ring drops the frame (counted); the daemon asks for it again when it sees the gap.
 #[inline(always)]
-fn to_daemon(ctx: &XdpContext, st: *mut SeqState) -> Result<u32, u32> {
+fn buffer(ctx: &XdpContext, st: *mut SeqState, len: u16) -> Result<(), u32> {
+    let n = LOG_OVERHEAD as u32 + len as u32;
+    let ok = if n <= LOG_REC_SMALL as u32 {
+        copy_to_ring::<LOG_REC_SMALL>(ctx, n)
+    } else {
+        copy_to_ring::<LOG_REC_LARGE>(ctx, n)
+    };
+    if !ok {
+        return Err(drop(C_DROP_LOG_RING_FULL).unwrap_or(xdp_action::XDP_DROP));
+    }
     // SAFETY: live map value; plain store of a timestamp.
     unsafe { store64(&mut (*st).last_peer_ns, h::bpf_ktime_get_ns()) };
-    match XSKS.redirect(ctx.rx_queue_index(), 0) {
-        Ok(a) => Ok(a),
-        Err(_) => drop(C_DROP_NO_XSK),
+    Ok(())
+}
+
+/// Reserves a `LogRec<N>`, copies the first `n` bytes of the frame into it and submits
+/// it (the daemon is woken if it waits). False if the ring is full or the copy failed.
+#[inline(always)]
+fn copy_to_ring<const N: usize>(ctx: &XdpContext, n: u32) -> bool {
+    // Through the stack, so that LLVM cannot drop the `n == 0` check it proves redundant
+    // (`n` >= LOG_OVERHEAD) and the verifier, which does not track that, sees both bounds.
+    let mut v = 0u64;
+    // SAFETY: a local variable.
+    unsafe { core::ptr::write_volatile(&mut v, n as u64) };
+    // SAFETY: as above.
+    let n = unsafe { core::ptr::read_volatile(&v) };
+    if n == 0 || n > N as u64 {
+        return false;
     }
+    let n = n as u32;
+    let Some(mut rec) = LOG_RING.reserve::<LogRec<N>>(0) else {
+        return false;
+    };
+    let p = rec.as_mut_ptr();
+    // SAFETY: `p` is the reserved record (N + 8 bytes, ours until submit/discard);
+    // `1 <= n <= N`, so the copy stays inside `frame`; the caller checked that `n` bytes
+    // are inside the packet.
+    let copied = unsafe {
+        (*p).len = n;
+        (*p)._pad = 0;
+        h::bpf_xdp_load_bytes(ctx.ctx, 0, (*p).frame.as_mut_ptr() as *mut _, n)
+    };
+    if copied != 0 {
+        rec.discard(0);
+        return false;
+    }
+    rec.submit(0);
+    true
+}
+
+/// Backup: frame `fseq` of a stream is in `LOG_RING`. If it is the next in order (`*field`
+/// was `fseq - 1`, not stopped) and the primary's session is known, raise the stream's
+/// cumulative ack and turn this frame into that ack (both streams, tagged), sent back
+/// out of the logging NIC (XDP_TX): the output rule's round trip stays in the kernel.
+/// Otherwise the frame is done here (the daemon acks what it puts in order itself).
+/// Batching: within `kack_interval_ns` of this stream's last ack sent, the ack is raised
+/// but not sent (the daemon's next ack, one per wake-up, carries it).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn kernel_ack(
+    ctx: &XdpContext,
+    cfg: &Config,
+    node: &NodeState,
+    ch: *const ChanState,
+    ka: *mut KernelAck,
+    field: *mut u64,
+    tx_ns: *mut u64,
+    fseq: u64,
+) -> Result<u32, u32> {
+    // SAFETY: live map value, aligned field written by the daemon.
+    let session = unsafe { load64(&(*ch).peer_session) };
+    if session == 0 || cfg.flags & CFG_KERNEL_ACKS == 0 {
+        return Ok(xdp_action::XDP_DROP); // the daemon has not chosen the run it follows
+    }
+    // SAFETY: `field` is an aligned u64 of the live KACK value. The record was submitted
+    // before this compare-and-swap (a full barrier), so whoever reads the raised value
+    // finds the frame in the ring. A stopped field (KACK_STOP set) never equals fseq - 1.
+    if unsafe { cmpxchg64(field, fseq - 1, fseq) } != fseq - 1 {
+        return Ok(xdp_action::XDP_DROP);
+    }
+    // SAFETY: plain helper call; `tx_ns` is an aligned field of the live KACK value
+    // written by XDP only (two CPUs racing here may both send: harmless, acks are
+    // cumulative).
+    let now = unsafe { h::bpf_ktime_get_ns() };
+    if now.wrapping_sub(unsafe { load64(tx_ns) }) < cfg.kack_interval_ns {
+        count(C_KACK_DEFERRED);
+        return Ok(xdp_action::XDP_DROP);
+    }
+    // SAFETY: as above.
+    unsafe { store64(tx_ns, now) };
+    // SAFETY: live map value, aligned fields raised atomically by both writers.
+    let (input, vm) = unsafe { (load64(&(*ka).input), load64(&(*ka).vm)) };
+    let cur = xdp_len(ctx) as i32;
+    // SAFETY: helper call on our own context; shrinks the frame to an ack's size.
+    if unsafe { h::bpf_xdp_adjust_tail(ctx.ctx, TAGGED_HLEN as i32 - cur) } != 0 {
+        return drop(C_DROP_RETX_ERR);
+    }
+    let data = ctx.data();
+    if data + TAGGED_HLEN > ctx.data_end() {
+        return drop(C_DROP_RETX_ERR);
+    }
+    let mut ft = FtHdr::new(KIND_ACK, session, node.epoch, input & !KACK_STOP);
+    ft.aux.set(vm & !KACK_STOP);
+    ft.len.set(TAG_LEN as u16);
+    let ack = TaggedHdr {
+        eth: EthHdr {
+            dst: cfg.peer_log_mac,
+            src: cfg.own_log_mac,
+            ethertype: ETHERTYPE_FT.into(),
+        },
+        ft,
+        tag: frame_tag(&cfg.tag_key(), &ft).into(),
+    };
+    // SAFETY: TAGGED_HLEN bytes are in bounds (checked above); TaggedHdr is Unaligned.
+    unsafe { core::ptr::write_unaligned(data as *mut TaggedHdr, ack) };
+    count(C_KACK_SENT);
+    Ok(xdp_action::XDP_TX)
 }
 
 /// Primary: a cumulative ack of both streams. Never beyond what was sent; advances

@@ -5,7 +5,7 @@ use aya_ebpf::{
     bindings::BPF_F_MMAPABLE,
     helpers::generated as h,
     macros::map,
-    maps::{Array, DevMapHash, PerCpuArray, ProgramArray, XskMap},
+    maps::{Array, DevMapHash, PerCpuArray, ProgramArray, RingBuf},
 };
 use ft_common::maps::*;
 
@@ -42,9 +42,14 @@ pub static FANOUT: DevMapHash = DevMapHash::with_max_entries(4, 0);
 /// Slot 0: `ft_release_more`, where a releaser that filled all its passes continues.
 #[map]
 pub static RELEASE_MORE: ProgramArray = ProgramArray::with_max_entries(1, 0);
-/// Backup: AF_XDP sockets of the daemon, by rx queue.
+/// Backup: every log frame received (LOG, VMLOG, HEARTBEAT), copied by `ft_log_rx` for
+/// the daemon to drain: the log buffered for replay.
 #[map]
-pub static XSKS: XskMap = XskMap::with_max_entries(64, 0);
+pub static LOG_RING: RingBuf = RingBuf::with_byte_size(LOG_RING_BYTES, 0);
+/// Backup: how far each stream is buffered, raised by `ft_log_rx` and by the daemon
+/// (`KernelAck`).
+#[map]
+pub static KACK: Array<KernelAck> = Array::with_max_entries(1, BPF_F_MMAPABLE);
 
 #[inline(always)]
 pub fn config() -> Option<&'static Config> {
@@ -59,6 +64,11 @@ pub fn node() -> Option<&'static NodeState> {
 #[inline(always)]
 pub fn seq_state() -> Option<*mut SeqState> {
     SEQ.get_ptr_mut(0)
+}
+
+#[inline(always)]
+pub fn kack() -> Option<*mut KernelAck> {
+    KACK.get_ptr_mut(0)
 }
 
 /// The daemon's channel state (read only here: the daemon owns every field).

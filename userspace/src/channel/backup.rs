@@ -1,15 +1,15 @@
-//! Backup: AF_XDP receive of log frames (XDP `ft_log_rx` redirects validated frames into
-//! the socket's queue), in-order delivery to the VM side, cumulative acks and nacks.
+//! Backup: receive of log frames (XDP `ft_log_rx` copies every validated frame into the
+//! BPF ring buffer `LOG_RING` and acks in-order frames itself), in-order delivery to the
+//! VM side, and the acks and nacks XDP does not send.
 //!
-//! Why AF_XDP: the frames already sit in a kernel buffer after XDP; AF_XDP moves them to
-//! userspace through shared rings with no per-frame syscall and no skb allocation, and
-//! (on NICs that support it) with zero copy. A BPF ring buffer would copy every frame a
-//! second time and cap records at a fixed size; AF_PACKET would allocate an skb per frame
-//! and see frames only after XDP passed them to the stack.
+//! Why a ring buffer and not AF_XDP: an entry may be acked only once it is buffered for
+//! replay, and XDP cannot know whether a frame it redirects to an AF_XDP socket reaches
+//! the socket's ring (a full ring drops it after the program returned). A record XDP
+//! reserved and submitted in `LOG_RING` is buffered when the program continues, so XDP
+//! can turn the frame into the ack at once (`XDP_TX`) and the output rule's round trip
+//! never waits for this thread. The price is one copy of each frame in XDP.
 use std::{
-    num::NonZeroU32,
     os::fd::AsRawFd,
-    ptr::NonNull,
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering::Relaxed},
@@ -17,9 +17,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use ft_common::wire::*;
+use ft_common::{maps::LOG_REC_HDR, wire::*};
 use tracing::{debug, info, warn};
-use xdpilone::{IfInfo, Socket, SocketConfig, Umem, UmemConfig};
 
 use super::{
     auth::ChannelKey,
@@ -29,31 +28,17 @@ use super::{
 };
 use crate::{dataplane::DataPlane, netif::RawSocket};
 
-const FRAME_SIZE: usize = 4096;
-const NUM_FRAMES: usize = 4096;
-const RING: u32 = 2048;
-const BATCH: u32 = 256;
-
 #[derive(Debug, thiserror::Error)]
 pub enum BackupError {
+    #[error("the log ring (LOG_RING) was already taken by another receive loop: a bug, report it")]
+    RingTaken,
     #[error(
-        "logging NIC {0} has {1} receive queues; the backup reads queue 0 only. Give the \
-             logging NIC a single queue: ethtool -L {0} combined 1"
+        "opening the ack socket on logging NIC {iface} failed ({error}); the daemon needs root"
     )]
-    Queues(String, usize),
-    #[error(
-        "AF_XDP socket on {iface}: {what} failed (errno {errno}). The kernel needs \
-             CONFIG_XDP_SOCKETS and the daemon needs root"
-    )]
-    Xsk {
+    Socket {
         iface: String,
-        what: &'static str,
-        errno: String,
+        error: crate::netif::NetifError,
     },
-    #[error("mapping {0} bytes for the AF_XDP UMEM failed: {1}")]
-    Mmap(usize, std::io::Error),
-    #[error(transparent)]
-    DataPlane(#[from] crate::dataplane::DataPlaneError),
 }
 
 /// Where in-order input frames go: the replaying VMM's frame store, or an external VM.
@@ -142,29 +127,13 @@ pub struct BackupParams {
     pub start: Arc<StreamStart>,
 }
 
-struct Mmap {
-    ptr: NonNull<u8>,
-    len: usize,
-}
-
-impl Drop for Mmap {
-    fn drop(&mut self) {
-        // SAFETY: `ptr`/`len` came from a successful mmap and are unmapped once.
-        unsafe { libc::munmap(self.ptr.as_ptr() as *mut _, self.len) };
-    }
-}
-
-fn rx_queues(iface: &str) -> usize {
-    std::fs::read_dir(format!("/sys/class/net/{iface}/queues"))
-        .map(|d| {
-            d.filter_map(Result::ok)
-                .filter(|e| e.file_name().to_string_lossy().starts_with("rx-"))
-                .count()
-        })
-        .unwrap_or(1)
-}
-
 /// Runs the backup receive loop on the calling thread until `stop` is set.
+///
+/// XDP (`ft_log_rx`) copies every valid log frame into `LOG_RING` and acks the frames
+/// that arrive in order itself; this loop drains the ring, puts both streams in order
+/// (repairs gaps with NACK/VMNACK), hands them on, raises the kernel's acks to what it
+/// holds in order and sends an ack itself only for what XDP did not ack (a repaired
+/// gap) and as a keep-alive.
 pub fn run(
     dp: Arc<DataPlane>,
     params: BackupParams,
@@ -174,81 +143,12 @@ pub fn run(
     stop: Arc<AtomicBool>,
 ) -> Result<(), BackupError> {
     let iface = dp.nics.logging.clone();
-    let nq = rx_queues(&iface.name);
-    if nq > 1 {
-        return Err(BackupError::Queues(iface.name.clone(), nq));
-    }
-    let xerr = |what: &'static str| {
-        let name = iface.name.clone();
-        move |e: xdpilone::Errno| BackupError::Xsk {
-            iface: name,
-            what,
-            errno: e.to_string(),
-        }
-    };
-    let len = FRAME_SIZE * NUM_FRAMES;
-    // SAFETY: anonymous private mapping; checked for MAP_FAILED below.
-    let area = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_POPULATE,
-            -1,
-            0,
-        )
-    };
-    if area == libc::MAP_FAILED {
-        return Err(BackupError::Mmap(len, std::io::Error::last_os_error()));
-    }
-    let map = Mmap {
-        ptr: NonNull::new(area as *mut u8).expect("mmap returned null"),
-        len,
-    };
-    let region = NonNull::slice_from_raw_parts(map.ptr, len);
-    let cfg = UmemConfig {
-        fill_size: RING,
-        complete_size: RING,
-        frame_size: FRAME_SIZE as u32,
-        headroom: 0,
-        flags: 0,
-    };
-    // SAFETY: `region` is a valid mapping that outlives the UMEM (`map` is dropped after
-    // every ring and socket at the end of this function).
-    let umem = unsafe { Umem::new(cfg, region) }.map_err(xerr("UMEM registration"))?;
-    let mut info = IfInfo::invalid();
-    let cname = std::ffi::CString::new(iface.name.clone()).expect("interface name has no NUL");
-    info.from_name(&cname).map_err(xerr("interface lookup"))?;
-    info.set_queue(0);
-    let sock = Socket::with_shared(&info, &umem).map_err(xerr("socket"))?;
-    let mut device = umem.fq_cq(&sock).map_err(xerr("fill/completion rings"))?;
-    let rxtx = umem
-        .rx_tx(
-            &sock,
-            &SocketConfig {
-                rx_size: NonZeroU32::new(RING),
-                tx_size: None,
-                bind_flags: 0,
-            },
-        )
-        .map_err(xerr("rx ring"))?;
-    umem.bind(&rxtx).map_err(xerr("bind"))?;
-    let mut rx = rxtx.map_rx().map_err(xerr("rx ring mmap"))?;
-    dp.register_xsk(0, RawFdRef(rxtx.as_raw_fd()))?;
-    {
-        let mut w = device.fill(RING);
-        w.insert((0..RING as u64).map(|i| i * FRAME_SIZE as u64));
-        w.commit();
-    }
-    let mut free: Vec<u64> = (RING as u64..NUM_FRAMES as u64)
-        .map(|i| i * FRAME_SIZE as u64)
-        .collect();
-    let out = RawSocket::open(&iface).map_err(|e| BackupError::Xsk {
+    let mut ring = dp.take_log_ring().ok_or(BackupError::RingTaken)?;
+    let out = RawSocket::open(&iface).map_err(|e| BackupError::Socket {
         iface: iface.name.clone(),
-        what: "ack socket",
-        errno: e.to_string(),
+        error: e,
     })?;
-    info!(iface = %iface.name, "backup: receiving the log over AF_XDP");
+    info!(iface = %iface.name, "backup: receiving the log from XDP's ring buffer; XDP acks in-order frames");
 
     let Some((input0, vm0)) = params.start.wait(&stop) else {
         return Ok(());
@@ -259,6 +159,7 @@ pub fn run(
             vm0, "backup: the log starts at the cut of a state transfer"
         );
     }
+    dp.kack_start(input0 - 1, vm0 - 1);
     let mut rx_state = RxState {
         input: Reorder::new(input0, params.max_pending),
         vm: Reorder::new(vm0, params.max_pending),
@@ -269,8 +170,6 @@ pub fn run(
     };
     let mut last_ack_sent = ((0u64, 0u64), Instant::now() - params.heartbeat);
     let mut last_rx = Instant::now();
-    let mut last_stats = Instant::now();
-    let mut recycled: Vec<u64> = Vec::with_capacity(BATCH as usize);
     let poll_ms = params.heartbeat.as_millis().clamp(1, 100) as i32;
     let send = |frame: &[u8], counter: &std::sync::atomic::AtomicU64| match out.send(frame) {
         Ok(()) => ChannelStatus::inc(counter),
@@ -281,7 +180,7 @@ pub fn run(
     };
     while !stop.load(Relaxed) {
         let mut pfd = libc::pollfd {
-            fd: rxtx.as_raw_fd(),
+            fd: ring.as_raw_fd(),
             events: libc::POLLIN,
             revents: 0,
         };
@@ -289,55 +188,55 @@ pub fn run(
         unsafe { libc::poll(&mut pfd, 1, poll_ms) };
         let now = Instant::now();
         let before = rx_state.input_ack;
-        {
-            let mut r = rx.receive(BATCH);
-            while let Some(desc) = r.read() {
-                let off = desc.addr as usize;
-                let n = (desc.len as usize).min(FRAME_SIZE);
-                if off + n <= len {
-                    // SAFETY: the descriptor lies inside our UMEM (checked) and the kernel
-                    // has handed this frame to us until we put it back on the fill ring.
-                    let frame = unsafe { std::slice::from_raw_parts(map.ptr.as_ptr().add(off), n) };
-                    if from_primary_daemon(frame) {
-                        last_rx = now;
-                    }
-                    handle_frame(frame, &dp, &mut rx_state, sink.as_mut(), &mut feed, &status);
-                }
-                recycled.push(desc.addr & !(FRAME_SIZE as u64 - 1));
+        for _ in 0..DRAIN_MAX {
+            let Some(item) = ring.next() else { break };
+            let Some(frame) = record_frame(&item) else {
+                continue; // cannot happen: XDP writes len <= the record's size
+            };
+            if from_primary_daemon(frame) {
+                last_rx = now;
             }
-            r.release();
-        }
-        free.append(&mut recycled);
-        if !free.is_empty() {
-            let mut w = device.fill(free.len() as u32);
-            let k = w.insert(free.iter().copied());
-            w.commit();
-            free.drain(..k as usize);
+            handle_frame(frame, &dp, &mut rx_state, sink.as_mut(), &mut feed, &status);
         }
         let epoch = status.epoch.load(Relaxed);
         if epoch == 0 {
             continue; // epoch not known yet (XDP drops log frames until it is)
         }
-        let acked = (rx_state.input_ack, rx_state.vm_ack);
-        if acked.0 != before {
-            dp.set_delivered(acked.0);
+        let held = (rx_state.input_ack, rx_state.vm_ack);
+        if held.0 != before {
+            dp.set_delivered(held.0);
         }
         let session = status.peer_session.load(Relaxed);
-        status.delivered.store(acked.0, Relaxed);
-        status.vm_delivered.store(acked.1, Relaxed);
+        status.delivered.store(held.0, Relaxed);
+        status.vm_delivered.store(held.1, Relaxed);
         status.high.store(rx_state.input.high(), Relaxed);
         status.vm_high.store(rx_state.vm.high(), Relaxed);
         status.buffered.store(
             (rx_state.input.buffered() + rx_state.vm.buffered()) as u64,
             Relaxed,
         );
+        if (rx_state.input_failed || rx_state.vm_failed)
+            && !status.delivery_failed.swap(true, Relaxed)
+        {
+            // XDP may have acked frames after the one that failed: this replica can no
+            // longer stand for what was acked, so it must never go live.
+            stop_confirming(&dp, &status);
+            warn!(
+                "backup: a delivery failed: this replica stops confirming the log and can no longer take over"
+            );
+        }
         if status.stop_acking.load(Relaxed) {
-            continue; // this replica failed: it must not confirm anything any more
+            stop_confirming(&dp, &status);
+            continue; // this replica failed or takes over: it confirms nothing any more
         }
         if session == 0 {
             continue; // no primary run heard yet: an ack would name no session
         }
-        // Cumulative ack of both streams on progress, and as a keep-alive.
+        // Raise the kernel's acks to what is held in order here. The ack to send covers
+        // both; the daemon sends one when it got further than XDP's own acks (a gap it
+        // repaired) and as a keep-alive.
+        let (k_in, k_vm) = dp.kack_raise(held.0, held.1);
+        let acked = (held.0.max(k_in), held.1.max(k_vm));
         if acked != last_ack_sent.0 || now.duration_since(last_ack_sent.1) >= params.heartbeat {
             let f = control_frame(
                 &params.key,
@@ -367,16 +266,6 @@ pub fn run(
             );
             send(&f, &status.nacks_sent);
         }
-        if now.duration_since(last_stats) >= Duration::from_millis(100) {
-            last_stats = now;
-            if let Ok(st) = rxtx.statistics_v2() {
-                status.xsk_rx_dropped.store(st.rx_dropped, Relaxed);
-                status.xsk_rx_ring_full.store(st.rx_ring_full, Relaxed);
-                status
-                    .xsk_fill_ring_empty
-                    .store(st.rx_fill_ring_empty_descs, Relaxed);
-            }
-        }
         let alive = now.duration_since(last_rx) < params.peer_timeout;
         if status.peer_alive.swap(alive, Relaxed) && !alive {
             ChannelStatus::inc(&status.peer_down_events);
@@ -386,13 +275,25 @@ pub fn run(
             );
         }
     }
-    drop(rx);
-    drop(rxtx);
-    drop(device);
-    drop(sock);
-    drop(umem);
-    drop(map);
     Ok(())
+}
+
+/// Records drained per wake-up at most (the loop then acks, nacks and checks liveness
+/// before it drains more).
+const DRAIN_MAX: usize = 4096;
+
+/// The log frame in a `LOG_RING` record (`LogRec`: `len`, padding, frame bytes).
+fn record_frame(rec: &[u8]) -> Option<&[u8]> {
+    let len = u32::from_ne_bytes(rec.get(..4)?.try_into().ok()?) as usize;
+    rec.get(LOG_REC_HDR..LOG_REC_HDR + len)
+}
+
+/// This replica confirms nothing more, for good (it takes over, or it failed): the
+/// daemon's acks stop and XDP's too. Returns the last acks anybody sent: every frame up
+/// to them is in the ring or already held, so draining the ring delivers all of it.
+pub fn stop_confirming(dp: &DataPlane, status: &ChannelStatus) -> (u64, u64) {
+    status.stop_acking.store(true, Relaxed);
+    dp.kack_stop()
 }
 
 /// Receive state of both streams. An ack never covers a frame that was not delivered:
@@ -490,12 +391,5 @@ fn handle_frame(
         Outcome::Duplicate => ChannelStatus::inc(&status.duplicates),
         Outcome::TooFar => ChannelStatus::inc(&status.too_far),
         _ => {}
-    }
-}
-
-struct RawFdRef(i32);
-impl AsRawFd for RawFdRef {
-    fn as_raw_fd(&self) -> i32 {
-        self.0
     }
 }

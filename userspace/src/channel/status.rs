@@ -29,10 +29,10 @@ pub struct ChannelStatus {
     pub send_errors: AtomicU64,
     pub duplicates: AtomicU64,
     pub too_far: AtomicU64,
-    /// AF_XDP socket statistics (frames the kernel could not hand to the daemon).
-    pub xsk_rx_dropped: AtomicU64,
-    pub xsk_rx_ring_full: AtomicU64,
-    pub xsk_fill_ring_empty: AtomicU64,
+    /// Backup: an in-order frame could not be handed on (to the VM or the replaying
+    /// VMM). XDP may have acked later frames already, so this replica confirms nothing
+    /// more and must never go live.
+    pub delivery_failed: AtomicBool,
     pub peer_alive: AtomicBool,
     pub peer_down_events: AtomicU64,
     /// Primary: why the backup left the log (then this node runs solo).

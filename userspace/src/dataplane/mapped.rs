@@ -5,7 +5,8 @@
 //!
 //! Each map value has a single owner for all of its fields (ARCHITECTURE.md, "Maps and
 //! their owners"): `SEQ` is written by the kernel only and mapped read-only here;
-//! `CHAN` is written by the daemon only.
+//! `CHAN` is written by the daemon only. `KACK` is the exception: the kernel and the
+//! daemon both raise its fields, each with one atomic read-modify-write on the word.
 use std::{
     os::fd::{AsFd, AsRawFd},
     ptr::NonNull,
@@ -87,6 +88,29 @@ impl<T> Mapped<T> {
     /// program reads the new value).
     pub fn store(&self, f: impl FnOnce(*const T) -> *const u64, v: u64) {
         self.field(f).store(v, Ordering::Release)
+    }
+
+    /// Atomic max on a field of a writable mapping (SeqCst, as the kernel's BPF atomics
+    /// are full barriers); returns the previous value.
+    pub fn fetch_max(&self, f: impl FnOnce(*const T) -> *const u64, v: u64) -> u64 {
+        self.field(f).fetch_max(v, Ordering::SeqCst)
+    }
+
+    /// Atomic or on a field of a writable mapping (SeqCst); returns the previous value.
+    pub fn fetch_or(&self, f: impl FnOnce(*const T) -> *const u64, v: u64) -> u64 {
+        self.field(f).fetch_or(v, Ordering::SeqCst)
+    }
+
+    /// Atomic compare-and-exchange (SeqCst); true if `current` was replaced by `new`.
+    pub fn compare_exchange(
+        &self,
+        f: impl FnOnce(*const T) -> *const u64,
+        current: u64,
+        new: u64,
+    ) -> bool {
+        self.field(f)
+            .compare_exchange(current, new, Ordering::SeqCst, Ordering::SeqCst)
+            .is_ok()
     }
 }
 

@@ -7,7 +7,7 @@ use mapped::Mapped;
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, DevMapHash, MapData, PerCpuArray, XskMap},
+    maps::{Array, DevMapHash, MapData, PerCpuArray, RingBuf},
     programs::{SchedClassifier, TcAttachType, Xdp, XdpMode},
 };
 use ft_common::{maps::*, wire::MIN_LOG_MTU};
@@ -105,7 +105,12 @@ pub struct DataPlane {
     hold_ctl: Array<MapData, HoldCtl>,
     counters: PerCpuArray<MapData, u64>,
     hist: PerCpuArray<MapData, u64>,
-    xsks: Mutex<XskMap<MapData>>,
+    /// Backup: the log frames XDP buffered (`LOG_RING`), until the channel takes it.
+    log_ring: Mutex<Option<RingBuf<MapData>>>,
+    /// Backup: how far each stream is buffered (`KACK`), raised by XDP and the daemon.
+    kack: Mapped<KernelAck>,
+    /// The daemon stopped the kernel's acks (`kack_stop`): never started again.
+    kack_stopped: std::sync::atomic::AtomicBool,
     pub nics: Nics,
 }
 
@@ -157,6 +162,18 @@ impl DataPlane {
         if cfg.vm.tagged() {
             flags |= CFG_VM_TAGGED_INPUT;
         }
+        match (cfg.channel.kernel_acks, cfg.interfaces.xdp_mode) {
+            (true, crate::config::XdpAttachMode::Driver) => flags |= CFG_KERNEL_ACKS,
+            (true, crate::config::XdpAttachMode::Skb) => warn!(
+                "interfaces.xdp_mode = \"skb\": the backup's daemon sends every ack (kernel \
+                 acks need native XDP); the output rule waits for its wake-up"
+            ),
+            (false, _) => {
+                warn!(
+                    "channel.kernel_acks = false: the backup's daemon sends every ack (benchmark baseline)"
+                )
+            }
+        }
         let config = Config_ {
             retx_mask: cfg.channel.retx_slots as u64 - 1,
             hold_mask: cfg.channel.hold_slots as u64 - 1,
@@ -175,6 +192,7 @@ impl DataPlane {
                 let k = cfg.channel.key.sip();
                 [k.k0, k.k1]
             },
+            kack_interval_ns: cfg.channel.kernel_ack_interval_us * 1000,
         };
         let mut cfg_map: Array<MapData, Config_> =
             Array::try_from(ebpf.take_map("CONFIG").expect("CONFIG map"))
@@ -192,8 +210,14 @@ impl DataPlane {
             .map_err(map_err("COUNTERS"))?;
         let hist = PerCpuArray::try_from(ebpf.take_map("HOLD_HIST").expect("HOLD_HIST map"))
             .map_err(map_err("HOLD_HIST"))?;
-        let xsks =
-            XskMap::try_from(ebpf.take_map("XSKS").expect("XSKS map")).map_err(map_err("XSKS"))?;
+        let log_ring = RingBuf::try_from(ebpf.take_map("LOG_RING").expect("LOG_RING map"))
+            .map_err(map_err("LOG_RING"))?;
+        let kack: Mapped<KernelAck> =
+            Mapped::new("KACK", ebpf.take_map("KACK").expect("KACK map"), true)?;
+        // Nothing is acked by the kernel until the daemon knows where the log starts.
+        // SAFETY (of the closures): field projections of the mapped value, no reads.
+        kack.store(|p| unsafe { &raw const (*p).input }, KACK_STOP);
+        kack.store(|p| unsafe { &raw const (*p).vm }, KACK_STOP);
 
         for name in ["ft_client_rx", "ft_log_rx", "ft_strip"] {
             xdp(&mut ebpf, name)?
@@ -284,7 +308,9 @@ impl DataPlane {
             hold_ctl,
             counters,
             hist,
-            xsks: Mutex::new(xsks),
+            log_ring: Mutex::new(Some(log_ring)),
+            kack,
+            kack_stopped: Default::default(),
             nics,
         })
     }
@@ -420,16 +446,59 @@ impl DataPlane {
             .collect()
     }
 
-    pub fn register_xsk(
-        &self,
-        queue: u32,
-        fd: impl std::os::fd::AsRawFd,
-    ) -> Result<(), DataPlaneError> {
-        self.xsks
-            .lock()
-            .unwrap()
-            .set(queue, fd, 0)
-            .map_err(map_err("XSKS"))
+    /// Backup: the ring of log frames XDP buffered, for the channel's receive loop (once).
+    pub fn take_log_ring(&self) -> Option<RingBuf<MapData>> {
+        self.log_ring.lock().unwrap().take()
+    }
+
+    /// Backup: the kernel may ack, from the frames after `input` and `vm` on (the last
+    /// frame of each stream before where the log starts). No effect once stopped.
+    pub fn kack_start(&self, input: u64, vm: u64) {
+        if self.kack_stopped.load(std::sync::atomic::Ordering::SeqCst) {
+            return;
+        }
+        // SAFETY (of the closures): field projections of the mapped value, no reads.
+        self.kack
+            .compare_exchange(|p| unsafe { &raw const (*p).input }, KACK_STOP, input);
+        self.kack
+            .compare_exchange(|p| unsafe { &raw const (*p).vm }, KACK_STOP, vm);
+    }
+
+    /// Backup: the daemon holds both streams in order up to `input` and `vm`: raise the
+    /// cumulative acks to them. Returns the values before (stop bit cleared), so the
+    /// caller knows whether the kernel had acked that far already.
+    pub fn kack_raise(&self, input: u64, vm: u64) -> (u64, u64) {
+        // SAFETY (of the closures): field projections of the mapped value, no reads.
+        let i = self
+            .kack
+            .fetch_max(|p| unsafe { &raw const (*p).input }, input);
+        let v = self.kack.fetch_max(|p| unsafe { &raw const (*p).vm }, vm);
+        (i & !KACK_STOP, v & !KACK_STOP)
+    }
+
+    /// Backup: the cumulative acks as they are (stop bit cleared) and whether stopped.
+    pub fn kack(&self) -> (u64, u64, bool) {
+        // SAFETY (of the closures): field projections of the mapped value, no reads.
+        let i = self.kack.load(|p| unsafe { &raw const (*p).input });
+        let v = self.kack.load(|p| unsafe { &raw const (*p).vm });
+        (i & !KACK_STOP, v & !KACK_STOP, i & v & KACK_STOP != 0)
+    }
+
+    /// Backup: the kernel acks nothing more, for good. Returns the last acks sent (stop
+    /// bit cleared): every frame up to them is in `LOG_RING` or already in the daemon
+    /// (XDP submits a record before it raises the ack), and no ack beyond them can be
+    /// sent afterwards (the stop bit makes XDP's compare-and-swap fail).
+    pub fn kack_stop(&self) -> (u64, u64) {
+        self.kack_stopped
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        // SAFETY (of the closures): field projections of the mapped value, no reads.
+        let i = self
+            .kack
+            .fetch_or(|p| unsafe { &raw const (*p).input }, KACK_STOP);
+        let v = self
+            .kack
+            .fetch_or(|p| unsafe { &raw const (*p).vm }, KACK_STOP);
+        (i & !KACK_STOP, v & !KACK_STOP)
     }
 }
 

@@ -279,21 +279,6 @@ impl Collector for ChannelMetrics {
                 "Times the peer fell silent past the timeout",
                 &s.peer_down_events,
             ),
-            (
-                "ft_afxdp_rx_dropped_total",
-                "Log frames the kernel dropped at the AF_XDP socket (XDP_STATISTICS rx_dropped)",
-                &s.xsk_rx_dropped,
-            ),
-            (
-                "ft_afxdp_rx_ring_full_total",
-                "Log frames dropped because the AF_XDP RX ring was full",
-                &s.xsk_rx_ring_full,
-            ),
-            (
-                "ft_afxdp_fill_ring_empty_total",
-                "Times the AF_XDP fill ring was empty",
-                &s.xsk_fill_ring_empty,
-            ),
         ] {
             counter(&mut e, name, help, v.load(Relaxed))?;
         }

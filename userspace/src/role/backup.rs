@@ -56,6 +56,13 @@ pub(super) async fn backup(c: Ctx) {
         if stopping(&c) || c.status.halted.load(Ordering::Relaxed) {
             return;
         }
+        if c.status.delivery_failed.load(Ordering::Relaxed) {
+            c.roles.halt(
+                "this backup could not hand an acked log entry on (see the log above): it \
+                 confirms nothing more and can never take over; recreate it by state transfer",
+            );
+            return;
+        }
         if let Some(arb) = &c.arb
             && last_check.elapsed() >= retry
         {
@@ -89,6 +96,32 @@ pub(super) async fn backup(c: Ctx) {
     }
 }
 
+/// Waits until the receive loop holds both streams up to `acked` (bounded: the ring
+/// holds at most a few thousand frames); the position it reached otherwise.
+async fn drained(c: &Ctx, acked: (u64, u64)) -> Result<(), (u64, u64)> {
+    let held = || {
+        (
+            c.status.delivered.load(Ordering::Relaxed),
+            c.status.vm_delivered.load(Ordering::Relaxed),
+        )
+    };
+    let t0 = Instant::now();
+    while t0.elapsed() < DRAIN_TIMEOUT {
+        let h = held();
+        if h.0 >= acked.0 && h.1 >= acked.1 {
+            return Ok(());
+        }
+        if c.status.delivery_failed.load(Ordering::Relaxed) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    Err(held())
+}
+
+/// How long a take-over waits for the receive loop to drain the ring XDP acked from.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Backup whose primary fell silent: stop acking, win test-and-set at the epoch it
 /// followed, replay everything buffered, go live, hand the live VM the input the
 /// primary's guest never consumed, announce the VM's addresses; then serve solo.
@@ -106,8 +139,9 @@ async fn take_over(c: Ctx, vm: Arc<VmState>, followed: u64) {
         format!("was silent for {} ms", detect.as_millis())
     };
     let t0 = Instant::now();
-    // First: the primary can release nothing more (it needs these acks).
-    c.status.stop_acking.store(true, Ordering::Relaxed);
+    // First: the primary can release nothing more (it needs these acks). `acked` is the
+    // last ack anybody sent, XDP included; all of it must be replayed before going live.
+    let acked = crate::channel::backup::stop_confirming(&c.dp, &c.status);
     warn!("the primary {cause}: taking over");
     let f = &c.cfg.fence;
     let (epoch, deadline) = match &c.arb {
@@ -154,8 +188,17 @@ async fn take_over(c: Ctx, vm: Arc<VmState>, followed: u64) {
     }
     let mut lease = Lease::new();
     lease.start(&c, epoch, deadline);
-    // Replay everything buffered (the log ends where it is now), then go live.
+    // Replay everything buffered (the log ends where it is now), then go live. First
+    // the receive loop drains what XDP acked into the ring (it is there: XDP submits a
+    // record before it raises the ack), so the replica replays all it confirmed.
     let t_drain = Instant::now();
+    if let Err(held) = drained(&c, acked).await {
+        c.roles.halt(&format!(
+            "the replica holds the log only up to {held:?} of the {acked:?} (input, VMM) \
+             entries it acked: it cannot go live"
+        ));
+        return;
+    }
     drop(vm.feed.lock().unwrap().take());
     if let Some(ctl) = vm.control.lock().unwrap().as_ref() {
         ctl.request_go_live();
