@@ -172,6 +172,8 @@ pub struct Testbed {
     namespaces: Vec<String>,
     wire: Mutex<WireState>,
     log_seq: AtomicU32,
+    /// `ft_pass` attached to the wire's veth ends (see [`attach_wire_pass`]).
+    _wire_xdp: Option<aya::Ebpf>,
 }
 
 impl std::fmt::Debug for Testbed {
@@ -307,6 +309,7 @@ impl Testbed {
             namespaces: Vec::new(),
             wire: Mutex::new(WireState::default()),
             log_seq: AtomicU32::new(0),
+            _wire_xdp: None,
         };
         // On error, `tb` is dropped here and tears down whatever was built.
         tb.build()
@@ -449,6 +452,7 @@ impl Testbed {
             ip(&w, &["link", "set", l, "master", WIRE_BRIDGE])?;
         }
         ip(&w, &["link", "set", WIRE_BRIDGE, "up"])?;
+        self._wire_xdp = Some(attach_wire_pass(&w)?);
         self.apply_wire()?;
         // Read back MACs / ifindexes.
         self.client_mac = netns::mac(&c, BRIDGE)?;
@@ -749,6 +753,32 @@ impl Testbed {
     pub fn options(&self) -> &TestbedOptions {
         &self.opts
     }
+}
+
+/// Loads ftd's eBPF object (maps at their smallest) and attaches its `ft_pass` program in
+/// native mode to both veth ends of the logging wire in namespace `w`, so that frames
+/// the hosts send with `XDP_TX` (NACK repairs, kernel acks) cross the wire at once, as on
+/// a physical link (the program's doc says why a veth needs it). The links live as long
+/// as the returned object (and the namespace).
+fn attach_wire_pass(w: &str) -> Result<aya::Ebpf> {
+    netns::try_run_in_ns(w, || -> Result<aya::Ebpf> {
+        let mut ebpf = aya::EbpfLoader::new()
+            .map_max_entries("RETX", 1024)
+            .map_max_entries("HOLD", 64)
+            .map_max_entries("LOG_RING", 4096)
+            .load(ftd::dataplane::EBPF_OBJECT)
+            .context("loading ftd's eBPF object for the wire")?;
+        let prog: &mut aya::programs::Xdp = ebpf
+            .program_mut("ft_pass")
+            .context("ft_pass not in the object")?
+            .try_into()?;
+        prog.load().context("loading ft_pass")?;
+        for l in [WIRE_A, WIRE_B] {
+            prog.attach(l, aya::programs::xdp::XdpMode::Driver)
+                .with_context(|| format!("attaching ft_pass to the wire's {l}"))?;
+        }
+        Ok(ebpf)
+    })?
 }
 
 impl Drop for Testbed {

@@ -100,15 +100,15 @@ fn request_reply_replicated_to_backup() {
     );
 }
 
-/// The output rule: with the backup paused (no acks), the reply stays held in the
-/// primary's kernel and is not seen on the client network; it is released as soon as
-/// acks resume.
+/// The output rule: while no ack can come back (the logging link is down), the reply
+/// stays held in the primary's kernel and is not seen on the client network; it is
+/// released as soon as the link is back (the log frame is repaired, then acked).
 #[test]
 fn reply_held_until_backup_acks() {
     let _serial = serial();
     let (tb, app, c) = setup(ApplianceOptions::default());
     let cap = Capture::start(&tb.client_ns, BRIDGE).unwrap();
-    app.pause('b').unwrap();
+    tb.set_log_link_down(true).unwrap();
     c.send("INCR held").unwrap();
     let during = c.recv(Duration::from_millis(700)).unwrap();
     assert!(
@@ -130,7 +130,7 @@ fn reply_held_until_backup_acks() {
     );
 
     let t0 = std::time::Instant::now();
-    app.resume('b').unwrap();
+    tb.set_log_link_down(false).unwrap();
     let (reply, _) = c.recv(T).unwrap().expect("reply released once acks resume");
     assert_eq!(reply, "1");
     assert!(
@@ -139,6 +139,50 @@ fn reply_held_until_backup_acks() {
         t0.elapsed()
     );
     assert_eq!(app.held('a').unwrap(), 0);
+}
+
+/// Acks from the kernel: with the backup's daemon frozen (SIGSTOP, every thread), its XDP
+/// still buffers each log frame in the ring and acks it, so the reply is released at
+/// once; the daemon, resumed, drains the ring and delivers the frame. With
+/// `kernel_acks = false` (the daemon sends every ack) the same reply stays held until
+/// the daemon runs again: the comparison shows the acks really come from the kernel.
+#[test]
+fn replies_released_while_the_backups_daemon_is_frozen_only_with_kernel_acks() {
+    let _serial = serial();
+    for kernel_acks in [true, false] {
+        let (tb, app, c) = setup(ApplianceOptions {
+            kernel_acks,
+            ..Default::default()
+        });
+        assert_eq!(c.request("INCR k", T).unwrap().as_deref(), Some("1"));
+        app.pause('b').unwrap();
+        c.send("INCR k").unwrap();
+        let during = c.recv(Duration::from_millis(700)).unwrap();
+        if kernel_acks {
+            let (reply, _) = during.expect("released by the backup's kernel ack");
+            assert_eq!(reply, "2");
+        } else {
+            assert!(
+                during.is_none(),
+                "released without the daemon's ack: {during:?}"
+            );
+            assert!(app.held('a').unwrap() >= 1);
+        }
+        app.resume('b').unwrap();
+        if !kernel_acks {
+            let (reply, _) = c.recv(T).unwrap().expect("released once the daemon acks");
+            assert_eq!(reply, "2");
+        }
+        // The backup's replica got the frame from the ring.
+        assert!(Appliance::wait_until(T, || standin_state(&tb.a.vm_ns)
+            == standin_state(&tb.b.vm_ns)));
+        let sent = app.counter('b', "kernel_acks_sent_total").unwrap();
+        if kernel_acks {
+            assert!(sent >= 1, "no kernel ack counted");
+        } else {
+            assert_eq!(sent, 0);
+        }
+    }
 }
 
 fn burst_frames(n: u32) -> Vec<Vec<u8>> {
@@ -253,7 +297,11 @@ fn burst_100k_over_lossy_log_link_is_repaired() {
 #[test]
 fn bad_acks_and_frames_never_release_output() {
     let _serial = serial();
-    let (tb, app, c) = setup(ApplianceOptions::default());
+    // The backup's daemon sends every ack, so pausing it holds the reply.
+    let (tb, app, c) = setup(ApplianceOptions {
+        kernel_acks: false,
+        ..Default::default()
+    });
     app.pause('b').unwrap();
     c.send("INCR guarded").unwrap();
     assert!(Appliance::wait_until(T, || app.held('a').unwrap() >= 1));
@@ -376,7 +424,11 @@ fn bad_acks_and_frames_never_release_output() {
 #[test]
 fn forged_acks_without_the_key_never_release_output() {
     let _serial = serial();
-    let (tb, app, c) = setup(ApplianceOptions::default());
+    // The backup's daemon sends every ack, so pausing it holds the reply.
+    let (tb, app, c) = setup(ApplianceOptions {
+        kernel_acks: false,
+        ..Default::default()
+    });
     app.pause('b').unwrap();
     c.send("INCR forged").unwrap();
     assert!(Appliance::wait_until(T, || app.held('a').unwrap() >= 1));
@@ -466,8 +518,10 @@ fn forged_acks_without_the_key_never_release_output() {
 #[test]
 fn full_hold_ring_drops_new_output_never_releases_early() {
     let _serial = serial();
+    // The backup's daemon sends every ack, so pausing it holds the output.
     let (_tb, app, c) = setup(ApplianceOptions {
         hold_slots: 64,
+        kernel_acks: false,
         ..Default::default()
     });
     app.pause('b').unwrap();

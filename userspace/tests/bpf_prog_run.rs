@@ -830,6 +830,23 @@ fn log_rx_expect(sc: &Scene, f: &[u8]) -> Vec<Expect> {
     // the same clock, CLOCK_MONOTONIC; the scenes keep stamps seconds away from the
     // interval's end); any other is consumed.
     type Field = fn(&mut KernelAck) -> &mut u64;
+    let ack_out = |k: &KernelAck| {
+        let mut ft = FtHdr::new(
+            KIND_ACK,
+            st.chan.peer_session,
+            st.node.epoch,
+            k.input & !KACK_STOP,
+        );
+        ft.aux.set(k.vm & !KACK_STOP);
+        ft.len.set(TAG_LEN as u16);
+        TaggedHdr {
+            eth: eth(cfg.peer_log_mac, cfg.own_log_mac, ETHERTYPE_FT),
+            ft,
+            tag: frame_tag(&tag_key(), &ft).into(),
+        }
+        .as_bytes()
+        .to_vec()
+    };
     let to_daemon = |what: &str, counters: &[u32], kack: Option<(Field, Field)>| {
         let mut e = Expect {
             peer_touched: true,
@@ -839,12 +856,22 @@ fn log_rx_expect(sc: &Scene, f: &[u8]) -> Vec<Expect> {
         for c in counters {
             e = e.count(*c, 1);
         }
-        let Some((field, stamp)) = kack else { return e };
+        let kernel_acks = st.chan.peer_session != 0 && cfg.flags & CFG_KERNEL_ACKS != 0;
+        let Some((field, stamp)) = kack else {
+            // A heartbeat: sends the acks as they are (flushes deferred ones), unless
+            // stopped.
+            if !kernel_acks || (st.kack.input | st.kack.vm) & KACK_STOP != 0 {
+                return e;
+            }
+            return Expect {
+                what: format!("{what}, acked"),
+                action: XDP_TX,
+                out: Some(ack_out(&st.kack)),
+                ..e.count(C_KACK_SENT, 1)
+            };
+        };
         let mut k = st.kack;
-        if st.chan.peer_session == 0
-            || cfg.flags & CFG_KERNEL_ACKS == 0
-            || *field(&mut k) != seq.wrapping_sub(1)
-        {
+        if !kernel_acks || *field(&mut k) != seq.wrapping_sub(1) {
             return e;
         }
         *field(&mut k) = seq;
@@ -856,19 +883,11 @@ fn log_rx_expect(sc: &Scene, f: &[u8]) -> Vec<Expect> {
             };
         }
         *stamp(&mut k) = !*stamp(&mut k);
-        let mut ft = FtHdr::new(KIND_ACK, st.chan.peer_session, st.node.epoch, k.input);
-        ft.aux.set(k.vm);
-        ft.len.set(TAG_LEN as u16);
-        let ack = TaggedHdr {
-            eth: eth(cfg.peer_log_mac, cfg.own_log_mac, ETHERTYPE_FT),
-            ft,
-            tag: frame_tag(&tag_key(), &ft).into(),
-        };
         Expect {
             what: format!("{what}, acked"),
             action: XDP_TX,
             kack: k,
-            out: Some(ack.as_bytes().to_vec()),
+            out: Some(ack_out(&k)),
             ..e.count(C_KACK_SENT, 1)
         }
     };
@@ -1601,7 +1620,7 @@ fn logging_link_backup_drops_and_counts_malformed_frames() {
             "log received, acked",
             "vmlog received",
             "vmlog received, acked",
-            "heartbeat received",
+            "heartbeat received, acked",
             "heartbeat len",
             "oversize log",
             "oversize vmlog",
@@ -2043,7 +2062,7 @@ fn logging_link_each_check_drops_with_its_reason() {
             primary_frame(KIND_VMLOG, 2, 0, 0, &[1; 8]),
             "duplicate vmlog",
         ),
-        (heartbeat(), "heartbeat received"),
+        (heartbeat(), "heartbeat received, acked"),
     ] {
         assert_eq!(link_case(&mut bp, &bsc, &f).as_deref(), Ok(what));
     }
@@ -2075,6 +2094,10 @@ fn logging_link_each_check_drops_with_its_reason() {
     assert_eq!(
         link_case(&mut bp, &stopped, &log(100)).as_deref(),
         Ok("duplicate log")
+    );
+    assert_eq!(
+        link_case(&mut bp, &stopped, &heartbeat()).as_deref(),
+        Ok("heartbeat received")
     );
     // Batching: an in-order frame within the interval of the stream's last ack sent is
     // confirmed in KACK but not sent; the other stream's stamp does not matter.

@@ -344,7 +344,23 @@ fn try_log_rx(ctx: &XdpContext) -> Result<u32, u32> {
                     }
                     buffer(ctx, st, 0)?;
                     count(C_HEARTBEAT_RX);
-                    Ok(xdp_action::XDP_DROP)
+                    // A heartbeat flushes the acks XDP deferred (batching) without the
+                    // daemon: every `heartbeat_ms` at the latest, even if it is stalled.
+                    // SAFETY: live map values, aligned fields.
+                    let (session, input, vm) = unsafe {
+                        (
+                            load64(&(*ch).peer_session),
+                            load64(&(*ka).input),
+                            load64(&(*ka).vm),
+                        )
+                    };
+                    if session == 0
+                        || cfg.flags & CFG_KERNEL_ACKS == 0
+                        || (input | vm) & KACK_STOP != 0
+                    {
+                        return Ok(xdp_action::XDP_DROP);
+                    }
+                    send_ack(ctx, cfg, node, session, input, vm)
                 }
                 _ => drop(C_DROP_UNEXPECTED_KIND),
             }
@@ -478,6 +494,20 @@ fn kernel_ack(
     unsafe { store64(tx_ns, now) };
     // SAFETY: live map value, aligned fields raised atomically by both writers.
     let (input, vm) = unsafe { (load64(&(*ka).input), load64(&(*ka).vm)) };
+    send_ack(ctx, cfg, node, session, input, vm)
+}
+
+/// Rewrites the frame in place into the tagged cumulative ack (`input`, `vm`; a stop bit
+/// cleared) of both streams and sends it back out of the logging NIC (`XDP_TX`).
+#[inline(always)]
+fn send_ack(
+    ctx: &XdpContext,
+    cfg: &Config,
+    node: &NodeState,
+    session: u64,
+    input: u64,
+    vm: u64,
+) -> Result<u32, u32> {
     let cur = xdp_len(ctx) as i32;
     // SAFETY: helper call on our own context; shrinks the frame to an ack's size.
     if unsafe { h::bpf_xdp_adjust_tail(ctx.ctx, TAGGED_HLEN as i32 - cur) } != 0 {
@@ -722,6 +752,21 @@ pub fn ft_client_egress(ctx: TcContext) -> i32 {
 }
 
 #[cfg(not(test))]
+// ------------------------------------------------------------------------------------
+// Test infrastructure: the testbed's wire.
+// ------------------------------------------------------------------------------------
+
+/// Passes every frame. Never attached by ftd: the namespace testbed attaches it to the
+/// veth ends of its logging "wire". On this kernel a veth flushes frames that an XDP
+/// program sent into it (`XDP_TX` on the far end, e.g. the backup's kernel acks) only if
+/// the receiving veth runs an XDP program itself: with GRO alone they waited in its ring
+/// until some other frame arrived, and were lost once it was full. A physical NIC sends
+/// `XDP_TX` frames from its own TX ring and needs nothing of the kind.
+#[xdp]
+pub fn ft_pass(_ctx: XdpContext) -> u32 {
+    xdp_action::XDP_PASS
+}
+
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {
     loop {}
