@@ -7,18 +7,26 @@
 //! peer_timeout 50 ms, lease 2 s) and reports the backup's own phase timings beside the
 //! gaps. Then, optionally, the appliance runs under load with no fault and every role
 //! change counts as a spurious failover.
+//!
+//! `--out DIR` writes DIR/results.json and SVG plots (a timeline per run, the gaps' CDF,
+//! the backup's phases); `--replot DIR` draws them again from DIR/results.json without
+//! measuring (no root needed).
+mod report;
+
 use anyhow::{Context, Result, bail};
 use clap::Parser;
 use ft_testbed::{
     Appliance, ApplianceOptions, Testbed, TestbedOptions, VmOptions, embedded_fence, names::*,
     ns_exec, resp, start_arbiter,
 };
+use report::{ClientGap, Phases, Results, Run, Spurious};
 use std::{
+    path::{Path, PathBuf},
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, Ordering},
     },
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 /// The primary killed N times under client load: client-visible gaps and the backup's
@@ -37,6 +45,12 @@ struct FailoverArgs {
     /// channel.peer_timeout_ms (the shipped default is 50).
     #[arg(long, default_value_t = 50)]
     peer_timeout_ms: u64,
+    /// Write results.json and SVG plots into this directory.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Only draw the plots again from DIR/results.json (no measuring).
+    #[arg(long, value_name = "DIR", conflicts_with = "out")]
+    replot: Option<PathBuf>,
 }
 
 const T: Duration = Duration::from_secs(20);
@@ -60,8 +74,14 @@ fn setup(tb: &Testbed, peer_timeout_ms: u64) -> Result<Appliance> {
     Ok(app)
 }
 
-/// One failure: (gaps of every client in ms, the backup's phase timings).
-fn one(a: &FailoverArgs) -> Result<(Vec<f64>, serde_json::Value)> {
+fn unix_ms_now() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64() * 1e3)
+}
+
+/// One failure: every client's gap and the backup's phase timings.
+fn one(a: &FailoverArgs, run: u32) -> Result<Run> {
     let tb = Testbed::new(TestbedOptions {
         start_standins: false,
         quiet_standins: true,
@@ -89,7 +109,7 @@ fn one(a: &FailoverArgs) -> Result<(Vec<f64>, serde_json::Value)> {
     if !Appliance::wait_until(T, || count(&logs) >= 2000) {
         bail!("clients made no progress before the fault");
     }
-    let fault = Instant::now();
+    let (fault, fault_unix_ms) = (Instant::now(), unix_ms_now());
     app.guard('a').kill()?;
     let after = count(&logs);
     let recovered = Appliance::wait_until(T, || {
@@ -120,7 +140,14 @@ fn one(a: &FailoverArgs) -> Result<(Vec<f64>, serde_json::Value)> {
     }
     // Per connection: the longest time without a reply around the fault (a reply the
     // dying primary had released just before can arrive just after the kill).
-    let gaps = logs
+    let rel = |t: Instant| {
+        if t >= fault {
+            (t - fault).as_secs_f64() * 1e3
+        } else {
+            -(fault - t).as_secs_f64() * 1e3
+        }
+    };
+    let clients = logs
         .iter()
         .map(|l| {
             let l = l.lock().unwrap();
@@ -129,94 +156,109 @@ fn one(a: &FailoverArgs) -> Result<(Vec<f64>, serde_json::Value)> {
             if !l.iter().any(|t| *t < from) || w.len() < 2 {
                 bail!("a client has no replies on one side of the fault");
             }
-            Ok(w.windows(2)
-                .map(|p| (p[1] - p[0]).as_secs_f64() * 1e3)
-                .fold(0.0, f64::max))
+            let p = w
+                .windows(2)
+                .max_by_key(|p| p[1] - p[0])
+                .expect("two replies at least");
+            Ok(ClientGap {
+                before_ms: rel(p[0]),
+                after_ms: rel(p[1]),
+            })
         })
-        .collect::<Result<Vec<f64>>>()?;
-    let report = app.status('b')?["role_history"]["last_failover"].clone();
-    Ok((gaps, report))
-}
-
-fn pct(sorted: &[f64], p: f64) -> f64 {
-    let i = ((p * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len()) - 1;
-    sorted[i]
+        .collect::<Result<Vec<ClientGap>>>()?;
+    let rep = &app.status('b')?["role_history"]["last_failover"];
+    let ms = |k: &str| rep[k].as_f64().unwrap_or(f64::NAN);
+    let backup = Phases {
+        detect_ms: ms("detect_ms"),
+        test_and_set_ms: ms("test_and_set_ms"),
+        drain_ms: ms("drain_ms"),
+        announce_ms: ms("announce_ms"),
+        total_ms: ms("total_ms"),
+        live_at_ms: ms("at_unix_ms") - fault_unix_ms,
+    };
+    Ok(Run {
+        run,
+        clients,
+        backup,
+    })
 }
 
 fn main() -> Result<()> {
     let a = &FailoverArgs::parse();
-    ft_testbed::ftd_bin().context("ftd must be built next to ft-perf-vmm")?;
-    let mut gaps = Vec::new();
-    let mut phases: Vec<[f64; 5]> = Vec::new();
+    if let Some(dir) = &a.replot {
+        return replot(dir);
+    }
+    ft_testbed::ftd_bin().context("ftd must be built next to ft-perf-failover")?;
+    let mut runs = Vec::new();
     let mut failed = Vec::new();
-    for r in 0..a.runs {
-        let (g, rep) = match one(a) {
-            Ok(x) => x,
-            Err(e) => {
-                eprintln!("run {}: FAILED: {e:#}", r + 1);
-                failed.push(format!("{e:#}"));
-                continue;
+    for r in 1..=a.runs {
+        match one(a, r) {
+            Ok(run) => {
+                let b = &run.backup;
+                eprintln!(
+                    "run {r}: client gaps {:?} ms; backup: detect {:.1}, test-and-set {:.1}, drain {:.1}, announce {:.1}, total {:.1}, live at {:.0} ms",
+                    run.clients
+                        .iter()
+                        .map(|c| c.gap_ms().round())
+                        .collect::<Vec<_>>(),
+                    b.detect_ms,
+                    b.test_and_set_ms,
+                    b.drain_ms,
+                    b.announce_ms,
+                    b.total_ms,
+                    b.live_at_ms
+                );
+                runs.push(run);
             }
-        };
-        let ms = |k: &str| rep[k].as_f64().unwrap_or(f64::NAN);
-        let ph = [
-            ms("detect_ms"),
-            ms("test_and_set_ms"),
-            ms("drain_ms"),
-            ms("announce_ms"),
-            ms("total_ms"),
-        ];
-        eprintln!(
-            "run {}: client gaps {:?} ms; backup: {:?}",
-            r + 1,
-            g.iter().map(|x| x.round()).collect::<Vec<_>>(),
-            ph
-        );
-        gaps.extend(g);
-        phases.push(ph);
-    }
-    if gaps.is_empty() {
-        bail!("every run failed: {failed:?}");
-    }
-    gaps.sort_by(f64::total_cmp);
-    println!(
-        "primary killed {} times, {} clients on persistent connections (INCR back to back), peer_timeout_ms {}",
-        a.runs, a.clients, a.peer_timeout_ms
-    );
-    println!(
-        "client-visible gap (ms), {} samples: p50 {:.0}, p99 {:.0}, max {:.0}",
-        gaps.len(),
-        pct(&gaps, 0.5),
-        pct(&gaps, 0.99),
-        gaps[gaps.len() - 1]
-    );
-    if !failed.is_empty() {
-        println!("{} of {} runs FAILED:", failed.len(), a.runs);
-        for f in &failed {
-            println!("  {f}");
+            Err(e) => {
+                eprintln!("run {r}: FAILED: {e:#}");
+                failed.push(format!("run {r}: {e:#}"));
+            }
         }
     }
-    println!("the backup's phases (ms): p50 / max over the runs");
-    for (i, name) in ["detect", "test-and-set", "drain", "announce", "total"]
-        .iter()
-        .enumerate()
-    {
-        let mut v: Vec<f64> = phases.iter().map(|p| p[i]).collect();
-        v.sort_by(f64::total_cmp);
-        println!(
-            "  {name:<13} {:>8.1} / {:>8.1}",
-            pct(&v, 0.5),
-            v[v.len() - 1]
-        );
+    if runs.is_empty() {
+        bail!("every run failed: {failed:?}");
     }
+    let gaps: Vec<f64> = runs
+        .iter()
+        .flat_map(|r| r.clients.iter().map(|c| c.gap_ms()))
+        .collect();
+    let mut res = Results {
+        command: ft_perf_plot::results::command_line(),
+        unix_time: ft_perf_plot::results::unix_time(),
+        runs_asked: a.runs,
+        clients: a.clients,
+        peer_timeout_ms: a.peer_timeout_ms,
+        gaps: ft_perf_plot::Distribution::from_ms(&gaps)?,
+        runs,
+        failed,
+        spurious: None,
+    };
     if a.spurious_s > 0 {
-        spurious(a)?;
+        res.spurious = Some(spurious(a)?);
+    }
+    res.print();
+    if let Some(dir) = &a.out {
+        let path = ft_perf_plot::write_results(dir, report::BENCHMARK, &res)?;
+        println!("wrote {}", path.display());
+        for p in res.plot(dir)? {
+            println!("wrote {}", p.display());
+        }
+    }
+    Ok(())
+}
+
+fn replot(dir: &Path) -> Result<()> {
+    let res: Results = ft_perf_plot::read_results(dir, report::BENCHMARK)?;
+    res.check(&ft_perf_plot::results::results_path(dir))?;
+    for p in res.plot(dir)? {
+        println!("wrote {}", p.display());
     }
     Ok(())
 }
 
 /// Load with no fault: every role change is a spurious failover.
-fn spurious(a: &FailoverArgs) -> Result<()> {
+fn spurious(a: &FailoverArgs) -> Result<Spurious> {
     let secs = a.spurious_s;
     let tb = Testbed::new(TestbedOptions {
         start_standins: false,
@@ -247,18 +289,22 @@ fn spurious(a: &FailoverArgs) -> Result<()> {
         runs += 1;
     }
     let (a1, b1) = (changes('a')?, changes('b')?);
+    let mut transitions = Vec::new();
     for h in ['a', 'b'] {
         if let Some(t) = app.status(h)?["role_history"]["transitions"].as_array() {
             let n0 = if h == 'a' { a0 } else { b0 };
             for t in t.iter().skip(n0) {
-                println!("  host {h}: {} -> {}: {}", t["from"], t["to"], t["reason"]);
+                transitions.push(format!(
+                    "host {h}: {} -> {}: {}",
+                    t["from"], t["to"], t["reason"]
+                ));
             }
         }
     }
-    println!(
-        "spurious failovers: {} in {:.0} s of redis-benchmark load ({runs} runs of 200,000 requests x 3 tests, -c 50 -P 4) on this 2-core machine, both hosts on it",
-        (a1 - a0) + (b1 - b0),
-        t0.elapsed().as_secs_f64()
-    );
-    Ok(())
+    Ok(Spurious {
+        role_changes: (a1 - a0) + (b1 - b0),
+        seconds: t0.elapsed().as_secs_f64(),
+        benchmark_runs: runs,
+        transitions,
+    })
 }
