@@ -7,13 +7,20 @@
 //! again and joins by live state transfer over the logging link. Reported: the guest's
 //! pause in the stop phase, the transfer's time and bytes (from the primary's status),
 //! and the clients' latency during the transfers against the windows without one.
+//!
+//! `--out DIR` writes DIR/results.json and SVG plots (pause per join, client latency
+//! during transfers vs without); `--replot DIR` draws them again from DIR/results.json
+//! without measuring (no root needed).
 use anyhow::{Context, Result, bail};
 use clap::Parser;
+use ft_perf_plot::joins::{Join, JoinReport};
 use ft_testbed::{
     Appliance, ApplianceOptions, Testbed, TestbedOptions, VmOptions, embedded_fence,
-    load::{JoinSample, SetLoad, fill_keys, print_join_report},
+    load::{SetLoad, fill_keys},
     start_arbiter,
 };
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 #[derive(Parser)]
@@ -31,6 +38,36 @@ struct Args {
     /// Clients writing on persistent connections throughout.
     #[arg(long, default_value_t = 8)]
     clients: usize,
+    /// Write results.json and SVG plots into this directory.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Only draw the plots again from DIR/results.json (no measuring).
+    #[arg(long, value_name = "DIR", conflicts_with = "out")]
+    replot: Option<PathBuf>,
+}
+
+const BENCHMARK: &str = "reprotect";
+
+/// What results.json keeps.
+#[derive(Serialize, Deserialize)]
+struct Results {
+    command: Vec<String>,
+    unix_time: u64,
+    ram_mib: u64,
+    keys: u64,
+    used_memory_mib: u64,
+    clients: usize,
+    report: JoinReport,
+}
+
+fn replot(dir: &Path) -> Result<()> {
+    let res: Results = ft_perf_plot::read_results(dir, BENCHMARK)?;
+    res.report
+        .check(&ft_perf_plot::results::results_path(dir))?;
+    for p in res.report.plot(dir, "reprotect")? {
+        println!("wrote {}", p.display());
+    }
+    Ok(())
 }
 
 const T: Duration = Duration::from_secs(60);
@@ -46,6 +83,9 @@ fn instant_of(unix_ms: f64) -> Instant {
 
 fn main() -> Result<()> {
     let a = Args::parse();
+    if let Some(dir) = &a.replot {
+        return replot(dir);
+    }
     let tb = Testbed::new(TestbedOptions {
         start_standins: false,
         ..Default::default()
@@ -106,7 +146,7 @@ fn main() -> Result<()> {
     }
     let load = SetLoad::start(conns);
     std::thread::sleep(Duration::from_millis(500));
-    let (mut joins, mut quiet) = (Vec::new(), Vec::new());
+    let (mut joins, mut windows, mut quiet) = (Vec::new(), Vec::new(), Vec::new());
     for j in 0..a.joins {
         app.guard('b').kill()?;
         if !Appliance::wait_until(T, || app.status('a').is_ok_and(|s| s["role"] == "solo")) {
@@ -130,33 +170,55 @@ fn main() -> Result<()> {
             js["started_unix_ms"].as_f64().unwrap_or(0.0),
             js["at_unix_ms"].as_f64().unwrap_or(0.0),
         );
-        let sample = JoinSample {
-            pause: Duration::from_secs_f64(js["pause_ms"].as_f64().unwrap_or(0.0) / 1e3),
-            total: Duration::from_secs_f64(js["total_ms"].as_f64().unwrap_or(0.0) / 1e3),
+        let join = Join {
+            pause_ms: js["pause_ms"].as_f64().unwrap_or(f64::NAN),
+            total_ms: js["total_ms"].as_f64().unwrap_or(f64::NAN),
             bytes: js["bytes"].as_u64().unwrap_or(0),
-            // Until a second after the cut: the new backup restores the state, starts
-            // its channel and acks; the primary's output waits for that first ack.
-            window: (instant_of(start), instant_of(end + 1000.0)),
+            rounds: js["rounds"].as_u64(),
+            stop_pages: js["stop_pages"].as_u64(),
+            pause_parts_ms: js["pause_parts_ms"].clone(),
         };
+        // Until a second after the cut: the new backup restores the state, starts its
+        // channel and acks; the primary's output waits for that first ack.
+        windows.push((instant_of(start), instant_of(end + 1000.0)));
         println!(
             "join {j}: pause {:.2} ms ({} pages; {}), transfer {:.0} ms, {} MiB, {} pre-copy rounds",
-            sample.pause.as_secs_f64() * 1e3,
+            join.pause_ms,
             js["stop_pages"],
             js["pause_parts_ms"],
-            sample.total.as_secs_f64() * 1e3,
-            sample.bytes >> 20,
+            join.total_ms,
+            join.bytes >> 20,
             js["rounds"]
         );
-        joins.push(sample);
+        joins.push(join);
         std::thread::sleep(Duration::from_millis(500));
     }
     let samples = load.finish()?;
-    print_join_report(
+    let samples = samples.lock().unwrap();
+    let report = JoinReport::new(
         &format!("{} joins of a {} MiB guest through ftd", a.joins, a.ram_mib),
-        &joins,
+        "to 1 s after the cut",
+        joins,
+        &windows,
         &quiet,
         &samples,
-        "to 1 s after the cut",
     )?;
+    report.print();
+    if let Some(dir) = &a.out {
+        let res = Results {
+            command: ft_perf_plot::results::command_line(),
+            unix_time: ft_perf_plot::results::unix_time(),
+            ram_mib: a.ram_mib,
+            keys: keys.trim().parse().unwrap_or(0),
+            used_memory_mib: used >> 20,
+            clients: a.clients,
+            report,
+        };
+        let path = ft_perf_plot::write_results(dir, BENCHMARK, &res)?;
+        println!("wrote {}", path.display());
+        for p in res.report.plot(dir, "reprotect")? {
+            println!("wrote {}", p.display());
+        }
+    }
     Ok(())
 }
