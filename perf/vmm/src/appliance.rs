@@ -11,11 +11,13 @@
 //! Needs ftd built with the same profile (`cargo build --release -p ftd -p ft-perf-vmm`):
 //! ft-testbed takes `ftd` and `ft-arbiter` from next to this executable or `$FTD_BIN`.
 use crate::bench::{Row, parse_csv, spread};
+use crate::results::{ApplianceResults, Made};
 use anyhow::{Context, Result, bail};
 use ft_testbed::{
     Appliance, ApplianceOptions, Testbed, TestbedOptions, VmOptions, names::*, ns_exec,
 };
 use serde_json::Value;
+use std::path::Path;
 use std::time::Duration;
 
 #[derive(clap::Args)]
@@ -204,7 +206,7 @@ fn one(a: &ApplianceArgs, mode: Mode) -> Result<Run> {
     Ok(run)
 }
 
-pub fn run(a: &ApplianceArgs) -> Result<()> {
+pub fn run(a: &ApplianceArgs, out: Option<&Path>) -> Result<()> {
     ft_testbed::ftd_bin().context("ftd must be built next to ft-perf-vmm")?;
     let mut off: Vec<Run> = Vec::new();
     let mut on: Vec<Run> = Vec::new();
@@ -304,7 +306,17 @@ pub fn run(a: &ApplianceArgs) -> Result<()> {
             );
         }
     }
-    Ok(())
+    let rows = |runs: &[Run]| runs.iter().map(|r| r.rows.clone()).collect();
+    crate::results::save(out, |all| {
+        all.appliance = Some(ApplianceResults {
+            made: Made::now(),
+            clients: a.clients,
+            requests: a.requests,
+            pipeline: a.pipeline.clone(),
+            off: rows(&off),
+            on: rows(&on),
+        })
+    })
 }
 
 fn fmt_spread((m, lo, hi): (f64, f64, f64), prec: usize) -> String {

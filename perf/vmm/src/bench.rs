@@ -1,6 +1,6 @@
 //! redis-benchmark results (its `--csv` output).
 
-#[derive(Default, Clone, Debug)]
+#[derive(Default, Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct Row {
     pub test: String,
     pub rps: f64,

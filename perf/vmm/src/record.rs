@@ -3,11 +3,13 @@
 use crate::bench::{Row, parse_csv};
 
 use crate::netns::NetNs;
+use crate::results::{Made, ModeRows, RecordResults};
 use anyhow::{Result, bail};
 use ft_common::vmlog::{EV_CHECKPOINT, EV_CLOCK, EntryHdr};
 use ft_vmm::net::{Tap, in_netns};
 use ft_vmm::vmlog::{LogEntry, LogSink, LogSource, Recv, WriteSink, channel};
 use ft_vmm::{Control, Mode, RunReport, Vmm, VmmConfig};
+use std::path::Path;
 use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -197,7 +199,7 @@ fn micro_sink_cost() -> Result<(f64, f64)> {
     Ok((file_ns, chan_ns))
 }
 
-pub fn run(a: &Args) -> Result<()> {
+pub fn run(a: &Args, out: Option<&Path>) -> Result<()> {
     let ns = NetNs::new("rec")?;
     println!(
         "ft-vmm benchmark: redis-benchmark -c {} -n {} (guest RESP server, 1 vCPU)",
@@ -336,5 +338,25 @@ pub fn run(a: &Args) -> Result<()> {
             "DIFFERENT"
         }
     );
-    Ok(())
+    let mode = |name: &str, m: &ModeResult| ModeRows {
+        mode: name.to_string(),
+        rows: m.rows.clone(),
+    };
+    crate::results::save(out, |all| {
+        all.record = Some(RecordResults {
+            made: Made::now(),
+            clients: a.clients,
+            requests: a.requests,
+            modes: vec![
+                mode("free", &free),
+                mode("record (file sink)", &recf),
+                mode("record (channel)", &rec),
+            ],
+            log_entries_per_request: rec.entries.len() as f64 / rec.requests as f64,
+            log_bytes_per_request: bytes as f64 / rec.requests as f64,
+            append_ns_per_entry: tf.as_nanos() as f64 / nf.max(1) as f64,
+            replay_entries_per_s: rec.entries.len() as f64 / dt.as_secs_f64(),
+            replay_identical: r.state_hash == rr.state_hash,
+        })
+    })
 }

@@ -9,14 +9,17 @@
 //! network link; it replays the new log for a while (which checks it), then stops, and
 //! the source abandons the log and runs free again for the next join.
 use crate::netns::NetNs;
+use crate::results::{Made, ReprotectResults};
 use anyhow::{Context, Result, bail};
-use ft_testbed::load::{JoinSample, SetLoad, print_join_report};
+use ft_perf_plot::joins::{Join, JoinReport};
+use ft_testbed::load::SetLoad;
 use ft_vmm::net::{Tap, in_netns};
 use ft_vmm::transfer::TransferOptions;
 use ft_vmm::vmlog::channel;
 use ft_vmm::{Control, Mode, RunReport, Vmm, VmmConfig};
 use std::net::TcpStream;
 use std::os::unix::net::UnixStream;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 #[derive(clap::Args)]
@@ -43,7 +46,7 @@ pub struct ReprotectArgs {
     vcpu_cpu: usize,
 }
 
-pub fn run(a: &ReprotectArgs) -> Result<()> {
+pub fn run(a: &ReprotectArgs, out: Option<&Path>) -> Result<()> {
     let ns = NetNs::new("reprotect")?;
     let tap = in_netns(&ns.name, || Tap::open("ftap0"))?;
     let cfg = |mode| VmmConfig {
@@ -116,7 +119,8 @@ pub fn run(a: &ReprotectArgs) -> Result<()> {
     }
     let load = SetLoad::start(conns);
     std::thread::sleep(Duration::from_millis(500));
-    let mut joins: Vec<JoinSample> = Vec::new();
+    let mut joins: Vec<Join> = Vec::new();
+    let mut windows: Vec<(Instant, Instant)> = Vec::new();
     let mut quiet: Vec<(Instant, Instant)> = Vec::new();
     for j in 0..a.joins {
         let (w, mut r) = UnixStream::pair()?;
@@ -171,12 +175,15 @@ pub fn run(a: &ReprotectArgs) -> Result<()> {
             rr.exits - rep.cut_exit,
             rr.stats.checkpoints_verified
         );
-        joins.push(JoinSample {
-            pause: rep.pause,
-            total: rep.total,
+        joins.push(Join {
+            pause_ms: rep.pause.as_secs_f64() * 1e3,
+            total_ms: rep.total.as_secs_f64() * 1e3,
             bytes: rep.bytes_sent,
-            window: (t0, t1),
+            rounds: Some(rep.rounds as u64),
+            stop_pages: Some(rep.stop_pages),
+            pause_parts_ms: serde_json::Value::Null,
         });
+        windows.push((t0, t1));
         // A window of the same length with no transfer, for the baseline.
         std::thread::sleep(Duration::from_millis(200));
         let q0 = Instant::now();
@@ -188,12 +195,23 @@ pub fn run(a: &ReprotectArgs) -> Result<()> {
     control.request_stop();
     vm.join()
         .map_err(|_| anyhow::anyhow!("VMM thread panicked"))??;
-    print_join_report(
+    let samples = samples.lock().unwrap();
+    let report = JoinReport::new(
         &format!("{} joins of a {} MiB guest under load", a.joins, a.ram_mib),
-        &joins,
+        "from the start to the end of each",
+        joins,
+        &windows,
         &quiet,
         &samples,
-        "from the start to the end of each",
     )?;
-    Ok(())
+    report.print();
+    crate::results::save(out, |all| {
+        all.reprotect = Some(ReprotectResults {
+            made: Made::now(),
+            ram_mib: a.ram_mib,
+            used_memory_mib: used >> 20,
+            clients: a.clients,
+            report,
+        })
+    })
 }

@@ -3,9 +3,11 @@
 //! away, each server on CPU 1 and the client on CPU 0, alternating rounds.
 use crate::bench::{Row, parse_csv, spread};
 use crate::netns::NetNs;
+use crate::results::{Made, ServiceConfig, ServiceResults};
 use anyhow::{Context, Result, bail};
 use ft_vmm::net::{Tap, in_netns};
 use ft_vmm::{Control, Mode, RunReport, Vmm, VmmConfig};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -24,10 +26,6 @@ pub struct ServiceArgs {
     #[arg(long, default_value_t = 1)]
     server_cpu: usize,
 }
-
-/// (clients, pipeline depth), then for the guest and for redis-server: one row per test
-/// (SET, GET, INCR) per round.
-type Config = ((u32, u32), Vec<Vec<Row>>, Vec<Vec<Row>>);
 
 struct Redis(Child);
 
@@ -75,7 +73,7 @@ fn benchmark(
     Ok(rows)
 }
 
-pub fn run(a: &ServiceArgs) -> Result<()> {
+pub fn run(a: &ServiceArgs, out: Option<&Path>) -> Result<()> {
     let mut ns = NetNs::new("svc")?;
     ns.add_server()?;
     let client_cpu = 1 - a.server_cpu.min(1);
@@ -121,14 +119,19 @@ pub fn run(a: &ServiceArgs) -> Result<()> {
         configs.push((c, 16u32, a.requests * 10));
     }
     let t0 = Instant::now();
-    let mut results: Vec<Config> = Vec::new();
+    let mut results: Vec<ServiceConfig> = Vec::new();
     for &(clients, pipe, n) in &configs {
         let (mut g, mut r) = (Vec::new(), Vec::new());
         for _ in 0..a.rounds {
             g.push(benchmark(&ns, "10.0.0.2", client_cpu, clients, n, pipe)?);
             r.push(benchmark(&ns, "10.0.1.2", client_cpu, clients, n, pipe)?);
         }
-        results.push(((clients, pipe), g, r));
+        results.push(ServiceConfig {
+            clients,
+            pipeline: pipe,
+            guest: g,
+            redis: r,
+        });
     }
     let tap = tap_response_times(&ns, client_cpu, a.requests)?;
     control.request_stop();
@@ -157,7 +160,13 @@ pub fn run(a: &ServiceArgs) -> Result<()> {
         "max ms g (all)",
         "max ms r (all)"
     );
-    for ((clients, pipe), g, r) in &results {
+    for ServiceConfig {
+        clients,
+        pipeline: pipe,
+        guest: g,
+        redis: r,
+    } in &results
+    {
         for (ti, test) in ["SET", "GET", "INCR"].iter().enumerate() {
             let col = |runs: &Vec<Vec<Row>>, f: fn(&Row) -> f64| -> Vec<f64> {
                 runs.iter().map(|rows| f(&rows[ti])).collect()
@@ -208,7 +217,16 @@ pub fn run(a: &ServiceArgs) -> Result<()> {
         tap.max() as f64 / 1e3
     );
     println!("(what the VM and the VMM add, without the client's own scheduling delays)");
-    Ok(())
+    crate::results::save(out, |all| {
+        all.service = Some(ServiceResults {
+            made: Made::now(),
+            rounds: a.rounds,
+            configs: results,
+            exits: report.exits,
+            idle_reads: report.stats.idles,
+            tap: ft_perf_plot::Distribution::from_histogram_us(&tap),
+        })
+    })
 }
 
 /// One 50-client run with a capture on the guest's tap: for each request frame, the
@@ -236,7 +254,7 @@ fn tap_response_times(ns: &NetNs, cpu: usize, n: u32) -> Result<hdrhistogram::Hi
         .stderr(Stdio::null())
         .output()?;
     let _ = std::fs::remove_file(&pcap);
-    let mut h = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    let mut h = ft_perf_plot::stats::histogram_us();
     let mut pending = std::collections::HashMap::new();
     for line in String::from_utf8_lossy(&text.stdout).lines() {
         let f: Vec<&str> = line.split_whitespace().collect();
