@@ -3,7 +3,8 @@
 //! protected VM's service with stock redis tools and prints what the logging channel,
 //! the output gate and the backup's replay did. `cargo xtask test` runs every
 //! check and test (what CI runs). `cargo xtask chaos --faults N --seed S` runs the chaos
-//! suite (`ft_testbed::chaos`) and prints its report.
+//! suite (`ft_testbed::chaos`) and prints its report. `cargo xtask plots` redraws the
+//! benchmarks' committed plots from their results under perf/results.
 use std::{
     path::{Path, PathBuf},
     process::Command,
@@ -15,6 +16,7 @@ use clap::{Parser, Subcommand};
 use ft_testbed::chaos::nemesis::FaultKind;
 
 mod demo;
+mod plots;
 
 #[derive(Parser)]
 struct Cli {
@@ -30,6 +32,8 @@ enum Cmd {
     Test,
     /// Formatting and clippy only.
     Lint,
+    /// Redraw every committed benchmark plot from perf/results/<name>/results.json.
+    Plots,
     /// The chaos suite: random faults under concurrent clients, the history checked for
     /// linearizability (stateright). A failing seed replays the same fault schedule.
     Chaos {
@@ -182,6 +186,7 @@ fn main() -> Result<()> {
         Cmd::Demo => demo(),
         Cmd::Test => test(),
         Cmd::Lint => lint(),
+        Cmd::Plots => plots::run(&root()),
         Cmd::Chaos {
             faults,
             seed,
