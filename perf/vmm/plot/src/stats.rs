@@ -90,6 +90,10 @@ impl Distribution {
             .map(|(i, &v)| [v, (i + 1) as f64 / n])
             .collect();
         d.max_ms = s.last().copied().unwrap_or(0.0);
+        // A bucket's highest equivalent value can pass the exact maximum.
+        for p in [&mut d.p50_ms, &mut d.p90_ms, &mut d.p99_ms, &mut d.p999_ms] {
+            *p = p.min(d.max_ms);
+        }
         Ok(d)
     }
 
