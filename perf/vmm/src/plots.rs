@@ -36,6 +36,15 @@ pub fn draw(dir: &Path, all: &VmmResults, need_one: bool) -> Result<()> {
     Ok(())
 }
 
+/// How bars over `n` rounds are summarised, for a title.
+fn rounds(n: usize) -> String {
+    if n == 1 {
+        "1 round".into()
+    } else {
+        format!("median, range of {n} rounds")
+    }
+}
+
 /// Median and range of one field of test `t` over rounds.
 fn over_rounds(rounds: &[Vec<Row>], t: usize, f: fn(&Row) -> f64) -> Option<Bar> {
     let v: Vec<f64> = rounds.iter().filter_map(|r| r.get(t)).map(f).collect();
@@ -93,8 +102,8 @@ fn service(dir: &Path, s: &ServiceResults) -> Result<Vec<PathBuf>> {
         };
         let tput = Bars {
             title: &format!(
-                "Guest service vs redis-server 7.0: throughput{pipe} (median, range of {} rounds)",
-                s.rounds
+                "Guest service vs redis-server 7.0: throughput{pipe} ({})",
+                rounds(s.rounds as usize)
             ),
             y_desc: "requests/s",
             series: &["guest (ft-vmm)", "redis-server"],
@@ -230,9 +239,9 @@ fn appliance(dir: &Path, a: &ApplianceResults) -> Result<Vec<PathBuf>> {
         };
         let tput = Bars {
             title: &format!(
-                "FT on vs FT off through ftd: throughput ({} clients{pipe}; median, range of {} rounds)",
+                "FT on vs FT off through ftd: throughput ({} clients{pipe}; {})",
                 a.clients,
-                off.len()
+                rounds(off.len())
             ),
             y_desc: "requests/s",
             series: &["FT off (solo)", "FT on (primary + backup)"],

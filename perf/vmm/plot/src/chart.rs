@@ -38,6 +38,11 @@ fn s<E: std::fmt::Display>(e: E) -> String {
     e.to_string()
 }
 
+/// Pixels a caption needs (20-pixel font, about 10 pixels a character, with margins).
+fn title_width(title: &str) -> usize {
+    title.chars().count() * 10 + 60
+}
+
 /// One line of a CDF chart: (value, fraction) points, ascending.
 pub struct Line<'a> {
     pub label: &'a str,
@@ -53,7 +58,7 @@ pub fn cdf(path: &Path, title: &str, x_desc: &str, lines: &[Line]) -> Result<()>
     if !lo.is_finite() || !hi.is_finite() || hi <= 0.0 {
         return Err(err("no positive values to draw".into()));
     }
-    let root = SVGBackend::new(path, (820, 500)).into_drawing_area();
+    let root = SVGBackend::new(path, (title_width(title).max(820) as u32, 500)).into_drawing_area();
     if hi / lo > 30.0 {
         draw_cdf(
             &root,
@@ -206,7 +211,9 @@ pub fn bars(path: &Path, b: &Bars) -> Result<()> {
     } else {
         1.0
     };
-    let width = (200 + n * (30 + 34 * k)).clamp(640, 2000) as u32;
+    let width = (200 + n * (30 + 34 * k))
+        .max(title_width(b.title))
+        .clamp(640, 2000) as u32;
     let root = SVGBackend::new(path, (width, 520)).into_drawing_area();
     draw_bars(&root, b, ymax).map_err(&err)?;
     root.present().map_err(|e| err(s(e)))
@@ -347,7 +354,8 @@ pub fn timeline(
     // Room below the rows for the legend.
     let spare = kinds.len() as f64 * 0.75 + 0.5;
     let height = (140 + 34 * rows.len() + (34.0 * spare) as usize).clamp(300, 1400) as u32;
-    let root = SVGBackend::new(path, (900, height)).into_drawing_area();
+    let root =
+        SVGBackend::new(path, (title_width(title).max(900) as u32, height)).into_drawing_area();
     draw_timeline(
         &root,
         title,
