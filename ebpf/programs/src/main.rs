@@ -306,10 +306,14 @@ fn try_log_rx(ctx: &XdpContext) -> Result<u32, u32> {
                     // the daemon; `input` raised atomically by both).
                     let (delivered, kin) =
                         unsafe { (load64(&(*ch).delivered), load64(&(*ka).input)) };
-                    if fseq <= delivered || fseq <= kin & !KACK_STOP {
+                    let held = delivered.max(kin & !KACK_STOP);
+                    if fseq <= held {
                         return drop(C_DROP_DUP);
                     }
-                    if fseq - delivered > cfg.window + RETX_MARGIN {
+                    // Relative to what is buffered, not to what the daemon took from the
+                    // ring: the primary's window moves with XDP's acks while the daemon
+                    // may lag (or be stopped) with the frames safe in the ring.
+                    if fseq - held > cfg.window + RETX_MARGIN {
                         return drop(C_DROP_SEQ_WINDOW);
                     }
                     buffer(ctx, st, len)?;

@@ -88,6 +88,12 @@ pub(super) fn counter_help(family: &str) -> Option<&'static str> {
         "ft_vmlog_received_frames_total" => "VMLOG frames handed to the backup daemon",
         "ft_vmnacks_received_total" => "VMNACK frames passed to the primary daemon",
         "ft_leave_received_total" => "LEAVE frames passed to the primary daemon",
+        "ft_kernel_acks_sent_total" => {
+            "Acks the backup's XDP sent itself (an in-order log frame buffered in its ring, or a heartbeat's flush)"
+        }
+        "ft_kernel_acks_deferred_total" => {
+            "In-order log frames the backup's XDP confirmed without sending an ack (batching: the daemon's next ack carries them)"
+        }
         "ft_release_kicks_total" => {
             "Release passes the daemon triggered with a kick frame on the VM NIC (role change)"
         }
