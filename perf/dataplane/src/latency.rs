@@ -82,8 +82,14 @@ pub struct Added {
     pub ratio_p99: f64,
     pub goal_p50: f64,
     pub goal_p99: f64,
-    pub meets_p50: bool,
-    pub meets_p99: bool,
+    /// ratio <= goal; `None` when the added latency came out negative (gate off slower
+    /// than gate on: the noise is larger than the effect, nothing to conclude).
+    pub meets_p50: Option<bool>,
+    pub meets_p99: Option<bool>,
+    /// The same difference within each round (gate-on and gate-off rounds of one round
+    /// index run back to back), to show how much of it is noise.
+    pub per_round_p50_us: Vec<f64>,
+    pub per_round_p99_us: Vec<f64>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -108,6 +114,39 @@ pub struct LatencyResults {
     pub hold_hist_on: Vec<(String, u64)>,
     pub hold_hist_off: Vec<(String, u64)>,
     pub held_max: u64,
+    /// The buckets holding the gate-on hold time's p50 and p99 ("[lo, hi)" µs): the
+    /// kernel's own view of the delay the output rule adds to a reply.
+    pub hold_on_p50_bucket_us: Option<String>,
+    pub hold_on_p99_bucket_us: Option<String>,
+}
+
+/// gate on − gate off of `f` for every round index that has both.
+fn per_round_added(rows: &[RoundRow], f: impl Fn(&RoundRow) -> f64) -> Vec<f64> {
+    let max_round = rows.iter().map(|r| r.round).max().unwrap_or(0);
+    (0..=max_round)
+        .filter_map(|i| {
+            let get = |k| rows.iter().find(|r| r.round == i && r.kind == k).map(&f);
+            Some(get(RoundKind::GateOn)? - get(RoundKind::GateOff)?)
+        })
+        .collect()
+}
+
+/// The bucket of a per-bucket histogram (upper bounds in µs) that holds quantile `q`.
+fn hist_bucket(h: &[(String, u64)], q: f64) -> Option<String> {
+    let total: u64 = h.iter().map(|(_, n)| n).sum();
+    if total == 0 {
+        return None;
+    }
+    let rank = ((q * total as f64).ceil() as u64).max(1);
+    let (mut cum, mut lower) = (0u64, "0".to_string());
+    for (le, n) in h {
+        cum += n;
+        if cum >= rank {
+            return Some(format!("[{lower}, {le})"));
+        }
+        lower = le.clone();
+    }
+    None
 }
 
 /// `n` PING/PONG round trips, one outstanding at a time, bounded by `budget`.
@@ -466,8 +505,10 @@ pub fn latency_phase(tb: &Testbed, args: &Args) -> Result<LatencyResults> {
             ratio_p99,
             goal_p50: GOAL_P50,
             goal_p99: GOAL_P99,
-            meets_p50: ratio_p50 <= GOAL_P50,
-            meets_p99: ratio_p99 <= GOAL_P99,
+            meets_p50: (p50_us >= 0.0).then_some(ratio_p50 <= GOAL_P50),
+            meets_p99: (p99_us >= 0.0).then_some(ratio_p99 <= GOAL_P99),
+            per_round_p50_us: per_round_added(&acc.rows, |r| r.p50_us),
+            per_round_p99_us: per_round_added(&acc.rows, |r| r.p99_us),
         }
     };
     Ok(LatencyResults {
@@ -483,6 +524,8 @@ pub fn latency_phase(tb: &Testbed, args: &Args) -> Result<LatencyResults> {
         added,
         per_round: acc.rows,
         floor_probes: acc.floor_probes,
+        hold_on_p50_bucket_us: hist_bucket(&acc.hist_on, 0.5),
+        hold_on_p99_bucket_us: hist_bucket(&acc.hist_on, 0.99),
         hold_hist_on: acc.hist_on,
         hold_hist_off: acc.hist_off,
         held_max: acc.held_max,

@@ -229,7 +229,8 @@ fn throughput(t: &ThroughputResults, date: &str, path: &Path) -> Result<()> {
         .draw()?;
     for (i, p) in t.paths.iter().enumerate() {
         let y = (n - 1 - i) as f64;
-        let c = PALETTE[i % PALETTE.len()];
+        // Not black: the dots are.
+        let c = PALETTE[[0, 1, 3, 4, 5][i % 5]];
         chart.draw_series(std::iter::once(Rectangle::new(
             [(0.0, y + 0.2), (p.mean_b_fps, y + 0.8)],
             c.mix(0.8).filled(),

@@ -127,7 +127,7 @@ pub fn print_latency(l: &LatencyResults) {
         "  {:<10} {:>12} {:>12} {:>10} {:>8} {:>6}",
         "", "added (us)", "floor (us)", "ratio", "goal", "met"
     );
-    for (q, add, fl, ratio, goal, met) in [
+    for (q, add, fl, ratio, goal, met, rounds) in [
         (
             "p50",
             a.p50_us,
@@ -135,6 +135,7 @@ pub fn print_latency(l: &LatencyResults) {
             a.ratio_p50,
             a.goal_p50,
             a.meets_p50,
+            &a.per_round_p50_us,
         ),
         (
             "p99",
@@ -143,14 +144,26 @@ pub fn print_latency(l: &LatencyResults) {
             a.ratio_p99,
             a.goal_p99,
             a.meets_p99,
+            &a.per_round_p99_us,
         ),
     ] {
+        let rounds: Vec<String> = rounds.iter().map(|v| format!("{v:.1}")).collect();
         println!(
-            "  {q:<10} {add:>12.1} {fl:>12.1} {ratio:>10.2} {:>8} {:>6}",
+            "  {q:<10} {add:>12.1} {fl:>12.1} {ratio:>10.2} {:>8} {:>6}   per round: {}",
             format!("<= {goal}"),
-            if met { "yes" } else { "NO" }
+            match met {
+                Some(true) => "yes",
+                Some(false) => "NO",
+                None => "noise",
+            },
+            rounds.join(", ")
         );
     }
+    println!(
+        "  kernel hold time (gate on, ft_output_hold_seconds): p50 in {} us, p99 in {} us",
+        l.hold_on_p50_bucket_us.as_deref().unwrap_or("?"),
+        l.hold_on_p99_bucket_us.as_deref().unwrap_or("?")
+    );
     let fp = &l.floor_probes;
     println!(
         "  floor probes: sent {} measured {} lost {} (kernel: stamped {} reflected {} measured {})",
