@@ -3,6 +3,7 @@
 use std::sync::Mutex;
 
 mod mapped;
+pub mod testrun;
 use mapped::Mapped;
 
 use aya::{
