@@ -5,6 +5,8 @@
 //!   client UDP PING/PONG round trips, then raw userspace ping-pongs over the logging link
 //!   (AF_PACKET on A, an AF_PACKET echo thread on B);
 //! - **gate off**: the same with `hold_output = false`;
+//! - **daemon acks**: gate on with `kernel_acks = false`: the backup's daemon sends every
+//!   ack (how the appliance acked before the acks moved into XDP), for comparison;
 //! - **floor**: no daemon; the probe programs measure the logging link's
 //!   kernel-to-kernel round trip (see `probe.rs`).
 use std::{
@@ -45,6 +47,7 @@ pub enum RoundKind {
     GateOn,
     GateOff,
     Floor,
+    DaemonAcks,
 }
 
 impl RoundKind {
@@ -53,6 +56,7 @@ impl RoundKind {
             RoundKind::GateOn => "gate on",
             RoundKind::GateOff => "gate off",
             RoundKind::Floor => "floor",
+            RoundKind::DaemonAcks => "daemon acks",
         }
     }
 }
@@ -100,6 +104,12 @@ pub struct LatencyResults {
     pub xdp_mode: String,
     pub gate_on: Summary,
     pub gate_off: Summary,
+    /// Gate on with the backup's daemon sending every ack (`kernel_acks = false`).
+    #[serde(default)]
+    pub gate_on_daemon_acks: Option<Summary>,
+    /// Its added latency (minus gate off) at p50 and p99, in µs.
+    #[serde(default)]
+    pub added_daemon_acks_us: Option<(f64, f64)>,
     /// Kernel-to-kernel round trip on the logging link (tc egress on A to XDP on A).
     pub floor: Summary,
     /// The same probes as their sender saw them (AF_PACKET send to receive on A).
@@ -336,6 +346,7 @@ pub fn stop_appliance(app: Appliance) {
 struct Acc {
     on: Series,
     off: Series,
+    daemon: Series,
     raw: Series,
     floor: Series,
     floor_user: Series,
@@ -346,10 +357,12 @@ struct Acc {
     rows: Vec<RoundRow>,
 }
 
-fn gate_round(tb: &Testbed, args: &Args, r: usize, gate: bool, acc: &mut Acc) -> Result<()> {
+fn gate_round(tb: &Testbed, args: &Args, r: usize, kind: RoundKind, acc: &mut Acc) -> Result<()> {
     let budget = Duration::from_secs(12);
+    let gate = kind != RoundKind::GateOff;
     let o = ApplianceOptions {
         hold_output: gate,
+        kernel_acks: kind != RoundKind::DaemonAcks,
         ..base_opts(args)
     };
     let t0 = Instant::now();
@@ -365,11 +378,6 @@ fn gate_round(tb: &Testbed, args: &Args, r: usize, gate: bool, acc: &mut Acc) ->
     let h = parse_hold_hist(&app.metrics('a').unwrap_or_default());
     let st = app.status('a').unwrap_or_default();
     acc.held_max = acc.held_max.max(st["held_frames"].as_u64().unwrap_or(0));
-    let kind = if gate {
-        RoundKind::GateOn
-    } else {
-        RoundKind::GateOff
-    };
     let row = RoundRow {
         round: r,
         kind,
@@ -396,12 +404,16 @@ fn gate_round(tb: &Testbed, args: &Args, r: usize, gate: bool, acc: &mut Acc) ->
         row.secs
     );
     stop_appliance(app);
-    if gate {
-        acc.on.merge(&s);
-        add_hist(&mut acc.hist_on, h);
-    } else {
-        acc.off.merge(&s);
-        add_hist(&mut acc.hist_off, h);
+    match kind {
+        RoundKind::GateOn => {
+            acc.on.merge(&s);
+            add_hist(&mut acc.hist_on, h);
+        }
+        RoundKind::GateOff => {
+            acc.off.merge(&s);
+            add_hist(&mut acc.hist_off, h);
+        }
+        _ => acc.daemon.merge(&s),
     }
     acc.raw.merge(&raw);
     acc.rows.push(row);
@@ -471,18 +483,25 @@ pub fn latency_phase(tb: &Testbed, args: &Args) -> Result<LatencyResults> {
         args.rounds, args.requests
     );
     let mut acc = Acc::default();
-    let kinds = [RoundKind::GateOn, RoundKind::GateOff, RoundKind::Floor];
+    let kinds = [
+        RoundKind::GateOn,
+        RoundKind::GateOff,
+        RoundKind::Floor,
+        RoundKind::DaemonAcks,
+    ];
     for r in 0..args.rounds {
         for k in 0..kinds.len() {
             match kinds[(k + r) % kinds.len()] {
-                RoundKind::GateOn => gate_round(tb, args, r, true, &mut acc)?,
-                RoundKind::GateOff => gate_round(tb, args, r, false, &mut acc)?,
                 RoundKind::Floor => floor_round(tb, args, r, &mut acc)?,
+                kind => gate_round(tb, args, r, kind, &mut acc)?,
             }
         }
     }
     let gate_on = acc.on.summary("client UDP, gate on (output rule)")?;
     let gate_off = acc.off.summary("client UDP, gate off")?;
+    let daemon = acc
+        .daemon
+        .summary("client UDP, gate on, acks from the backup's daemon")?;
     let floor = acc
         .floor
         .summary("log link, kernel to kernel (tc egress -> XDP)")?;
@@ -516,6 +535,11 @@ pub fn latency_phase(tb: &Testbed, args: &Args) -> Result<LatencyResults> {
         requests: args.requests,
         link_frame_len: LINK_FRAME_LEN,
         xdp_mode: args.xdp_mode.clone(),
+        added_daemon_acks_us: Some((
+            daemon.p50_us - gate_off.p50_us,
+            daemon.p99_us - gate_off.p99_us,
+        )),
+        gate_on_daemon_acks: Some(daemon),
         gate_on,
         gate_off,
         floor,

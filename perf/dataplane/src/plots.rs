@@ -42,7 +42,7 @@ pub fn render(r: &Results, dir: &Path) -> Result<Vec<PathBuf>> {
 }
 
 fn latency_cdf(l: &LatencyResults, date: &str, path: &Path) -> Result<()> {
-    let series = [
+    let mut series = vec![
         ("client UDP, gate on (output rule)", &l.gate_on),
         ("client UDP, gate off", &l.gate_off),
         ("log link floor: kernel to kernel", &l.floor),
@@ -52,6 +52,9 @@ fn latency_cdf(l: &LatencyResults, date: &str, path: &Path) -> Result<()> {
         ),
         ("log link, AF_PACKET ping-pong (userspace)", &l.raw_user),
     ];
+    if let Some(d) = &l.gate_on_daemon_acks {
+        series.insert(1, ("client UDP, gate on, acks from the backup's daemon", d));
+    }
     // The x axis ends a little past the largest p99.9: the last 0.1% is in the tables.
     let lo = series
         .iter()

@@ -113,13 +113,25 @@ pub fn print_latency(l: &LatencyResults) {
         "round trip (us)", "n", "mean", "p50", "p99", "p99.9", "max", "lost"
     );
     for s in [
-        &l.gate_on,
-        &l.gate_off,
-        &l.floor,
-        &l.floor_user,
-        &l.raw_user,
-    ] {
+        Some(&l.gate_on),
+        Some(&l.gate_off),
+        l.gate_on_daemon_acks.as_ref(),
+        Some(&l.floor),
+        Some(&l.floor_user),
+        Some(&l.raw_user),
+    ]
+    .into_iter()
+    .flatten()
+    {
         row(s);
+    }
+    if let Some((p50, p99)) = l.added_daemon_acks_us {
+        println!(
+            "\n  with acks from the backup's daemon instead (kernel_acks = false): added p50 \
+             {p50:.1} us ({:.2}x the floor), p99 {p99:.1} us ({:.2}x)",
+            p50 / l.floor.p50_us,
+            p99 / l.floor.p99_us
+        );
     }
     let a = &l.added;
     println!("\n  output rule's added latency (gate on - gate off) vs the kernel-to-kernel floor");
