@@ -61,11 +61,7 @@ fn ft_frame(
         ft.len.set(TAG_LEN as u16);
     }
     let hdr = LogHdr {
-        eth: EthHdr {
-            dst,
-            src,
-            ethertype: ETHERTYPE_FT.into(),
-        },
+        eth: EthHdr::ft(dst, src),
         ft,
     };
     let mut v = hdr.as_bytes().to_vec();

@@ -126,6 +126,18 @@ pub struct EthHdr {
     pub ethertype: U16,
 }
 
+impl EthHdr {
+    /// The Ethernet header of a logging-link frame from `src` to `dst`.
+    #[inline(always)]
+    pub fn ft(dst: [u8; 6], src: [u8; 6]) -> EthHdr {
+        EthHdr {
+            dst,
+            src,
+            ethertype: U16::new(ETHERTYPE_FT),
+        }
+    }
+}
+
 #[repr(C)]
 #[derive(
     Clone, Copy, Debug, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout, Unaligned,
@@ -285,11 +297,7 @@ mod tests {
         let mut ft = FtHdr::new(KIND_LOG, 0x5e55, 7, 42);
         ft.len = U16::new(4);
         let hdr = LogHdr {
-            eth: EthHdr {
-                dst: [1; 6],
-                src: [2; 6],
-                ethertype: U16::new(ETHERTYPE_FT),
-            },
+            eth: EthHdr::ft([1; 6], [2; 6]),
             ft,
         };
         buf[..LOG_OVERHEAD].copy_from_slice(hdr.as_bytes());

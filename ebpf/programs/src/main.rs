@@ -136,11 +136,7 @@ fn duplicate(ctx: &XdpContext, cfg: &Config, node: &NodeState) -> Result<u32, u3
     let mut ft = FtHdr::new(KIND_LOG, cfg.session, node.epoch, s);
     ft.len.set(len as u16);
     let hdr = LogHdr {
-        eth: EthHdr {
-            dst: cfg.peer_log_mac,
-            src: cfg.own_log_mac,
-            ethertype: ETHERTYPE_FT.into(),
-        },
+        eth: EthHdr::ft(cfg.peer_log_mac, cfg.own_log_mac),
         ft,
     };
     // SAFETY: LOG_OVERHEAD bytes are in bounds (checked above); LogHdr is Unaligned.
@@ -350,18 +346,12 @@ fn try_log_rx(ctx: &XdpContext) -> Result<u32, u32> {
                     count(C_HEARTBEAT_RX);
                     // A heartbeat flushes the acks XDP deferred (batching) without the
                     // daemon: every `heartbeat_ms` at the latest, even if it is stalled.
-                    // SAFETY: live map values, aligned fields.
-                    let (session, input, vm) = unsafe {
-                        (
-                            load64(&(*ch).peer_session),
-                            load64(&(*ka).input),
-                            load64(&(*ka).vm),
-                        )
+                    let Some(session) = kack_session(cfg, ch) else {
+                        return Ok(xdp_action::XDP_DROP);
                     };
-                    if session == 0
-                        || cfg.flags & CFG_KERNEL_ACKS == 0
-                        || (input | vm) & KACK_STOP != 0
-                    {
+                    // SAFETY: live map value, aligned fields raised atomically by both.
+                    let (input, vm) = unsafe { (load64(&(*ka).input), load64(&(*ka).vm)) };
+                    if (input | vm) & KACK_STOP != 0 {
                         return Ok(xdp_action::XDP_DROP);
                     }
                     send_ack(ctx, cfg, node, session, input, vm)
@@ -475,11 +465,9 @@ fn kernel_ack(
     tx_ns: *mut u64,
     fseq: u64,
 ) -> Result<u32, u32> {
-    // SAFETY: live map value, aligned field written by the daemon.
-    let session = unsafe { load64(&(*ch).peer_session) };
-    if session == 0 || cfg.flags & CFG_KERNEL_ACKS == 0 {
-        return Ok(xdp_action::XDP_DROP); // the daemon has not chosen the run it follows
-    }
+    let Some(session) = kack_session(cfg, ch) else {
+        return Ok(xdp_action::XDP_DROP);
+    };
     // SAFETY: `field` is an aligned u64 of the live KACK value. The record was submitted
     // before this compare-and-swap (a full barrier), so whoever reads the raised value
     // finds the frame in the ring. A stopped field (KACK_STOP set) never equals fseq - 1.
@@ -499,6 +487,15 @@ fn kernel_ack(
     // SAFETY: live map value, aligned fields raised atomically by both writers.
     let (input, vm) = unsafe { (load64(&(*ka).input), load64(&(*ka).vm)) };
     send_ack(ctx, cfg, node, session, input, vm)
+}
+
+/// The primary's session an ack from XDP names, if XDP may ack at all: kernel acks are
+/// on (`CFG_KERNEL_ACKS`) and the daemon has chosen the primary run it follows.
+#[inline(always)]
+fn kack_session(cfg: &Config, ch: *const ChanState) -> Option<u64> {
+    // SAFETY: live map value, aligned field written by the daemon.
+    let session = unsafe { load64(&(*ch).peer_session) };
+    (session != 0 && cfg.flags & CFG_KERNEL_ACKS != 0).then_some(session)
 }
 
 /// Rewrites the frame in place into the tagged cumulative ack (`input`, `vm`; a stop bit
@@ -525,11 +522,7 @@ fn send_ack(
     ft.aux.set(vm & !KACK_STOP);
     ft.len.set(TAG_LEN as u16);
     let ack = TaggedHdr {
-        eth: EthHdr {
-            dst: cfg.peer_log_mac,
-            src: cfg.own_log_mac,
-            ethertype: ETHERTYPE_FT.into(),
-        },
+        eth: EthHdr::ft(cfg.peer_log_mac, cfg.own_log_mac),
         ft,
         tag: frame_tag(&cfg.tag_key(), &ft).into(),
     };
@@ -651,11 +644,7 @@ fn on_nack(
     ft.flags = FLAG_RETRANSMIT;
     ft.len.set(n as u16);
     let hdr = LogHdr {
-        eth: EthHdr {
-            dst: cfg.peer_log_mac,
-            src: cfg.own_log_mac,
-            ethertype: ETHERTYPE_FT.into(),
-        },
+        eth: EthHdr::ft(cfg.peer_log_mac, cfg.own_log_mac),
         ft,
     };
     // SAFETY: in bounds (checked above); LogHdr is Unaligned.
@@ -755,7 +744,6 @@ pub fn ft_client_egress(ctx: TcContext) -> i32 {
     TC_ACT_SHOT as i32
 }
 
-#[cfg(not(test))]
 // ------------------------------------------------------------------------------------
 // Test infrastructure: the testbed's wire.
 // ------------------------------------------------------------------------------------
@@ -771,6 +759,7 @@ pub fn ft_pass(_ctx: XdpContext) -> u32 {
     xdp_action::XDP_PASS
 }
 
+#[cfg(not(test))]
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {
     loop {}

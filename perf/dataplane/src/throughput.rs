@@ -13,7 +13,7 @@ use std::{
 };
 
 use anyhow::Result;
-use ft_common::wire::{ETHERTYPE_FT, EthHdr, FtHdr, KIND_LOG, LOG_OVERHEAD, LogHdr};
+use ft_common::wire::{EthHdr, FtHdr, KIND_LOG, LOG_OVERHEAD, LogHdr};
 use ft_testbed::{Appliance, ApplianceOptions, RawSock, Testbed, blast, names::*, udp_frame};
 use serde::{Deserialize, Serialize};
 use zerocopy::IntoBytes;
@@ -384,11 +384,7 @@ fn userspace_run(tb: &Testbed, frames: &[Vec<u8>], also_vm: bool) -> Result<Tput
                     let mut ft = FtHdr::new(KIND_LOG, 0, 1, seq);
                     ft.len.set(len as u16);
                     let hdr = LogHdr {
-                        eth: EthHdr {
-                            dst,
-                            src,
-                            ethertype: ETHERTYPE_FT.into(),
-                        },
+                        eth: EthHdr::ft(dst, src),
                         ft,
                     };
                     buf[..LOG_OVERHEAD].copy_from_slice(hdr.as_bytes());

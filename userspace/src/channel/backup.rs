@@ -132,8 +132,8 @@ pub struct BackupParams {
 /// XDP (`ft_log_rx`) copies every valid log frame into `LOG_RING` and acks the frames
 /// that arrive in order itself; this loop drains the ring, puts both streams in order
 /// (repairs gaps with NACK/VMNACK), hands them on, raises the kernel's acks to what it
-/// holds in order and sends an ack itself only for what XDP did not ack (a repaired
-/// gap) and as a keep-alive.
+/// holds in order and sends a cumulative ack once per wake-up when it moved (covering
+/// acks XDP deferred and repaired gaps) and as a keep-alive.
 pub fn run(
     dp: Arc<DataPlane>,
     params: BackupParams,
@@ -226,15 +226,16 @@ pub fn run(
             );
         }
         if status.stop_acking.load(Relaxed) {
-            stop_confirming(&dp, &status);
-            continue; // this replica failed or takes over: it confirms nothing any more
+            // This replica failed or takes over; `stop_confirming` stopped XDP's acks.
+            continue;
         }
         if session == 0 {
             continue; // no primary run heard yet: an ack would name no session
         }
-        // Raise the kernel's acks to what is held in order here. The ack to send covers
-        // both; the daemon sends one when it got further than XDP's own acks (a gap it
-        // repaired) and as a keep-alive.
+        // Raise the kernel's acks to what is held in order here (after a repaired gap XDP
+        // resumes from there). The ack to send covers both; the daemon sends one when it
+        // moved since the last one it sent (once per wake-up: it carries the acks XDP
+        // deferred) and as a keep-alive.
         let (k_in, k_vm) = dp.kack_raise(held.0, held.1);
         let acked = (held.0.max(k_in), held.1.max(k_vm));
         if acked != last_ack_sent.0 || now.duration_since(last_ack_sent.1) >= params.heartbeat {

@@ -1,6 +1,6 @@
 //! Control frames sent by userspace on the logging link.
 use ft_common::wire::*;
-use zerocopy::{IntoBytes, byteorder::network_endian::U16};
+use zerocopy::IntoBytes;
 
 use super::auth::ChannelKey;
 
@@ -12,11 +12,7 @@ pub fn control_frame(key: &ChannelKey, src: [u8; 6], dst: [u8; 6], mut ft: FtHdr
     if tagged {
         ft.len.set(TAG_LEN as u16);
     }
-    let eth = EthHdr {
-        dst,
-        src,
-        ethertype: U16::new(ETHERTYPE_FT),
-    };
+    let eth = EthHdr::ft(dst, src);
     let mut v = if tagged {
         TaggedHdr {
             eth,

@@ -17,8 +17,9 @@ pub struct ChannelStatus {
     /// Backup: the same for the VMM stream (VMLOG frames buffered for replay / known).
     pub vm_delivered: AtomicU64,
     pub vm_high: AtomicU64,
-    /// Backup: set when this replica failed (diverged, its VMM stopped): no acks, no
-    /// nacks from now on.
+    /// Backup: set when this replica failed (diverged, its VMM stopped, a delivery
+    /// failed) or takes over: no acks, no nacks from now on. Set only through
+    /// `channel::backup::stop_confirming`, which stops XDP's acks with it.
     pub stop_acking: AtomicBool,
     pub buffered: AtomicU64,
     pub acks_sent: AtomicU64,

@@ -477,14 +477,6 @@ impl DataPlane {
         (i & !KACK_STOP, v & !KACK_STOP)
     }
 
-    /// Backup: the cumulative acks as they are (stop bit cleared) and whether stopped.
-    pub fn kack(&self) -> (u64, u64, bool) {
-        // SAFETY (of the closures): field projections of the mapped value, no reads.
-        let i = self.kack.load(|p| unsafe { &raw const (*p).input });
-        let v = self.kack.load(|p| unsafe { &raw const (*p).vm });
-        (i & !KACK_STOP, v & !KACK_STOP, i & v & KACK_STOP != 0)
-    }
-
     /// Backup: the kernel acks nothing more, for good. Returns the last acks sent (stop
     /// bit cleared): every frame up to them is in `LOG_RING` or already in the daemon
     /// (XDP submits a record before it raises the ack), and no ack beyond them can be

@@ -154,11 +154,7 @@ impl ChannelSink {
         let mut ft = FtHdr::new(KIND_VMLOG, self.session, epoch, seq);
         ft.len.set(self.buf.len() as u16);
         let hdr = LogHdr {
-            eth: EthHdr {
-                dst: self.dst,
-                src: self.src,
-                ethertype: ETHERTYPE_FT.into(),
-            },
+            eth: EthHdr::ft(self.dst, self.src),
             ft,
         };
         let mut frame = Vec::with_capacity(LOG_OVERHEAD + self.buf.len());
