@@ -473,12 +473,27 @@ fn storm_of_malformed_requests() {
         let ns_name = g.ns.name.clone();
         workers.push(std::thread::spawn(move || {
             let mut r = Rng(0x9E37_79B9_7F4A_7C15 ^ (w + 1));
+            // A bounded write: the service stops reading a connection whose replies the
+            // client does not read (back-pressure), and a blocking write_all would then
+            // wait forever; on a timeout the worker drains the replies and goes on.
+            let bounded = |s: &std::net::TcpStream| {
+                s.set_write_timeout(Some(Duration::from_millis(100)))
+                    .unwrap();
+            };
             let mut s = stream;
+            bounded(&s);
             let mut sent = 0u64;
             let mut reconnects = 0u64;
             while Instant::now() < until {
                 let req = mutated_request(&mut r);
-                let ok = s.write_all(&req).is_ok();
+                let ok = match s.write_all(&req) {
+                    Ok(()) => true,
+                    // Back-pressure, not a closed connection: drain and go on.
+                    Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                        true
+                    }
+                    Err(_) => false,
+                };
                 // Drain whatever came back; a protocol error closes the connection.
                 s.set_nonblocking(true).unwrap();
                 let mut tmp = [0u8; 65536];
@@ -498,6 +513,7 @@ fn storm_of_malformed_requests() {
                     let c = ns.connect(GUEST_IP, PORT, None);
                     std::mem::forget(ns);
                     s = c.expect("reconnect during the storm");
+                    bounded(&s);
                     reconnects += 1;
                 }
                 sent += 1;
