@@ -32,12 +32,36 @@ pub fn etcd_binary() -> Result<PathBuf, String> {
     Err("etcd binary not found (looked at $FT_ETCD_BIN, /usr/bin/etcd and $PATH): install the Debian package etcd-server (scripts/bootstrap.sh does) — the etcd backend tests cannot run without it".to_string())
 }
 
-/// A free TCP port on 127.0.0.1 (bound then released; fine for tests).
+/// Ports [`free_port`] hands out: below Linux's ephemeral range (32768-60999 by
+/// default), so the kernel never picks one of them for an outgoing connection or a
+/// `bind(0)` between the moment a port is handed out and the moment a server binds it.
+const PORTS: std::ops::Range<u32> = 20_000..32_000;
+
+/// A TCP port for a test server, never the same twice in one process: two members of
+/// one etcd cluster must not get the same port, which binding port 0 and letting go
+/// cannot promise (the kernel may hand the released port out again at once; CI saw two
+/// members of one cluster collide). Each process starts at its own offset in the range
+/// (concurrent test processes rarely meet), and a port that cannot be bound on
+/// 127.0.0.1 right now is skipped.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("cannot bind an ephemeral port on 127.0.0.1")
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    let span = PORTS.end - PORTS.start;
+    // First call: an offset of this process's own (a race between two first calls only
+    // picks one of two offsets: every later port still comes from the one counter).
+    let _ = NEXT.compare_exchange(
+        u32::MAX,
+        std::process::id().wrapping_mul(7919) % span,
+        Ordering::Relaxed,
+        Ordering::Relaxed,
+    );
+    for _ in 0..span {
+        let port = (PORTS.start + NEXT.fetch_add(1, Ordering::Relaxed) % span) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no bindable TCP port left in {PORTS:?} on 127.0.0.1")
 }
 
 /// Where the members run: their IP address, a command prefix that places them (for
@@ -500,4 +524,17 @@ pub fn make_test_pki(dir: &Path, client_cn: &str) -> Result<TestPki, String> {
         stranger_cert: f("stranger.pem"),
         stranger_key: f("stranger.key"),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn free_ports_are_never_handed_out_twice() {
+        let ports: Vec<u16> = (0..2000).map(|_| free_port()).collect();
+        let distinct: std::collections::HashSet<u16> = ports.iter().copied().collect();
+        assert_eq!(distinct.len(), ports.len(), "a port was handed out twice");
+        assert!(ports.iter().all(|p| PORTS.contains(&(*p as u32))));
+    }
 }
