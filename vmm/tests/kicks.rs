@@ -128,3 +128,55 @@ fn kicked_recording_replays_exactly() {
     assert_eq!(r.state_hash, rec.state_hash);
     assert_eq!(r.stats.irqs_injected, rec.stats.irqs_injected);
 }
+
+/// A paused recording (the daemon's lease lapsed) stands still at a guest exit — no
+/// exit is made while it waits — and goes on at a resume; the recording replays
+/// exactly (the pause leaves nothing in the log but later clock values).
+#[test]
+fn a_paused_recording_stands_still_and_replays_exactly() {
+    let elf = build_elf(&guest());
+    let log = PathBuf::from(format!("/tmp/ftvmm-pause-{}.log", std::process::id()));
+    let control = Control::new();
+    let live = Arc::new(ft_vmm::LiveStats::default());
+    let vcpu = {
+        let (elf, log, c, live) = (elf.clone(), log.clone(), control.clone(), live.clone());
+        std::thread::spawn(move || {
+            let mut vmm = Vmm::new(cfg(Mode::Record), &elf, c)?;
+            vmm.set_live_stats(live);
+            vmm.set_net(Box::new(Trickle(0)));
+            vmm.set_sink(Box::new(WriteSink::create(&log)?));
+            vmm.run()
+        })
+    };
+    let exits = || live.exits.load(Ordering::Relaxed);
+    let wait = |what: &str, f: &dyn Fn() -> bool| {
+        let t0 = std::time::Instant::now();
+        while !f() {
+            assert!(t0.elapsed() < Duration::from_secs(20), "{what}");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    };
+    wait("the guest made no exits", &|| exits() > 20);
+    control.pause();
+    wait("the vCPU never paused", &|| control.is_paused());
+    let at_pause = exits();
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(exits(), at_pause, "the guest ran while paused");
+    control.resume();
+    wait("the guest did not go on after the resume", &|| {
+        exits() > at_pause + 20
+    });
+    assert!(!control.is_paused());
+    control.request_stop();
+    let rec = with_timeout(Duration::from_secs(20), move || vcpu.join().unwrap()).expect("record");
+    let entries = read_all(&log).unwrap();
+    let _ = std::fs::remove_file(&log);
+    let r = with_timeout(Duration::from_secs(60), move || {
+        let mut vmm = Vmm::new(cfg(Mode::Replay), &elf, Control::new())?;
+        vmm.set_source(Box::new(VecSource::new(entries)));
+        vmm.run()
+    })
+    .expect("replay of a paused recording");
+    assert_eq!(r.outcome, RunOutcome::ReplayComplete);
+    assert_eq!((r.exits, r.state_hash), (rec.exits, rec.state_hash));
+}

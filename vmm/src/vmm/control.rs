@@ -10,6 +10,10 @@ use std::time::Duration;
 pub struct Control {
     stop: AtomicBool,
     go_live: AtomicBool,
+    /// The guest waits at its next exit until resumed (see [`Control::pause`]).
+    pause: AtomicBool,
+    /// The vCPU thread is waiting in a pause right now.
+    paused: Arc<AtomicBool>,
     /// Work for the vCPU thread at its next guest exit (a transfer's stop phase).
     exit_work: std::sync::Mutex<Option<ExitWork>>,
     exit_work_pending: Arc<AtomicBool>,
@@ -87,6 +91,8 @@ impl Control {
         Arc::new(Control {
             stop: AtomicBool::new(false),
             go_live: AtomicBool::new(false),
+            pause: AtomicBool::new(false),
+            paused: Arc::new(AtomicBool::new(false)),
             exit_work: std::sync::Mutex::new(None),
             exit_work_pending: Arc::new(AtomicBool::new(false)),
             wake,
@@ -128,6 +134,51 @@ impl Control {
     pub fn request_go_live(&self) {
         self.go_live.store(true, Ordering::SeqCst);
         self.kick();
+    }
+
+    /// Pauses the guest at its next guest exit (kicking it out of KVM_RUN or an idle
+    /// wait): the vCPU thread waits there, the guest runs no instruction and takes no
+    /// input, until [`Control::resume`] or a stop. Nothing is logged for the pause
+    /// itself: a recording guest only sees a later clock at its next read, which is
+    /// logged as every clock read is, so replay is unaffected. [`Control::is_paused`]
+    /// tells when the vCPU thread has stopped.
+    pub fn pause(&self) {
+        self.pause.store(true, Ordering::SeqCst);
+        self.kick();
+        let vcpu = self.vcpu.clone();
+        if vcpu.kick() {
+            // Repeat (bounded) until the thread waits in the pause: one signal could land
+            // just before it enters KVM_RUN.
+            let paused = self.paused.clone();
+            std::thread::spawn(move || {
+                for _ in 0..1000 {
+                    std::thread::sleep(Duration::from_millis(1));
+                    if paused.load(Ordering::SeqCst) || !vcpu.kick() {
+                        break;
+                    }
+                }
+            });
+        }
+    }
+
+    /// Lets a paused guest go on at the exit where it waits.
+    pub fn resume(&self) {
+        self.pause.store(false, Ordering::SeqCst);
+        self.kick();
+    }
+
+    /// A pause was asked for and not resumed.
+    pub fn pause_requested(&self) -> bool {
+        self.pause.load(Ordering::SeqCst)
+    }
+
+    /// The vCPU thread waits in a pause now (it stopped at a guest exit).
+    pub fn is_paused(&self) -> bool {
+        self.paused.load(Ordering::SeqCst)
+    }
+
+    pub(super) fn set_paused(&self, p: bool) {
+        self.paused.store(p, Ordering::SeqCst);
     }
 
     /// Runs `work` on the vCPU thread at its next guest exit (at the top of the run loop,

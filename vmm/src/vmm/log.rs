@@ -240,6 +240,26 @@ impl Vmm {
         }
     }
 
+    /// The vCPU waits at a guest exit while a pause is asked for (the log is flushed
+    /// first: a recording sink must not hold entries back while the guest stands still).
+    /// Returns at a resume; a stop ends the wait too (the run loop then stops).
+    pub(super) fn wait_while_paused(&mut self) -> Result<()> {
+        self.flush_log()?;
+        self.control.set_paused(true);
+        while self.control.pause_requested() && !self.control.stop_requested() {
+            let mut fds = [libc::pollfd {
+                fd: self.control.wake.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            }];
+            // SAFETY: poll(2) on one initialised pollfd we own.
+            unsafe { libc::poll(fds.as_mut_ptr(), 1, 50) };
+            self.control.drain();
+        }
+        self.control.set_paused(false);
+        Ok(())
+    }
+
     pub(super) fn go_live(&mut self) -> Result<()> {
         self.mode = Mode::Free;
         self.peeked = None;

@@ -424,6 +424,12 @@ impl Vmm {
             if at_exit && let Some(work) = self.control.take_exit_work() {
                 work(self);
             }
+            // A pause (the daemon's lease lapsed): wait here, at a guest exit, until
+            // resumed or stopped.
+            if at_exit && self.control.pause_requested() {
+                self.wait_while_paused()?;
+                continue;
+            }
             // Stage B: interrupts for this exit.
             if at_exit {
                 self.inject_stage()?;
