@@ -24,9 +24,12 @@ pub enum LeaseState {
         epoch: u64,
         deadline_monotonic_ns: u64,
     },
-    /// Final: the lease is gone (fenced by the arbiter, or the deadline passed without a
-    /// successful renewal). The keeper task has ended; stop serving and re-arbitrate.
-    Lost { reason: String },
+    /// Final for this keeper: the lease is gone. `fenced`: the arbiter refused the
+    /// renewal (another node owns the VM or the epoch moved on: never live again at this
+    /// epoch). Otherwise the deadline passed without a successful renewal (the arbiter
+    /// did not answer): nobody else may have gone live, which a test-and-set at the same
+    /// epoch can prove. The keeper task has ended.
+    Lost { reason: String, fenced: bool },
 }
 
 /// Background task renewing one lease. Aborted when dropped.
@@ -79,6 +82,7 @@ impl LeaseKeeper {
                         reason: format!(
                             "lease for vm {vm} epoch {epoch} expired without a successful renewal (last error: {last_err})"
                         ),
+                        fenced: false,
                     });
                     return;
                 }
@@ -95,6 +99,7 @@ impl LeaseKeeper {
                     Ok(Err(e)) if e.is_fenced() => {
                         callback(LeaseState::Lost {
                             reason: e.to_string(),
+                            fenced: true,
                         });
                         return;
                     }

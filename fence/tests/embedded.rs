@@ -640,7 +640,8 @@ async fn lease_keeper_renews_and_never_extends_after_arbiter_loss() {
                     assert!(deadline_monotonic_ns <= killed_at + 550_000_000);
                     last_deadline = deadline_monotonic_ns;
                 }
-                LeaseState::Lost { reason } => {
+                LeaseState::Lost { reason, fenced } => {
+                    assert!(!fenced, "{reason}");
                     assert!(
                         reason.contains("expired without a successful renewal"),
                         "{reason}"
@@ -691,7 +692,9 @@ async fn lease_keeper_reports_fenced_at_once() {
             .unwrap()
             .unwrap()
         {
-            LeaseState::Lost { reason } => assert!(reason.contains("fenced"), "{reason}"),
+            LeaseState::Lost { reason, fenced } => {
+                assert!(fenced && reason.contains("fenced"), "{reason}")
+            }
             s => panic!("expected Lost, got {s:?}"),
         }
     })

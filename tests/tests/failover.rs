@@ -374,11 +374,13 @@ fn a_frozen_primary_is_detected_while_client_frames_keep_arriving() {
 }
 
 /// The primary alone cut off from the arbiter (its clients and the backup still reach
-/// it): its lease lapses and it halts. A halted node must stop its VM too (fail-stop):
-/// a VM that went on running and logging would look alive to the backup, which would
-/// never take over, and nobody would serve (found by the chaos suite: a client-link
-/// partition of the primary, whose arbiter is on the client network). The backup takes
-/// over, on the clients' same connection.
+/// it): its lease lapses and it suspends: output fenced, VM paused, heartbeats stopped,
+/// test-and-set at its own epoch retried. A fenced VM that went on running and logging
+/// would look alive to the backup, which would never take over, and nobody would serve
+/// (found by the chaos suite: a client-link partition of the primary, whose arbiter is
+/// on the client network). The backup takes over, on the clients' same connection. When
+/// the arbiter is back, the suspended node learns it lost (stale epoch), halts, and its
+/// daemon exits with a failure (a restart joins the new primary).
 #[test]
 fn a_primary_that_loses_its_lease_stops_its_vm_and_the_backup_takes_over() {
     let _s = serial();
@@ -406,20 +408,36 @@ fn a_primary_that_loses_its_lease_stops_its_vm_and_the_backup_takes_over() {
         ns_exec(&tb.a.ns, "nft", &args).unwrap();
     }
     assert!(
-        Appliance::wait_until(T, || app.status('a').is_ok_and(|s| s["halted"] == true)
-            || !app.guard('a').is_running()),
+        Appliance::wait_until(T, || app
+            .status('a')
+            .is_ok_and(|s| s["role"] == "suspended" && s["vm"]["phase"] == "paused")),
         "A kept its lease without the arbiter: {:#}",
         app.status('a').unwrap()
     );
     assert!(
         Appliance::wait_until(T, || app.live_after_take_over('b')),
-        "B did not take over from the halted primary: {:#}",
+        "B did not take over from the suspended primary: {:#}",
         app.status('b').unwrap()
     );
     for i in 101..=200 {
         let r = resp::call(&mut c, &[b"INCR", b"n"]).unwrap();
         assert_eq!(resp::int_reply(&r).unwrap(), i);
     }
+    // The arbiter back: A finds another node went live at its epoch, halts and exits.
+    ns_exec(&tb.a.ns, "nft", &["delete", "table", "inet", "cut"]).unwrap();
+    let exit = app.guard('a').wait_exit(T).unwrap();
+    assert!(
+        exit.is_some_and(|e| e.code() == Some(1)),
+        "A did not exit halted: {exit:?}\n{}",
+        app.guard('a').log_contents()
+    );
+    assert!(
+        app.guard('a')
+            .log_contents()
+            .contains("another node went live meanwhile"),
+        "{}",
+        app.guard('a').log_contents()
+    );
 }
 
 /// A power cut of the primary's host: its client and logging links go down and its

@@ -369,8 +369,9 @@ fn switchover_under_load_moves_the_live_role_and_loses_nothing() {
 }
 
 /// The join service answers what it is sent, and nothing else: every connection gets a
-/// challenge; a hello signed with the channel key for another epoch or guest is
-/// refused with the reason; one that does not prove the key (no MAC, or a MAC made for
+/// challenge; a hello signed with the channel key for another epoch is asked to retry
+/// (it must read the live epoch again), one for another guest is refused with the
+/// reason; one that does not prove the key (no MAC, or a MAC made for
 /// another challenge) is refused as unauthenticated without a reason, and counted;
 /// garbage closes the connection; and the primary serves on alone, unharmed.
 #[test]
@@ -399,7 +400,7 @@ fn the_join_service_refuses_stale_foreign_and_malformed_hellos() {
             let mut r = BufReader::new(s.try_clone().unwrap());
             let mut challenge = String::new();
             r.read_line(&mut challenge).unwrap();
-            let challenge: ftd::vm::join::Challenge = serde_json::from_str(&challenge)
+            let challenge: ftd::vm::join::protocol::Challenge = serde_json::from_str(&challenge)
                 .unwrap_or_else(|e| panic!("challenge {challenge:?}: {e}"));
             s.write_all(&line(&challenge.nonce)).unwrap();
             let mut out = String::new();
@@ -413,7 +414,7 @@ fn the_join_service_refuses_stale_foreign_and_malformed_hellos() {
     )
     .unwrap();
     let config_hash = st["vm"]["config_hash"].as_u64().unwrap();
-    let hello = |epoch: u64, config_hash: u64| ftd::vm::join::Hello {
+    let hello = |epoch: u64, config_hash: u64| ftd::vm::join::protocol::Hello {
         version: 2,
         node: "joiner".into(),
         epoch,
@@ -421,14 +422,18 @@ fn the_join_service_refuses_stale_foreign_and_malformed_hellos() {
         nonce: "00".into(),
         mac: String::new(),
     };
-    let line = |h: ftd::vm::join::Hello| {
+    let line = |h: ftd::vm::join::protocol::Hello| {
         let mut v = serde_json::to_vec(&h).unwrap();
         v.push(b'\n');
         v
     };
-    // With the key: refused by reason.
+    // With the key: another epoch is told to read the live epoch again (a joiner keeps
+    // asking until it follows this node's epoch), another guest is refused by reason.
     let r = ask(&|nonce| line(hello(epoch - 1, config_hash).signed(&key, nonce)));
-    assert!(r.contains("refused") && r.contains("stale epoch"), "{r}");
+    assert!(
+        r.contains("retry") && r.contains("read the live epoch again"),
+        "{r}"
+    );
     let r = ask(&|nonce| line(hello(epoch, config_hash ^ 1).signed(&key, nonce)));
     assert!(
         r.contains("refused") && r.contains("another guest image or VM configuration"),

@@ -1,5 +1,5 @@
 //! Daemon configuration: TOML, parsed with serde, validated with messages that say what to
-//! fix. `configs/primary.toml` and `configs/backup.toml` are the documented samples.
+//! fix. `configs/host-a.toml` and `configs/host-b.toml` are the documented samples.
 use std::{net::Ipv4Addr, path::PathBuf, str::FromStr};
 
 use serde::Deserialize;
@@ -67,14 +67,27 @@ impl<'de> Deserialize<'de> for Mac {
     }
 }
 
+/// How a node starts (`[node] role`). The role it has is decided at run time by the
+/// role supervisor from the arbiter's record (`ftd::role::start`); this only says what
+/// to do on the pair's first start. Whatever it says, a node never boots the guest
+/// while the arbiter records that a VM of this pair has lived (epoch > 0): it follows
+/// the live node and joins it, or waits.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
+    /// Recommended for both hosts: join the live node as its backup, or wait for one.
+    /// The pair's first start boots on one host with `ftd run --bootstrap`. Needs an
+    /// arbiter (`[fence] backend = "embedded"` or `"etcd"`).
+    Auto,
+    /// Boots the VM if no VM of this pair ever ran (the first start); otherwise as
+    /// `auto` (it says so in its log).
     Primary,
+    /// As `auto` (kept for existing configs; without an arbiter, `backend = "none"`, it
+    /// follows the primary of `channel.epoch`).
     Backup,
     /// The protected VM on this host alone, unprotected: no backup, no log, no output
     /// rule (maintenance, or the benchmark's FT-off baseline). It still wins
-    /// test-and-set before it goes live.
+    /// test-and-set before it goes live, and boots only on a first start.
     Solo,
 }
 
@@ -314,8 +327,15 @@ pub struct Channel {
     pub hold_slots: u32,
     /// Primary heartbeat and backup ack keep-alive period.
     pub heartbeat_ms: u64,
-    /// Silence on the logging channel after which the peer is reported down.
+    /// Silence on the logging channel after which the peer is reported down (the
+    /// backup takes over, the primary goes solo).
     pub peer_timeout_ms: u64,
+    /// Primary: how long a backup that is heard (its keep-alives arrive) may make no
+    /// progress at all while entries are outstanding before the primary goes on alone.
+    /// A backup that replays slower than the primary records is waited for: the windows
+    /// make the primary's vCPU wait for it (back-pressure). Only a wedged backup stays
+    /// this long without any progress.
+    pub backup_stall_ms: u64,
     /// Backup: delay before a missing entry is asked for again.
     pub nack_retry_ms: u64,
     /// Backup: most nacks sent per retry round.
@@ -363,6 +383,7 @@ impl Default for Channel {
             hold_slots: 2048,
             heartbeat_ms: 5,
             peer_timeout_ms: 50,
+            backup_stall_ms: 5000,
             nack_retry_ms: 3,
             nack_burst: 64,
             vmlog_window: 4096,
@@ -485,6 +506,13 @@ impl Config {
                 c.peer_timeout_ms, c.heartbeat_ms
             ));
         }
+        if c.backup_stall_ms < c.peer_timeout_ms {
+            return invalid(format!(
+                "channel.backup_stall_ms = {} must be at least peer_timeout_ms ({}): a slow \
+                 backup is waited for longer than a silent one",
+                c.backup_stall_ms, c.peer_timeout_ms
+            ));
+        }
         if !(16..=1 << 20).contains(&c.vmlog_window) {
             return invalid("channel.vmlog_window must be 16..=1048576 frames");
         }
@@ -524,6 +552,13 @@ impl Config {
         self.fence
             .validate()
             .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        if self.node.role == Role::Auto && self.fence.backend == Some(ft_fence::Backend::None) {
+            return invalid(
+                "node.role = \"auto\" needs an arbiter: it asks the arbiter whether a VM lives \
+                 and where; set [fence] backend = \"embedded\" or \"etcd\" (or role = \"primary\" \
+                 / \"backup\" for a demo without one)",
+            );
+        }
         if !self.fence.node.is_empty() && self.fence.node != self.node.name {
             return invalid(format!(
                 "fence.node = {:?} differs from node.name = {:?}; the arbiter must know this node by its name",
@@ -600,8 +635,8 @@ backend = "none"
             junk in "[ -~]{0,24}",
         ) {
             let text = sample([
-                include_str!("../../configs/primary.toml"),
-                include_str!("../../configs/backup.toml"),
+                include_str!("../../configs/host-a.toml"),
+                include_str!("../../configs/host-b.toml"),
             ][which]);
             let mut lines: Vec<String> = text.lines().map(String::from).collect();
             let i = line % lines.len();
@@ -650,7 +685,7 @@ backend = "none"
 
     #[test]
     fn samples_in_configs_are_valid() {
-        for f in ["primary.toml", "backup.toml"] {
+        for f in ["host-a.toml", "host-b.toml"] {
             let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
                 .join("../configs")
                 .join(f);
@@ -658,6 +693,20 @@ backend = "none"
             assert!(text.contains("key_file = \"/etc/ftd/channel.key\""), "{f}");
             Config::parse(&sample(&text)).unwrap_or_else(|e| panic!("{f}: {e}"));
         }
+    }
+
+    #[test]
+    fn auto_needs_an_arbiter_and_a_stall_bound_above_the_timeout() {
+        let e = err(Config::parse(
+            &good().replace("role = \"primary\"", "role = \"auto\""),
+        ));
+        assert!(e.contains("needs an arbiter"), "{e}");
+        assert!(
+            err(with(
+                "[channel]\npeer_timeout_ms = 500\nbackup_stall_ms = 100\n"
+            ))
+            .contains("backup_stall_ms")
+        );
     }
 
     #[test]

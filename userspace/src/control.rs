@@ -1,11 +1,11 @@
 //! `ftd status`: a Unix socket answering one JSON document per connection.
 use std::{collections::BTreeMap, path::Path, sync::Arc, sync::atomic::Ordering::Relaxed};
 
-use ft_common::maps::{COUNTER_INFO, role_name};
+use ft_common::maps::COUNTER_INFO;
 use serde_json::{Value, json};
 use tokio::io::AsyncWriteExt;
 
-use crate::{daemon::Shared, metrics::lease_remaining_s};
+use crate::{metrics::lease_remaining_s, role::NodeRole, shared::Shared, vm::VmPhase};
 
 pub fn status_json(sh: &Shared) -> Value {
     let dp = &sh.dp;
@@ -26,11 +26,15 @@ pub fn status_json(sh: &Shared) -> Value {
     let ctl = dp.hold_ctl().ok();
     let node = dp.node_state().ok();
     let s = &sh.status;
+    let role = sh.roles.current();
+    let peer = sh.roles.peer();
     json!({
         "node": sh.node_name,
         "pid": std::process::id(),
-        "role": node.map(|n| role_name(n.role)),
-        "epoch": node.map(|n| n.epoch),
+        "role": role.name(),
+        "role_detail": role.detail(),
+        "halted": matches!(role, NodeRole::Halted { .. }),
+        "epoch": role.epoch(),
         "lease_remaining_s": node.map(|n| {
             let r = lease_remaining_s(n.lease_deadline_ns);
             if r.is_finite() { json!(r) } else { json!("static") }
@@ -45,8 +49,9 @@ pub fn status_json(sh: &Shared) -> Value {
             "vm_last": chan.vm_last, "vm_acked": seq.vm_acked,
         },
         "held_frames": ctl.map(|c| c.tail.wrapping_sub(c.head)),
-        "peer_alive": s.peer_alive.load(Relaxed),
-        "halted": s.halted.load(Relaxed),
+        "peer_alive": peer.map(|p| p.alive),
+        "peer_silent_ms": peer.map(|p| p.silent_for.as_secs_f64() * 1e3),
+        "peer_down_events": s.peer_down_events.load(Relaxed),
         "backup_left": *s.backup_left.lock().unwrap(),
         "channel": {
             "acks_sent": s.acks_sent.load(Relaxed),
@@ -63,6 +68,7 @@ pub fn status_json(sh: &Shared) -> Value {
         "vm": sh.vm.as_ref().map(|v| v.json()),
         "switchover_refused": switchover_refusal(sh),
         "role_history": sh.roles.json(),
+        "previous_exit": sh.previous_exit,
         "counters": counters,
         "drops": drops,
     })
@@ -76,25 +82,18 @@ pub fn switchover_refusal(sh: &Shared) -> Option<String> {
     let Some(vm) = sh.vm.as_ref() else {
         return Some("ftd does not run the VM here (vm.kind = \"external\")".into());
     };
-    let node = match sh.dp.node_state() {
-        Ok(n) => n,
-        Err(e) => return Some(e.to_string()),
-    };
-    if node.role != ft_common::maps::ROLE_PRIMARY || sh.status.halted.load(Relaxed) {
+    let role = sh.roles.current();
+    if !matches!(role, NodeRole::Primary { .. }) {
         return Some(format!(
             "this node is {}, not the paired primary: run `ftd switchover` on the paired primary",
-            if sh.status.halted.load(Relaxed) {
-                "halted"
-            } else {
-                role_name(node.role)
-            }
+            role.name()
         ));
     }
-    if vm.solo.load(Relaxed) || !sh.status.peer_alive.load(Relaxed) {
+    if !sh.roles.peer().is_some_and(|p| p.alive) {
         return Some("the backup is not following: nothing to hand over to".into());
     }
-    let phase = vm.phase.lock().unwrap().clone();
-    if phase != "recording" {
+    let phase = vm.phase();
+    if phase != VmPhase::Recording {
         return Some(format!("the VM is {phase}: nothing to hand over"));
     }
     None
@@ -143,11 +142,8 @@ pub fn summary(v: &Value) -> String {
             other => other.to_string(),
         }
     };
-    let role = if v["halted"] == true {
-        "HALTED (emits nothing; restart it as a backup)".to_string()
-    } else {
-        s(&v["role"]).to_uppercase()
-    };
+    let role = s(&v["role"]).to_uppercase();
+    let detail = v["role_detail"].as_str();
     let lease = match &v["lease_remaining_s"] {
         Value::Number(n) => format!("{:.1} s left", n.as_f64().unwrap_or(0.0)),
         other => s(other),
@@ -158,11 +154,29 @@ pub fn summary(v: &Value) -> String {
         s(&v["node"]),
         s(&v["epoch"])
     );
+    match (v["role"].as_str(), detail) {
+        (Some("halted"), Some(d)) => {
+            let _ = writeln!(
+                o,
+                "  halted: {d}\n  (it emits nothing; its daemon exits, and a restart joins the live node)"
+            );
+        }
+        (Some("suspended"), Some(d)) => {
+            let _ = writeln!(
+                o,
+                "  suspended: {d}\n  (output fenced, the VM paused; it resumes when it wins test-and-set at its epoch)"
+            );
+        }
+        (Some("standby"), Some(d)) => {
+            let _ = writeln!(o, "  waiting: {d}");
+        }
+        _ => {}
+    }
     let log = &v["log"];
-    let peer = if v["peer_alive"] == true {
-        "alive"
-    } else {
-        "SILENT"
+    let peer = match v["peer_alive"].as_bool() {
+        Some(true) => "alive",
+        Some(false) => "SILENT",
+        None => "-",
     };
     match v["role"].as_str() {
         Some("backup") => {
@@ -239,6 +253,16 @@ pub fn summary(v: &Value) -> String {
             ms("drain_ms"),
             ms("announce_ms"),
             ms("total_ms")
+        );
+    }
+    let p = &v["previous_exit"];
+    if matches!(p["how"].as_str(), Some("halted") | Some("refused")) {
+        let _ = writeln!(
+            o,
+            "previous run {} (pid {}): {}",
+            s(&p["how"]),
+            s(&p["pid"]),
+            s(&p["why"])
         );
     }
     if let Some(t) = v["role_history"]["transitions"].as_array() {

@@ -2,6 +2,12 @@
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
+use ftd::{daemon::Exit, role::start::Bootstrap};
+
+/// sysexits.h: a configuration error (systemd's `RestartPreventExitStatus=78` keeps a
+/// service manager from restarting a node that refuses for a reason a restart does not
+/// change).
+const EX_CONFIG: i32 = 78;
 
 #[derive(Parser)]
 #[command(
@@ -16,14 +22,30 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Load the data plane and run this node until SIGINT/SIGTERM.
+    /// Load the data plane and run this node until SIGINT/SIGTERM. A node never boots
+    /// the guest while the arbiter records that a VM of this pair has lived: it joins
+    /// the live node as its backup, or waits (`ftd status` says for what).
+    ///
+    /// Exit status: 0 after a stop; 1 when the node halted (fail-stop: a service manager
+    /// should start it again, it then joins the live node) or failed to start; 78
+    /// (EX_CONFIG) when it refuses to run for a reason a restart does not change.
     Run {
         #[arg(long, short)]
         config: PathBuf,
-        /// Run in this role instead of the config's node.role (`ftd switchover` restarts
-        /// the old primary as backup this way).
-        #[arg(long, value_parser = ["primary", "backup", "solo"])]
+        /// Start in this way instead of the config's node.role (`ftd switchover` starts
+        /// the old primary again as `auto` this way).
+        #[arg(long, value_parser = ["auto", "primary", "backup", "solo"])]
         role: Option<String>,
+        /// The pair's first start: boot the guest image on this node if no VM of this
+        /// pair has ever run (epoch 0 at the arbiter); otherwise ignored (the node joins
+        /// the live one).
+        #[arg(long)]
+        bootstrap: bool,
+        /// With --bootstrap: boot a fresh VM although the arbiter records an earlier one,
+        /// because no node holds it any more (both hosts lost it). Everything the old
+        /// VM held is lost. Refused while any node holds a lease.
+        #[arg(long, requires = "bootstrap")]
+        force: bool,
     },
     /// Planned switchover, run on the primary: its VM is handed to the in-sync backup
     /// (graceful stop: the backup gets the whole log and goes live), then this node's ftd
@@ -67,35 +89,58 @@ fn main() -> anyhow::Result<()> {
         .init();
     let _ = tracing_log::LogTracer::init();
     match cli.cmd {
-        Cmd::Run { config, role } => {
+        Cmd::Run {
+            config,
+            role,
+            bootstrap,
+            force,
+        } => {
             let mut cfg = ftd::config::Config::load(&config)?;
             if let Some(r) = role {
                 cfg.node.role = match r.as_str() {
+                    "auto" => ftd::config::Role::Auto,
                     "primary" => ftd::config::Role::Primary,
                     "backup" => ftd::config::Role::Backup,
                     _ => ftd::config::Role::Solo,
                 };
                 cfg.validate()?;
             }
+            let bootstrap = match (bootstrap, force) {
+                (false, _) => Bootstrap::No,
+                (true, false) => Bootstrap::First,
+                (true, true) => Bootstrap::Force,
+            };
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .enable_all()
                 .build()?;
-            let exit = rt.block_on(ftd::daemon::run(cfg))?;
+            let exit = rt.block_on(ftd::daemon::run(cfg, bootstrap))?;
             drop(rt);
-            if exit == ftd::daemon::Exit::Switchover {
-                use std::os::unix::process::CommandExt;
-                tracing::info!("switchover: starting again as backup");
-                let exe = std::env::current_exe()?;
-                let err = std::process::Command::new(exe)
-                    .arg("run")
-                    .arg("--config")
-                    .arg(&config)
-                    .args(["--role", "backup"])
-                    .exec();
-                anyhow::bail!("cannot start again as backup: {err}");
+            match exit {
+                Exit::Stopped => Ok(()),
+                Exit::Switchover => {
+                    use std::os::unix::process::CommandExt;
+                    tracing::info!("switchover: starting again (it joins the new primary)");
+                    let exe = std::env::current_exe()?;
+                    let err = std::process::Command::new(exe)
+                        .arg("run")
+                        .arg("--config")
+                        .arg(&config)
+                        .args(["--role", "auto"])
+                        .exec();
+                    anyhow::bail!("cannot start again after the switchover: {err}");
+                }
+                Exit::Halted(why) => {
+                    tracing::error!(
+                        "halted: {why}; exiting with status 1 (started again, this node joins the live one)"
+                    );
+                    std::process::exit(1);
+                }
+                Exit::Refused(why) => {
+                    tracing::error!("refused: {why}; exiting with status 78 (EX_CONFIG)");
+                    std::process::exit(EX_CONFIG);
+                }
             }
-            Ok(())
         }
         Cmd::Switchover { socket } => ftd::control::switchover(&socket),
         Cmd::Status {

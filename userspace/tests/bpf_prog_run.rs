@@ -847,9 +847,12 @@ fn log_rx_expect(sc: &Scene, f: &[u8]) -> Vec<Expect> {
         .as_bytes()
         .to_vec()
     };
+    // The primary's daemon is heard (SEQ.last_peer_ns) from heartbeats and VMLOG
+    // frames only: input log frames come from its XDP, which goes on while it is frozen.
     let to_daemon = |what: &str, counters: &[u32], kack: Option<(Field, Field)>| {
+        let heard = what != "log received";
         let mut e = Expect {
-            peer_touched: true,
+            peer_touched: heard,
             ring: vec![f[..LOG_OVERHEAD + len as usize].to_vec()],
             ..Expect::new(what, st, XDP_DROP)
         };
@@ -1023,12 +1026,11 @@ fn log_rx_expect(sc: &Scene, f: &[u8]) -> Vec<Expect> {
                     )];
                 }
                 if seq <= st.kack.vm & !KACK_STOP {
-                    return vec![Expect::dropped(
-                        "duplicate vmlog",
-                        st,
-                        XDP_DROP,
-                        &[C_DROP_DUP],
-                    )];
+                    // A repaired entry sent again: the primary's daemon is alive.
+                    return vec![Expect {
+                        peer_touched: true,
+                        ..Expect::dropped("duplicate vmlog", st, XDP_DROP, &[C_DROP_DUP])
+                    }];
                 }
                 vec![to_daemon(
                     "vmlog received",

@@ -143,7 +143,10 @@ pub struct SeqState {
     pub acked: u64,
     /// Primary: highest cumulative VMM-stream ack received from the backup.
     pub vm_acked: u64,
-    /// `bpf_ktime_get_ns()` of the last valid ack (primary) or log frame (backup).
+    /// `bpf_ktime_get_ns()` when the peer was last heard: the last valid ack (primary),
+    /// the last heartbeat or VMM-stream frame from the primary's daemon, whether or not
+    /// it fit the ring (backup). Input log frames do not count. Read by the daemon's
+    /// `liveness`.
     pub last_peer_ns: u64,
 }
 

@@ -312,7 +312,7 @@ fn try_log_rx(ctx: &XdpContext) -> Result<u32, u32> {
                     if fseq - held > cfg.window + RETX_MARGIN {
                         return drop(C_DROP_SEQ_WINDOW);
                     }
-                    buffer(ctx, st, len)?;
+                    buffer(ctx, len)?;
                     count(C_LOG_RX);
                     if hdr.ft.flags & FLAG_RETRANSMIT != 0 {
                         count(C_LOG_RX_RETRANSMIT);
@@ -325,11 +325,12 @@ fn try_log_rx(ctx: &XdpContext) -> Result<u32, u32> {
                     if !payload_len_ok(len, data, end) {
                         return drop(C_DROP_MALFORMED);
                     }
+                    heard_primary(st);
                     // SAFETY: live map value, aligned field raised atomically by both.
                     if fseq <= unsafe { load64(&(*ka).vm) } & !KACK_STOP {
                         return drop(C_DROP_DUP);
                     }
-                    buffer(ctx, st, len)?;
+                    buffer(ctx, len)?;
                     count(C_VMLOG_RX);
                     // SAFETY: live map value, aligned fields.
                     let (f, t) = unsafe { (&mut (*ka).vm, &mut (*ka).vm_tx_ns) };
@@ -342,7 +343,8 @@ fn try_log_rx(ctx: &XdpContext) -> Result<u32, u32> {
                     if len != 0 {
                         return drop(C_DROP_MALFORMED);
                     }
-                    buffer(ctx, st, 0)?;
+                    heard_primary(st);
+                    buffer(ctx, 0)?;
                     count(C_HEARTBEAT_RX);
                     // A heartbeat flushes the acks XDP deferred (batching) without the
                     // daemon: every `heartbeat_ms` at the latest, even if it is stalled.
@@ -396,7 +398,7 @@ fn drop(counter: u32) -> Result<u32, u32> {
 /// caller) into `LOG_RING` for the daemon: from here on it is buffered for replay. A full
 /// ring drops the frame (counted); the daemon asks for it again when it sees the gap.
 #[inline(always)]
-fn buffer(ctx: &XdpContext, st: *mut SeqState, len: u16) -> Result<(), u32> {
+fn buffer(ctx: &XdpContext, len: u16) -> Result<(), u32> {
     let n = LOG_OVERHEAD as u32 + len as u32;
     let ok = if n <= LOG_REC_SMALL as u32 {
         copy_to_ring::<LOG_REC_SMALL>(ctx, n)
@@ -406,9 +408,18 @@ fn buffer(ctx: &XdpContext, st: *mut SeqState, len: u16) -> Result<(), u32> {
     if !ok {
         return Err(drop(C_DROP_LOG_RING_FULL).unwrap_or(xdp_action::XDP_DROP));
     }
-    // SAFETY: live map value; plain store of a timestamp.
-    unsafe { store64(&mut (*st).last_peer_ns, h::bpf_ktime_get_ns()) };
     Ok(())
+}
+
+/// Backup: the primary's daemon was heard (a heartbeat or a VMM-stream frame, valid so
+/// far): `SEQ.last_peer_ns`, the one timestamp the daemon's liveness reads. Stamped
+/// whether or not the frame fits the ring: a backup whose replay is behind (its ring
+/// full) still hears a live primary. Input log frames never stamp it: the primary's XDP
+/// duplicates client frames while its daemon and VM are frozen.
+#[inline(always)]
+fn heard_primary(st: *mut SeqState) {
+    // SAFETY: live map value; plain store of a timestamp (readers load it atomically).
+    unsafe { store64(&mut (*st).last_peer_ns, h::bpf_ktime_get_ns()) };
 }
 
 /// Reserves a `LogRec<N>`, copies the first `n` bytes of the frame into it and submits

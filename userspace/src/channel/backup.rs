@@ -26,7 +26,7 @@ use super::{
     reorder::{Outcome, Reorder},
     status::ChannelStatus,
 };
-use crate::{dataplane::DataPlane, netif::RawSocket};
+use crate::{dataplane::DataPlane, netif::RawSocket, role::Roles};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BackupError {
@@ -50,10 +50,17 @@ pub trait InputSink: Send {
 
 /// Where in-order VMLOG frames go: the replaying VMM (none for an external VM).
 pub trait VmFeed: Send {
-    /// The entries of VMLOG frame `seq` (whole entries back to back), in sequence order.
-    /// An error means they are not buffered for replay (the VMM stopped, or the frame is
-    /// malformed): the VMM-stream ack stops before this frame for good.
+    /// The entries of VMLOG frame `seq` (whole entries back to back), in sequence order,
+    /// without waiting for the replay. An error means they are not buffered for replay
+    /// (the VMM stopped, or the frame is malformed): the VMM-stream ack stops before this
+    /// frame for good.
     fn deliver(&mut self, seq: u64, entries: &[u8]) -> Result<(), String>;
+    /// Moves what waits in front of the replay on, as far as it has room (called every
+    /// round of the loop, also when nothing arrived).
+    fn pump(&mut self) -> Result<(), String>;
+    /// The replay is behind: take nothing more from the kernel's ring for now (the
+    /// ring fills and the backup's XDP stops acking: back-pressure on the primary).
+    fn backlogged(&self) -> bool;
 }
 
 /// Stand-in VM / plain NIC: send the frame out of the VM-side interface (with the log
@@ -118,7 +125,6 @@ pub struct BackupParams {
     /// Tags the acks and nacks (the primary's XDP drops frames without the right tag).
     pub key: ChannelKey,
     pub heartbeat: Duration,
-    pub peer_timeout: Duration,
     pub nack_retry: Duration,
     pub nack_burst: usize,
     pub max_pending: u64,
@@ -133,13 +139,17 @@ pub struct BackupParams {
 /// that arrive in order itself; this loop drains the ring, puts both streams in order
 /// (repairs gaps with NACK/VMNACK), hands them on, raises the kernel's acks to what it
 /// holds in order and sends a cumulative ack once per wake-up when it moved (covering
-/// acks XDP deferred and repaired gaps) and as a keep-alive.
+/// acks XDP deferred and repaired gaps) and as a keep-alive. It never waits for the
+/// replay: when the replay is behind it stops draining the ring (back-pressure) and goes
+/// on sending keep-alives, so its primary sees a slow backup, not a dead one.
+#[allow(clippy::too_many_arguments)]
 pub fn run(
     dp: Arc<DataPlane>,
     params: BackupParams,
     mut sink: Box<dyn InputSink>,
     mut feed: Option<Box<dyn VmFeed>>,
     status: Arc<ChannelStatus>,
+    roles: Arc<Roles>,
     stop: Arc<AtomicBool>,
 ) -> Result<(), BackupError> {
     let iface = dp.nics.logging.clone();
@@ -169,7 +179,6 @@ pub fn run(
         vm_failed: false,
     };
     let mut last_ack_sent = ((0u64, 0u64), Instant::now() - params.heartbeat);
-    let mut last_rx = Instant::now();
     let poll_ms = params.heartbeat.as_millis().clamp(1, 100) as i32;
     let send = |frame: &[u8], counter: &std::sync::atomic::AtomicU64| match out.send(frame) {
         Ok(()) => ChannelStatus::inc(counter),
@@ -179,26 +188,37 @@ pub fn run(
         }
     };
     while !stop.load(Relaxed) {
-        let mut pfd = libc::pollfd {
-            fd: ring.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: one valid pollfd for the duration of the call.
-        unsafe { libc::poll(&mut pfd, 1, poll_ms) };
+        if let Some(f) = feed.as_mut()
+            && let Err(e) = f.pump()
+        {
+            rx_state.fail_vm(&status, &e);
+        }
+        if feed.as_ref().is_some_and(|f| f.backlogged()) {
+            // The replay is behind: leave the frames in the ring (it fills, XDP stops
+            // acking and the primary waits), and come back soon to move the backlog on.
+            std::thread::sleep(Duration::from_millis(1));
+        } else {
+            let mut pfd = libc::pollfd {
+                fd: ring.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd for the duration of the call.
+            unsafe { libc::poll(&mut pfd, 1, poll_ms) };
+        }
         let now = Instant::now();
         let before = rx_state.input_ack;
         for _ in 0..DRAIN_MAX {
+            if feed.as_ref().is_some_and(|f| f.backlogged()) {
+                break;
+            }
             let Some(item) = ring.next() else { break };
             let Some(frame) = record_frame(&item) else {
                 continue; // cannot happen: XDP writes len <= the record's size
             };
-            if from_primary_daemon(frame) {
-                last_rx = now;
-            }
             handle_frame(frame, &dp, &mut rx_state, sink.as_mut(), &mut feed, &status);
         }
-        let epoch = status.epoch.load(Relaxed);
+        let epoch = roles.epoch();
         if epoch == 0 {
             continue; // epoch not known yet (XDP drops log frames until it is)
         }
@@ -267,14 +287,6 @@ pub fn run(
             );
             send(&f, &status.nacks_sent);
         }
-        let alive = now.duration_since(last_rx) < params.peer_timeout;
-        if status.peer_alive.swap(alive, Relaxed) && !alive {
-            ChannelStatus::inc(&status.peer_down_events);
-            warn!(
-                silence_ms = now.duration_since(last_rx).as_millis() as u64,
-                "primary silent on the logging channel: reported down"
-            );
-        }
     }
     Ok(())
 }
@@ -308,12 +320,15 @@ struct RxState {
     vm_failed: bool,
 }
 
-/// Frames only the primary's daemon sends: heartbeats and the VMM stream. The
-/// primary's XDP goes on duplicating client frames (LOG, and their retransmissions)
-/// while its daemon and VM are frozen, and clients retransmit into a frozen VM, so
-/// those frames do not show that the primary is alive.
-fn from_primary_daemon(frame: &[u8]) -> bool {
-    matches!(parse_log_frame(frame), Ok((h, _)) if matches!(h.ft.kind, KIND_HEARTBEAT | KIND_VMLOG))
+impl RxState {
+    /// The VMM stream can no longer be handed on (the replay is gone).
+    fn fail_vm(&mut self, status: &ChannelStatus, why: &str) {
+        if !self.vm_failed {
+            self.vm_failed = true;
+            ChannelStatus::inc(&status.vm_deliver_errors);
+            warn!("the replay feed failed ({why}): VMM-stream acks stop here");
+        }
+    }
 }
 
 fn handle_frame(

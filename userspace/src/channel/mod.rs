@@ -6,7 +6,7 @@
 pub mod auth;
 pub mod backup;
 pub mod frames;
-pub mod primary;
+pub mod heartbeat;
 pub mod reorder;
 pub mod status;
 pub mod vmrepair;

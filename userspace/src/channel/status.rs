@@ -1,15 +1,13 @@
 //! Live channel status shared between the channel threads, metrics and `ftd status`.
+//! (The node's role and epoch are the role supervisor's, `role::Roles`; the peer's
+//! liveness is `liveness`'s.)
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 
 #[derive(Default, Debug)]
 pub struct ChannelStatus {
-    /// Epoch of the channel (from the arbiter); 0 while unknown: nothing is sent.
-    pub epoch: AtomicU64,
     /// Primary: this run's session. Backup: the primary session followed (0 = none yet).
     pub session: AtomicU64,
     pub peer_session: AtomicU64,
-    /// Set when this node lost its lease and halted (fail-stop).
-    pub halted: AtomicBool,
     /// Backup: highest entry delivered in order (= cumulative ack).
     pub delivered: AtomicU64,
     /// Backup: highest entry known to exist.
@@ -34,7 +32,8 @@ pub struct ChannelStatus {
     /// VMM). XDP may have acked later frames already, so this replica confirms nothing
     /// more and must never go live.
     pub delivery_failed: AtomicBool,
-    pub peer_alive: AtomicBool,
+    /// Times the watched peer fell silent (counted by the role supervisor; whether it is
+    /// alive now is `liveness`'s).
     pub peer_down_events: AtomicU64,
     /// Primary: why the backup left the log (then this node runs solo).
     pub backup_left: std::sync::Mutex<Option<String>>,

@@ -15,7 +15,7 @@ use ft_common::{maps::*, wire::MIN_LOG_MTU};
 use tracing::{info, warn};
 
 use crate::{
-    config::{Config, Role, XdpAttachMode},
+    config::{Config, XdpAttachMode},
     netif::{Interface, NetifError},
 };
 
@@ -113,20 +113,6 @@ pub struct DataPlane {
     /// The daemon stopped the kernel's acks (`kack_stop`): never started again.
     kack_stopped: std::sync::atomic::AtomicBool,
     pub nics: Nics,
-}
-
-pub fn initial_node_state(cfg: &Config) -> NodeState {
-    NodeState {
-        epoch: cfg.channel.epoch,
-        // Static lease until fencing assigns one (see [fence] / ARCHITECTURE.md).
-        lease_deadline_ns: u64::MAX,
-        role: match cfg.node.role {
-            Role::Primary => ROLE_PRIMARY,
-            Role::Backup => ROLE_BACKUP,
-            Role::Solo => ROLE_SOLO,
-        },
-        _pad: 0,
-    }
 }
 
 impl DataPlane {

@@ -6,7 +6,7 @@ use std::{
     sync::{Arc, atomic::Ordering::Relaxed},
 };
 
-use ft_common::maps::{COUNTER_INFO, HIST_BUCKETS, hist_upper_us, role_name};
+use ft_common::maps::{COUNTER_INFO, HIST_BUCKETS, hist_upper_us};
 use prometheus_client::{
     collector::Collector,
     encoding::{DescriptorEncoder, EncodeCounterValue, EncodeGaugeValue, EncodeMetric, NoLabelSet},
@@ -14,7 +14,11 @@ use prometheus_client::{
 };
 
 use super::{DataPlaneView, RolesView, lease_remaining_s};
-use crate::{channel::status::ChannelStatus, vm::VmState};
+use crate::{
+    channel::status::ChannelStatus,
+    role::NodeRole,
+    vm::{VmPhase, VmState},
+};
 
 type Res = Result<(), fmt::Error>;
 
@@ -107,7 +111,6 @@ const HOLD_HELP: &str = "Time VM output frames were held by the output rule \
 /// The BPF maps: `COUNTERS`, `HOLD_HIST`, and the sequence, hold-ring and node state.
 pub(super) struct DataPlaneMetrics {
     pub dp: Arc<dyn DataPlaneView>,
-    pub status: Arc<ChannelStatus>,
 }
 
 impl fmt::Debug for DataPlaneMetrics {
@@ -175,22 +178,9 @@ impl Collector for DataPlaneMetrics {
         gauge(e, "ft_epoch", "Fencing epoch of this node", node.epoch)?;
         gauge(
             e,
-            "ft_peer_alive",
-            "1 while the peer is heard on the logging link",
-            self.status.peer_alive.load(Relaxed) as u64,
-        )?;
-        gauge(
-            e,
             "ft_lease_remaining_seconds",
             "Time left on this node's lease (+Inf: static lease)",
             lease_remaining_s(node.lease_deadline_ns),
-        )?;
-        labelled_gauges(
-            e,
-            "ft_role",
-            "This node's role (1 for the current one)",
-            "role",
-            &[(role_name(node.role), 1u64)],
         )
     }
 }
@@ -388,7 +378,7 @@ impl Collector for VmMetrics {
             "Time the VMM log waited for the backup (full window)",
             st.stall_ns.load(Relaxed) as f64 / 1e9,
         )?;
-        let div = vm.divergence.lock().unwrap().clone();
+        let div = vm.divergence();
         gauge(
             e,
             "ft_vm_diverged",
@@ -411,17 +401,21 @@ impl Collector for VmMetrics {
         }
         gauge(
             e,
-            "ft_vm_solo",
-            "1 while the primary runs the VM without a backup",
-            vm.solo.load(Relaxed) as u64,
+            "ft_vm_replay_backlog_bytes",
+            "Backup: VMM entries held for the replay beyond its queue (the replay is behind)",
+            vm.feed_close().backlog_bytes(),
         )?;
-        let phase = vm.phase.lock().unwrap().clone();
+        let phase = vm.phase();
+        let phases: Vec<(&str, u64)> = VmPhase::NAMES
+            .iter()
+            .map(|p| (*p, (*p == phase.name()) as u64))
+            .collect();
         labelled_gauges(
             e,
             "ft_vm_phase",
-            "The VMM's phase (1 for the current one)",
+            "The VMM's phase (a state set: 1 for the current one, 0 for the others)",
             "phase",
-            &[(phase.as_str(), 1u64)],
+            &phases,
         )?;
         encode_join(e, vm)
     }
@@ -433,7 +427,7 @@ fn encode_join(e: &mut DescriptorEncoder, vm: &VmState) -> Res {
         e,
         "ft_joins_total",
         "Backups that joined this node by state transfer",
-        vm.joined.load(Relaxed),
+        vm.joined(),
     )?;
     counter(
         e,
@@ -523,12 +517,32 @@ impl Collector for RoleMetrics {
             "Changes of this node's role",
             roles.changes(),
         )?;
+        let role = roles.role();
+        let states: Vec<(&str, u64)> = NodeRole::NAMES
+            .iter()
+            .map(|r| (*r, (*r == role.name()) as u64))
+            .collect();
+        labelled_gauges(
+            e,
+            "ft_role",
+            "This node's role (a state set: 1 for the current one, 0 for the others)",
+            "role",
+            &states,
+        )?;
         gauge(
             e,
             "ft_halted",
-            "1 once this node lost its lease and halted (fail-stop)",
-            roles.halted() as u64,
+            "1 once this node halted (fail-stop; its daemon then exits)",
+            matches!(role, NodeRole::Halted { .. }) as u64,
         )?;
+        if let Some(alive) = roles.peer_alive() {
+            gauge(
+                e,
+                "ft_peer_alive",
+                "1 while the peer this node watches (a paired primary its backup, a backup its primary) is heard on the logging link",
+                alive as u64,
+            )?;
+        }
         gauge(
             e,
             "ft_arbiter_blocked_seconds",

@@ -18,9 +18,9 @@ use prometheus_client::{encoding::prometheus_text, registry::Registry};
 
 use crate::{
     channel::status::ChannelStatus,
-    daemon::Shared,
     dataplane::DataPlane,
-    role::{FailoverReport, Roles},
+    role::{FailoverReport, NodeRole, Roles},
+    shared::Shared,
     vm::VmState,
 };
 
@@ -66,7 +66,9 @@ impl DataPlaneView for DataPlane {
 /// tests.
 pub trait RolesView: Send + Sync + 'static {
     fn changes(&self) -> u64;
-    fn halted(&self) -> bool;
+    fn role(&self) -> NodeRole;
+    /// Whether the watched peer is heard (None: this role watches no peer).
+    fn peer_alive(&self) -> Option<bool>;
     /// How long a needed test-and-set has waited for an arbiter that does not answer
     /// (None: not blocked).
     fn arbiter_blocked(&self) -> Option<Duration>;
@@ -77,8 +79,11 @@ impl RolesView for Roles {
     fn changes(&self) -> u64 {
         Roles::changes(self)
     }
-    fn halted(&self) -> bool {
-        Roles::halted(self)
+    fn role(&self) -> NodeRole {
+        self.current()
+    }
+    fn peer_alive(&self) -> Option<bool> {
+        self.peer().map(|p| p.alive)
     }
     fn arbiter_blocked(&self) -> Option<Duration> {
         self.arbiter_wait().map(|w| w.since.elapsed())
@@ -112,10 +117,7 @@ impl Sources {
 /// The daemon's registry: one collector per source, in the order of the exposition.
 pub fn registry(src: Sources) -> Registry {
     let mut r = Registry::default();
-    r.register_collector(Box::new(collectors::DataPlaneMetrics {
-        dp: src.dp,
-        status: src.status.clone(),
-    }));
+    r.register_collector(Box::new(collectors::DataPlaneMetrics { dp: src.dp }));
     r.register_collector(Box::new(collectors::ChannelMetrics(src.status)));
     if let Some(vm) = src.vm {
         r.register_collector(Box::new(collectors::VmMetrics(vm)));

@@ -19,7 +19,11 @@ use ft_common::maps::{
 use prometheus_parse::{LineInfo, Scrape, Value};
 
 use super::{DataPlaneView, RolesView, Sources, collectors, registry, serve_registry};
-use crate::{channel::status::ChannelStatus, role::FailoverReport, vm::VmState};
+use crate::{
+    channel::status::ChannelStatus,
+    role::{FailoverReport, NodeRole},
+    vm::{VmPhase, VmState},
+};
 
 /// The BPF maps, as plain atomics.
 struct FakeDataPlane {
@@ -80,19 +84,33 @@ impl DataPlaneView for FakeDataPlane {
     }
 }
 
-#[derive(Default)]
 struct FakeRoles {
+    role: Mutex<NodeRole>,
     changes: AtomicU64,
     blocked: Mutex<Option<Duration>>,
     failover: Mutex<Option<FailoverReport>>,
+}
+
+impl Default for FakeRoles {
+    fn default() -> Self {
+        FakeRoles {
+            role: Mutex::new(NodeRole::Primary { epoch: 7 }),
+            changes: AtomicU64::new(0),
+            blocked: Mutex::new(None),
+            failover: Mutex::new(None),
+        }
+    }
 }
 
 impl RolesView for FakeRoles {
     fn changes(&self) -> u64 {
         self.changes.load(Relaxed)
     }
-    fn halted(&self) -> bool {
-        false
+    fn role(&self) -> NodeRole {
+        self.role.lock().unwrap().clone()
+    }
+    fn peer_alive(&self) -> Option<bool> {
+        Some(true)
     }
     fn arbiter_blocked(&self) -> Option<Duration> {
         *self.blocked.lock().unwrap()
@@ -243,7 +261,7 @@ fn the_endpoint_serves_what_the_sources_hold_at_scrape_time() {
         Arc::new(ChannelStatus::default()),
         Arc::new(VmState::default()),
     );
-    *vm.phase.lock().unwrap() = "recording".into();
+    vm.set_phase(VmPhase::Recording);
     let reg = registry(Sources {
         dp: dp.clone(),
         status: status.clone(),
@@ -278,8 +296,20 @@ fn the_endpoint_serves_what_the_sources_hold_at_scrape_time() {
         assert_eq!(m.value(name, labels), 0.0, "{name}");
     }
     assert_eq!(m.value("ft_epoch", &[]), 7.0);
-    assert_eq!(m.value("ft_role", &[("role", "primary")]), 1.0);
-    assert_eq!(m.value("ft_vm_phase", &[("phase", "recording")]), 1.0);
+    // State sets: every state, 1 for the current one.
+    for r in NodeRole::NAMES {
+        let want = (r == "primary") as u8 as f64;
+        assert_eq!(m.value("ft_role", &[("role", r)]), want, "ft_role {r}");
+    }
+    for p in VmPhase::NAMES {
+        let want = (p == "recording") as u8 as f64;
+        assert_eq!(
+            m.value("ft_vm_phase", &[("phase", p)]),
+            want,
+            "ft_vm_phase {p}"
+        );
+    }
+    assert_eq!(m.value("ft_peer_alive", &[]), 1.0);
     assert_eq!(m.value("ft_lease_remaining_seconds", &[]), f64::INFINITY);
     assert!(!m.has("ft_failover_last_phase_seconds") && !m.has("ft_join_running"));
     // Every reason of ft_drops_total, once.
@@ -308,11 +338,16 @@ fn the_endpoint_serves_what_the_sources_hold_at_scrape_time() {
     status.acks_sent.fetch_add(5, Relaxed);
     vm.live.exits.fetch_add(1000, Relaxed);
     vm.stats.stall_ns.fetch_add(1_500_000_000, Relaxed);
-    vm.joined.fetch_add(1, Relaxed);
+    vm.count_join(Duration::from_millis(12));
     vm.join_auth_failures.fetch_add(2, Relaxed);
     *vm.join.lock().unwrap() = Some(serde_json::json!({
         "phase": "done", "pause_ms": 12.5, "bytes": 1024, "total_ms": 2000.0
     }));
+    vm.diverged(crate::vm::Divergence {
+        exit: 4242,
+        verified: 4000,
+        what: "checkpoint mismatch".into(),
+    });
     roles.changes.fetch_add(1, Relaxed);
     *roles.blocked.lock().unwrap() = Some(Duration::from_millis(1500));
     *roles.failover.lock().unwrap() = Some(FailoverReport {
@@ -344,6 +379,11 @@ fn the_endpoint_serves_what_the_sources_hold_at_scrape_time() {
             0.25,
         ),
         ("ft_output_hold_seconds_count", &[], 8.0),
+        ("ft_vm_diverged", &[], 1.0),
+        ("ft_vm_divergence_exit", &[], 4242.0),
+        ("ft_vm_divergence_verified_exit", &[], 4000.0),
+        ("ft_vm_phase", &[("phase", "diverged")], 1.0),
+        ("ft_vm_phase", &[("phase", "recording")], 0.0),
     ] {
         assert_eq!(m.value(name, labels), want, "{name}{labels:?}");
     }

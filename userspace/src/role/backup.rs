@@ -1,275 +1,320 @@
-//! The backup's side: follow the primary's epoch, take over when it falls silent.
+//! The BACKUP role: follow the live primary's epoch (while joining, follow it when it
+//! moves on), and take over when the primary falls silent or its log ended.
 use std::{
     sync::Arc,
-    sync::atomic::Ordering,
     time::{Duration, Instant},
 };
 
-use ft_common::maps::{NodeState, ROLE_BACKUP, ROLE_SOLO};
 use ft_fence::TasOutcome;
 use ft_vmm::vmlog::FrameKey;
-use tracing::{debug, error, info, warn};
+use tracing::{info, warn};
 
-use super::{Ctx, FOLLOW_POLL, FailoverReport, Lease, TICK, Tas, stopping, test_and_set, unix_ms};
-use crate::{netif::RawSocket, vm::VmState};
+use super::{
+    FailoverReport, NodeRole,
+    fencing::{Lease, Tas},
+    supervisor::{FOLLOW_POLL, Next, Supervisor, TICK},
+    unix_ms,
+};
+use crate::{
+    netif::RawSocket,
+    vm::{VmPhase, VmState},
+};
 
-pub(super) async fn backup(c: Ctx) {
-    let f = &c.cfg.fence;
-    let retry = f.renew_interval();
-    let mut epoch = c.cfg.channel.epoch;
-    if let Some(arb) = &c.arb {
-        epoch = loop {
-            match arb.read(&f.vm).await {
-                Ok(info)
-                    if info.epoch > 0 && info.owner.as_deref().is_some_and(|o| o != f.node) =>
-                {
-                    break info.epoch;
-                }
-                Ok(info) => {
-                    debug!(owner = ?info.owner, "backup: waiting for a live primary at the arbiter")
-                }
-                Err(e) => warn!("backup: cannot read the live primary's epoch: {e}"),
+/// A take-over gives up only when nothing moves for this long: the receive loop takes
+/// no more of the log XDP acked, the feed hands nothing more to the replay, the replay
+/// consumes nothing. A backup that replays slower than its primary recorded may hold
+/// many seconds of work; it takes over with all of it, however long that takes.
+pub(super) fn drain_stall(peer_timeout: Duration) -> Duration {
+    (peer_timeout * 20).max(Duration::from_secs(10))
+}
+
+impl Supervisor {
+    /// Following the primary of `epoch` until it must take over, halt or stop.
+    pub(super) async fn follow(&mut self, mut epoch: u64) -> Next {
+        let retry = self.cfg.fence.renew_interval();
+        let mut last_check = Instant::now();
+        let mut tick = tokio::time::interval(TICK);
+        loop {
+            tick.tick().await;
+            if self.stopping() {
+                return Next::Stop;
             }
-            if stopping(&c) {
-                return;
+            if self
+                .status
+                .delivery_failed
+                .load(std::sync::atomic::Ordering::Relaxed)
+            {
+                return Next::Halt(
+                    "this backup could not hand an acked log entry on (see the log above): it \
+                     confirms nothing more and can never take over"
+                        .into(),
+                );
             }
-            tokio::time::sleep(FOLLOW_POLL).await;
+            if let Some(why) = self.vm_ended() {
+                if let Some(r) = self.vm.as_ref().and_then(|v| v.refused()) {
+                    return Next::Refuse(r.0);
+                }
+                return Next::Halt(format!("this backup's replica stopped ({why})"));
+            }
+            let joining = self
+                .vm
+                .as_ref()
+                .is_some_and(|v| matches!(v.phase(), VmPhase::Joining(_)));
+            if let Some(arb) = self.arb.clone()
+                && last_check.elapsed() >= if joining { FOLLOW_POLL } else { retry }
+            {
+                last_check = Instant::now();
+                match arb.read(&self.cfg.fence.vm).await {
+                    Ok(info) if info.epoch != epoch => {
+                        let live_elsewhere = info.owner.as_deref().is_some_and(|o| {
+                            o != self.cfg.fence.node && !info.lease_remaining.is_zero()
+                        });
+                        if !joining {
+                            return Next::Halt(format!(
+                                "the live primary moved to epoch {} (owner {:?}) without this \
+                                 replica, which follows epoch {epoch} and is stale",
+                                info.epoch, info.owner
+                            ));
+                        }
+                        if live_elsewhere {
+                            // No state yet: join the node that runs the VM now.
+                            let why = format!(
+                                "the live node moved to epoch {} ({}): the join follows it",
+                                info.epoch,
+                                info.owner.as_deref().unwrap_or("?")
+                            );
+                            epoch = info.epoch;
+                            if let Err(e) = self.roles.set(NodeRole::Backup { epoch }, 0, &why) {
+                                return Next::Halt(format!("cannot write the epoch: {e}"));
+                            }
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        warn!("backup: arbiter unreachable ({e}); still following epoch {epoch}")
+                    }
+                }
+            }
+            self.observe_peer();
+            let Some(vm) = self.vm.clone() else { continue };
+            let primary_known = self
+                .status
+                .peer_session
+                .load(std::sync::atomic::Ordering::Relaxed)
+                != 0;
+            // A primary that stopped gracefully (a switchover, or ftd stopped) logged
+            // END: once the replica verified it, nothing more can come, so there is no
+            // need to wait for the silence.
+            let ended = vm
+                .live
+                .end_verified
+                .load(std::sync::atomic::Ordering::Relaxed);
+            let silent = self.roles.peer().is_some_and(|p| !p.alive);
+            if primary_known && (silent || ended) && vm.phase() == VmPhase::Replaying {
+                return self.take_over(vm, epoch).await;
+            }
+        }
+    }
+
+    /// Backup whose primary fell silent: stop acking, win test-and-set at the epoch it
+    /// followed, replay everything buffered, go live, hand the live VM the input the
+    /// primary's guest never consumed, announce the VM's addresses; then serve alone.
+    async fn take_over(&mut self, vm: Arc<VmState>, followed: u64) -> Next {
+        let ended = vm
+            .live
+            .end_verified
+            .load(std::sync::atomic::Ordering::Relaxed);
+        let detect = if ended {
+            Duration::ZERO
+        } else {
+            self.liveness.timeout()
         };
-    }
-    let node = NodeState {
-        epoch,
-        lease_deadline_ns: 0,
-        role: ROLE_BACKUP,
-        _pad: 0,
-    };
-    if let Err(e) = c
-        .roles
-        .set(node, &format!("following the primary of epoch {epoch}"))
-    {
-        error!("cannot write the epoch to the kernel: {e}");
-        return;
-    }
-    let mut last_check = Instant::now();
-    let mut tick = tokio::time::interval(TICK);
-    loop {
-        tick.tick().await;
-        if stopping(&c) || c.status.halted.load(Ordering::Relaxed) {
-            return;
+        let cause = if ended {
+            "stopped its VM (its log ended, END verified)".to_string()
+        } else {
+            format!("was silent for {} ms", detect.as_millis())
+        };
+        let t0 = Instant::now();
+        // First: the primary can release nothing more (it needs these acks). `acked` is
+        // the last ack anybody sent, XDP included; all of it must be replayed before
+        // going live.
+        let acked = crate::channel::backup::stop_confirming(&self.dp, &self.status);
+        warn!("the primary {cause}: taking over");
+        let (epoch, deadline) = match self.arb.clone() {
+            Some(arb) => loop {
+                match self
+                    .test_and_set(
+                        &arb,
+                        followed,
+                        "cannot take over yet (nobody goes live)",
+                        || false,
+                    )
+                    .await
+                {
+                    Tas::Won(e, deadline) => break (e, deadline),
+                    Tas::Lost(TasOutcome::Held {
+                        lease_remaining,
+                        epoch,
+                        ..
+                    }) if epoch == followed => {
+                        // Not paired (the primary could not reach the arbiter when it went
+                        // live): wait for its lease to lapse. A primary still alive takes a
+                        // new epoch meanwhile, and this backup then loses (Stale).
+                        warn!(
+                            "the silent primary was not paired with this backup: waiting {} ms for its lease",
+                            lease_remaining.as_millis()
+                        );
+                        tokio::time::sleep(lease_remaining.min(self.cfg.fence.renew_interval()))
+                            .await;
+                    }
+                    Tas::Lost(other) => {
+                        return Next::Halt(format!(
+                            "the primary fell silent but this backup lost test-and-set ({other:?})"
+                        ));
+                    }
+                    Tas::Stopped => return Next::Stop,
+                }
+            },
+            None => (followed + 1, u64::MAX),
+        };
+        let tas = t0.elapsed();
+        let reason = format!("took over: the primary of epoch {followed} {cause}");
+        if let Err(e) = self.roles.set(NodeRole::Solo { epoch }, deadline, &reason) {
+            return Next::Halt(format!("cannot switch the data plane to solo: {e}"));
         }
-        if c.status.delivery_failed.load(Ordering::Relaxed) {
-            c.roles.halt(
-                "this backup could not hand an acked log entry on (see the log above): it \
-                 confirms nothing more and can never take over; recreate it by state transfer",
+        let mut lease = Lease::new();
+        lease.start(self, epoch, deadline);
+        // Replay everything buffered (the log ends where it is now), then go live.
+        let t_drain = Instant::now();
+        if let Err(why) = self.drain_and_go_live(&vm, acked).await {
+            return Next::Halt(why);
+        }
+        vm.set_phase(VmPhase::Live);
+        let drain = t_drain.elapsed();
+        let t_ann = Instant::now();
+        let unreferenced = deliver_unconsumed_input(self, &vm);
+        announce(self);
+        let announce_ms = t_ann.elapsed();
+        let report = FailoverReport {
+            what: reason.clone(),
+            at_unix_ms: unix_ms(),
+            detect_ms: detect.as_secs_f64() * 1e3,
+            test_and_set_ms: tas.as_secs_f64() * 1e3,
+            drain_ms: drain.as_secs_f64() * 1e3,
+            announce_ms: announce_ms.as_secs_f64() * 1e3,
+            unreferenced_frames: unreferenced,
+            total_ms: (detect + t0.elapsed()).as_secs_f64() * 1e3,
+        };
+        info!(?report, "live after take-over");
+        self.roles.set_last_failover(report);
+        vm.ran_alone();
+        // The backup's workers are done (the log is closed); a backup may join this node.
+        self.stop_backup_workers();
+        if let Err(e) = self.start_joinable_workers() {
+            warn!("this node cannot serve a joining backup: {e:#}");
+        }
+        // Repeat the announcement a few times (a lost gratuitous ARP only delays a
+        // switch).
+        {
+            let (dp, mac, ip) = (
+                self.dp.clone(),
+                self.cfg.vm.mac.0,
+                self.cfg.vm.ipv4.octets(),
             );
-            return;
-        }
-        if let Some(arb) = &c.arb
-            && last_check.elapsed() >= retry
-        {
-            last_check = Instant::now();
-            match arb.read(&f.vm).await {
-                Ok(info) if info.epoch != epoch => {
-                    c.roles.halt(&format!(
-                        "the live primary moved to epoch {} (owner {:?}) without this replica, which \
-                         follows epoch {epoch} and is stale (recreate it by state transfer)",
-                        info.epoch, info.owner
-                    ));
-                    return;
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                for _ in 0..3 {
+                    send_garp(&dp, mac, ip);
+                    tokio::time::sleep(Duration::from_millis(200)).await;
                 }
-                Ok(_) => {}
-                Err(e) => warn!("backup: arbiter unreachable ({e}); still following epoch {epoch}"),
+            });
+        }
+        Next::Live { epoch, lease }
+    }
+
+    /// Replays everything this backup confirmed and goes live. First the receive loop
+    /// takes what XDP acked from the ring (it is there: XDP submits a record before it
+    /// raises the ack), the feed hands the last entries to the replay and closes it, and
+    /// the VMM replays to the end and goes live. Bounded by progress, never by total
+    /// time: it fails only when nothing moves for `drain_stall` (or the replica fails).
+    async fn drain_and_go_live(&self, vm: &VmState, acked: (u64, u64)) -> Result<(), String> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let stall_limit = drain_stall(self.liveness.timeout());
+        let position = || {
+            (
+                self.status.delivered.load(Relaxed),
+                self.status.vm_delivered.load(Relaxed),
+                vm.live.entries_consumed.load(Relaxed),
+                vm.live.exits.load(Relaxed),
+            )
+        };
+        let mut last = position();
+        let mut moved = Instant::now();
+        let mut step = 0; // 0: drain the ring, 1: close the feed, 2: go live
+        loop {
+            let held = (
+                self.status.delivered.load(Relaxed),
+                self.status.vm_delivered.load(Relaxed),
+            );
+            if step == 0 && held.0 >= acked.0 && held.1 >= acked.1 {
+                vm.feed_close().request();
+                step = 1;
             }
-        }
-        let Some(vm) = c.vm.clone() else { continue };
-        let primary_known = c.status.peer_session.load(Ordering::Relaxed) != 0;
-        // A primary that stopped gracefully (a switchover, or ftd stopped) logged END:
-        // once the replica verified it, nothing more can come, so no need to wait for
-        // the silence.
-        let ended = vm.live.end_verified.load(Ordering::Relaxed);
-        if primary_known
-            && (!c.status.peer_alive.load(Ordering::Relaxed) || ended)
-            && *vm.phase.lock().unwrap() == "replaying"
-        {
-            take_over(c, vm, epoch).await;
-            return;
-        }
-    }
-}
-
-/// Waits until the receive loop holds both streams up to `acked` (bounded: the ring
-/// holds at most a few thousand frames); the position it reached otherwise.
-async fn drained(c: &Ctx, acked: (u64, u64)) -> Result<(), (u64, u64)> {
-    let held = || {
-        (
-            c.status.delivered.load(Ordering::Relaxed),
-            c.status.vm_delivered.load(Ordering::Relaxed),
-        )
-    };
-    let t0 = Instant::now();
-    while t0.elapsed() < DRAIN_TIMEOUT {
-        let h = held();
-        if h.0 >= acked.0 && h.1 >= acked.1 {
-            return Ok(());
-        }
-        if c.status.delivery_failed.load(Ordering::Relaxed) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
-    Err(held())
-}
-
-/// How long a take-over waits for the receive loop to drain the ring XDP acked from.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// Backup whose primary fell silent: stop acking, win test-and-set at the epoch it
-/// followed, replay everything buffered, go live, hand the live VM the input the
-/// primary's guest never consumed, announce the VM's addresses; then serve solo.
-async fn take_over(c: Ctx, vm: Arc<VmState>, followed: u64) {
-    // The primary stopped its VM gracefully (END verified), or fell silent.
-    let ended = vm.live.end_verified.load(Ordering::Relaxed);
-    let detect = if ended {
-        Duration::ZERO
-    } else {
-        Duration::from_millis(c.cfg.channel.peer_timeout_ms)
-    };
-    let cause = if ended {
-        "stopped its VM (its log ended, END verified)".to_string()
-    } else {
-        format!("was silent for {} ms", detect.as_millis())
-    };
-    let t0 = Instant::now();
-    // First: the primary can release nothing more (it needs these acks). `acked` is the
-    // last ack anybody sent, XDP included; all of it must be replayed before going live.
-    let acked = crate::channel::backup::stop_confirming(&c.dp, &c.status);
-    warn!("the primary {cause}: taking over");
-    let f = &c.cfg.fence;
-    let (epoch, deadline) = match &c.arb {
-        Some(arb) => loop {
-            match test_and_set(&c, arb, followed, "cannot take over yet (nobody goes live)").await {
-                Tas::Won(e, deadline) => break (e, deadline),
-                Tas::Lost(TasOutcome::Held {
-                    lease_remaining,
-                    epoch,
-                    ..
-                }) if epoch == followed => {
-                    // Not paired (the primary could not reach the arbiter when it went
-                    // live): wait for its lease to lapse. A primary still alive takes a
-                    // new epoch meanwhile, and this backup then loses (Stale).
-                    warn!(
-                        "the silent primary was not paired with this backup: waiting {} ms for its lease",
-                        lease_remaining.as_millis()
-                    );
-                    tokio::time::sleep(lease_remaining.min(f.renew_interval())).await;
+            if step == 1 && vm.feed_close().closed() {
+                if let Some(ctl) = vm.control() {
+                    ctl.request_go_live();
                 }
-                Tas::Lost(other) => {
-                    c.roles.halt(&format!(
-                        "the primary fell silent but this backup lost test-and-set ({other:?})"
-                    ));
-                    return;
-                }
-                Tas::Stopped => return,
+                step = 2;
             }
-        },
-        None => (followed + 1, u64::MAX),
-    };
-    let tas = t0.elapsed();
-    let reason = format!("took over: the primary of epoch {followed} {cause}");
-    let node = NodeState {
-        epoch,
-        lease_deadline_ns: deadline,
-        role: ROLE_SOLO,
-        _pad: 0,
-    };
-    if let Err(e) = c.roles.set(node, &reason) {
-        c.roles
-            .halt(&format!("cannot switch the data plane to solo: {e}"));
-        return;
-    }
-    let mut lease = Lease::new();
-    lease.start(&c, epoch, deadline);
-    // Replay everything buffered (the log ends where it is now), then go live. First
-    // the receive loop drains what XDP acked into the ring (it is there: XDP submits a
-    // record before it raises the ack), so the replica replays all it confirmed.
-    let t_drain = Instant::now();
-    if let Err(held) = drained(&c, acked).await {
-        c.roles.halt(&format!(
-            "the replica holds the log only up to {held:?} of the {acked:?} (input, VMM) \
-             entries it acked: it cannot go live"
-        ));
-        return;
-    }
-    drop(vm.feed.lock().unwrap().take());
-    if let Some(ctl) = vm.control.lock().unwrap().as_ref() {
-        ctl.request_go_live();
-    }
-    let live = loop {
-        if vm.live.went_live.load(Ordering::Acquire) {
-            break true;
-        }
-        let phase = vm.phase.lock().unwrap().clone();
-        if phase != "replaying" || stopping(&c) {
-            break false;
-        }
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    };
-    if !live {
-        c.roles.halt(&format!(
-            "the replica could not go live ({})",
-            vm.error.lock().unwrap().clone().unwrap_or_default()
-        ));
-        return;
-    }
-    vm.set_phase("live");
-    let drain = t_drain.elapsed();
-    let t_ann = Instant::now();
-    let unreferenced = deliver_unconsumed_input(&c, &vm);
-    announce(&c.dp, &c.cfg);
-    let announce_ms = t_ann.elapsed();
-    let report = FailoverReport {
-        what: reason.clone(),
-        at_unix_ms: unix_ms(),
-        detect_ms: detect.as_secs_f64() * 1e3,
-        test_and_set_ms: tas.as_secs_f64() * 1e3,
-        drain_ms: drain.as_secs_f64() * 1e3,
-        announce_ms: announce_ms.as_secs_f64() * 1e3,
-        unreferenced_frames: unreferenced,
-        total_ms: (detect + t0.elapsed()).as_secs_f64() * 1e3,
-    };
-    info!(?report, "live after take-over");
-    *c.roles.last_failover.lock().unwrap() = Some(report);
-    vm.ran_alone.store(true, Ordering::Relaxed);
-    // Repeat the announcement a few times (a lost gratuitous ARP only delays a switch).
-    {
-        let (dp, cfg) = (c.dp.clone(), c.cfg.clone());
-        tokio::spawn(async move {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            for _ in 0..3 {
-                announce(&dp, &cfg);
-                tokio::time::sleep(Duration::from_millis(200)).await;
+            if step == 2 && vm.live.went_live.load(std::sync::atomic::Ordering::Acquire) {
+                return Ok(());
             }
-        });
+            if let Some(why) = self.vm_ended() {
+                return Err(format!("the replica could not go live ({why})"));
+            }
+            if step == 0 && self.status.delivery_failed.load(Relaxed) {
+                return Err(format!(
+                    "the replica holds the log only up to {held:?} of the {acked:?} (input, \
+                     VMM) entries it acked, and a delivery failed: it cannot go live"
+                ));
+            }
+            if self.stopping() {
+                return Err("ftd is stopping".into());
+            }
+            let now = position();
+            if now != last {
+                last = now;
+                moved = Instant::now();
+            } else if moved.elapsed() >= stall_limit {
+                return Err(format!(
+                    "the take-over made no progress for {} s (step {step}: held {held:?} of \
+                     {acked:?} acked; replayed {} entries): it cannot go live",
+                    stall_limit.as_secs(),
+                    now.2
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
     }
-    // Serve alone under the lease; a backup may join by state transfer.
-    super::primary::serve(c, epoch, lease).await;
 }
 
 /// Input frames the backup holds beyond the last one the replica consumed: the
 /// primary's guest never saw them (never answered them), so the live VM gets them now,
 /// in order, through its NIC.
-fn deliver_unconsumed_input(c: &Ctx, vm: &VmState) -> u64 {
-    let Some(frames) = vm.frames.lock().unwrap().clone() else {
+fn deliver_unconsumed_input(sv: &Supervisor, vm: &VmState) -> u64 {
+    use std::sync::atomic::Ordering::Relaxed;
+    let Some(frames) = vm.frames() else {
         return 0;
     };
     let after = FrameKey {
-        epoch: vm.live.last_frame_epoch.load(Ordering::Relaxed),
-        seq: vm.live.last_frame_seq.load(Ordering::Relaxed),
+        epoch: vm.live.last_frame_epoch.load(Relaxed),
+        seq: vm.live.last_frame_seq.load(Relaxed),
     };
     let pending = frames.take_after(after);
     if pending.is_empty() {
         return 0;
     }
-    let sock = match RawSocket::open(&c.dp.nics.vm) {
+    let sock = match RawSocket::open(&sv.dp.nics.vm) {
         Ok(s) => s,
         Err(e) => {
             warn!(
@@ -292,10 +337,13 @@ fn deliver_unconsumed_input(c: &Ctx, vm: &VmState) -> u64 {
     n
 }
 
+fn announce(sv: &Supervisor) {
+    send_garp(&sv.dp, sv.cfg.vm.mac.0, sv.cfg.vm.ipv4.octets());
+}
+
 /// Gratuitous ARP for the VM's address from its MAC on the client NIC: switches learn
 /// the VM's new port, neighbours refresh their entry.
-fn announce(dp: &crate::dataplane::DataPlane, cfg: &crate::config::Config) {
-    let (mac, ip) = (cfg.vm.mac.0, cfg.vm.ipv4.octets());
+fn send_garp(dp: &crate::dataplane::DataPlane, mac: [u8; 6], ip: [u8; 4]) {
     let mut f = [0u8; 60];
     f[..6].fill(0xff);
     f[6..12].copy_from_slice(&mac);

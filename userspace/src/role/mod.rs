@@ -1,60 +1,163 @@
-//! The node's role controller: the one component that writes the `NODE` map (role, epoch,
-//! lease deadline) and changes the node's role, while the daemon and the VM keep
-//! running. Every transition is logged with its reason and kept for `ftd status`.
+//! The node's role: one supervisor ([`supervisor`]) decides it, [`Roles`] holds it. The
+//! current role is a [`NodeRole`], published on a `tokio::sync::watch`; `Roles` is the
+//! only writer of the kernel's `NODE` map (role, epoch, lease deadline), which it derives
+//! from the role, so the kernel and the daemon can never disagree. Every decision reads
+//! the *current* role, never the configured one: `[node] role` only says how a node
+//! starts ([`start`]).
 //!
 //! ```text
-//! primary: STANDBY --win test-and-set, pair the peer--> PRIMARY (paired)
-//!          PRIMARY --backup failed or left; new epoch by test-and-set--> SOLO
-//!          PRIMARY | SOLO --lease lost, or test-and-set lost--> HALTED
-//!          SOLO --a backup joined (state transfer's cut, `vm::join`); pair it--> PRIMARY
-//! backup:  BACKUP --primary silent; test-and-set at the epoch it followed--> SOLO (live)
-//!          BACKUP --replica failed, test-and-set lost, epoch moved on--> HALTED
-//! solo:    STANDBY --win test-and-set--> SOLO
+//!  start:    STANDBY --first start of the pair (epoch 0) or --bootstrap: win test-and-set--> PRIMARY | SOLO
+//!            STANDBY --a live node runs the VM: follow it--> BACKUP (joining, then replaying)
+//!            STANDBY --the VM lives nowhere now: wait (status says for what)--> STANDBY
+//!  backup:   BACKUP --primary silent or its log ended: test-and-set at the followed epoch--> SOLO (live)
+//!            BACKUP (joining) --the live node moved to a new epoch--> BACKUP (that epoch)
+//!            BACKUP --replica failed, test-and-set lost, epoch moved on--> HALTED
+//!  live:     PRIMARY --backup failed, slow past backup_stall_ms, or left: new epoch--> SOLO
+//!            SOLO --a backup joined (the state transfer's cut)--> PRIMARY
+//!            PRIMARY | SOLO --lease lapsed, arbiter not answering--> SUSPENDED
+//!            SUSPENDED --won test-and-set at its own epoch--> SOLO
+//!            PRIMARY | SOLO | SUSPENDED --fenced, test-and-set lost, the VM stopped--> HALTED
 //! ```
 //!
-//! Fencing: a primary is live only after winning test-and-set; the grant's epoch becomes
-//! the channel epoch and the lease a CLOCK_BOOTTIME deadline in `NODE` that the kernel
-//! checks on the output path. A `LeaseKeeper` renews it (a new one for every new epoch);
-//! a failed renewal changes nothing, so the deadline runs out by itself, and a lost lease
-//! halts the node for good.
+//! HALTED is final for the process: the VM is stopped (fail-stop), a backup tells its
+//! primary it left, and the daemon exits with a failure, so a supervisor (systemd's
+//! `Restart=on-failure`) starts it again; it then joins the live node as a backup. A
+//! restarted node never boots the guest over a VM that lives: the arbiter's epoch says a
+//! VM of this pair has lived ([`start`]).
 //!
-//! Failover (VMM mode): the backup takes over when the primary's log falls silent for
-//! `peer_timeout_ms`, without waiting for the primary's lease: the primary paired it at
-//! the arbiter, and a paired primary cannot emit without this backup's acks, which stop
-//! first. The primary goes solo when the backup stops making progress (its acks do not
-//! advance while entries are outstanding, or fall silent) or leaves; it takes a new epoch
-//! first, which unpairs, so exactly one of the two wins when both try.
+//! Fencing: a node is live only after winning test-and-set; the grant's epoch becomes the
+//! channel epoch and the lease a CLOCK_BOOTTIME deadline in `NODE` that the kernel checks
+//! on the output path. A lease keeper renews it (a new one for every epoch). A renewal
+//! the arbiter refuses (fenced) halts the node. A lease that lapses because the arbiter
+//! does not answer suspends it instead: output is already fenced by the kernel, the VM
+//! pauses, heartbeats stop (a paired backup may take over), and the node retries
+//! test-and-set at its own epoch; winning proves nobody else went live, so it resumes
+//! alone in the new epoch.
 mod backup;
+mod fencing;
 mod primary;
+pub mod start;
+pub mod supervisor;
 
 use std::{
     collections::VecDeque,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        atomic::{AtomicU64, Ordering},
     },
-    time::{Duration, SystemTime},
+    time::SystemTime,
 };
 
-use ft_common::maps::{NodeState, ROLE_STANDBY, role_name};
-use ft_fence::{Arbiter, LeaseKeeper, LeaseState, MonoInstant, TasOutcome};
+use ft_common::maps::{NodeState, ROLE_BACKUP, ROLE_PRIMARY, ROLE_SOLO, ROLE_STANDBY};
 use serde::Serialize;
 use serde_json::{Value, json};
-use tokio::sync::mpsc;
-use tracing::{error, info, warn};
+use tokio::sync::watch;
+use tracing::{error, info};
+
+pub use supervisor::{Exit, PairRequest, Supervisor};
 
 use crate::{
-    channel::status::ChannelStatus,
-    config::{Config, Role},
     dataplane::{DataPlane, DataPlaneError},
-    vm::VmState,
+    liveness::{Liveness, Peer, Watching},
 };
 
-const TICK: Duration = Duration::from_millis(5);
-/// How long a new primary waits for its backup's first ack before it goes on alone.
-const FIRST_ACK_GRACE: Duration = Duration::from_secs(3);
-/// How often a backup asks the arbiter while it waits for a live primary.
-const FOLLOW_POLL: Duration = Duration::from_millis(50);
+/// What this node is now.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum NodeRole {
+    /// Not live and following nobody: deciding how to start, or waiting (for a first
+    /// start, or for the peer to take a VM over); `waiting` says for what.
+    Standby { waiting: String },
+    /// Following the live primary of `epoch`: joining it, or replaying its log.
+    Backup { epoch: u64 },
+    /// Live and paired: output waits for the backup's acks.
+    Primary { epoch: u64 },
+    /// Live and alone: output leaves under the lease only.
+    Solo { epoch: u64 },
+    /// Was live; its lease lapsed while the arbiter did not answer. Output is fenced,
+    /// the VM paused; test-and-set at `epoch` is retried.
+    Suspended { epoch: u64, why: String },
+    /// Fail-stop: never live again in this process.
+    Halted { epoch: u64, reason: String },
+}
+
+impl NodeRole {
+    /// Every role's name, as status and metrics spell them.
+    pub const NAMES: [&'static str; 6] = [
+        "standby",
+        "backup",
+        "primary",
+        "solo",
+        "suspended",
+        "halted",
+    ];
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            NodeRole::Standby { .. } => "standby",
+            NodeRole::Backup { .. } => "backup",
+            NodeRole::Primary { .. } => "primary",
+            NodeRole::Solo { .. } => "solo",
+            NodeRole::Suspended { .. } => "suspended",
+            NodeRole::Halted { .. } => "halted",
+        }
+    }
+
+    /// The channel epoch (0 while standby: no epoch, nothing is sent or accepted).
+    pub fn epoch(&self) -> u64 {
+        match self {
+            NodeRole::Standby { .. } => 0,
+            NodeRole::Backup { epoch }
+            | NodeRole::Primary { epoch }
+            | NodeRole::Solo { epoch }
+            | NodeRole::Suspended { epoch, .. }
+            | NodeRole::Halted { epoch, .. } => *epoch,
+        }
+    }
+
+    /// Live: runs the VM with its output going to clients (under the lease).
+    pub fn is_live(&self) -> bool {
+        matches!(self, NodeRole::Primary { .. } | NodeRole::Solo { .. })
+    }
+
+    /// What the state is about (the wait, the suspension, the halt), if anything.
+    pub fn detail(&self) -> Option<&str> {
+        match self {
+            NodeRole::Standby { waiting } => Some(waiting),
+            NodeRole::Suspended { why, .. } => Some(why),
+            NodeRole::Halted { reason, .. } => Some(reason),
+            _ => None,
+        }
+    }
+
+    /// The peer this role watches, if any.
+    pub fn watching(&self) -> Option<Watching> {
+        match self {
+            NodeRole::Primary { .. } => Some(Watching::Backup),
+            NodeRole::Backup { .. } => Some(Watching::Primary),
+            _ => None,
+        }
+    }
+
+    /// The kernel's view of this role with lease deadline `deadline_ns` (only a live
+    /// role keeps one: every other role is fenced).
+    fn kernel(&self, deadline_ns: u64) -> NodeState {
+        let role = match self {
+            NodeRole::Backup { .. } => ROLE_BACKUP,
+            NodeRole::Primary { .. } => ROLE_PRIMARY,
+            NodeRole::Solo { .. } => ROLE_SOLO,
+            NodeRole::Standby { .. } | NodeRole::Suspended { .. } | NodeRole::Halted { .. } => {
+                ROLE_STANDBY
+            }
+        };
+        NodeState {
+            epoch: self.epoch(),
+            lease_deadline_ns: if self.is_live() { deadline_ns } else { 0 },
+            role,
+            _pad: 0,
+        }
+    }
+}
+
 const HISTORY: usize = 32;
 
 /// One change of the node's role or epoch.
@@ -84,18 +187,6 @@ pub struct FailoverReport {
     pub total_ms: f64,
 }
 
-/// The owner of the `NODE` map.
-pub struct Roles {
-    dp: Arc<DataPlane>,
-    status: Arc<ChannelStatus>,
-    history: Mutex<VecDeque<Transition>>,
-    changes: AtomicU64,
-    last_failover: Mutex<Option<FailoverReport>>,
-    /// A test-and-set this node needs but the arbiter does not answer: what waits, the
-    /// arbiter's last error, and since when (CLOCK_MONOTONIC via `Instant`).
-    arbiter_wait: Mutex<Option<ArbiterWait>>,
-}
-
 /// An arbiter call the node is blocked on (shown by `ftd status`, counted in metrics).
 #[derive(Clone, Debug)]
 pub struct ArbiterWait {
@@ -111,11 +202,29 @@ pub(crate) fn unix_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
+/// The node's role and its history; the only writer of the kernel's `NODE` map. Only
+/// the supervisor changes the role (`set` is private to this module); everyone else
+/// reads it ([`Roles::current`], [`Roles::subscribe`]).
+pub struct Roles {
+    dp: Arc<DataPlane>,
+    liveness: Arc<Liveness>,
+    role: watch::Sender<NodeRole>,
+    history: Mutex<VecDeque<Transition>>,
+    changes: AtomicU64,
+    last_failover: Mutex<Option<FailoverReport>>,
+    /// A test-and-set this node needs but the arbiter does not answer: what waits, the
+    /// arbiter's last error, and since when.
+    arbiter_wait: Mutex<Option<ArbiterWait>>,
+}
+
 impl Roles {
-    pub fn new(dp: Arc<DataPlane>, status: Arc<ChannelStatus>) -> Arc<Roles> {
+    pub fn new(dp: Arc<DataPlane>, liveness: Arc<Liveness>) -> Arc<Roles> {
         Arc::new(Roles {
             dp,
-            status,
+            liveness,
+            role: watch::Sender::new(NodeRole::Standby {
+                waiting: "starting".into(),
+            }),
             history: Mutex::new(VecDeque::new()),
             changes: AtomicU64::new(0),
             last_failover: Mutex::new(None),
@@ -123,24 +232,45 @@ impl Roles {
         })
     }
 
-    fn label(&self, n: &NodeState) -> &'static str {
-        if self.status.halted.load(Ordering::Relaxed) {
-            "halted"
-        } else {
-            role_name(n.role)
-        }
+    /// The role now.
+    pub fn current(&self) -> NodeRole {
+        self.role.borrow().clone()
     }
 
-    /// Writes the node state to the kernel (deadline cleared before role/epoch change,
-    /// set last: see `DataPlane::set_node_state`) and records the transition.
-    pub fn set(&self, next: NodeState, reason: &str) -> Result<(), DataPlaneError> {
-        let prev = self.dp.node_state().ok();
-        let from = prev.as_ref().map_or("starting", |p| role_name(p.role));
-        self.dp.set_node_state(next)?;
-        self.status.epoch.store(next.epoch, Ordering::Relaxed);
-        let to = self.label(&next);
-        if prev.is_none_or(|p| p.role != next.role || p.epoch != next.epoch) || to == "halted" {
-            info!(from, to, epoch = next.epoch, reason, "role change");
+    /// Role changes as they happen.
+    pub fn subscribe(&self) -> watch::Receiver<NodeRole> {
+        self.role.subscribe()
+    }
+
+    /// The channel epoch now (0 while standby).
+    pub fn epoch(&self) -> u64 {
+        self.role.borrow().epoch()
+    }
+
+    pub fn halted(&self) -> bool {
+        matches!(*self.role.borrow(), NodeRole::Halted { .. })
+    }
+
+    /// The peer this node watches in its current role, as [`Liveness`] sees it.
+    pub fn peer(&self) -> Option<Peer> {
+        let w = self.role.borrow().watching()?;
+        Some(self.liveness.peer(w, &self.dp.seq_state()))
+    }
+
+    /// Writes the role to the kernel (deadline cleared before role/epoch change, set
+    /// last: see `DataPlane::set_node_state`), publishes it and records the transition.
+    fn set(&self, next: NodeRole, deadline_ns: u64, reason: &str) -> Result<(), DataPlaneError> {
+        let prev = self.current();
+        self.dp.set_node_state(next.kernel(deadline_ns))?;
+        if prev.watching() != next.watching() || prev.epoch() != next.epoch() {
+            self.liveness.watch();
+        }
+        let (from, to, epoch) = (prev.name(), next.name(), next.epoch());
+        let changed =
+            std::mem::discriminant(&prev) != std::mem::discriminant(&next) || prev.epoch() != epoch;
+        self.role.send_replace(next);
+        if changed {
+            info!(from, to, epoch, reason, "role change");
             self.changes.fetch_add(1, Ordering::Relaxed);
             let mut h = self.history.lock().unwrap();
             if h.len() == HISTORY {
@@ -150,25 +280,28 @@ impl Roles {
                 at_unix_ms: unix_ms(),
                 from,
                 to,
-                epoch: next.epoch,
+                epoch,
                 reason: reason.to_string(),
             });
         }
         Ok(())
     }
 
-    /// Halts the node: not live, no lease, and `halted` (nothing is ever emitted again).
-    pub fn halt(&self, reason: &str) {
-        error!("{reason}: this node halts (fail-stop) and emits nothing until restarted");
-        self.status.halted.store(true, Ordering::Relaxed);
-        let epoch = self.status.epoch.load(Ordering::Relaxed);
+    /// A renewed lease: the kernel's deadline moves (the role stays).
+    fn renewed(&self, deadline_ns: u64) -> Result<(), DataPlaneError> {
+        self.dp.set_lease_deadline(deadline_ns)
+    }
+
+    /// Halts the node: not live, no lease, for good.
+    fn halt(&self, reason: &str) {
+        error!("{reason}: this node halts (fail-stop) and emits nothing more");
+        let epoch = self.epoch();
         if let Err(e) = self.set(
-            NodeState {
+            NodeRole::Halted {
                 epoch,
-                lease_deadline_ns: 0,
-                role: ROLE_STANDBY,
-                _pad: 0,
+                reason: reason.to_string(),
             },
+            0,
             reason,
         ) {
             error!("cannot write the halted state to the kernel: {e}");
@@ -180,12 +313,12 @@ impl Roles {
         self.changes.load(Ordering::Relaxed)
     }
 
-    pub fn halted(&self) -> bool {
-        self.status.halted.load(Ordering::Relaxed)
-    }
-
     pub fn last_failover(&self) -> Option<FailoverReport> {
         self.last_failover.lock().unwrap().clone()
+    }
+
+    fn set_last_failover(&self, r: FailoverReport) {
+        *self.last_failover.lock().unwrap() = Some(r);
     }
 
     /// The arbiter call the node is blocked on, if any.
@@ -211,146 +344,5 @@ impl Roles {
                 "for_s": w.since.elapsed().as_secs_f64(),
             })),
         })
-    }
-}
-
-/// What the controller works with.
-pub struct Ctx {
-    pub cfg: Config,
-    pub dp: Arc<DataPlane>,
-    pub status: Arc<ChannelStatus>,
-    pub roles: Arc<Roles>,
-    /// The VMM (failover is automatic only when ftd runs the VM).
-    pub vm: Option<Arc<VmState>>,
-    /// None: `[fence] backend = "none"` (static lease; epochs counted locally).
-    pub arb: Option<Arc<dyn Arbiter>>,
-    pub stop: Arc<AtomicBool>,
-}
-
-/// The lease of the current epoch (renewed by a keeper; a new epoch gets a new keeper).
-struct Lease {
-    keeper: Option<LeaseKeeper>,
-    tx: mpsc::UnboundedSender<(u64, LeaseState)>,
-    rx: mpsc::UnboundedReceiver<(u64, LeaseState)>,
-}
-
-impl Lease {
-    fn new() -> Lease {
-        let (tx, rx) = mpsc::unbounded_channel();
-        Lease {
-            keeper: None,
-            tx,
-            rx,
-        }
-    }
-
-    fn start(&mut self, c: &Ctx, epoch: u64, deadline: u64) {
-        let Some(arb) = &c.arb else { return };
-        let f = &c.cfg.fence;
-        let tx = self.tx.clone();
-        // Replacing the keeper aborts the previous one (a new epoch: the old lease must
-        // not fence this node when its renewals are refused).
-        self.keeper = Some(LeaseKeeper::spawn(
-            arb.clone(),
-            &f.vm,
-            &f.node,
-            epoch,
-            deadline,
-            f.timing(),
-            move |st| {
-                let _ = tx.send((epoch, st));
-            },
-        ));
-    }
-}
-
-pub async fn run(c: Ctx) {
-    match c.cfg.node.role {
-        Role::Primary | Role::Solo => primary::primary(c).await,
-        Role::Backup => backup::backup(c).await,
-    }
-}
-
-fn stopping(c: &Ctx) -> bool {
-    c.stop.load(Ordering::Relaxed)
-}
-
-enum Tas {
-    /// (epoch, kernel deadline)
-    Won(u64, u64),
-    Lost(TasOutcome),
-    Stopped,
-}
-
-/// `test_and_set` at `expected`, retried while the arbiter does not answer (`waiting`
-/// says what that means). An attempt whose answer was lost may have committed: the
-/// arbiter then shows the next epoch as this node's, which counts as won. Deadlines
-/// count from the first attempt's send instant (the earliest a grant can date from).
-async fn test_and_set(c: &Ctx, arb: &Arc<dyn Arbiter>, expected: u64, waiting: &str) -> Tas {
-    let f = &c.cfg.fence;
-    let first = MonoInstant::now();
-    let mut retried = false;
-    let since = std::time::Instant::now();
-    let r = loop {
-        let sent = MonoInstant::now();
-        match arb.test_and_set(&f.vm, &f.node, expected).await {
-            // The lease began when the arbiter handled this request: after it was sent.
-            // (Counting from the first attempt, a win after retries while the arbiter
-            // was unreachable arrived with its lease already over, and the node halted.)
-            Ok(TasOutcome::Won(g)) => {
-                break Tas::Won(g.epoch, g.deadline_monotonic_ns(sent, f.drift_margin()));
-            }
-            Ok(TasOutcome::Stale {
-                owner: Some(o),
-                epoch,
-            }) if retried && o == f.node && epoch == expected + 1 => {
-                // Which earlier attempt won is unknown: its lease counts from the first
-                // (the lease keeper renews it at once if little is left).
-                info!(
-                    epoch,
-                    "an earlier test-and-set whose answer was lost had won"
-                );
-                let g = ft_fence::LeaseGrant {
-                    epoch,
-                    lease: arb.lease_len(),
-                };
-                break Tas::Won(epoch, g.deadline_monotonic_ns(first, f.drift_margin()));
-            }
-            Ok(other) => break Tas::Lost(other),
-            Err(e) => {
-                warn!("{waiting}: {e}");
-                c.roles.set_arbiter_wait(Some(ArbiterWait {
-                    what: waiting.to_string(),
-                    error: e.to_string(),
-                    since,
-                }));
-                if stopping(c) {
-                    break Tas::Stopped;
-                }
-                retried = true;
-                tokio::time::sleep(f.renew_interval() / 4).await;
-            }
-        }
-    };
-    c.roles.set_arbiter_wait(None);
-    r
-}
-
-/// A renewal extends the kernel's deadline; a lost lease halts the node (false).
-fn on_lease(c: &Ctx, st: LeaseState) -> bool {
-    match st {
-        LeaseState::Valid {
-            deadline_monotonic_ns,
-            ..
-        } => {
-            if let Err(e) = c.dp.set_lease_deadline(deadline_monotonic_ns) {
-                warn!("lease renewed but the kernel deadline could not be extended: {e}");
-            }
-            true
-        }
-        LeaseState::Lost { reason } => {
-            c.roles.halt(&format!("lease lost ({reason})"));
-            false
-        }
     }
 }

@@ -1,17 +1,21 @@
 //! Backup: what the logging channel hands to the replaying VMM. Input frames go into
 //! the VMM's frame store under their (epoch, sequence) key; the entries of each VMLOG
-//! frame, in order, into the VMM's log source. Both count as delivered (and so may be
-//! acked) only once they are there.
-use std::sync::{
-    Arc, Mutex,
-    atomic::{AtomicU64, Ordering::Relaxed},
+//! frame, in order, into the VMM's log source (through the feed's backlog when the
+//! replay queue is full). Both count as delivered (and so may be acked) only once they
+//! are held there.
+use std::{
+    collections::VecDeque,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering::Relaxed},
+    },
 };
 
 use ft_common::{
     vmlog::{ENTRY_HLEN, EntryHdr},
     wire::parse_log_frame,
 };
-use ft_vmm::vmlog::{ChannelSink, FrameKey, FrameStore, LogSink};
+use ft_vmm::vmlog::{ChannelSink, FrameKey, FrameStore, MemFrameStore};
 use zerocopy::FromBytes;
 
 use crate::channel::backup::{InputSink, VmFeed};
@@ -53,32 +57,117 @@ pub fn split_entries(mut b: &[u8]) -> Result<Vec<(EntryHdr, &[u8])>, String> {
     Ok(v)
 }
 
-/// VMLOG entries into the replaying VMM's log source (a bounded channel: a VMM that
-/// lags makes this wait, and the backup's window closes).
+/// VMLOG frames the replay queue holds at most (about 3 MiB of entries).
+pub const REPLAY_QUEUE_FRAMES: usize = 2048;
+
+/// The take-over's request to close the replay feed, and the receive loop's answer; the
+/// backlog the feed holds now (status).
+#[derive(Default)]
+pub struct FeedClose {
+    requested: AtomicBool,
+    closed: AtomicBool,
+    backlog_bytes: AtomicU64,
+}
+
+impl FeedClose {
+    /// The log ends here: once the feed handed every entry it holds to the replay, it
+    /// closes the replay's source (the VMM then goes live at its end).
+    pub fn request(&self) {
+        self.requested.store(true, Relaxed);
+    }
+
+    /// The replay's source is closed: it holds every entry the feed had.
+    pub fn closed(&self) -> bool {
+        self.closed.load(Relaxed)
+    }
+
+    /// Entries (bytes) delivered but not yet queued for the replay.
+    pub fn backlog_bytes(&self) -> u64 {
+        self.backlog_bytes.load(Relaxed)
+    }
+}
+
+/// VMLOG entries into the replaying VMM's log source. It never blocks the receive loop:
+/// entries that do not fit the replay queue wait here (they are delivered: held in
+/// memory, in order), and while they wait the loop takes no more from the kernel's ring
+/// ([`VmFeed::backlogged`]), so the ring fills, the backup's XDP stops acking and the
+/// primary's windows close: the primary slows to the backup's replay speed
+/// (back-pressure), while this backup keeps sending its keep-alives (it is slow, not
+/// dead). One exception: while the replay waits for an input frame, the loop drains the
+/// ring anyway (the frame may be in it, behind VMLOG frames, or be repaired into it), so
+/// a full queue never deadlocks with a missing frame.
 pub struct VmmFeed {
-    /// Taken (dropped) by the role controller at go-live: the VMM's source then ends
-    /// once it has handed out every entry buffered so far.
-    pub sink: Arc<Mutex<Option<ChannelSink>>>,
+    sink: Option<ChannelSink>,
+    backlog: VecDeque<Vec<u8>>,
     /// Entries buffered for replay so far.
-    pub entries: Arc<AtomicU64>,
+    entries: Arc<AtomicU64>,
+    close: Arc<FeedClose>,
+    frames: MemFrameStore,
+}
+
+impl VmmFeed {
+    pub fn new(
+        sink: ChannelSink,
+        entries: Arc<AtomicU64>,
+        close: Arc<FeedClose>,
+        frames: MemFrameStore,
+    ) -> VmmFeed {
+        VmmFeed {
+            sink: Some(sink),
+            backlog: VecDeque::new(),
+            entries,
+            close,
+            frames,
+        }
+    }
+
+    fn set_backlog_bytes(&self) {
+        let n: usize = self.backlog.iter().map(Vec::len).sum();
+        self.close.backlog_bytes.store(n as u64, Relaxed);
+    }
 }
 
 impl VmFeed for VmmFeed {
     fn deliver(&mut self, _seq: u64, entries: &[u8]) -> Result<(), String> {
-        let entries = split_entries(entries)?;
-        let n = entries.len() as u64;
-        let mut g = self.sink.lock().unwrap_or_else(|e| e.into_inner());
-        let sink = g
-            .as_mut()
-            .ok_or("the log is closed: this replica is going live")?;
-        for (hdr, payload) in entries {
-            sink.append(&hdr, payload)
-                .map_err(|e| format!("the replaying VMM is gone: {e}"))?;
+        if self.sink.is_none() {
+            return Err("the log is closed: this replica went live".into());
         }
-        sink.flush()
-            .map_err(|e| format!("the replaying VMM is gone: {e}"))?;
+        let split = split_entries(entries)?;
+        let n = split.len() as u64;
+        let mut batch = Vec::with_capacity(entries.len() + split.len() * 8);
+        for (hdr, payload) in split {
+            ft_vmm::vmlog::LogEntry::encode_into(&hdr, payload, &mut batch);
+        }
+        self.backlog.push_back(batch);
         self.entries.fetch_add(n, Relaxed);
+        self.pump()
+    }
+
+    fn pump(&mut self) -> Result<(), String> {
+        let Some(sink) = self.sink.as_mut() else {
+            return Ok(());
+        };
+        while let Some(b) = self.backlog.pop_front() {
+            match sink.try_send_encoded(b) {
+                Ok(None) => {}
+                Ok(Some(b)) => {
+                    self.backlog.push_front(b);
+                    break;
+                }
+                Err(e) => return Err(format!("the replaying VMM is gone: {e}")),
+            }
+        }
+        self.set_backlog_bytes();
+        if self.backlog.is_empty() && self.close.requested.load(Relaxed) {
+            // The replay's source ends once it handed out what it holds.
+            self.sink = None;
+            self.close.closed.store(true, Relaxed);
+        }
         Ok(())
+    }
+
+    fn backlogged(&self) -> bool {
+        !self.backlog.is_empty() && !self.frames.is_waited_on()
     }
 }
 

@@ -32,6 +32,7 @@ use tracing::{error, info};
 
 use crate::{
     channel::status::ChannelStatus, config::Config, dataplane::DataPlane, netif::RawSocket,
+    role::Roles,
 };
 
 /// Where the backup found its replica different from the primary.
@@ -45,41 +46,116 @@ pub struct Divergence {
     pub what: String,
 }
 
-/// What the daemon knows about its VMM (for status, metrics and the role controller).
-#[derive(Default)]
+/// What the VMM is doing.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum VmPhase {
+    /// Not started (the node has not decided its role yet, or waits).
+    NotStarted,
+    /// Backup: getting the VM from the live node (the detail says how far).
+    Joining(String),
+    /// Primary: recording, its log going to the backup.
+    Recording,
+    /// Solo node: running free, nothing recorded.
+    RunningUnprotected,
+    /// Backup: replaying the primary's log.
+    Replaying,
+    /// Backup that took over: running free.
+    Live,
+    /// Suspended (the lease lapsed): the guest stands still at a guest exit.
+    Paused,
+    Stopped,
+    Failed,
+    Diverged,
+}
+
+impl VmPhase {
+    /// Every phase's name, as metrics spell them.
+    pub const NAMES: [&'static str; 10] = [
+        "not started",
+        "joining",
+        "recording",
+        "running unprotected",
+        "replaying",
+        "live",
+        "paused",
+        "stopped",
+        "failed",
+        "diverged",
+    ];
+
+    /// The phase's name, without its detail.
+    pub fn name(&self) -> &'static str {
+        match self {
+            VmPhase::NotStarted => "not started",
+            VmPhase::Joining(_) => "joining",
+            VmPhase::Recording => "recording",
+            VmPhase::RunningUnprotected => "running unprotected",
+            VmPhase::Replaying => "replaying",
+            VmPhase::Live => "live",
+            VmPhase::Paused => "paused",
+            VmPhase::Stopped => "stopped",
+            VmPhase::Failed => "failed",
+            VmPhase::Diverged => "diverged",
+        }
+    }
+
+    /// Running the guest with its output to clients (when the node is live).
+    pub fn runs_free_or_records(&self) -> bool {
+        matches!(
+            self,
+            VmPhase::Recording | VmPhase::RunningUnprotected | VmPhase::Live
+        )
+    }
+}
+
+impl std::fmt::Display for VmPhase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            VmPhase::Joining(d) => write!(f, "joining: {d}"),
+            p => f.write_str(p.name()),
+        }
+    }
+}
+
+/// A join refused by the live node for a reason a restart does not change (another
+/// guest or VM configuration, another protocol version, the key): the operator must act.
+#[derive(Clone, Debug)]
+pub struct Refusal(pub String);
+
+/// What the daemon knows about its VMM (for status, metrics and the role supervisor).
 pub struct VmState {
-    /// "starting", "waiting for the primary to go live", "recording", "replaying",
-    /// "stopped", "failed", "diverged".
-    pub phase: Mutex<String>,
+    phase: Mutex<VmPhase>,
+    /// The phase a pause interrupted (restored at the resume).
+    before_pause: Mutex<Option<VmPhase>>,
     /// Why the VMM stopped, if it did.
-    pub error: Mutex<Option<String>>,
+    error: Mutex<Option<String>>,
+    /// The live node refused this joiner for good (see [`Refusal`]).
+    refused: Mutex<Option<Refusal>>,
     /// A divergence the backup found.
-    pub divergence: Mutex<Option<Divergence>>,
+    divergence: Mutex<Option<Divergence>>,
     pub report: Mutex<Option<RunReport>>,
     pub stats: Arc<sink::VmLogStats>,
     pub live: Arc<ft_vmm::LiveStats>,
-    pub control: Mutex<Option<Arc<Control>>>,
-    /// Primary: the backup left; the recording VMM's entries are discarded.
-    pub solo: Arc<AtomicBool>,
-    /// Primary: a second handle on the VM's TAP, to kick the output ring's release pass.
-    pub kick: Mutex<Option<ft_vmm::net::Tap>>,
+    control: Mutex<Option<Arc<Control>>>,
+    /// A second handle on the VM's TAP, to kick the output ring's release pass.
+    kick: Mutex<Option<ft_vmm::net::Tap>>,
     /// Backup: VMM entries the channel buffered for replay.
     pub entries_received: Arc<AtomicU64>,
-    /// Backup: the replay feed's end (dropping it ends the log at go-live).
-    pub feed: Arc<Mutex<Option<ft_vmm::vmlog::ChannelSink>>>,
+    /// Backup: closes the replay feed (the receive loop owns it) at go-live.
+    feed_close: Arc<feed::FeedClose>,
     /// Backup: the replica's store of input frames.
-    pub frames: Mutex<Option<MemFrameStore>>,
-    /// Primary: the backup said it left (LEAVE), and why; taken by the role controller.
+    frames: Mutex<Option<MemFrameStore>>,
+    /// Primary: the backup said it left (LEAVE), and why; taken by the role supervisor.
     pub leave: Mutex<Option<String>>,
     /// The running VMM's state-transfer handle (a backup joining this node).
     pub transfer: Mutex<Option<ft_vmm::transfer::TransferSource>>,
     /// The VMM's configuration hash (guest image, RAM, service settings, CPU model).
     pub config_hash: AtomicU64,
-    /// Backups that joined this node by state transfer (the role controller pairs each).
-    pub joined: AtomicU64,
+    /// Backups that joined this node by state transfer (the supervisor pairs each).
+    joined: AtomicU64,
     /// The last (or running) join, for status.
     pub join: Mutex<Option<Value>>,
-    pub last_join_pause_ns: AtomicU64,
+    last_join_pause_ns: AtomicU64,
     /// Connections to the join service that were not a join request (dropped).
     pub join_bad_requests: AtomicU64,
     /// Join hellos refused because their MAC did not verify under the channel key (a
@@ -87,9 +163,39 @@ pub struct VmState {
     pub join_auth_failures: AtomicU64,
     /// This node ran the VM without a backup at some point (so its log no longer starts
     /// with the VM's boot).
-    pub ran_alone: AtomicBool,
+    ran_alone: AtomicBool,
     /// Primary: VMLOG frames kept for VMNACK repair (shared with the repair thread).
     pub log_store: Arc<sink::VmLogStore>,
+}
+
+impl Default for VmState {
+    fn default() -> Self {
+        VmState {
+            phase: Mutex::new(VmPhase::NotStarted),
+            before_pause: Mutex::new(None),
+            error: Mutex::new(None),
+            refused: Mutex::new(None),
+            divergence: Mutex::new(None),
+            report: Mutex::new(None),
+            stats: Default::default(),
+            live: Default::default(),
+            control: Mutex::new(None),
+            kick: Mutex::new(None),
+            entries_received: Default::default(),
+            feed_close: Default::default(),
+            frames: Mutex::new(None),
+            leave: Mutex::new(None),
+            transfer: Mutex::new(None),
+            config_hash: AtomicU64::new(0),
+            joined: AtomicU64::new(0),
+            join: Mutex::new(None),
+            last_join_pause_ns: AtomicU64::new(0),
+            join_bad_requests: AtomicU64::new(0),
+            join_auth_failures: AtomicU64::new(0),
+            ran_alone: AtomicBool::new(false),
+            log_store: Default::default(),
+        }
+    }
 }
 
 impl VmState {
@@ -106,25 +212,109 @@ impl VmState {
         tap.send(&f)?;
         Ok(())
     }
-}
 
-impl VmState {
     /// Keeps the VMM's transfer handle and configuration hash (for joining backups).
     fn offer_transfer(&self, vmm: &Vmm) {
         *self.transfer.lock().unwrap() = Some(vmm.transfer_source());
         self.config_hash.store(vmm.config_hash(), Relaxed);
     }
 
-    pub(crate) fn set_phase(&self, p: &str) {
-        *self.phase.lock().unwrap() = p.into();
+    pub fn phase(&self) -> VmPhase {
+        self.phase.lock().unwrap().clone()
+    }
+
+    pub fn set_phase(&self, p: VmPhase) {
+        *self.phase.lock().unwrap() = p;
+    }
+
+    /// The suspension began (the guest pauses) or ended (it goes on as before).
+    pub(crate) fn set_suspended(&self, on: bool) {
+        let mut phase = self.phase.lock().unwrap();
+        let mut before = self.before_pause.lock().unwrap();
+        if on {
+            if *phase != VmPhase::Paused {
+                *before = Some(phase.clone());
+                *phase = VmPhase::Paused;
+            }
+        } else if *phase == VmPhase::Paused
+            && let Some(p) = before.take()
+        {
+            *phase = p;
+        }
+    }
+
+    pub fn error(&self) -> Option<String> {
+        self.error.lock().unwrap().clone()
+    }
+
+    pub fn divergence(&self) -> Option<Divergence> {
+        self.divergence.lock().unwrap().clone()
+    }
+
+    /// The replica was found different from the primary: it stopped for good.
+    pub(crate) fn diverged(&self, d: Divergence) {
+        self.set_phase(VmPhase::Diverged);
+        *self.error.lock().unwrap() = Some(format!(
+            "divergence at exit {} (verified equal at exit {}): {}",
+            d.exit, d.verified, d.what
+        ));
+        *self.divergence.lock().unwrap() = Some(d);
+    }
+
+    pub fn refused(&self) -> Option<Refusal> {
+        self.refused.lock().unwrap().clone()
+    }
+
+    pub(crate) fn set_refused(&self, r: Refusal) {
+        *self.refused.lock().unwrap() = Some(r);
+    }
+
+    /// The running VMM's control handle (pause, stop, go live), once it runs.
+    pub fn control(&self) -> Option<Arc<Control>> {
+        self.control.lock().unwrap().clone()
+    }
+
+    /// Backup: the replica's input frames.
+    pub fn frames(&self) -> Option<MemFrameStore> {
+        self.frames.lock().unwrap().clone()
+    }
+
+    pub fn feed_close(&self) -> &feed::FeedClose {
+        &self.feed_close
+    }
+
+    /// Backups that joined this node so far.
+    pub fn joined(&self) -> u64 {
+        self.joined.load(Relaxed)
+    }
+
+    pub fn count_join(&self, pause: Duration) {
+        self.last_join_pause_ns
+            .store(pause.as_nanos() as u64, Relaxed);
+        self.joined.fetch_add(1, Relaxed);
+    }
+
+    pub fn last_join_pause_ms(&self) -> f64 {
+        self.last_join_pause_ns.load(Relaxed) as f64 / 1e6
+    }
+
+    /// This node runs (or ran) the VM without a backup: its log no longer starts with
+    /// the VM's boot.
+    pub(crate) fn ran_alone(&self) {
+        self.ran_alone.store(true, Relaxed);
+    }
+
+    pub fn has_run_alone(&self) -> bool {
+        self.ran_alone.load(Relaxed)
     }
 
     pub fn json(&self) -> Value {
         let live = &self.live;
         json!({
-            "phase": *self.phase.lock().unwrap(),
-            "error": *self.error.lock().unwrap(),
-            "divergence": self.divergence.lock().unwrap().as_ref().map(|d| json!({
+            "phase": self.phase().to_string(),
+            "error": self.error(),
+            "refused": self.refused().map(|r| r.0),
+            "divergence": self.divergence().map(|d| json!({
                 "exit": d.exit, "verified_equal_at_exit": d.verified, "what": d.what,
             })),
             "exits": live.exits.load(Relaxed),
@@ -148,9 +338,9 @@ impl VmState {
             "window_stalls": self.stats.stalls.load(Relaxed),
             "window_stalled_now": self.stats.stalled.load(Relaxed),
             "window_stall_ms": self.stats.stall_ns.load(Relaxed) as f64 / 1e6,
-            "solo": self.solo.load(Relaxed),
             "entries_discarded_solo": self.stats.discarded.load(Relaxed),
-            "joins": self.joined.load(Relaxed),
+            "replay_backlog_bytes": self.feed_close.backlog_bytes(),
+            "joins": self.joined(),
             "join_bad_requests": self.join_bad_requests.load(Relaxed),
             "join_auth_failures": self.join_auth_failures.load(Relaxed),
             "config_hash": self.config_hash.load(Relaxed),
@@ -167,24 +357,24 @@ fn guest_image(cfg: &Config) -> anyhow::Result<Vec<u8>> {
     std::fs::read(&cfg.vm.image).with_context(|| format!("reading vm.image {:?}", cfg.vm.image))
 }
 
-/// Primary: the recording VMM. It starts once the node is live (an epoch is set: log
-/// frames carry it) and runs until `stop`; its output goes to the TAP, its log to the
-/// backup. A node configured solo (`state.solo` set before the start) runs the VMM in
-/// free mode instead: nothing is recorded.
+/// The live node's VMM, started once the node won test-and-set (its epoch is set: log
+/// frames carry it): recording (its output to the TAP, its log to the backup), or, for
+/// a node that runs `unprotected` (role solo), free-running with nothing recorded. Runs
+/// until `stop`.
 #[allow(clippy::too_many_arguments)]
 pub fn start_primary(
     cfg: &Config,
     dp: Arc<DataPlane>,
-    status: Arc<ChannelStatus>,
+    roles: Arc<Roles>,
     tap: ft_vmm::net::Tap,
     session: u64,
     state: Arc<VmState>,
+    unprotected: bool,
     stop: Arc<AtomicBool>,
 ) -> anyhow::Result<JoinHandle<()>> {
     let store = state.log_store.clone();
     let image = guest_image(cfg)?;
     let mut vcfg = cfg.vm.vmm_config();
-    let unprotected = state.solo.load(Relaxed);
     vcfg.mode = if unprotected {
         Mode::Free
     } else {
@@ -194,32 +384,25 @@ pub fn start_primary(
     *state.kick.lock().unwrap() = Some(tap.try_clone()?);
     let sock = RawSocket::open(&dp.nics.logging)?;
     let (src, dst) = (dp.nics.logging.mac, cfg.interfaces.peer_log_mac.0);
+    let epoch = roles.epoch();
+    anyhow::ensure!(epoch != 0, "the VM records only on a live node (no epoch)");
+    let control = Control::new();
+    *state.control.lock().unwrap() = Some(control.clone());
     let h = std::thread::Builder::new()
         .name("ft-vcpu".into())
         .spawn(move || {
-            state.set_phase("waiting for the primary to go live");
-            while status.epoch.load(Relaxed) == 0 {
-                if stop.load(Relaxed) {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            let control = Control::new();
-            *state.control.lock().unwrap() = Some(control.clone());
             let sink = sink::ChannelSink {
                 dp: dp.clone(),
                 sock,
                 src,
                 dst,
                 session,
-                epoch: Arc::new(std::sync::atomic::AtomicU64::new(
-                    status.epoch.load(Relaxed),
-                )),
+                epoch,
                 window,
                 store,
                 stats: state.stats.clone(),
                 stop: stop.clone(),
-                solo: state.solo.clone(),
+                roles,
                 buf: Vec::with_capacity(ft_common::wire::MAX_FRAME),
                 next_seq: 1,
             };
@@ -229,11 +412,11 @@ pub fn start_primary(
                 vmm.set_live_stats(state.live.clone());
                 vmm.set_net(Box::new(tap));
                 if unprotected {
-                    state.set_phase("running unprotected");
+                    state.set_phase(VmPhase::RunningUnprotected);
                     info!("VMM: running unprotected (solo: nothing is recorded)");
                 } else {
                     vmm.set_sink(Box::new(sink));
-                    state.set_phase("recording");
+                    state.set_phase(VmPhase::Recording);
                     info!("VMM: recording (primary)");
                 }
                 let stopper = spawn_stopper(stop.clone(), control.clone());
@@ -250,14 +433,16 @@ pub fn start_primary(
 /// the channel's two ends for the receive loop. `tap` becomes the VM's NIC when it goes
 /// live.
 ///
-/// With `channel.join_peer` set, the VMM thread first asks the primary (once the live
-/// epoch is known): it either follows the log from the VM's boot, or receives the
-/// running VM's state and replays from the cut; `start` tells the channel where the two
-/// streams begin.
+/// With `channel.join_peer` set, the VMM thread first asks the live node (at the epoch
+/// the role supervisor follows, read again at every attempt): it either follows the log
+/// from the VM's boot, or receives the running VM's state and replays from the cut;
+/// `start` tells the channel where the two streams begin.
+#[allow(clippy::too_many_arguments)]
 pub fn start_backup(
     cfg: &Config,
     dp: Arc<DataPlane>,
     status: Arc<ChannelStatus>,
+    roles: Arc<Roles>,
     state: Arc<VmState>,
     tap: ft_vmm::net::Tap,
     start: Arc<crate::channel::backup::StreamStart>,
@@ -267,20 +452,22 @@ pub fn start_backup(
     let mut vcfg = cfg.vm.vmm_config();
     vcfg.mode = Mode::Replay;
     vcfg.wait_for_go_live = true;
-    // Up to ~64 MiB of entries queued for replay before the channel waits.
-    let (chan_sink, chan_source) = ft_vmm::vmlog::channel(2048);
-    let frames: Arc<MemFrameStore> = Arc::new(MemFrameStore::default());
-    *state.frames.lock().unwrap() = Some((*frames).clone());
-    let store: Arc<dyn FrameStore> = frames.clone();
+    // Up to 2048 VMLOG frames (~3 MiB) queued for replay; beyond it the receive loop
+    // takes no more from the kernel's ring (see `feed`).
+    let (chan_sink, chan_source) = ft_vmm::vmlog::channel(feed::REPLAY_QUEUE_FRAMES);
+    let frames = MemFrameStore::default();
+    *state.frames.lock().unwrap() = Some(frames.clone());
+    let store: Arc<dyn FrameStore> = Arc::new(frames.clone());
     let input = feed::FrameStoreSink(store.clone());
     let control = Control::new();
     *state.control.lock().unwrap() = Some(control.clone());
-    *state.feed.lock().unwrap() = Some(chan_sink);
     *state.kick.lock().unwrap() = Some(tap.try_clone()?);
-    let feed = feed::VmmFeed {
-        sink: state.feed.clone(),
-        entries: state.entries_received.clone(),
-    };
+    let feed = feed::VmmFeed::new(
+        chan_sink,
+        state.entries_received.clone(),
+        state.feed_close.clone(),
+        frames.clone(),
+    );
     let cfg2 = cfg.clone();
     let h = std::thread::Builder::new()
         .name("ft-vcpu".into())
@@ -290,37 +477,35 @@ pub fn start_backup(
                     start.set(1, 1);
                     Vmm::new(vcfg, &image, control.clone())?
                 } else {
-                    state.set_phase("joining: waiting for the live epoch");
-                    while status.epoch.load(Relaxed) == 0 {
-                        if stop.load(Relaxed) {
-                            return Err(ft_vmm::Error::Stopped);
-                        }
-                        std::thread::sleep(Duration::from_millis(5));
-                    }
-                    let epoch = status.epoch.load(Relaxed);
-                    match join::join(
+                    let joined = join::client::join(
                         &cfg2,
                         vcfg.clone(),
                         &image,
                         control.clone(),
                         store.clone(),
-                        epoch,
+                        &roles,
                         &state,
                         &stop,
-                    )
-                    .map_err(ft_vmm::Error::Transfer)?
-                    {
-                        join::Joined::FromBoot => {
+                    );
+                    match joined {
+                        Ok(join::client::Joined::FromBoot) => {
                             start.set(1, 1);
                             Vmm::new(vcfg, &image, control.clone())?
                         }
-                        join::Joined::Transfer { vmm, cut } => {
+                        Ok(join::client::Joined::Transfer { vmm, cut }) => {
                             // Log frames of this run only, from the cut on.
                             status.peer_session.store(cut.session, Relaxed);
                             dp.set_peer_session(cut.session);
                             dp.set_delivered(cut.input_start - 1);
                             start.set(cut.input_start, cut.vm_start);
                             *vmm
+                        }
+                        Err(join::client::JoinError::Refused(r)) => {
+                            state.set_refused(Refusal(r.clone()));
+                            return Err(ft_vmm::Error::Transfer(r));
+                        }
+                        Err(join::client::JoinError::Failed(e)) => {
+                            return Err(ft_vmm::Error::Transfer(e));
                         }
                     }
                 };
@@ -329,7 +514,7 @@ pub fn start_backup(
                 vmm.set_source(Box::new(chan_source));
                 vmm.set_frame_store(store);
                 vmm.set_net_on_live(Box::new(move || Ok(Box::new(tap) as Box<_>)));
-                state.set_phase("replaying");
+                state.set_phase(VmPhase::Replaying);
                 info!("VMM: replaying the primary's log (backup)");
                 let stopper = spawn_stopper(stop.clone(), control.clone());
                 let r = vmm.run();
@@ -362,7 +547,7 @@ fn finish(state: &VmState, run: ft_vmm::error::Result<RunReport>) {
     match run {
         Ok(r) => {
             info!(outcome = ?r.outcome, exits = r.exits, "VMM stopped");
-            state.set_phase("stopped");
+            state.set_phase(VmPhase::Stopped);
             *state.report.lock().unwrap() = Some(r);
         }
         Err(ft_vmm::Error::Divergence {
@@ -380,19 +565,15 @@ fn finish(state: &VmState, run: ft_vmm::error::Result<RunReport>) {
                  exit is after {verified} and at most {exit}; this replica must never go \
                  live: it stops following the log"
             );
-            state.set_phase("diverged");
-            *state.divergence.lock().unwrap() = Some(Divergence {
+            state.diverged(Divergence {
                 exit,
                 verified,
-                what: what.clone(),
+                what,
             });
-            *state.error.lock().unwrap() = Some(format!(
-                "divergence at exit {exit} (verified equal at exit {verified}): {what}"
-            ));
         }
         Err(e) => {
             error!("VMM stopped with an error: {e}");
-            state.set_phase("failed");
+            state.set_phase(VmPhase::Failed);
             *state.error.lock().unwrap() = Some(e.to_string());
         }
     }

@@ -7,8 +7,10 @@
 //! before returning, so the hold ring gives every output frame a VMM-stream dependency
 //! that covers the entries it depends on.
 //!
-//! Solo: once the backup has left, `solo` is set and entries are discarded (counted):
-//! there is nobody to replay them, and the output rule no longer applies.
+//! Solo: while the node runs without a backup (its role is SOLO, or SUSPENDED), entries
+//! are discarded (counted): there is nobody to replay them, and the output rule no
+//! longer applies. The role is read from the supervisor's [`Roles`] at every entry: a
+//! join's cut (SOLO -> PRIMARY) makes the sink send from that guest exit on.
 //!
 //! Back-pressure: never more than `window` VMLOG frames unacked. A full window stalls the
 //! vCPU (the flush waits) — VMM entries are never dropped, and client frames have a
@@ -26,7 +28,11 @@ use ft_common::{vmlog::EntryHdr, wire::*};
 use ft_vmm::vmlog::LogSink;
 use zerocopy::IntoBytes;
 
-use crate::{dataplane::DataPlane, netif::RawSocket};
+use crate::{
+    dataplane::DataPlane,
+    netif::RawSocket,
+    role::{NodeRole, Roles},
+};
 
 /// VMLOG frames sent and not yet acked, by sequence (shared with the repair thread).
 #[derive(Default)]
@@ -99,13 +105,16 @@ pub struct ChannelSink {
     pub src: [u8; 6],
     pub dst: [u8; 6],
     pub session: u64,
-    pub epoch: Arc<AtomicU64>,
+    /// The epoch of this log (the node's when the log began; a new epoch means SOLO,
+    /// where entries are discarded, or a new log from a join's cut).
+    pub epoch: u64,
     pub window: u64,
     pub store: Arc<VmLogStore>,
     pub stats: Arc<VmLogStats>,
     pub stop: Arc<AtomicBool>,
-    /// The backup left: discard entries instead of sending them.
-    pub solo: Arc<AtomicBool>,
+    /// The node's role: entries are sent while it is PRIMARY (and, best effort, after it
+    /// halted: the END of a fail-stop), discarded while it runs alone.
+    pub roles: Arc<Roles>,
     /// Entries of the frame being filled.
     pub buf: Vec<u8>,
     pub next_seq: u64,
@@ -130,7 +139,8 @@ impl ChannelSink {
             if self.stop.load(Relaxed) {
                 return Err(io_err(SinkError::Stopping));
             }
-            if self.solo.load(Relaxed) {
+            // Only a paired primary waits for its backup's acks.
+            if !matches!(self.roles.current(), NodeRole::Primary { .. }) {
                 self.discard();
                 return Ok(());
             }
@@ -147,7 +157,7 @@ impl ChannelSink {
                 .stall_ns
                 .fetch_add(t.elapsed().as_nanos() as u64, Relaxed);
         }
-        let epoch = self.epoch.load(Relaxed);
+        let epoch = self.epoch;
         if epoch == 0 {
             return Err(io_err(SinkError::NotLive));
         }
@@ -210,7 +220,10 @@ fn split_count(b: &[u8]) -> u64 {
 
 impl LogSink for ChannelSink {
     fn append(&mut self, hdr: &EntryHdr, payload: &[u8]) -> ft_vmm::error::Result<()> {
-        if self.solo.load(Relaxed) {
+        if matches!(
+            self.roles.current(),
+            NodeRole::Solo { .. } | NodeRole::Suspended { .. }
+        ) {
             self.discard();
             self.stats.discarded.fetch_add(1, Relaxed);
             return Ok(());

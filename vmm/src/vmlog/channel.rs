@@ -40,6 +40,39 @@ impl ChannelSink {
     pub fn bytes_sent(&self) -> u64 {
         self.bytes_sent
     }
+
+    /// Hands `batch` (whole encoded entries, `LogEntry::encode_into`) to the source
+    /// without waiting, after anything appended before: `Ok(None)` when it went,
+    /// `Ok(Some(batch))` handed back when the channel is full (try again later), an
+    /// error when the source is gone.
+    pub fn try_send_encoded(&mut self, batch: Vec<u8>) -> Result<Option<Vec<u8>>> {
+        let gone = || {
+            Error::LogIo(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                "log receiver gone",
+            ))
+        };
+        if !self.batch.is_empty() {
+            let pending = std::mem::take(&mut self.batch);
+            match self.tx.try_send(pending) {
+                Ok(()) => {}
+                Err(TrySendError::Full(p)) => {
+                    self.batch = p;
+                    return Ok(Some(batch));
+                }
+                Err(TrySendError::Disconnected(_)) => return Err(gone()),
+            }
+        }
+        let n = batch.len() as u64;
+        match self.tx.try_send(batch) {
+            Ok(()) => {
+                self.bytes_sent += n;
+                Ok(None)
+            }
+            Err(TrySendError::Full(b)) => Ok(Some(b)),
+            Err(TrySendError::Disconnected(_)) => Err(gone()),
+        }
+    }
 }
 
 impl LogSink for ChannelSink {

@@ -72,6 +72,8 @@ struct State {
     peak: usize,
     floor: Option<FrameKey>,
     closed: bool,
+    /// Readers inside `wait` for a frame that was not here.
+    waiters: usize,
 }
 
 #[derive(Default)]
@@ -115,6 +117,12 @@ impl MemFrameStore {
         self.lock().closed
     }
 
+    /// A reader waits for a frame that is not here now (the replay stands still until
+    /// it arrives).
+    pub fn is_waited_on(&self) -> bool {
+        self.lock().waiters > 0
+    }
+
     /// Closes the store and hands out every frame with a key above `after`, in key order
     /// (at go-live: input that arrived but that the primary's guest never consumed).
     pub fn take_after(&self, after: FrameKey) -> Vec<(FrameKey, Vec<u8>)> {
@@ -146,19 +154,23 @@ impl FrameStore for MemFrameStore {
     fn wait(&self, key: FrameKey, timeout: Duration) -> FrameWait {
         let deadline = Instant::now().checked_add(timeout);
         let mut s = self.lock();
-        loop {
+        if let Some(f) = s.frames.get(&key) {
+            return FrameWait::Ready(f.clone());
+        }
+        s.waiters += 1;
+        let r = loop {
             if let Some(f) = s.frames.get(&key) {
-                return FrameWait::Ready(f.clone());
+                break FrameWait::Ready(f.clone());
             }
             if s.closed {
-                return FrameWait::Closed;
+                break FrameWait::Closed;
             }
             let left = match deadline {
                 Some(d) => d.saturating_duration_since(Instant::now()),
                 None => Duration::from_secs(3600),
             };
             if left.is_zero() {
-                return FrameWait::NotYet;
+                break FrameWait::NotYet;
             }
             s = self
                 .shared
@@ -166,7 +178,9 @@ impl FrameStore for MemFrameStore {
                 .wait_timeout(s, left)
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
-        }
+        };
+        s.waiters -= 1;
+        r
     }
 
     fn remove(&self, key: FrameKey) {
