@@ -43,6 +43,10 @@ pub struct ApplianceOptions {
     /// Re-protection: each host accepts joining backups on its logging address (port
     /// 7480) and, started as backup, asks the peer there.
     pub join: bool,
+    /// Both hosts `role = "auto"` (as the samples and the systemd unit): host A is
+    /// started with `--bootstrap` (the pair's first start boots there), and keeps it on
+    /// every restart (ignored once a VM of the pair has lived).
+    pub auto: bool,
 }
 
 /// What runs as the protected VM.
@@ -89,6 +93,7 @@ impl Default for ApplianceOptions {
             channel_extra: String::new(),
             solo: false,
             join: false,
+            auto: false,
         }
     }
 }
@@ -101,6 +106,9 @@ pub struct Appliance {
     pub sock_b: PathBuf,
     pub config_a: PathBuf,
     pub config_b: PathBuf,
+    /// Extra `ftd run` arguments of each host (kept for restarts).
+    pub args_a: Vec<String>,
+    pub args_b: Vec<String>,
 }
 
 /// The `ftd` binary: `$FTD_BIN`, or next to the running test executable.
@@ -279,10 +287,55 @@ impl Appliance {
         Ok(())
     }
 
+    /// Starts host `host`'s ftd again (after it was killed or exited) with the config it
+    /// has, as a service manager would (`systemctl restart ftd`), plus `args` (e.g.
+    /// `--bootstrap`); waits for its control socket.
+    pub fn restart(&mut self, tb: &Testbed, host: char, args: &[&str]) -> Result<()> {
+        let (cfg, sock) = if host == 'a' {
+            (&self.config_a, &self.sock_a)
+        } else {
+            (&self.config_b, &self.sock_b)
+        };
+        let _ = std::fs::remove_file(sock);
+        let ns = if host == 'a' { &tb.a.ns } else { &tb.b.ns };
+        let mut argv = vec!["run", "--config", cfg.to_str().unwrap()];
+        argv.extend_from_slice(args);
+        let g = tb.spawn(ns, ftd_bin()?, argv)?;
+        wait_socket(sock, &g)?;
+        if host == 'a' {
+            self.a = Some(g);
+        } else {
+            self.b = Some(g);
+        }
+        Ok(())
+    }
+
+    /// Starts host `host`'s ftd again as a service manager would: its config and its
+    /// own `ftd run` arguments, as at the first start.
+    pub fn restart_configured(&mut self, tb: &Testbed, host: char) -> Result<()> {
+        let args = if host == 'a' {
+            self.args_a.clone()
+        } else {
+            self.args_b.clone()
+        };
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        self.restart(tb, host, &args)
+    }
+
+    /// The role host `host`'s daemon reports, None if it does not answer (dead, or
+    /// frozen).
+    pub fn role(&self, host: char) -> Option<String> {
+        self.status(host)
+            .ok()
+            .and_then(|s| s["role"].as_str().map(String::from))
+    }
+
     pub fn start(tb: &Testbed, o: &ApplianceOptions) -> Result<Appliance> {
         let bin = ftd_bin()?;
         let (role_a, role_b) = if o.solo {
             ("solo", "backup")
+        } else if o.auto {
+            ("auto", "auto")
         } else if o.swap_roles {
             ("backup", "primary")
         } else {
@@ -305,11 +358,18 @@ impl Appliance {
             wait_socket(&sock_b, &g)?;
             b = Some(g);
         }
-        let a = tb.spawn(
-            &tb.a.ns,
-            &bin,
-            ["run", "--config", config_a.to_str().unwrap()],
-        )?;
+        let args_a: Vec<String> = if o.auto {
+            vec!["--bootstrap".into()]
+        } else {
+            Vec::new()
+        };
+        let mut argv = vec![
+            "run".to_string(),
+            "--config".into(),
+            config_a.display().to_string(),
+        ];
+        argv.extend(args_a.iter().cloned());
+        let a = tb.spawn(&tb.a.ns, &bin, argv)?;
         wait_socket(&sock_a, &a)?;
         Ok(Appliance {
             a: Some(a),
@@ -318,6 +378,8 @@ impl Appliance {
             sock_b,
             config_a,
             config_b,
+            args_a,
+            args_b: Vec::new(),
         })
     }
 

@@ -40,6 +40,7 @@ pub mod packet;
 pub mod raw;
 pub mod resp;
 pub mod testbed;
+pub mod throttle;
 pub mod udp;
 pub mod workload;
 
@@ -53,4 +54,5 @@ pub use netns::{fmt_mac, ifindex, ip, mac, ns_exec, run_in_ns, try_run_in_ns};
 pub use packet::{TcpSeg, eth_frame, parse_tcp, parse_udp, udp_checksums_ok, udp_frame};
 pub use raw::{BlastStats, Capture, CaptureResult, RawSock, blast, blast_on, monotonic_ns};
 pub use testbed::{Host, Impairment, Testbed, TestbedOptions, cleanup_stale, names, standin_bin};
+pub use throttle::CpuThrottle;
 pub use udp::{UdpClient, spawn_udp_echo};

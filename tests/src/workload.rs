@@ -34,6 +34,8 @@ pub struct ClientLog {
 pub struct Clients {
     stop: Arc<AtomicBool>,
     ops: Arc<AtomicU64>,
+    /// Operations per client.
+    each: Arc<Vec<AtomicU64>>,
     handles: Vec<JoinHandle<Result<ClientLog>>>,
 }
 
@@ -43,14 +45,37 @@ impl Clients {
     pub fn start(tb: &Testbed, n: usize, timeout: Duration) -> Clients {
         let stop = Arc::new(AtomicBool::new(false));
         let ops = Arc::new(AtomicU64::new(0));
+        let each: Arc<Vec<AtomicU64>> = Arc::new((0..n).map(|_| AtomicU64::new(0)).collect());
         let handles = (0..n)
             .map(|id| {
                 let conn = resp::connect(tb, timeout);
-                let (stop, ops) = (stop.clone(), ops.clone());
-                std::thread::spawn(move || run(conn?, id, &stop, &ops))
+                let (stop, ops, each) = (stop.clone(), ops.clone(), each.clone());
+                std::thread::spawn(move || run(conn?, id, &stop, &ops, &each[id]))
             })
             .collect();
-        Clients { stop, ops, handles }
+        Clients {
+            stop,
+            ops,
+            each,
+            handles,
+        }
+    }
+
+    /// Operations completed so far by each client.
+    pub fn each_ops(&self) -> Vec<u64> {
+        self.each
+            .iter()
+            .map(|c| c.load(Ordering::Relaxed))
+            .collect()
+    }
+
+    /// Waits until every client completed more operations than in `before` (a client
+    /// whose request waited out a fault may be in TCP's retransmission back-off for
+    /// seconds); false after `timeout`.
+    pub fn wait_each_beyond(&self, before: &[u64], timeout: Duration) -> bool {
+        Appliance::wait_until(timeout, || {
+            self.each_ops().iter().zip(before).all(|(now, b)| now > b)
+        })
     }
 
     /// Operations (INCR + SET pairs) completed so far, over all clients.
@@ -82,6 +107,7 @@ fn run(
     id: usize,
     stop: &AtomicBool,
     ops: &AtomicU64,
+    mine: &AtomicU64,
 ) -> Result<ClientLog> {
     let mut log = ClientLog::default();
     let key = format!("k{id}");
@@ -107,6 +133,7 @@ fn run(
         }
         log.last_set = Some(n);
         ops.fetch_add(1, Ordering::Relaxed);
+        mine.fetch_add(1, Ordering::Relaxed);
     }
     Ok(log)
 }
