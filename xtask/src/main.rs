@@ -57,7 +57,8 @@ enum Cmd {
         out: PathBuf,
         /// Kinds of fault to draw from, comma-separated (default: all): kill-ftd,
         /// power-cut, pause, log-partition, client-partition, log-loss-reorder,
-        /// etcd-member-kill, arbiter-unreachable.
+        /// etcd-member-kill, arbiter-unreachable, restart-ftd, throttle-backup,
+        /// kill-joiner-after-cut, arbiter-outage-while-solo.
         #[arg(long, value_delimiter = ',')]
         kinds: Vec<String>,
         /// Turn the output rule off (`hold_output = false`), to explore what the suite
@@ -68,6 +69,9 @@ enum Cmd {
         /// default debug builds check the same properties, slower.
         #[arg(long)]
         release: bool,
+        /// More clients, unpaced, on keys of their own (checked too), beside `--clients`.
+        #[arg(long, default_value_t = 0)]
+        extra_clients: usize,
     },
 }
 
@@ -197,11 +201,13 @@ fn main() -> Result<()> {
             kinds,
             unsafe_no_output_rule,
             release,
+            extra_clients,
         } => {
             let mut o = ft_testbed::chaos::ChaosOptions {
                 clients,
                 rate,
                 ram_mib,
+                extra_clients,
                 output_rule: !unsafe_no_output_rule,
                 ..ft_testbed::chaos::ChaosOptions::new(faults, seed, root().join(out))
             };

@@ -22,8 +22,8 @@ use anyhow::{Context, Result};
 use hdrhistogram::Histogram;
 
 use crate::{
-    Appliance, ApplianceOptions, Testbed, TestbedOptions, VmEmitters, VmOptions, etcd_fence,
-    start_etcd,
+    Appliance, ApplianceOptions, Emissions, Testbed, TestbedOptions, VmEmitters, VmOptions,
+    etcd_fence, start_etcd,
 };
 use history::{Clients, Clock, Outcome};
 use nemesis::{FaultKind, Nemesis, Step};
@@ -49,6 +49,9 @@ pub struct ChaosOptions {
     /// The output rule (`hold_output`). Off only to explore what the suite sees
     /// without it: replies released before the backup has what they depend on.
     pub output_rule: bool,
+    /// More clients beside `clients`, unpaced, on keys of their own (checked too): load
+    /// that keeps the backup busy while the faults come.
+    pub extra_clients: usize,
 }
 
 impl ChaosOptions {
@@ -63,9 +66,14 @@ impl ChaosOptions {
             rate: 2000,
             kinds: nemesis::ALL_KINDS.to_vec(),
             output_rule: true,
+            extra_clients: 0,
         }
     }
 }
+
+/// The arbiter's lease in the chaos runs (etcd), and its renewal interval.
+const LEASE_MS: u64 = 2000;
+const RENEW_MS: u64 = 400;
 
 /// One step as it went.
 #[derive(Clone, Debug)]
@@ -116,6 +124,10 @@ pub struct Report {
     /// The clients' pace outside throughput samples (calls/s, 0 = unpaced).
     pub rate: u64,
     pub output_rule: bool,
+    pub extra_clients: usize,
+    /// Where the evidence of a failed run was kept (every daemon's and arbiter's log,
+    /// the last status of both hosts, the captures of the last step).
+    pub evidence: Option<PathBuf>,
 }
 
 impl Report {
@@ -173,8 +185,17 @@ impl fmt::Display for Report {
         )?;
         writeln!(
             f,
-            "  operations: {} ok, {} failed, {} unknown; {} keys; clients paced at {} calls/s between throughput samples",
-            self.ops_ok, self.ops_failed, self.ops_unknown, self.keys_checked, self.rate
+            "  operations: {} ok, {} failed, {} unknown; {} keys; clients paced at {} calls/s between throughput samples{}",
+            self.ops_ok,
+            self.ops_failed,
+            self.ops_unknown,
+            self.keys_checked,
+            self.rate,
+            if self.extra_clients > 0 {
+                format!(", {} more unpaced", self.extra_clients)
+            } else {
+                String::new()
+            }
         )?;
         let lin = &self.linearizability;
         writeln!(
@@ -247,6 +268,13 @@ impl fmt::Display for Report {
             writeln!(f)?;
         }
         writeln!(f, "  history: {}", self.history.display())?;
+        if let Some(e) = &self.evidence {
+            writeln!(
+                f,
+                "  evidence kept in {} (daemon and arbiter logs, last status of both hosts, captures)",
+                e.display()
+            )?;
+        }
         write!(
             f,
             "  verdict: {}",
@@ -297,8 +325,9 @@ pub fn run(o: &ChaosOptions, say: &mut dyn FnMut(&str)) -> Result<Report> {
                 ram_mib: o.ram_mib,
                 extra: String::new(),
             },
-            fence: etcd_fence(&etcd, 2000, 400),
+            fence: etcd_fence(&etcd, LEASE_MS, RENEW_MS),
             join: true,
+            auto: true,
             hold_output: o.output_rule,
             ..Default::default()
         },
@@ -319,6 +348,17 @@ pub fn run(o: &ChaosOptions, say: &mut dyn FnMut(&str)) -> Result<Report> {
         clock,
         o.rate,
     );
+    let extra = (o.extra_clients > 0).then(|| {
+        Clients::start(
+            &tb.client_ns,
+            o.clients..o.clients + o.extra_clients,
+            "x",
+            o.seed ^ 0x5eed,
+            CALL_TIMEOUT,
+            clock,
+            0,
+        )
+    });
     anyhow::ensure!(
         Appliance::wait_until(Duration::from_secs(30), || clients.ok() > 200),
         "the clients made no progress before the first fault"
@@ -348,12 +388,27 @@ pub fn run(o: &ChaosOptions, say: &mut dyn FnMut(&str)) -> Result<Report> {
         check_time: Duration::ZERO,
         rate: o.rate,
         output_rule: o.output_rule,
+        extra_clients: o.extra_clients,
+        evidence: None,
     };
+    let mut captures: Vec<(usize, Emissions)> = Vec::new();
     let mut gaps_at: Vec<(u64, u64)> = Vec::new();
     {
-        let mut nem = Nemesis::new(&tb, &mut app, &mut etcd);
+        let mut nem = Nemesis::new(&tb, &mut app, &mut etcd, Duration::from_millis(LEASE_MS));
         for (i, step) in schedule.iter().enumerate() {
-            match run_step(&mut nem, step, clock) {
+            let mut captured = None;
+            let r = run_step(&mut nem, step, clock, &mut captured);
+            // The captures of the last step and of every step with a violation.
+            captures.retain(|(n, _)| {
+                report
+                    .emitter_violations
+                    .iter()
+                    .any(|v| v.starts_with(&format!("step {n}:")))
+            });
+            if let Some(c) = captured {
+                captures.push((i + 1, c));
+            }
+            match r {
                 Ok((rec, window, violation)) => {
                     for f in &step.faults {
                         *report.faults_by_kind.entry(f.kind).or_default() += 1;
@@ -403,6 +458,10 @@ pub fn run(o: &ChaosOptions, say: &mut dyn FnMut(&str)) -> Result<Report> {
         report.throughput_ft_on.push(throughput(&clients, o.sample));
     }
     let mut calls = clients.finish();
+    if let Some(x) = extra {
+        calls.extend(x.finish());
+        calls.sort_by_key(|c| c.invoked_ns);
+    }
     let end_ns = clock.ns();
     if report.aborted.is_none() {
         match history::final_reads(&tb.client_ns, &calls, clock) {
@@ -453,6 +512,16 @@ pub fn run(o: &ChaosOptions, say: &mut dyn FnMut(&str)) -> Result<Report> {
         rec.gap = Duration::from_nanos(check::longest_gap(&calls, from, to).0);
     }
     report.elapsed = began.elapsed();
+    if !report.passed() {
+        let dir = o.out_dir.join(format!("evidence-{}", o.seed));
+        match keep_evidence(&tb, &app, &dir, &captures) {
+            Ok(()) => report.evidence = Some(dir),
+            Err(e) => say(&format!(
+                "could not keep the evidence in {}: {e:#}",
+                dir.display()
+            )),
+        }
+    }
     let text = report.to_string();
     std::fs::write(o.out_dir.join(format!("report-{}.txt", o.seed)), &text)
         .context("writing the report")?;
@@ -465,20 +534,32 @@ fn run_step(
     nem: &mut Nemesis,
     step: &Step,
     clock: Clock,
+    captured: &mut Option<Emissions>,
 ) -> Result<(StepRecord, (u64, u64), Option<String>)> {
     let primary = nem.live().context("no live host before the step")?;
     let emitters = VmEmitters::start(nem.tb)?;
     let t0 = Instant::now();
     let from = clock.ns();
-    let applied = nem.apply(step, primary);
-    std::thread::sleep(step.hold);
-    nem.heal()?;
-    applied?;
-    let (live, rejoined) = nem.reprotect(PROTECT_TIMEOUT)?;
+    let outcome = (|| -> Result<(char, usize)> {
+        let applied = nem.apply(step, primary);
+        std::thread::sleep(nem.hold(step));
+        nem.heal()?;
+        applied?;
+        nem.reprotect(PROTECT_TIMEOUT)
+    })();
+    let stopped = emitters.stop();
+    let em = match stopped {
+        Ok(em) => em,
+        Err(e) => {
+            outcome?;
+            return Err(e);
+        }
+    };
+    let runs = em.runs();
+    *captured = Some(em);
+    let (live, rejoined) = outcome?;
     let to_protected = t0.elapsed();
     let to = clock.ns();
-    let em = emitters.stop()?;
-    let runs = em.runs();
     // One host emits; after a failover, the old primary's frames all come before the
     // new one's.
     let allowed: Vec<char> = if live == primary {
@@ -532,4 +613,58 @@ fn replicas_identical(app: &Appliance, tb: &Testbed) -> Result<u64, String> {
         return Err(format!("the backup verified no new checkpoint: {s:#}"));
     }
     Ok(verified().unwrap_or(v0) - v0)
+}
+
+/// A failed run's evidence in `dir`: every log and config of the testbed (the daemons',
+/// the arbiter's, etcd's, and how each daemon run ended), the status of both hosts now,
+/// and the client-network captures of the kept steps (`step-N-a.pcap`, `-b.pcap`: the
+/// VM's frames as each host's bridge port received them).
+fn keep_evidence(
+    tb: &Testbed,
+    app: &Appliance,
+    dir: &std::path::Path,
+    captures: &[(usize, Emissions)],
+) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let keep = |p: &std::path::Path| {
+        p.extension()
+            .and_then(|e| e.to_str())
+            .is_some_and(|e| matches!(e, "log" | "toml" | "json"))
+    };
+    for sub in [tb.tmp_dir.clone(), tb.tmp_dir.join("etcd")] {
+        let Ok(entries) = std::fs::read_dir(&sub) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.is_file() && keep(&p) {
+                let to = dir.join(p.file_name().unwrap_or_default());
+                std::fs::copy(&p, &to).with_context(|| format!("copying {}", p.display()))?;
+            }
+        }
+    }
+    for h in ['a', 'b'] {
+        let text = match app.status(h) {
+            Ok(v) => serde_json::to_string_pretty(&v)?,
+            Err(e) => format!("host {h}'s daemon does not answer: {e:#}"),
+        };
+        std::fs::write(dir.join(format!("status-{h}.json")), text)?;
+    }
+    for (n, em) in captures {
+        for h in ['a', 'b'] {
+            let path = dir.join(format!("step-{n}-{h}.pcap"));
+            let file = std::fs::File::create(&path)?;
+            let mut w = pcap_file::pcap::PcapWriter::new(file)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+            for e in em.frames.iter().filter(|e| e.host == h) {
+                w.write_packet(&pcap_file::pcap::PcapPacket::new(
+                    Duration::from_nanos(e.at_ns),
+                    e.frame.len() as u32,
+                    &e.frame,
+                ))
+                .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+            }
+        }
+    }
+    Ok(())
 }

@@ -31,9 +31,21 @@ pub enum FaultKind {
     EtcdMemberKill,
     /// Neither host reaches the arbiter (etcd).
     ArbiterUnreachable,
+    /// A host's ftd killed and started again at once from its config and arguments, as
+    /// a service manager does (`Restart=on-failure`): it must never boot a fresh VM.
+    RestartFtd,
+    /// The backup's ftd throttled to a few percent of a CPU (cgroup): a slow host, not
+    /// a dead one; its primary must wait for it.
+    ThrottleBackup,
+    /// The backup's ftd killed and started again; it joins the primary (now alone) by
+    /// state transfer and is killed right after the cut.
+    KillJoinerAfterCut,
+    /// The backup's ftd killed; once the primary runs alone, the arbiter is unreachable
+    /// for longer than the lease: the primary suspends and must retake its epoch.
+    ArbiterOutageWhileSolo,
 }
 
-pub const ALL_KINDS: [FaultKind; 8] = [
+pub const ALL_KINDS: [FaultKind; 12] = [
     FaultKind::KillFtd,
     FaultKind::PowerCut,
     FaultKind::Pause,
@@ -42,6 +54,10 @@ pub const ALL_KINDS: [FaultKind; 8] = [
     FaultKind::LogLossReorder,
     FaultKind::EtcdMemberKill,
     FaultKind::ArbiterUnreachable,
+    FaultKind::RestartFtd,
+    FaultKind::ThrottleBackup,
+    FaultKind::KillJoinerAfterCut,
+    FaultKind::ArbiterOutageWhileSolo,
 ];
 
 impl FaultKind {
@@ -52,10 +68,21 @@ impl FaultKind {
             FaultKind::KillFtd
             | FaultKind::PowerCut
             | FaultKind::Pause
-            | FaultKind::ClientPartition => 0,
+            | FaultKind::ClientPartition
+            | FaultKind::RestartFtd
+            | FaultKind::ThrottleBackup
+            | FaultKind::KillJoinerAfterCut => 0,
             FaultKind::LogPartition | FaultKind::LogLossReorder => 1,
             FaultKind::EtcdMemberKill | FaultKind::ArbiterUnreachable => 2,
+            // A host fault and an arbiter fault at once: combined with neither.
+            FaultKind::ArbiterOutageWhileSolo => 3,
         }
+    }
+
+    /// Combined with nothing of class 0 or 2 (see `class`).
+    fn combines_with(self, other: FaultKind) -> bool {
+        let (a, b) = (self.class(), other.class());
+        a != b && !(a == 3 && (b == 0 || b == 2)) && !(b == 3 && (a == 0 || a == 2))
     }
 
     /// The kind named `name` (as [`FaultKind::name`] spells it).
@@ -73,6 +100,10 @@ impl FaultKind {
             FaultKind::LogLossReorder => "log-loss-reorder",
             FaultKind::EtcdMemberKill => "etcd-member-kill",
             FaultKind::ArbiterUnreachable => "arbiter-unreachable",
+            FaultKind::RestartFtd => "restart-ftd",
+            FaultKind::ThrottleBackup => "throttle-backup",
+            FaultKind::KillJoinerAfterCut => "kill-joiner-after-cut",
+            FaultKind::ArbiterOutageWhileSolo => "arbiter-outage-while-solo",
         }
     }
 }
@@ -91,6 +122,8 @@ pub struct Fault {
     /// etcd member (EtcdMemberKill).
     pub member: usize,
     pub impairment: Impairment,
+    /// Percent of one CPU the throttled backup gets (ThrottleBackup).
+    pub cpu_pct: u32,
 }
 
 impl fmt::Display for Fault {
@@ -99,8 +132,12 @@ impl fmt::Display for Fault {
             FaultKind::KillFtd
             | FaultKind::PowerCut
             | FaultKind::Pause
-            | FaultKind::ClientPartition => {
+            | FaultKind::ClientPartition
+            | FaultKind::RestartFtd => {
                 write!(f, "{} of the {:?}", self.kind.name(), self.target)
+            }
+            FaultKind::ThrottleBackup => {
+                write!(f, "{} to {}% of a CPU", self.kind.name(), self.cpu_pct)
             }
             FaultKind::EtcdMemberKill => write!(f, "{} m{}", self.kind.name(), self.member),
             FaultKind::LogLossReorder => write!(
@@ -146,6 +183,7 @@ pub fn schedule(seed: u64, steps: usize, etcd_members: usize, kinds: &[FaultKind
             loss_pct: rng.random_range(5..=30),
             reorder_pct: rng.random_range(10..=40),
         },
+        cpu_pct: rng.random_range(5..=30),
     };
     (0..steps)
         .map(|_| {
@@ -154,7 +192,7 @@ pub fn schedule(seed: u64, steps: usize, etcd_members: usize, kinds: &[FaultKind
             let others: Vec<FaultKind> = kinds
                 .iter()
                 .copied()
-                .filter(|k| k.class() != first.class())
+                .filter(|k| first.combines_with(*k))
                 .collect();
             if rng.random_bool(1.0 / 3.0) && !others.is_empty() {
                 let second = others[rng.random_range(0..others.len())];
@@ -178,6 +216,7 @@ enum Undo {
     NoImpairment,
     RestartMember(usize),
     ArbiterUp,
+    Unthrottle,
     Nothing,
 }
 
@@ -186,7 +225,10 @@ pub struct Nemesis<'a> {
     pub tb: &'a Testbed,
     pub app: &'a mut Appliance,
     pub etcd: &'a mut EtcdCluster,
+    /// The arbiter's lease (an outage while solo lasts at least this plus 1 s).
+    pub lease: Duration,
     undo: Vec<Undo>,
+    throttle: Option<crate::CpuThrottle>,
 }
 
 pub fn other(h: char) -> char {
@@ -194,13 +236,46 @@ pub fn other(h: char) -> char {
 }
 
 impl<'a> Nemesis<'a> {
-    pub fn new(tb: &'a Testbed, app: &'a mut Appliance, etcd: &'a mut EtcdCluster) -> Self {
+    pub fn new(
+        tb: &'a Testbed,
+        app: &'a mut Appliance,
+        etcd: &'a mut EtcdCluster,
+        lease: Duration,
+    ) -> Self {
         Nemesis {
             tb,
             app,
             etcd,
+            lease,
             undo: Vec::new(),
+            throttle: None,
         }
+    }
+
+    /// How long `step` must hold: an arbiter outage while solo outlasts the lease.
+    pub fn hold(&self, step: &Step) -> Duration {
+        if step
+            .faults
+            .iter()
+            .any(|f| f.kind == FaultKind::ArbiterOutageWhileSolo)
+        {
+            step.hold.max(self.lease + Duration::from_secs(1))
+        } else {
+            step.hold
+        }
+    }
+
+    /// Waits (bounded) until `h` runs the VM alone.
+    fn wait_solo(&self, h: char, what: &str) -> Result<()> {
+        if !Appliance::wait_until(Duration::from_secs(30), || {
+            self.status(h).is_some_and(|s| s["role"] == "solo")
+        }) {
+            bail!(
+                "{what}: host {h} did not run alone within 30 s: {:#}",
+                self.status(h).unwrap_or_default()
+            );
+        }
+        Ok(())
     }
 
     fn ns(&self, h: char) -> &str {
@@ -257,6 +332,46 @@ impl<'a> Nemesis<'a> {
                     self.tb.set_link(&self.tb.client_ns, BR_PORT_R, false)?;
                     Undo::ArbiterUp
                 }
+                FaultKind::RestartFtd => {
+                    self.app.guard(host).kill()?;
+                    self.app
+                        .restart_configured(self.tb, host)
+                        .with_context(|| format!("restarting host {host}'s ftd"))?;
+                    Undo::Nothing
+                }
+                FaultKind::ThrottleBackup => {
+                    let b = other(primary);
+                    self.throttle = Some(crate::CpuThrottle::new(
+                        "ft-chaos-throttle",
+                        self.app.guard(b).pid(),
+                        f.cpu_pct,
+                        100_000,
+                    )?);
+                    Undo::Unthrottle
+                }
+                FaultKind::KillJoinerAfterCut => {
+                    let b = other(primary);
+                    self.app.guard(b).kill()?;
+                    self.wait_solo(primary, "kill-joiner-after-cut")?;
+                    self.app.restart_configured(self.tb, b)?;
+                    // The cut: the live node pairs with the joiner.
+                    if !Appliance::wait_until(Duration::from_secs(60), || {
+                        self.status(primary).is_some_and(|s| s["role"] == "primary")
+                    }) {
+                        bail!(
+                            "kill-joiner-after-cut: no cut within 60 s: {:#}",
+                            self.status(primary).unwrap_or_default()
+                        );
+                    }
+                    self.app.guard(b).kill()?;
+                    Undo::Nothing
+                }
+                FaultKind::ArbiterOutageWhileSolo => {
+                    self.app.guard(other(primary)).kill()?;
+                    self.wait_solo(primary, "arbiter-outage-while-solo")?;
+                    self.tb.set_link(&self.tb.client_ns, BR_PORT_R, false)?;
+                    Undo::ArbiterUp
+                }
             };
             self.undo.push(undo);
         }
@@ -284,6 +399,7 @@ impl<'a> Nemesis<'a> {
                     self.etcd.members[m].restart().map_err(anyhow::Error::msg)?
                 }
                 Undo::ArbiterUp => self.tb.set_link(&self.tb.client_ns, BR_PORT_R, true)?,
+                Undo::Unthrottle => drop(self.throttle.take()),
                 Undo::Nothing => {}
             }
         }
@@ -358,8 +474,8 @@ impl<'a> Nemesis<'a> {
     }
 
     /// After a heal: waits until the roles settled, then for the VM to be protected
-    /// again. The other host's ftd is restarted as a joining backup when it is dead or
-    /// halted, or when it stays a backup that does not follow the live host for 5 s (a
+    /// again. The other host's ftd is started again from its config (it joins) when it
+    /// is dead or halted, or when it stays a backup that does not follow the live host for 5 s (a
     /// backup that was cut off may be about to halt, or catching up). Returns the primary
     /// and how many ftd were restarted. Bounded by `timeout`.
     pub fn reprotect(&mut self, timeout: Duration) -> Result<(char, usize)> {
@@ -413,10 +529,12 @@ impl<'a> Nemesis<'a> {
                 .is_some_and(|s| s["channel"]["stopped_acking"] == true);
             let stale = restarts.1 == 0 && !taking_over && since.elapsed() > Duration::from_secs(5);
             if restarts.1 < 3 && (dead_or_halted || stale) {
+                // As a service manager would: its config and arguments (host A keeps its
+                // --bootstrap: ignored once a VM of the pair has lived).
                 self.app.guard(o).kill()?;
                 self.app
-                    .restart_as_backup(self.tb, o)
-                    .with_context(|| format!("restarting host {o}'s ftd as backup"))?;
+                    .restart_configured(self.tb, o)
+                    .with_context(|| format!("restarting host {o}'s ftd"))?;
                 restarted += 1;
                 restarts.1 += 1;
             }
