@@ -107,6 +107,7 @@ pub async fn run(cfg: Config, bootstrap: Bootstrap) -> anyhow::Result<Exit> {
         tap,
         stop.clone(),
     );
+    let switchover = supervisor.switchover.clone();
     let mut node = tokio::spawn(supervisor.run());
     let sh = Arc::new(Shared {
         dp: dp.clone(),
@@ -137,29 +138,29 @@ pub async fn run(cfg: Config, bootstrap: Bootstrap) -> anyhow::Result<Exit> {
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut usr1 = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1())?;
-    let mut switchover = false;
     let ended = loop {
         tokio::select! {
             r = &mut node => break r,
             _ = tokio::signal::ctrl_c() => info!("SIGINT: shutting down"),
             _ = term.recv() => info!("SIGTERM: shutting down"),
-            _ = usr1.recv() => match crate::control::switchover_refusal(&sh) {
-                Some(why) => {
-                    warn!("switchover refused: {why}");
-                    continue;
+            _ = usr1.recv() => {
+                match crate::control::switchover_refusal(&sh) {
+                    Some(why) => warn!("switchover refused: {why}"),
+                    None => {
+                        info!("switchover: handing the VM to the backup (graceful stop), then rejoining");
+                        // The supervisor checks again, on the role it has then.
+                        switchover.store(true, Relaxed);
+                    }
                 }
-                None => {
-                    info!("switchover: handing the VM to the backup (graceful stop), then rejoining");
-                    switchover = true;
-                }
-            },
+                continue;
+            }
         }
         stop.store(true, Relaxed);
     };
     let _ = std::fs::remove_file(&ctl_path);
     let exit = ended.context("the role supervisor panicked")?;
     let exit = match exit {
-        crate::role::Exit::Stopped if switchover => Exit::Switchover,
+        crate::role::Exit::Switchover => Exit::Switchover,
         crate::role::Exit::Stopped => Exit::Stopped,
         crate::role::Exit::Halted(why) => Exit::Halted(why),
         crate::role::Exit::Refused(why) => Exit::Refused(why),

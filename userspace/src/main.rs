@@ -115,7 +115,9 @@ fn main() -> anyhow::Result<()> {
                 .enable_all()
                 .build()?;
             let exit = rt.block_on(ftd::daemon::run(cfg, bootstrap))?;
-            drop(rt);
+            // A thread that does not end (a join stuck in a read) must not keep a halted
+            // daemon from exiting.
+            rt.shutdown_timeout(std::time::Duration::from_secs(5));
             match exit {
                 Exit::Stopped => Ok(()),
                 Exit::Switchover => {

@@ -338,7 +338,7 @@ fn the_endpoint_serves_what_the_sources_hold_at_scrape_time() {
     status.acks_sent.fetch_add(5, Relaxed);
     vm.live.exits.fetch_add(1000, Relaxed);
     vm.stats.stall_ns.fetch_add(1_500_000_000, Relaxed);
-    vm.count_join(Duration::from_millis(12));
+    vm.count_join(7, Duration::from_millis(12));
     vm.join_auth_failures.fetch_add(2, Relaxed);
     *vm.join.lock().unwrap() = Some(serde_json::json!({
         "phase": "done", "pause_ms": 12.5, "bytes": 1024, "total_ms": 2000.0

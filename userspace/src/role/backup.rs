@@ -34,6 +34,10 @@ impl Supervisor {
         let retry = self.cfg.fence.renew_interval();
         let mut last_check = Instant::now();
         let mut tick = tokio::time::interval(TICK);
+        // The primary is watched from when the replay starts: before it (a join's
+        // transfer takes seconds while the live node runs alone and sends nothing) its
+        // silence says nothing.
+        let mut watching = false;
         loop {
             tick.tick().await;
             if self.stopping() {
@@ -55,6 +59,9 @@ impl Supervisor {
                     return Next::Refuse(r.0);
                 }
                 return Next::Halt(format!("this backup's replica stopped ({why})"));
+            }
+            if let Some(why) = self.worker_died() {
+                return Next::Halt(why);
             }
             let joining = self
                 .vm
@@ -95,8 +102,18 @@ impl Supervisor {
                     }
                 }
             }
+            let Some(vm) = self.vm.clone() else {
+                self.observe_peer();
+                continue;
+            };
+            if !watching && vm.phase() == VmPhase::Replaying {
+                watching = true;
+                self.liveness.watch();
+            }
+            if !watching {
+                continue;
+            }
             self.observe_peer();
-            let Some(vm) = self.vm.clone() else { continue };
             let primary_known = self
                 .status
                 .peer_session
@@ -140,8 +157,16 @@ impl Supervisor {
         // going live.
         let acked = crate::channel::backup::stop_confirming(&self.dp, &self.status);
         warn!("the primary {cause}: taking over");
+        let held_since = Instant::now();
+        let held_limit = self
+            .arb
+            .as_ref()
+            .map_or(Duration::ZERO, |a| a.lease_len().saturating_mul(2));
         let (epoch, deadline) = match self.arb.clone() {
             Some(arb) => loop {
+                if self.stopping() {
+                    return Next::Stop;
+                }
                 match self
                     .test_and_set(
                         &arb,
@@ -156,10 +181,11 @@ impl Supervisor {
                         lease_remaining,
                         epoch,
                         ..
-                    }) if epoch == followed => {
+                    }) if epoch == followed && held_since.elapsed() < held_limit => {
                         // Not paired (the primary could not reach the arbiter when it went
                         // live): wait for its lease to lapse. A primary still alive takes a
-                        // new epoch meanwhile, and this backup then loses (Stale).
+                        // new epoch meanwhile, and this backup then loses (Stale); one that
+                        // keeps renewing its lease for two lease lengths is alive too.
                         warn!(
                             "the silent primary was not paired with this backup: waiting {} ms for its lease",
                             lease_remaining.as_millis()
@@ -191,6 +217,9 @@ impl Supervisor {
         }
         vm.set_phase(VmPhase::Live);
         let drain = t_drain.elapsed();
+        // The backup's receive loop is done (the log is closed): it ends before the input
+        // it held is handed to the live VM.
+        self.stop_backup_workers().await;
         let t_ann = Instant::now();
         let unreferenced = deliver_unconsumed_input(self, &vm);
         announce(self);
@@ -208,8 +237,7 @@ impl Supervisor {
         info!(?report, "live after take-over");
         self.roles.set_last_failover(report);
         vm.ran_alone();
-        // The backup's workers are done (the log is closed); a backup may join this node.
-        self.stop_backup_workers();
+        // A backup may join this node now.
         if let Err(e) = self.start_joinable_workers() {
             warn!("this node cannot serve a joining backup: {e:#}");
         }

@@ -31,8 +31,20 @@ impl Supervisor {
         mut give_up: impl FnMut() -> bool,
     ) -> Tas {
         let f = &self.cfg.fence;
-        let first = MonoInstant::now();
-        let mut retried = false;
+        // The first test-and-set at `expected` this process sent, in this call or an
+        // earlier one (a call given up while the arbiter was unreachable may have
+        // committed: its answer was lost).
+        let first = {
+            let mut g = self.tas_sent.lock().unwrap();
+            match *g {
+                Some((e, t)) if e == expected => t,
+                _ => {
+                    let t = MonoInstant::now();
+                    *g = Some((expected, t));
+                    t
+                }
+            }
+        };
         let since = std::time::Instant::now();
         let r = loop {
             let sent = MonoInstant::now();
@@ -46,9 +58,12 @@ impl Supervisor {
                 Ok(TasOutcome::Stale {
                     owner: Some(o),
                     epoch,
-                }) if retried && o == f.node && epoch == expected + 1 => {
-                    // Which earlier attempt won is unknown: its lease counts from the
-                    // first (the lease keeper renews it at once if little is left).
+                }) if o == f.node && epoch == expected + 1 => {
+                    // This node owns the next epoch: only a test-and-set of this process
+                    // at `expected` can have won it (any earlier holder of this node's
+                    // name held an epoch below the one this process held or asked at).
+                    // Which attempt won is unknown: its lease counts from the first (the
+                    // lease keeper renews it at once if little is left).
                     info!(
                         epoch,
                         "an earlier test-and-set whose answer was lost had won"
@@ -70,12 +85,15 @@ impl Supervisor {
                     if self.stopping() || give_up() {
                         break Tas::Stopped;
                     }
-                    retried = true;
                     tokio::time::sleep(f.renew_interval() / 4).await;
                 }
             }
         };
         self.roles.set_arbiter_wait(None);
+        if !matches!(r, Tas::Stopped) {
+            // Answered: a later call at the same epoch is a new attempt.
+            *self.tas_sent.lock().unwrap() = None;
+        }
         r
     }
 }
@@ -99,11 +117,15 @@ impl Lease {
         }
     }
 
-    /// Renews `epoch`'s lease (installed with `deadline`) from now on.
+    /// Renews `epoch`'s lease (installed with `deadline`) from now on. A renewal reaches
+    /// the kernel at once (whatever the supervisor awaits meanwhile: a take-over's drain
+    /// can take seconds), if the node is still live in `epoch`; a lost lease goes to the
+    /// supervisor.
     pub(super) fn start(&mut self, sv: &Supervisor, epoch: u64, deadline: u64) {
         let Some(arb) = &sv.arb else { return };
         let f = &sv.cfg.fence;
         let tx = self.tx.clone();
+        let roles = sv.roles.clone();
         self.keeper = Some(LeaseKeeper::spawn(
             arb.clone(),
             &f.vm,
@@ -112,6 +134,14 @@ impl Lease {
             deadline,
             f.timing(),
             move |st| {
+                if let LeaseState::Valid {
+                    deadline_monotonic_ns,
+                    ..
+                } = st
+                    && let Err(e) = roles.renewed(epoch, deadline_monotonic_ns)
+                {
+                    warn!("lease renewed but the kernel deadline could not be extended: {e}");
+                }
                 let _ = tx.send((epoch, st));
             },
         ));

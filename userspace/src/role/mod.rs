@@ -209,6 +209,8 @@ pub struct Roles {
     dp: Arc<DataPlane>,
     liveness: Arc<Liveness>,
     role: watch::Sender<NodeRole>,
+    /// Held while the role or the lease deadline is written (one writer at a time).
+    write: Mutex<()>,
     history: Mutex<VecDeque<Transition>>,
     changes: AtomicU64,
     last_failover: Mutex<Option<FailoverReport>>,
@@ -225,6 +227,7 @@ impl Roles {
             role: watch::Sender::new(NodeRole::Standby {
                 waiting: "starting".into(),
             }),
+            write: Mutex::new(()),
             history: Mutex::new(VecDeque::new()),
             changes: AtomicU64::new(0),
             last_failover: Mutex::new(None),
@@ -260,6 +263,7 @@ impl Roles {
     /// Writes the role to the kernel (deadline cleared before role/epoch change, set
     /// last: see `DataPlane::set_node_state`), publishes it and records the transition.
     fn set(&self, next: NodeRole, deadline_ns: u64, reason: &str) -> Result<(), DataPlaneError> {
+        let _w = self.write.lock().unwrap();
         let prev = self.current();
         self.dp.set_node_state(next.kernel(deadline_ns))?;
         if prev.watching() != next.watching() || prev.epoch() != next.epoch() {
@@ -287,9 +291,16 @@ impl Roles {
         Ok(())
     }
 
-    /// A renewed lease: the kernel's deadline moves (the role stays).
-    fn renewed(&self, deadline_ns: u64) -> Result<(), DataPlaneError> {
-        self.dp.set_lease_deadline(deadline_ns)
+    /// A renewed lease of `epoch`: the kernel's deadline moves, if the node is still
+    /// live in that epoch (under the same lock as role changes: a renewal of an epoch
+    /// the node has just left never extends the next one's deadline).
+    fn renewed(&self, epoch: u64, deadline_ns: u64) -> Result<(), DataPlaneError> {
+        let _w = self.write.lock().unwrap();
+        let r = self.role.borrow();
+        if r.is_live() && r.epoch() == epoch {
+            self.dp.set_lease_deadline(deadline_ns)?;
+        }
+        Ok(())
     }
 
     /// Halts the node: not live, no lease, for good.

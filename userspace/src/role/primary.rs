@@ -126,11 +126,8 @@ impl Supervisor {
                         continue; // an older epoch's keeper (replaced)
                     }
                     match st {
-                        LeaseState::Valid { deadline_monotonic_ns, .. } => {
-                            if let Err(e) = self.roles.renewed(deadline_monotonic_ns) {
-                                warn!("lease renewed but the kernel deadline could not be extended: {e}");
-                            }
-                        }
+                        // The keeper's callback moved the kernel's deadline already.
+                        LeaseState::Valid { .. } => {}
                         LeaseState::Lost { reason, fenced: true } => {
                             return Next::Halt(format!("lease lost: {reason}"));
                         }
@@ -150,11 +147,17 @@ impl Supervisor {
                     if let Some(why) = self.vm_ended() {
                         return Next::Halt(format!("the protected VM stopped ({why})"));
                     }
+                    if let Some(why) = self.worker_died() {
+                        return Next::Halt(why);
+                    }
+                    if self.switchover_now() {
+                        return Next::Switchover;
+                    }
                     let Some(vm) = self.vm.clone() else { continue };
                     let joins = vm.joined();
                     if joins != joins_seen {
                         joins_seen = joins;
-                        self.pair_joined(epoch).await;
+                        self.pair_joined().await;
                     }
                     self.observe_peer();
                     let NodeRole::Primary { .. } = self.roles.current() else {
@@ -194,7 +197,11 @@ impl Supervisor {
             return;
         }
         let answer = match self.roles.current() {
-            NodeRole::Solo { epoch } => {
+            NodeRole::Solo { epoch } if epoch == req.epoch => {
+                // A LEAVE or failed join of an earlier backup is no reason to drop this one.
+                if let Some(vm) = &self.vm {
+                    vm.leave.lock().unwrap().take();
+                }
                 let deadline = self.dp.node_state().map_or(0, |n| n.lease_deadline_ns);
                 self.roles
                     .set(
@@ -209,8 +216,10 @@ impl Supervisor {
                     .map_err(|e| e.to_string())
             }
             other => Err(format!(
-                "this node no longer runs alone (it is {})",
-                other.name()
+                "this node no longer runs alone in epoch {} (it is {} at epoch {})",
+                req.epoch,
+                other.name(),
+                other.epoch()
             )),
         };
         let _ = req.reply.send(answer);
@@ -220,8 +229,18 @@ impl Supervisor {
     /// wait for this node's lease: from the cut on it emits nothing without that
     /// backup's acks). Not paired (the arbiter unreachable just now), a take-over waits
     /// for the lease: slower, never unsafe.
-    async fn pair_joined(&self, epoch: u64) {
+    async fn pair_joined(&self) {
         let Some(vm) = &self.vm else { return };
+        let epoch = vm.last_join_epoch();
+        // Only the backup this node's output waits for now: one whose join belongs to an
+        // epoch this node has left must never be the follower of a later one.
+        if self.roles.current() != (NodeRole::Primary { epoch }) {
+            warn!(
+                epoch,
+                "a backup joined at epoch {epoch}, but this node has moved on: not paired"
+            );
+            return;
+        }
         *self.status.backup_left.lock().unwrap() = None;
         info!(
             epoch,
@@ -301,6 +320,8 @@ impl Supervisor {
     fn become_solo(&self, epoch: u64, deadline: u64, why: &str) -> Result<(), Next> {
         if let Some(vm) = &self.vm {
             vm.ran_alone();
+            // Whatever a backup said before is about a pairing that is over.
+            vm.leave.lock().unwrap().take();
         }
         *self.status.backup_left.lock().unwrap() = Some(why.to_string());
         if let Err(e) = self.roles.set(NodeRole::Solo { epoch }, deadline, why) {
@@ -434,6 +455,11 @@ impl Supervisor {
                 "won test-and-set at epoch {expected}: a fresh VM (--bootstrap --force; the VM of epoch {expected} is lost)"
             )
         };
+        if self.stopping() {
+            // Nothing was booted; the arbiter records the epoch as lived all the same (a
+            // start after this one needs --bootstrap --force).
+            return Ok(Next::Stop);
+        }
         if let Err(e) = self.roles.set(role, deadline, &why) {
             error!("cannot write the lease to the kernel: {e}");
             return Err(Some(format!("cannot write the lease to the kernel: {e}")));

@@ -53,8 +53,11 @@ pub(super) const FOLLOW_POLL: Duration = Duration::from_millis(50);
 /// How the supervisor (and so the daemon) ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Exit {
-    /// Asked to stop (SIGTERM, a switchover): a graceful stop.
+    /// Asked to stop (SIGTERM): a graceful stop.
     Stopped,
+    /// `ftd switchover`: the paired primary stopped gracefully (its backup has the whole
+    /// log and takes over at once); the caller starts ftd again, which joins it.
+    Switchover,
     /// Halted (fail-stop): the VM is stopped on this node; a restart joins the live one.
     Halted(String),
     /// Refused to start (an unsafe `--bootstrap --force`, a configuration the peer
@@ -66,6 +69,9 @@ pub enum Exit {
 /// the answer is the epoch, or why not.
 pub struct PairRequest {
     pub joiner: String,
+    /// The epoch the joiner asked at (and the new log's frames carry): the node pairs
+    /// only while it runs alone in exactly this epoch.
+    pub epoch: u64,
     pub exit: u64,
     /// After this the cut no longer waits: a request handled later is refused (the
     /// transfer was undone).
@@ -88,6 +94,9 @@ pub(super) enum Next {
     /// not change (another configuration); the VM is stopped first.
     Refuse(String),
     Stop,
+    /// A planned handover (checked again by the supervisor: the node is the paired
+    /// primary of a following backup, its VM recording).
+    Switchover,
 }
 
 /// A worker thread and its own stop flag.
@@ -139,6 +148,9 @@ pub struct Supervisor {
     pub tap: Option<ft_vmm::net::Tap>,
     /// Set by the daemon: stop gracefully.
     pub stop_requested: Arc<AtomicBool>,
+    /// Set by the daemon on `ftd switchover`: hand the VM over if this node can (checked
+    /// here, on the current role), else refuse and go on.
+    pub switchover: Arc<AtomicBool>,
     /// The VMM stops (a recording one logs END first).
     pub vm_stop: Arc<AtomicBool>,
     /// Set last, at the end of a stop: the join service's thread ends.
@@ -147,6 +159,8 @@ pub struct Supervisor {
     pub pair_tx: mpsc::UnboundedSender<PairRequest>,
     workers: Workers,
     peer_was_alive: Option<bool>,
+    /// The first test-and-set this process sent at an epoch, while unanswered.
+    pub(super) tas_sent: std::sync::Mutex<Option<(u64, ft_fence::MonoInstant)>>,
 }
 
 impl Supervisor {
@@ -177,12 +191,14 @@ impl Supervisor {
             session,
             tap,
             stop_requested,
+            switchover: Arc::new(AtomicBool::new(false)),
             vm_stop: Arc::new(AtomicBool::new(false)),
             threads_stop: Arc::new(AtomicBool::new(false)),
             pair_rx,
             pair_tx,
             workers: Workers::default(),
             peer_was_alive: None,
+            tas_sent: std::sync::Mutex::new(None),
         }
     }
 
@@ -246,8 +262,58 @@ impl Supervisor {
                     return Exit::Refused(why);
                 }
                 Next::Stop => return self.graceful_stop().await,
+                Next::Switchover => {
+                    return match self.graceful_stop().await {
+                        Exit::Stopped => Exit::Switchover,
+                        other => other,
+                    };
+                }
             };
         }
+    }
+
+    /// A switchover asked for now, if this node can hand its VM over (the daemon
+    /// checked too, on the signal; the role may have changed since): the paired primary
+    /// of a backup that is heard, its VM recording.
+    pub(super) fn switchover_now(&self) -> bool {
+        if !self.switchover.swap(false, Relaxed) {
+            return false;
+        }
+        let paired = matches!(self.roles.current(), NodeRole::Primary { .. });
+        let heard = self.roles.peer().is_some_and(|p| p.alive);
+        let recording = self
+            .vm
+            .as_ref()
+            .is_some_and(|v| v.phase() == crate::vm::VmPhase::Recording);
+        if paired && heard && recording {
+            return true;
+        }
+        warn!(
+            paired,
+            backup_heard = heard,
+            recording,
+            "switchover refused: this node is no longer the paired primary of a following backup"
+        );
+        false
+    }
+
+    /// Why a worker of the current role ended on its own (it ends only when asked to,
+    /// or on an error it logged).
+    pub(super) fn worker_died(&self) -> Option<String> {
+        let dead = |w: &Option<Worker>| {
+            w.as_ref()
+                .is_some_and(|w| w.handle.is_finished() && !w.stop.load(Relaxed))
+        };
+        if dead(&self.workers.backup_rx) {
+            return Some("the log's receive loop stopped (see the log above)".into());
+        }
+        if dead(&self.workers.heartbeat) {
+            return Some("the heartbeat thread stopped (see the log above)".into());
+        }
+        if dead(&self.workers.vmlog_repair) {
+            return Some("the VMM stream's repair thread stopped (see the log above)".into());
+        }
+        None
     }
 
     /// Asks the arbiter (if any) and decides how to start.
@@ -369,11 +435,20 @@ impl Supervisor {
         Ok(())
     }
 
-    pub(super) fn stop_backup_workers(&mut self) {
-        if let Some(w) = self.workers.backup_rx.take() {
-            w.stop.store(true, Relaxed);
-            // It ends within one poll; nothing waits for it.
-            drop(w.handle);
+    /// The backup's receive loop ends (within one poll; bounded wait).
+    pub(super) async fn stop_backup_workers(&mut self) {
+        let Some(w) = self.workers.backup_rx.take() else {
+            return;
+        };
+        w.stop.store(true, Relaxed);
+        let joined = tokio::task::spawn_blocking(move || {
+            let _ = w.handle.join();
+        });
+        if tokio::time::timeout(Duration::from_secs(2), joined)
+            .await
+            .is_err()
+        {
+            warn!("the backup's receive loop did not stop within 2 s");
         }
     }
 

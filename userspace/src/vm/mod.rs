@@ -156,6 +156,7 @@ pub struct VmState {
     /// The last (or running) join, for status.
     pub join: Mutex<Option<Value>>,
     last_join_pause_ns: AtomicU64,
+    last_join_epoch: AtomicU64,
     /// Connections to the join service that were not a join request (dropped).
     pub join_bad_requests: AtomicU64,
     /// Join hellos refused because their MAC did not verify under the channel key (a
@@ -190,6 +191,7 @@ impl Default for VmState {
             joined: AtomicU64::new(0),
             join: Mutex::new(None),
             last_join_pause_ns: AtomicU64::new(0),
+            last_join_epoch: AtomicU64::new(0),
             join_bad_requests: AtomicU64::new(0),
             join_auth_failures: AtomicU64::new(0),
             ran_alone: AtomicBool::new(false),
@@ -288,10 +290,17 @@ impl VmState {
         self.joined.load(Relaxed)
     }
 
-    pub fn count_join(&self, pause: Duration) {
+    /// A backup joined at `epoch` (the role supervisor pairs it if the node is still
+    /// the primary of that epoch).
+    pub fn count_join(&self, epoch: u64, pause: Duration) {
         self.last_join_pause_ns
             .store(pause.as_nanos() as u64, Relaxed);
+        self.last_join_epoch.store(epoch, Relaxed);
         self.joined.fetch_add(1, Relaxed);
+    }
+
+    pub fn last_join_epoch(&self) -> u64 {
+        self.last_join_epoch.load(Relaxed)
     }
 
     pub fn last_join_pause_ms(&self) -> f64 {

@@ -150,6 +150,18 @@ pub fn join(
                 let cut: CutInfo = serde_json::from_slice(&rep.cut_info).map_err(|e| {
                     JoinError::Failed(format!("the primary's cut information is malformed: {e}"))
                 })?;
+                // The state is of the epoch it was asked at, and the one this node still
+                // follows: a live node that moved on during the transfer (it gave up on
+                // this joiner and went solo in a new epoch) logs in an epoch this
+                // replica's state is not part of.
+                let now = roles.epoch();
+                if cut.epoch != epoch || now != epoch {
+                    return Err(JoinError::Failed(format!(
+                        "the live node moved on during the transfer (asked at epoch {epoch}, \
+                         cut at epoch {}, the live epoch is now {now}): this state is stale",
+                        cut.epoch
+                    )));
+                }
                 send_line(&mut w, &Confirm { received: true }).map_err(|e| {
                     JoinError::Failed(format!("cannot confirm the state to the primary: {e}"))
                 })?;

@@ -277,21 +277,28 @@ pub(super) fn ask(
         mac: String::new(),
     };
     hello.mac = hello.compute_mac(key, &challenge.nonce);
-    send_line(w, &hello).map_err(|e| format!("join hello: {e}"))?;
+    // A connection that breaks is asked again (the live node's daemon may just restart).
+    if let Err(e) = send_line(w, &hello) {
+        return Ok(Asked::Retry(format!("join hello: {e}")));
+    }
     let reply: Reply = match read_line(r).map(|l| serde_json::from_str(&l)) {
         Ok(Ok(r)) => r,
         Ok(Err(e)) => return Err(format!("the primary's join answer is malformed: {e}")),
         Err(e) => return Ok(Asked::Retry(e.to_string())),
     };
+    if !reply.mac_valid(key, &hello.nonce, &challenge.nonce) {
+        // Nothing an unauthenticated answer says is believed, a refusal neither (a host
+        // on the link must not be able to stop a joiner for good): asked again, and the
+        // reason shown (a node with another key_file refuses this way every time).
+        return Ok(Asked::Retry(format!(
+            "the live node's answer is not authenticated ({:?}: {}): it does not hold this \
+             node's channel key (both hosts need the same [channel] key_file); not taking \
+             state from it",
+            reply.answer, reply.reason
+        )));
+    }
     if reply.answer == Answer::Refused {
         return Err(format!("the primary refused the join: {}", reply.reason));
-    }
-    if !reply.mac_valid(key, &hello.nonce, &challenge.nonce) {
-        return Err(
-            "the primary's join answer is not authenticated: it does not hold this node's \
-             channel key (both hosts need the same [channel] key_file); not taking state from it"
-                .into(),
-        );
     }
     Ok(Asked::Reply(reply))
 }
@@ -365,11 +372,15 @@ mod tests {
         // Another key.
         let (served, asked) = handshake(key(1), ask_as(key(2)));
         assert!(served.unwrap().is_none(), "refused as unauthenticated");
-        let e = asked.err().expect("the joiner sees the refusal");
-        assert!(
-            e.contains("not authenticated") && e.contains("key_file"),
-            "{e}"
-        );
+        // The joiner cannot verify that refusal (the keys differ): it asks again, and
+        // says why.
+        match asked {
+            Ok(Asked::Retry(e)) => assert!(
+                e.contains("not authenticated") && e.contains("key_file"),
+                "{e}"
+            ),
+            other => panic!("{:?}", other.map(|_| "an answer")),
+        }
         // No MAC at all (the version-1 hello of an intruder, with this version).
         let (served, reply) = handshake(key(1), |w, r| {
             let _challenge = read_line(r).unwrap();
@@ -446,10 +457,13 @@ mod tests {
         });
         let mut w = b.try_clone().unwrap();
         let mut r = BufReader::new(b);
-        let e = ask(&key(1), &mut w, &mut r, "host-b", 7, 1)
-            .err()
-            .expect("refused to take state");
-        assert!(e.contains("not authenticated"), "{e}");
+        match ask(&key(1), &mut w, &mut r, "host-b", 7, 1) {
+            Ok(Asked::Retry(e)) => assert!(e.contains("not authenticated"), "{e}"),
+            other => panic!(
+                "took an unauthenticated transfer: {:?}",
+                other.map(|_| "an answer")
+            ),
+        }
         fake.join().unwrap();
     }
 }

@@ -179,7 +179,9 @@ impl JoinServer {
             .unwrap()
             .clone()
             .ok_or("the VMM offers no state transfer")?;
-        let epoch = self.roles.epoch();
+        // The joiner's epoch: the policy answered `transfer` only while this node ran
+        // alone in it, and the cut pairs only while it still does.
+        let epoch = hello.epoch;
         let next_seq = self.dp.chan_state().vm_last + 1;
         let new_sink = sink::ChannelSink {
             dp: self.dp.clone(),
@@ -221,6 +223,7 @@ impl JoinServer {
                 let (tx, rx) = std::sync::mpsc::sync_channel(1);
                 pair.send(PairRequest {
                     joiner: joiner.clone(),
+                    epoch,
                     exit: vmm.exits(),
                     deadline: Instant::now() + PAIR_TIMEOUT,
                     reply: tx,
@@ -297,7 +300,7 @@ impl JoinServer {
                         .collect::<serde_json::Map<_, _>>(),
                     "at_unix_ms": crate::role::unix_ms(), "started_unix_ms": started,
                 }));
-                self.vm.count_join(rep.pause);
+                self.vm.count_join(epoch, rep.pause);
                 Ok(())
             }
             Err(e) => {
