@@ -78,6 +78,13 @@ impl Clients {
         })
     }
 
+    /// Waits (60 s at most) until every client completed two more operations than now:
+    /// at least one of them was sent from now on, whatever the others did meanwhile.
+    pub fn wait_each_goes_on(&self) -> bool {
+        let before: Vec<u64> = self.each_ops().iter().map(|n| n + 1).collect();
+        self.wait_each_beyond(&before, Duration::from_secs(60))
+    }
+
     /// Operations (INCR + SET pairs) completed so far, over all clients.
     pub fn ops(&self) -> u64 {
         self.ops.load(Ordering::Relaxed)

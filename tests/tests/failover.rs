@@ -86,10 +86,12 @@ fn under_load(
         app.status('a').unwrap_or_default(),
         app.status('b').unwrap_or_default()
     );
-    // The clients go on after the fault.
+    // Every client goes on after the fault (one whose request waited out the fault may
+    // be in TCP's retransmission back-off for a while).
     assert!(
-        clients.wait_ops(clients.ops() + 1000, T),
-        "clients stalled after recovery:\nA: {:#}\nB: {:#}",
+        clients.wait_each_goes_on(),
+        "a client stalled after recovery ({:?}):\nA: {:#}\nB: {:#}",
+        clients.each_ops(),
         app.status('a').unwrap_or_default(),
         app.status('b').unwrap_or_default()
     );
@@ -254,15 +256,18 @@ fn a_cut_logging_link_leaves_exactly_one_host_live() {
     }
 }
 
-/// The primary frozen (SIGSTOP) for longer than the timeout, shorter than its lease:
-/// the backup takes over. Resumed (SIGCONT) with its lease still valid, the old primary
-/// finds itself fenced (it can release nothing without acks, and its test-and-set for
-/// a new epoch is stale) and halts, without emitting on the client network again; it
-/// stops its VM, and its daemon exits.
+/// The primary frozen (SIGSTOP) for longer than the timeout, shorter than its lease (8 s
+/// here, however slow the machine: the paired backup takes over without waiting for
+/// it): the backup takes over. Resumed (SIGCONT) with its lease still valid, the old
+/// primary finds itself fenced (it can release nothing without acks, and its
+/// test-and-set for a new epoch is stale) and halts, without emitting on the client
+/// network again; it stops its VM, and its daemon exits.
 #[test]
 fn a_frozen_primary_resumes_fenced_and_never_emits_again() {
     let _s = serial();
-    let (tb, _arb, app) = pair();
+    let tb = testbed();
+    let _arb = start_arbiter(&tb).unwrap();
+    let app = setup(&tb, embedded_fence(8000, 1600));
     let mut c = resp::connect(&tb, T).unwrap();
     for _ in 0..100 {
         resp::call(&mut c, &[b"INCR", b"n"]).unwrap();
@@ -283,13 +288,15 @@ fn a_frozen_primary_resumes_fenced_and_never_emits_again() {
     app.resume('a').unwrap();
     let frozen = t_freeze.elapsed();
     assert!(
-        frozen < Duration::from_millis(1500),
+        frozen < Duration::from_millis(7000),
         "froze {frozen:?}: past the lease"
     );
+    // Halted (its daemon then exits: it may be gone before a status query sees it).
     assert!(
-        Appliance::wait_until(T, || app.status('a').is_ok_and(|s| s["halted"] == true)),
+        Appliance::wait_until(T, || app.status('a').is_ok_and(|s| s["halted"] == true)
+            || !app.guard('a').is_running()),
         "the resumed primary did not halt: {:#}",
-        app.status('a').unwrap()
+        app.status('a').unwrap_or_default()
     );
     // The request sent before the freeze is answered by B, on the same connection.
     assert_eq!(
@@ -310,12 +317,11 @@ fn a_frozen_primary_resumes_fenced_and_never_emits_again() {
     // The capture sees the VM's traffic (through B), and none of it comes through A.
     assert!(via_b >= 198, "only {via_b} VM frames through host B's port");
     assert_eq!(via_a, 0, "the fenced primary emitted {via_a} VM frames");
-    // Halted, it stopped its VM (fail-stop), and its daemon, configured as primary,
-    // exited without its VM.
+    // Halted, it stopped its VM (fail-stop), and its daemon exited with status 1.
     let exited = app.guard('a').wait_exit(T).unwrap();
     assert!(
-        exited.is_some(),
-        "the halted primary's daemon is still running"
+        exited.is_some_and(|e| e.code() == Some(1)),
+        "the halted primary's daemon did not exit halted: {exited:?}"
     );
     let log = app.guard('a').log_contents();
     assert!(log.contains("halted: stopping the VM"), "{log}");

@@ -138,6 +138,7 @@ fn failover_after_failover_with_rejoins() {
             "round {round}"
         );
     }
+    assert!(clients.wait_each_goes_on(), "clients stalled");
     let logs = clients.finish();
     check_history(&tb, &logs, t0);
     eprintln!("epochs: {epochs:?}");
@@ -299,9 +300,8 @@ fn a_backup_rejoins_a_solo_primary_after_a_refused_and_an_interrupted_join() {
         "B did not take over: {:#}",
         app.status('b').unwrap_or_default()
     );
-    let at = clients.ops();
     assert!(
-        clients.wait_ops(at + 300, T),
+        clients.wait_each_goes_on(),
         "clients stalled after the take-over"
     );
     let logs = clients.finish();
@@ -340,9 +340,8 @@ fn switchover_under_load_moves_the_live_role_and_loses_nothing() {
     assert_eq!(a["role"], "backup", "{a:#}");
     // The same daemon process, started again in place.
     assert!(app.guard('a').is_running());
-    let at = clients.ops();
     assert!(
-        clients.wait_ops(at + 300, T),
+        clients.wait_each_goes_on(),
         "clients stalled after the switchover"
     );
     let logs = clients.finish();
@@ -353,7 +352,18 @@ fn switchover_under_load_moves_the_live_role_and_loses_nothing() {
         .max()
         .unwrap();
     eprintln!("longest client gap: {gap:?}");
-    assert!(gap < Duration::from_secs(2), "gap {gap:?}");
+    // A planned handover: B took over on the END it verified, not on the primary's
+    // silence (no failure detection, no lease wait). (How long clients waited depends on
+    // the machine and on TCP's retransmission back-off: perf/reprotect measures it.)
+    let f = &b["role_history"]["last_failover"];
+    assert!(
+        f["what"]
+            .as_str()
+            .is_some_and(|w| w.contains("END verified")),
+        "{f:#}"
+    );
+    assert_eq!(f["detect_ms"].as_f64(), Some(0.0), "{f:#}");
+    assert!(gap < Duration::from_secs(15), "gap {gap:?}");
     check_history(&tb, &logs, t0);
     assert_eq!(emitters.stop().unwrap().runs(), ['a', 'b']);
     // Nothing is refused twice: a switchover on the new backup is refused with a reason.

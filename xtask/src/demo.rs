@@ -23,8 +23,9 @@ pub fn run() -> Result<()> {
     print!("{}", tb.describe());
     let _arb = start_arbiter(&tb)?;
     println!(
-        "== ft-arbiter up at {}; starting ftd on host A (primary) and host B (backup), each \
-         running the VMM (256 MiB guest, Redis-protocol service on {VM_IP}:{VM_PORT})",
+        "== ft-arbiter up at {}; starting ftd on both hosts with role = \"auto\", host A with \
+         --bootstrap (the pair's first start boots the VM there; host B waits, then joins), \
+         each running the VMM (256 MiB guest, Redis-protocol service on {VM_IP}:{VM_PORT})",
         ft_testbed::ARBITER_ADDR
     );
     let mut app = Appliance::start(
@@ -33,6 +34,7 @@ pub fn run() -> Result<()> {
             fence: embedded_fence(2000, 400),
             vm: VmOptions::vmm(),
             join: true,
+            auto: true,
             ..Default::default()
         },
     )?;
@@ -219,10 +221,12 @@ pub fn run() -> Result<()> {
         redis(&tb, &["GET", "greeting"])?
     );
     println!(
-        "== re-protection: host A's ftd started again as backup; it joins host B by live \
-         state transfer over the logging link"
+        "== re-protection: host A's ftd started again exactly as before (its config, \
+         --bootstrap and all, as systemd's Restart=on-failure would): a VM of this pair \
+         lives on host B, so it never boots one; it joins host B by live state transfer \
+         over the logging link"
     );
-    app.restart_as_backup(&tb, 'a')?;
+    app.restart_configured(&tb, 'a')?;
     let joined = Appliance::wait_until(T, || {
         app.status('b').is_ok_and(|s| s["role"] == "primary")
             && app.status('a').is_ok_and(|s| {
