@@ -254,13 +254,13 @@ control_socket = "{sock}"
 pub const JOIN_PORT: u16 = 7480;
 
 impl Appliance {
-    /// Starts host `host`'s ftd again (after it was killed) as a backup, with the config
-    /// it had (its role changed to backup); waits for its control socket.
+    /// Starts host `host`'s ftd again (after it was killed) with its config's role
+    /// changed to backup; waits for its control socket.
     pub fn restart_as_backup(&mut self, tb: &Testbed, host: char) -> Result<()> {
-        let (cfg, sock) = if host == 'a' {
-            (&self.config_a, &self.sock_a)
+        let cfg = if host == 'a' {
+            &self.config_a
         } else {
-            (&self.config_b, &self.sock_b)
+            &self.config_b
         };
         let text = std::fs::read_to_string(cfg)?;
         let text = text
@@ -275,16 +275,7 @@ impl Appliance {
             .collect::<Vec<_>>()
             .join("\n");
         std::fs::write(cfg, text)?;
-        let _ = std::fs::remove_file(sock);
-        let ns = if host == 'a' { &tb.a.ns } else { &tb.b.ns };
-        let g = tb.spawn(ns, ftd_bin()?, ["run", "--config", cfg.to_str().unwrap()])?;
-        wait_socket(sock, &g)?;
-        if host == 'a' {
-            self.a = Some(g);
-        } else {
-            self.b = Some(g);
-        }
-        Ok(())
+        self.restart(tb, host, &[])
     }
 
     /// Starts host `host`'s ftd again (after it was killed or exited) with the config it

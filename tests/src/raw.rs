@@ -12,16 +12,8 @@ use std::time::{Duration, Instant};
 const ETH_P_ALL: u16 = 0x0003;
 const MAX_FRAME: usize = 65_536 + 64;
 
-/// CLOCK_MONOTONIC in nanoseconds (same clock as the capture timestamps).
-pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: valid pointer to a timespec.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
+/// CLOCK_MONOTONIC now, in ns (the clock of the kernel's stamps: `bpf_ktime_get_ns()`).
+pub use ftd::liveness::monotonic_ns;
 
 fn setsockopt_int(fd: RawFd, level: i32, opt: i32, val: i32) -> std::io::Result<()> {
     // SAFETY: pointer/len describe a valid c_int.

@@ -36,21 +36,7 @@ fn new_session() -> u64 {
     }
 }
 
-/// How `run` ended.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Exit {
-    /// SIGINT/SIGTERM: a graceful stop.
-    Stopped,
-    /// `ftd switchover`: this primary handed the VM to its in-sync backup (graceful
-    /// stop: the backup has the whole log and takes over); the caller starts ftd again,
-    /// which joins the new primary.
-    Switchover,
-    /// Halted (fail-stop): a service manager should start the daemon again (it joins the
-    /// live node).
-    Halted(String),
-    /// Refused to start or to join for a reason a restart does not change.
-    Refused(String),
-}
+pub use crate::role::Exit;
 
 pub async fn run(cfg: Config, bootstrap: Bootstrap) -> anyhow::Result<Exit> {
     let arbiter = match cfg.fence.backend {
@@ -159,12 +145,6 @@ pub async fn run(cfg: Config, bootstrap: Bootstrap) -> anyhow::Result<Exit> {
     };
     let _ = std::fs::remove_file(&ctl_path);
     let exit = ended.context("the role supervisor panicked")?;
-    let exit = match exit {
-        crate::role::Exit::Switchover => Exit::Switchover,
-        crate::role::Exit::Stopped => Exit::Stopped,
-        crate::role::Exit::Halted(why) => Exit::Halted(why),
-        crate::role::Exit::Refused(why) => Exit::Refused(why),
-    };
     record_exit(&ctl_path, &exit, &roles);
     Ok(exit)
 }

@@ -248,6 +248,18 @@ impl Control {
         };
     }
 
+    /// Waits at most `ms` for a request's kick (the eventfd), then clears it.
+    pub(super) fn wait_for_kick(&self, ms: i32) {
+        let mut fds = [libc::pollfd {
+            fd: self.wake.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        }];
+        // SAFETY: poll(2) on one initialised pollfd we own.
+        unsafe { libc::poll(fds.as_mut_ptr(), 1, ms) };
+        self.drain();
+    }
+
     pub(super) fn drain(&self) {
         let mut v: u64 = 0;
         // SAFETY: reads 8 bytes into a live local from our non-blocking eventfd.

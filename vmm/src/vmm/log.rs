@@ -3,7 +3,6 @@
 use super::*;
 use crate::vmlog::Recv;
 use ft_common::vmlog::*;
-use std::os::fd::AsRawFd;
 
 impl Vmm {
     // ---------------------------------------------------------------- log plumbing
@@ -229,14 +228,7 @@ impl Vmm {
             if self.control.stop_requested() {
                 return Err(Error::Stopped);
             }
-            let mut fds = [libc::pollfd {
-                fd: self.control.wake.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            }];
-            // SAFETY: poll(2) on one initialised pollfd we own.
-            unsafe { libc::poll(fds.as_mut_ptr(), 1, 50) };
-            self.control.drain();
+            self.control.wait_for_kick(50);
         }
     }
 
@@ -247,14 +239,7 @@ impl Vmm {
         self.flush_log()?;
         self.control.set_paused(true);
         while self.control.pause_requested() && !self.control.stop_requested() {
-            let mut fds = [libc::pollfd {
-                fd: self.control.wake.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            }];
-            // SAFETY: poll(2) on one initialised pollfd we own.
-            unsafe { libc::poll(fds.as_mut_ptr(), 1, 50) };
-            self.control.drain();
+            self.control.wait_for_kick(50);
         }
         self.control.set_paused(false);
         Ok(())
