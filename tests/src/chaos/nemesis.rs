@@ -70,19 +70,29 @@ impl FaultKind {
             | FaultKind::Pause
             | FaultKind::ClientPartition
             | FaultKind::RestartFtd
-            | FaultKind::ThrottleBackup
-            | FaultKind::KillJoinerAfterCut => 0,
+            | FaultKind::ThrottleBackup => 0,
             FaultKind::LogPartition | FaultKind::LogLossReorder => 1,
             FaultKind::EtcdMemberKill | FaultKind::ArbiterUnreachable => 2,
-            // A host fault and an arbiter fault at once: combined with neither.
+            // A host fault and an arbiter fault at once.
             FaultKind::ArbiterOutageWhileSolo => 3,
+            // Needs the primary to go solo (the arbiter) and a join (the logging link).
+            FaultKind::KillJoinerAfterCut => 4,
         }
     }
 
-    /// Combined with nothing of class 0 or 2 (see `class`).
+    /// Whether two faults may be drawn for one step: never two of a class; an arbiter
+    /// outage while solo is a host fault and an arbiter fault already (only a logging
+    /// link fault goes with it); killing a joiner needs the arbiter and the logging link
+    /// (nothing goes with it). (Seen: a joiner to kill while the arbiter was cut off,
+    /// and the primary could not go solo for the join.)
     fn combines_with(self, other: FaultKind) -> bool {
+        let ok = |a: u8, b: u8| match a {
+            3 => b == 1,
+            4 => false,
+            _ => true,
+        };
         let (a, b) = (self.class(), other.class());
-        a != b && !(a == 3 && (b == 0 || b == 2)) && !(b == 3 && (a == 0 || a == 2))
+        a != b && ok(a, b) && ok(b, a)
     }
 
     /// The kind named `name` (as [`FaultKind::name`] spells it).
