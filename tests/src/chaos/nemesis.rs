@@ -557,3 +557,32 @@ impl<'a> Nemesis<'a> {
         )
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn steps_combine_only_faults_that_can_happen_together() {
+        for seed in 0..20 {
+            for step in schedule(seed, 500, 3, &ALL_KINDS) {
+                let kinds: Vec<FaultKind> = step.faults.iter().map(|f| f.kind).collect();
+                if let [a, b] = kinds[..] {
+                    assert_ne!(a.class(), b.class(), "{step}");
+                    assert!(
+                        !kinds.contains(&FaultKind::KillJoinerAfterCut),
+                        "kill-joiner-after-cut with another fault: {step}"
+                    );
+                    if kinds.contains(&FaultKind::ArbiterOutageWhileSolo) {
+                        let other = if a == FaultKind::ArbiterOutageWhileSolo {
+                            b
+                        } else {
+                            a
+                        };
+                        assert_eq!(other.class(), 1, "{step}");
+                    }
+                }
+            }
+        }
+    }
+}
