@@ -47,6 +47,8 @@ pub struct ApplianceOptions {
     /// started with `--bootstrap` (the pair's first start boots there), and keeps it on
     /// every restart (ignored once a VM of the pair has lived).
     pub auto: bool,
+    /// Environment of host A's first `ftd run` (fault injection: `ftd::fault`).
+    pub env_a: Vec<(String, String)>,
 }
 
 /// What runs as the protected VM.
@@ -94,6 +96,7 @@ impl Default for ApplianceOptions {
             solo: false,
             join: false,
             auto: false,
+            env_a: Vec::new(),
         }
     }
 }
@@ -360,7 +363,15 @@ impl Appliance {
             config_a.display().to_string(),
         ];
         argv.extend(args_a.iter().cloned());
-        let a = tb.spawn(&tb.a.ns, &bin, argv)?;
+        let a = if o.env_a.is_empty() {
+            tb.spawn(&tb.a.ns, &bin, argv)?
+        } else {
+            let mut env_argv: Vec<String> =
+                o.env_a.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            env_argv.push(bin.display().to_string());
+            env_argv.extend(argv);
+            tb.spawn(&tb.a.ns, "/usr/bin/env", env_argv)?
+        };
         wait_socket(&sock_a, &a)?;
         Ok(Appliance {
             a: Some(a),

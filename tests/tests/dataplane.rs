@@ -445,8 +445,10 @@ fn forged_acks_without_the_key_never_release_output() {
     let wrong_key = SipKey::from_bytes(&guess);
 
     let good_ack = ft_frame(&key, b_log, a_log, KIND_ACK, ses, epoch, last);
-    let mut untagged = ft_frame(&key, b_log, a_log, KIND_HEARTBEAT, ses, epoch, last);
-    untagged[ETH_HLEN + 2] = KIND_ACK; // an ack of the old format: len 0, no tag
+    // An ack of the old format: len 0, no tag.
+    let mut untagged = good_ack.clone();
+    untagged[ETH_HLEN + 4..ETH_HLEN + 6].copy_from_slice(&0u16.to_be_bytes());
+    untagged[LOG_OVERHEAD..TAGGED_HLEN].fill(0);
     let mut flipped = good_ack.clone();
     flipped[TAGGED_HLEN - 1] ^= 0x80;
     // A genuine tag, of an older ack: moved onto a higher sequence.

@@ -4,6 +4,7 @@ pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod dataplane;
+pub mod fault;
 pub mod liveness;
 pub mod metrics;
 pub mod netif;

@@ -170,11 +170,26 @@ fn backup_frame(kind: u8, session: u64, epoch: u64, seq: u64, aux: u64) -> Vec<u
     f
 }
 
-/// Re-signs a frame after its header was changed: what a backup with the key (a buggy
-/// or stale one) would send. Tests the checks behind the tag.
+/// Re-signs a frame after its header was changed: what a peer with the key (a buggy or
+/// stale one) would send. Tests the checks behind the tag: a control frame gets the tag
+/// of its new header; a LOG or VMLOG frame the MAC of its new header and payload (if its
+/// `len` bytes are in the frame).
 fn sign(f: &mut [u8]) {
-    if f.len() >= TAGGED_HLEN {
-        let ft = FtHdr::read_from_bytes(&f[ETH_HLEN..LOG_OVERHEAD]).expect("header bytes");
+    if f.len() < LOG_OVERHEAD {
+        return;
+    }
+    let mut ft = FtHdr::read_from_bytes(&f[ETH_HLEN..LOG_OVERHEAD]).expect("header bytes");
+    if matches!(ft.kind, KIND_LOG | KIND_VMLOG) {
+        let len = ft.len.get() as usize;
+        if f.len() >= LOG_OVERHEAD + len {
+            ft.aux.set(payload_mac(
+                &tag_key(),
+                &ft,
+                &f[LOG_OVERHEAD..LOG_OVERHEAD + len],
+            ));
+            f[ETH_HLEN..LOG_OVERHEAD].copy_from_slice(ft.as_bytes());
+        }
+    } else if f.len() >= TAGGED_HLEN {
         f[LOG_OVERHEAD..TAGGED_HLEN].copy_from_slice(&frame_tag(&tag_key(), &ft).to_be_bytes());
     }
 }
@@ -194,12 +209,26 @@ fn eth(dst: [u8; 6], src: [u8; 6], ethertype: u16) -> EthHdr {
     }
 }
 
-/// A frame from the primary (LOG, VMLOG, HEARTBEAT) with `payload`, padded to 60 bytes.
+/// A frame from the primary with `payload`, padded to 60 bytes, as its sender makes it:
+/// a LOG or VMLOG frame with its MAC in `aux` (the `aux` given is not used), or a
+/// HEARTBEAT with `aux` and its tag as the payload (when `payload` is empty; with a
+/// payload, that payload instead of the tag: a malformed one).
 fn primary_frame(kind: u8, seq: u64, aux: u64, flags: u8, payload: &[u8]) -> Vec<u8> {
     let mut ft = FtHdr::new(kind, SESSION, EPOCH, seq);
     ft.aux.set(aux);
     ft.flags = flags;
-    ft.len.set(payload.len() as u16);
+    let tag;
+    let payload = if kind == KIND_HEARTBEAT && payload.is_empty() {
+        ft.len.set(TAG_LEN as u16);
+        tag = frame_tag(&tag_key(), &ft).to_be_bytes();
+        &tag[..]
+    } else {
+        ft.len.set(payload.len() as u16);
+        if matches!(kind, KIND_LOG | KIND_VMLOG) {
+            ft.aux.set(payload_mac(&tag_key(), &ft, payload));
+        }
+        payload
+    };
     let mut f = LogHdr {
         eth: eth(OWN, PEER, ETHERTYPE_FT),
         ft,
@@ -209,6 +238,14 @@ fn primary_frame(kind: u8, seq: u64, aux: u64, flags: u8, payload: &[u8]) -> Vec
     f.extend_from_slice(payload);
     f.resize(f.len().max(60), 0);
     f
+}
+
+/// A LOG or VMLOG frame carries the right MAC for its header and its `len` payload bytes
+/// (`wire::payload_mac_valid`); the caller checked that `len` is within the frame.
+fn mac_ok(f: &[u8], ft: &FtHdr) -> bool {
+    let len = ft.len.get() as usize;
+    f.len() >= LOG_OVERHEAD + len
+        && payload_mac_valid(&tag_key(), ft, &f[LOG_OVERHEAD..LOG_OVERHEAD + len])
 }
 
 /// An IPv4/UDP frame from `src` to `dst` with `n` payload bytes (content `tag`).
@@ -937,6 +974,8 @@ fn log_rx_expect(sc: &Scene, f: &[u8]) -> Vec<Expect> {
                 let mut ft = FtHdr::new(KIND_LOG, cfg.session, st.node.epoch, seq);
                 ft.flags = FLAG_RETRANSMIT;
                 ft.len.set(stored.len() as u16);
+                // The MAC the entry was first sent with (it does not cover the flag).
+                ft.aux.set(payload_mac(&tag_key(), &ft, stored));
                 let mut out = LogHdr {
                     eth: eth(cfg.peer_log_mac, cfg.own_log_mac, ETHERTYPE_FT),
                     ft,
@@ -978,6 +1017,15 @@ fn log_rx_expect(sc: &Scene, f: &[u8]) -> Vec<Expect> {
                         st,
                         XDP_DROP,
                         &[C_DROP_MALFORMED],
+                    )];
+                }
+                if !mac_ok(f, ft) {
+                    // Not the primary's entry: never buffered, acked nor a sign of life.
+                    return vec![Expect::dropped(
+                        "log bad mac",
+                        st,
+                        XDP_DROP,
+                        &[C_DROP_BAD_MAC],
                     )];
                 }
                 let held = st.chan.delivered.max(st.kack.input & !KACK_STOP);
@@ -1025,6 +1073,14 @@ fn log_rx_expect(sc: &Scene, f: &[u8]) -> Vec<Expect> {
                         &[C_DROP_MALFORMED],
                     )];
                 }
+                if !mac_ok(f, ft) {
+                    return vec![Expect::dropped(
+                        "vmlog bad mac",
+                        st,
+                        XDP_DROP,
+                        &[C_DROP_BAD_MAC],
+                    )];
+                }
                 if seq <= st.kack.vm & !KACK_STOP {
                     // A repaired entry sent again: the primary's daemon is alive.
                     return vec![Expect {
@@ -1039,14 +1095,14 @@ fn log_rx_expect(sc: &Scene, f: &[u8]) -> Vec<Expect> {
                 )]
             }
             KIND_HEARTBEAT => {
-                if len != 0 {
-                    // A heartbeat has no payload: one with a len (in the frame or past its
-                    // end) is malformed, counted, and never stamps the primary alive.
+                if !tag_ok(f, ft) {
+                    // A heartbeat carries only its tag: one without the right tag (or with
+                    // any other len) never counts as received nor stamps the primary alive.
                     return vec![Expect::dropped(
-                        "heartbeat len",
+                        "heartbeat bad tag",
                         st,
                         XDP_DROP,
-                        &[C_DROP_MALFORMED],
+                        &[C_DROP_BAD_MAC],
                     )];
                 }
                 vec![to_daemon("heartbeat received", &[C_HEARTBEAT_RX], None)]
@@ -1623,7 +1679,9 @@ fn logging_link_backup_drops_and_counts_malformed_frames() {
             "vmlog received",
             "vmlog received, acked",
             "heartbeat received, acked",
-            "heartbeat len",
+            "heartbeat bad tag",
+            "log bad mac",
+            "vmlog bad mac",
             "oversize log",
             "oversize vmlog",
             "log len past end",
@@ -1687,6 +1745,11 @@ fn logging_link_each_check_drops_with_its_reason() {
     let st = sc.st;
     let resigned = |mut f: Vec<u8>, field: Field, v: u64| {
         Mutation::Field(field, v, true).apply(&mut f);
+        f
+    };
+    // Changed in one field, not signed again (a forger without the key).
+    let mutated = |mut f: Vec<u8>, field: Field, v: u64| {
+        f[field.range()].copy_from_slice(&v.to_be_bytes()[8 - field.range().len()..]);
         f
     };
     let ack = || backup_frame(KIND_ACK, SESSION, EPOCH, 150, 45);
@@ -1768,13 +1831,13 @@ fn logging_link_each_check_drops_with_its_reason() {
             C_DROP_BAD_EPOCH,
         ),
         (
-            "ack with version 2",
-            resigned(ack(), Field::Version, 2),
+            "ack with version 3",
+            resigned(ack(), Field::Version, 3),
             C_DROP_MALFORMED,
         ),
         (
-            "ack with version 4",
-            resigned(ack(), Field::Version, 4),
+            "ack with version 5",
+            resigned(ack(), Field::Version, 5),
             C_DROP_MALFORMED,
         ),
         (
@@ -1991,19 +2054,66 @@ fn logging_link_each_check_drops_with_its_reason() {
             C_DROP_MALFORMED,
         ),
         (
-            "heartbeat with len in the frame",
+            "heartbeat with another payload than its tag",
             primary_frame(KIND_HEARTBEAT, 200, 50, 0, &[0; 6]),
-            C_DROP_MALFORMED,
+            C_DROP_BAD_MAC,
         ),
         (
             "heartbeat with len past the end",
             resigned(heartbeat(), Field::Len, 3),
-            C_DROP_MALFORMED,
+            C_DROP_BAD_MAC,
         ),
         (
             "heartbeat with len 0xffff",
             resigned(heartbeat(), Field::Len, 6),
-            C_DROP_MALFORMED,
+            C_DROP_BAD_MAC,
+        ),
+        (
+            "heartbeat with a forged tag",
+            mutated(heartbeat(), Field::Tag, 0x5eed),
+            C_DROP_BAD_MAC,
+        ),
+        (
+            "heartbeat replayed at another seq",
+            mutated(heartbeat(), Field::Seq, 201),
+            C_DROP_BAD_MAC,
+        ),
+        (
+            "log with a forged mac",
+            mutated(log(101), Field::Aux, 0x5eed),
+            C_DROP_BAD_MAC,
+        ),
+        (
+            "log with its payload altered",
+            {
+                let mut f = log(101);
+                f[LOG_OVERHEAD + 30] ^= 1;
+                f
+            },
+            C_DROP_BAD_MAC,
+        ),
+        (
+            "log replayed at the next seq",
+            mutated(log(100), Field::Seq, 101),
+            C_DROP_BAD_MAC,
+        ),
+        (
+            "log signed with another key",
+            {
+                let mut f = log(101);
+                let ft = FtHdr::read_from_bytes(&f[ETH_HLEN..LOG_OVERHEAD]).unwrap();
+                let len = ft.len.get() as usize;
+                let other = SipKey::from_bytes(b"a-forgers-key-00");
+                let m = payload_mac(&other, &ft, &f[LOG_OVERHEAD..LOG_OVERHEAD + len]);
+                f[Field::Aux.range()].copy_from_slice(&m.to_be_bytes());
+                f
+            },
+            C_DROP_BAD_MAC,
+        ),
+        (
+            "vmlog with a forged mac",
+            mutated(primary_frame(KIND_VMLOG, 3, 0, 0, &[1; 40]), Field::Aux, 7),
+            C_DROP_BAD_MAC,
         ),
         (
             "an ack on the backup",
@@ -2177,6 +2287,7 @@ fn client_rx_expect(sc: &Scene, f: &[u8]) -> Vec<Expect> {
             let s = st.seq.last_seq + 1;
             let mut ft = FtHdr::new(KIND_LOG, cfg.session, st.node.epoch, s);
             ft.len.set(f.len() as u16);
+            ft.aux.set(payload_mac(&tag_key(), &ft, f));
             let mut out = LogHdr {
                 eth: eth(cfg.peer_log_mac, cfg.own_log_mac, ETHERTYPE_FT),
                 ft,

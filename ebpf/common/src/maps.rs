@@ -265,6 +265,8 @@ pub struct RetxSlot {
     pub seq: u64,
     pub len: u32,
     pub _pad: u32,
+    /// The entry's MAC as first sent (`wire::payload_mac`): a repair sends it again.
+    pub tag: u64,
     pub data: [u8; SLOT_DATA],
 }
 
@@ -400,7 +402,7 @@ mod tests {
         const { assert!(LOG_REC_SMALL.is_multiple_of(8) && LOG_REC_LARGE.is_multiple_of(8)) };
         assert_eq!(core::mem::size_of::<NodeState>(), 24);
         assert_eq!(core::mem::size_of::<HoldSlot>(), 40 + SLOT_DATA);
-        assert_eq!(core::mem::size_of::<RetxSlot>(), 16 + SLOT_DATA);
+        assert_eq!(core::mem::size_of::<RetxSlot>(), 24 + SLOT_DATA);
     }
 
     #[test]

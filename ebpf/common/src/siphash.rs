@@ -35,17 +35,22 @@ impl core::fmt::Debug for SipKey {
     }
 }
 
+/// An incremental SipHash-2-4: [`Sip24::write_word`] for each whole little-endian
+/// 64-bit word of the message, then [`Sip24::finish`] with the message's length in bytes
+/// and its last `len % 8` bytes. The eBPF programs hash packet bytes with it word by word.
 #[derive(Clone, Copy)]
-struct State {
+pub struct Sip24 {
     v0: u64,
     v1: u64,
     v2: u64,
     v3: u64,
 }
 
-impl State {
+type State = Sip24;
+
+impl Sip24 {
     #[inline(always)]
-    fn new(key: &SipKey) -> State {
+    pub fn new(key: &SipKey) -> Sip24 {
         State {
             v0: key.k0 ^ 0x736f_6d65_7073_6575,
             v1: key.k1 ^ 0x646f_7261_6e64_6f6d,
@@ -72,6 +77,12 @@ impl State {
         self.v2 = self.v2.rotate_left(32);
     }
 
+    /// Absorbs one whole message word (little-endian: the next 8 message bytes).
+    #[inline(always)]
+    pub fn write_word(&mut self, m: u64) {
+        self.compress(m);
+    }
+
     /// Absorbs one message word (2 compression rounds).
     #[inline(always)]
     fn compress(&mut self, m: u64) {
@@ -82,9 +93,9 @@ impl State {
     }
 
     /// The last block (`len` mod 256 in the top byte, `tail` = the message's last
-    /// `len % 8` bytes), then 4 finalization rounds.
+    /// `len % 8` bytes, little-endian), then 4 finalization rounds.
     #[inline(always)]
-    fn finish(mut self, len: usize, tail: u64) -> u64 {
+    pub fn finish(mut self, len: usize, tail: u64) -> u64 {
         self.compress(((len as u64 & 0xff) << 56) | tail);
         self.v2 ^= 0xff;
         self.round();

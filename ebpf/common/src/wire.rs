@@ -46,38 +46,43 @@
 //! drops acks of another session — a restarted primary (same epoch, new session) can
 //! never have its output released by acks meant for its previous run.
 //!
-//! ## Authentication (version 3)
+//! ## Authentication (version 4)
 //!
-//! Every frame the backup sends to the primary (`ACK`, `NACK`, `VMNACK`, `LEAVE`) has
-//! `len` = [`TAG_LEN`] and carries an 8-byte **tag** as its payload (big-endian, like
-//! every field; [`TaggedHdr`]): SipHash-2-4 ([`crate::siphash`]) keyed with the 16-byte
-//! channel key (`[channel] key_file`, the same file on both hosts) over the whole 40-byte
-//! `FtHdr` as it is on the wire ([`frame_tag`]): magic, version, kind, flags, len,
-//! reserved, session, epoch, seq and aux. Changing any of them (an ack's sequence, its
-//! epoch or session, a NACK into an ACK) needs the key. The primary's XDP (`ft_log_rx`)
-//! checks the tag of all four kinds before anything else looks at their contents and
-//! drops a frame with a wrong or missing tag (`ft_drops_total{reason="bad_mac"}`); the
-//! daemon checks VMNACK and LEAVE tags again. Not covered: the Ethernet header (source
-//! and destination are checked against the configuration but are not secret) and a
-//! NACK's padding (meaningless).
+//! Every frame on the logging link is authenticated under the 16-byte channel key
+//! (`[channel] key_file`, the same file on both hosts), with SipHash-2-4
+//! ([`crate::siphash`]) as the MAC, and checked in XDP on the receiving side before
+//! anything else looks at its contents: a frame with a wrong or missing tag is dropped
+//! and counted (`ft_drops_total{reason="bad_mac"}`), never buffered, acked, repaired or
+//! counted as a sign of life.
 //!
-//! A replayed genuine frame gains nothing: acks are cumulative and only move the ack
-//! forward, so an old ack of this session and epoch cannot release more than the backup
-//! already confirmed; a replayed NACK or VMNACK costs one retransmission; a LEAVE is
-//! only sent when the backup stops following, after which the primary moves to a new
-//! epoch (where the replay no longer matches).
+//! - **The primary's log frames** (`LOG`, `VMLOG`) carry their MAC in `aux` (unused by
+//!   these kinds otherwise): [`payload_mac`], SipHash-2-4 over the 40-byte header as sent
+//!   but with `aux` = 0 and [`FLAG_RETRANSMIT`] cleared (a repaired entry carries the MAC
+//!   it was first sent with), followed by the payload: the whole client frame, or the
+//!   VMM entries. A forger can neither make an entry nor change one.
+//! - **Control frames** (`ACK`, `NACK`, `VMNACK`, `LEAVE` from the backup, `HEARTBEAT`
+//!   from the primary) have `len` = [`TAG_LEN`] and carry an 8-byte **tag** as their
+//!   payload (big-endian, like every field; [`TaggedHdr`]): SipHash-2-4 over the whole
+//!   40-byte `FtHdr` as it is on the wire ([`frame_tag`]): magic, version, kind, flags,
+//!   len, reserved, session, epoch, seq and aux. The daemon checks VMNACK and LEAVE tags
+//!   again. A NACK's padding is not covered (meaningless).
 //!
-//! Not authenticated: the primary's frames to the backup (`LOG`, `VMLOG`, `HEARTBEAT`).
-//! `LOG` frames are made by XDP at line rate, and a tag over the header alone would not
-//! protect the client frame it carries. Why the tag is in the payload, not the header:
-//! a longer header would grow every log frame and move the input frame the VMM reads
-//! (tagged input); only the backup's small frames pay for the tag this way. See
-//! ARCHITECTURE.md ("Authentication on the logging link") for what a host on the link
-//! can and cannot do.
+//! **Replays.** The MAC covers session, epoch and sequence. A replayed log entry of this
+//! session is a duplicate (dropped); one of another run has another session (a backup
+//! follows one session, which its join answer names) or another epoch (every live start
+//! takes a new one). Acks are cumulative and only move forward, so an old ack cannot
+//! release more than the backup confirmed; a replayed NACK or VMNACK costs one
+//! retransmission; a LEAVE is sent only when the backup stops following, after which
+//! the primary moves to a new epoch; a replayed heartbeat of this session only says
+//! the log went as far as it did then.
+//!
+//! Not covered: the Ethernet header (source and destination are checked against the
+//! configuration but are not secret). Nothing is encrypted: the log frames carry the
+//! clients' traffic as it is (see ARCHITECTURE.md).
 use zerocopy::byteorder::network_endian::{U16, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
-use crate::siphash::{SipKey, siphash24_words};
+use crate::siphash::{Sip24, SipKey, siphash24_words};
 
 /// IEEE 802 "local experimental" EtherType 1, used for all logging-link frames.
 pub const ETHERTYPE_FT: u16 = 0x88B5;
@@ -85,8 +90,9 @@ pub const ETHERTYPE_IPV4: u16 = 0x0800;
 pub const ETHERTYPE_ARP: u16 = 0x0806;
 
 pub const FT_MAGIC: u8 = 0xF7;
-/// 3: the backup's frames carry a tag (see the module docs).
-pub const FT_VERSION: u8 = 3;
+/// 4: every frame is authenticated (see the module docs); 3 authenticated only the
+/// backup's frames.
+pub const FT_VERSION: u8 = 4;
 
 pub const KIND_LOG: u8 = 1;
 pub const KIND_ACK: u8 = 2;
@@ -157,8 +163,8 @@ pub struct FtHdr {
     /// LOG/VMLOG: the frame's sequence in its stream; ACK: cumulative input ack;
     /// NACK/VMNACK: the missing frame; HEARTBEAT: highest input sequence assigned.
     pub seq: U64,
-    /// ACK: cumulative VMM-stream ack; HEARTBEAT: highest VMLOG sequence sent; LEAVE:
-    /// reason. Otherwise 0.
+    /// LOG/VMLOG: the frame's MAC ([`payload_mac`]); ACK: cumulative VMM-stream ack;
+    /// HEARTBEAT: highest VMLOG sequence sent; LEAVE: reason. Otherwise 0.
     pub aux: U64,
 }
 
@@ -192,10 +198,48 @@ pub struct LogHdr {
 /// Bytes of the tag the backup's frames carry as their payload.
 pub const TAG_LEN: usize = 8;
 
-/// The kinds the backup sends to the primary: each carries a tag.
+/// The control kinds: each carries a tag of its header as its payload (the log kinds
+/// carry a MAC of header and payload in `aux`).
 #[inline(always)]
 pub fn kind_is_tagged(kind: u8) -> bool {
-    matches!(kind, KIND_ACK | KIND_NACK | KIND_VMNACK | KIND_LEAVE)
+    matches!(
+        kind,
+        KIND_ACK | KIND_NACK | KIND_VMNACK | KIND_LEAVE | KIND_HEARTBEAT
+    )
+}
+
+/// The header words a log frame's MAC covers: `h` as sent, but with `aux` (where the MAC
+/// goes) zero and [`FLAG_RETRANSMIT`] cleared (a repaired entry keeps its MAC).
+#[inline(always)]
+pub fn mac_header_words(h: &FtHdr) -> [u64; 5] {
+    let mut m = *h;
+    m.aux = U64::new(0);
+    m.flags &= !FLAG_RETRANSMIT;
+    tag_words(&m)
+}
+
+/// The MAC of a `LOG` or `VMLOG` frame with header `h` and `payload` (userspace; the
+/// eBPF programs hash the same bytes from the packet with [`Sip24`]).
+pub fn payload_mac(key: &SipKey, h: &FtHdr, payload: &[u8]) -> u64 {
+    let mut s = Sip24::new(key);
+    for w in mac_header_words(h) {
+        s.write_word(w);
+    }
+    let mut words = payload.chunks_exact(8);
+    for w in &mut words {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(w);
+        s.write_word(u64::from_le_bytes(b));
+    }
+    let mut tail = [0u8; 8];
+    let rest = words.remainder();
+    tail[..rest.len()].copy_from_slice(rest);
+    s.finish(FT_HLEN + payload.len(), u64::from_le_bytes(tail))
+}
+
+/// Userspace: `payload` carries the right MAC for a log frame with header `h`.
+pub fn payload_mac_valid(key: &SipKey, h: &FtHdr, payload: &[u8]) -> bool {
+    h.aux.get() == payload_mac(key, h, payload)
 }
 
 /// Headers and tag of a frame from the backup (`ACK`, `NACK`, `VMNACK`, `LEAVE`).
@@ -368,6 +412,54 @@ mod tests {
         untagged.len.set(0);
         assert!(!tag_valid(&key(), &untagged, &[]));
         assert!(kind_is_tagged(KIND_ACK) && kind_is_tagged(KIND_LEAVE));
-        assert!(!kind_is_tagged(KIND_LOG) && !kind_is_tagged(KIND_HEARTBEAT));
+        assert!(kind_is_tagged(KIND_HEARTBEAT));
+        assert!(!kind_is_tagged(KIND_LOG) && !kind_is_tagged(KIND_VMLOG));
+    }
+
+    #[test]
+    fn a_log_frames_mac_covers_header_and_payload_but_not_the_retransmit_flag() {
+        extern crate std;
+        let mut h = FtHdr::new(KIND_LOG, 0x5e55, 7, 42);
+        let payload: std::vec::Vec<u8> = (0..61u8).collect();
+        h.len.set(payload.len() as u16);
+        let mac = payload_mac(&key(), &h, &payload);
+        // It is SipHash-2-4 over the masked header bytes and the payload.
+        let mut msg = std::vec::Vec::new();
+        let mut m = h;
+        m.aux.set(0);
+        msg.extend_from_slice(m.as_bytes());
+        msg.extend_from_slice(&payload);
+        assert_eq!(mac, crate::siphash::siphash24(&key(), &msg));
+        h.aux.set(mac);
+        assert!(payload_mac_valid(&key(), &h, &payload));
+        // A repaired entry (FLAG_RETRANSMIT) keeps its MAC.
+        let mut r = h;
+        r.flags |= FLAG_RETRANSMIT;
+        assert!(payload_mac_valid(&key(), &r, &payload));
+        // Any other header bit, any payload bit, another key: another MAC.
+        for i in 0..FT_HLEN - 8 {
+            for bit in 0..8 {
+                let mut b = h;
+                b.as_mut_bytes()[i] ^= 1 << bit;
+                if i == 3 && bit == 0 {
+                    continue; // FLAG_RETRANSMIT
+                }
+                assert!(
+                    !payload_mac_valid(&key(), &b, &payload),
+                    "byte {i} bit {bit}"
+                );
+            }
+        }
+        for i in 0..payload.len() {
+            let mut p = payload.clone();
+            p[i] ^= 0x80;
+            assert!(!payload_mac_valid(&key(), &h, &p), "payload byte {i}");
+        }
+        assert!(!payload_mac_valid(&key(), &h, &payload[..60]));
+        assert!(!payload_mac_valid(
+            &SipKey::from_bytes(&[8; 16]),
+            &h,
+            &payload
+        ));
     }
 }

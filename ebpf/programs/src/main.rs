@@ -18,6 +18,7 @@
 #![allow(internal_features)]
 
 mod hold;
+mod mac;
 mod probe;
 mod shared;
 
@@ -120,7 +121,14 @@ fn duplicate(ctx: &XdpContext, cfg: &Config, node: &NodeState) -> Result<u32, u3
     }
     // SAFETY: as above.
     let s = unsafe { fetch_add64(&mut (*seq).last_seq, 1) } + 1;
-    store_retx(ctx, cfg, s, len);
+    let mut ft = FtHdr::new(KIND_LOG, cfg.session, node.epoch, s);
+    ft.len.set(len as u16);
+    // The entry's MAC, over its header and the client frame (still at the packet's
+    // start); kept with the entry for a repair. (Cannot fail: `len` bytes are there.)
+    let tag =
+        mac::packet_mac(ctx, &cfg.tag_key(), &mac_header_words(&ft), 0, len as usize).unwrap_or(0);
+    ft.aux.set(tag);
+    store_retx(ctx, cfg, s, len, tag);
 
     // SAFETY: helper call on our own context.
     if unsafe { h::bpf_xdp_adjust_head(ctx.ctx, -(LOG_OVERHEAD as i32)) } != 0 {
@@ -133,8 +141,6 @@ fn duplicate(ctx: &XdpContext, cfg: &Config, node: &NodeState) -> Result<u32, u3
     if data + LOG_OVERHEAD > ctx.data_end() {
         return Ok(xdp_action::XDP_DROP);
     }
-    let mut ft = FtHdr::new(KIND_LOG, cfg.session, node.epoch, s);
-    ft.len.set(len as u16);
     let hdr = LogHdr {
         eth: EthHdr::ft(cfg.peer_log_mac, cfg.own_log_mac),
         ft,
@@ -158,7 +164,7 @@ fn xdp_len(ctx: &XdpContext) -> u32 {
 }
 
 #[inline(always)]
-fn store_retx(ctx: &XdpContext, cfg: &Config, s: u64, len: u32) {
+fn store_retx(ctx: &XdpContext, cfg: &Config, s: u64, len: u32, tag: u64) {
     let Some(slot) = RETX.get_ptr_mut((s & cfg.retx_mask) as u32) else {
         return;
     };
@@ -171,6 +177,7 @@ fn store_retx(ctx: &XdpContext, cfg: &Config, s: u64, len: u32) {
         (*slot).seq = 0;
         if h::bpf_xdp_load_bytes(ctx.ctx, 0, (*slot).data.as_mut_ptr() as *mut _, n) == 0 {
             (*slot).len = n;
+            (*slot).tag = tag;
             store64(&mut (*slot).seq, s);
         }
     }
@@ -253,14 +260,7 @@ fn try_log_rx(ctx: &XdpContext) -> Result<u32, u32> {
             // verifies. A forger on the link can copy the peer's MAC, the epoch, the
             // session and a plausible sequence, but not the tag.
             if kind_is_tagged(kind) && !tag_ok(data, end, cfg, &hdr.ft) {
-                if rare(C_DROP_BAD_MAC) {
-                    warn!(
-                        ctx,
-                        "logging link: frame (kind {}) with a wrong or missing tag dropped: forged, or the peer's channel.key_file differs",
-                        kind
-                    );
-                }
-                return drop(C_DROP_BAD_MAC);
+                return bad_mac(ctx, kind);
             }
             match kind {
                 KIND_ACK if node.role == ROLE_PRIMARY => {
@@ -298,6 +298,9 @@ fn try_log_rx(ctx: &XdpContext) -> Result<u32, u32> {
                     if !payload_len_ok(len, data, end) {
                         return drop(C_DROP_MALFORMED);
                     }
+                    if !log_mac_ok(ctx, cfg, &hdr.ft) {
+                        return bad_mac(ctx, kind);
+                    }
                     // SAFETY: live map values, aligned fields (`delivered` is written by
                     // the daemon; `input` raised atomically by both).
                     let (delivered, kin) =
@@ -325,6 +328,9 @@ fn try_log_rx(ctx: &XdpContext) -> Result<u32, u32> {
                     if !payload_len_ok(len, data, end) {
                         return drop(C_DROP_MALFORMED);
                     }
+                    if !log_mac_ok(ctx, cfg, &hdr.ft) {
+                        return bad_mac(ctx, kind);
+                    }
                     heard_primary(st);
                     // SAFETY: live map value, aligned field raised atomically by both.
                     if fseq <= unsafe { load64(&(*ka).vm) } & !KACK_STOP {
@@ -337,14 +343,15 @@ fn try_log_rx(ctx: &XdpContext) -> Result<u32, u32> {
                     kernel_ack(ctx, cfg, node, ch, ka, f, t, fseq)
                 }
                 KIND_HEARTBEAT => {
-                    // A heartbeat has no payload. One that claims one is not a frame the
-                    // primary's daemon made: it must not count as received nor stamp
-                    // the primary alive (`last_peer_ns`).
-                    if len != 0 {
-                        return drop(C_DROP_MALFORMED);
+                    // A heartbeat carries only its tag. One without the right tag is not
+                    // a frame the primary's daemon made: it must not count as received
+                    // nor stamp the primary alive (`last_peer_ns`).
+                    if !tag_ok(data, end, cfg, &hdr.ft) {
+                        return bad_mac(ctx, kind);
                     }
                     heard_primary(st);
-                    buffer(ctx, 0)?;
+                    // The whole frame, tag included: the daemon's parser sees what was sent.
+                    buffer(ctx, TAG_LEN as u16)?;
                     count(C_HEARTBEAT_RX);
                     // A heartbeat flushes the acks XDP deferred (batching) without the
                     // daemon: every `heartbeat_ms` at the latest, even if it is stalled.
@@ -386,6 +393,32 @@ fn tag_ok(data: usize, end: usize, cfg: &Config, ft: &FtHdr) -> bool {
     // The key is in CONFIG, which the daemon writes once, before it attaches any program
     // (the map update returns before the attach): never written while a program reads it.
     tag == frame_tag(&cfg.tag_key(), ft)
+}
+
+/// A `LOG` or `VMLOG` frame (its `len` checked) carries the right MAC in `aux`.
+#[inline(always)]
+fn log_mac_ok(ctx: &XdpContext, cfg: &Config, ft: &FtHdr) -> bool {
+    // The key is in CONFIG, which the daemon writes once, before it attaches any program.
+    mac::packet_mac(
+        ctx,
+        &cfg.tag_key(),
+        &mac_header_words(ft),
+        LOG_OVERHEAD,
+        ft.len.get() as usize,
+    ) == Some(ft.aux.get())
+}
+
+/// A frame whose tag or MAC does not verify: dropped and counted, never believed.
+#[inline(always)]
+fn bad_mac(ctx: &XdpContext, kind: u8) -> Result<u32, u32> {
+    if rare(C_DROP_BAD_MAC) {
+        warn!(
+            ctx,
+            "logging link: frame (kind {}) with a wrong or missing tag dropped: forged, or the peer's channel.key_file differs",
+            kind
+        );
+    }
+    drop(C_DROP_BAD_MAC)
 }
 
 #[inline(always)]
@@ -619,7 +652,7 @@ fn on_nack(
         .get_ptr((want & cfg.retx_mask) as u32)
         .ok_or(xdp_action::XDP_DROP)?;
     // SAFETY: live map value.
-    let (sseq, slen) = unsafe { (load64(&(*slot).seq), (*slot).len) };
+    let (sseq, slen, tag) = unsafe { (load64(&(*slot).seq), (*slot).len, (*slot).tag) };
     let n = slen & 0x7ff;
     if sseq != want || n == 0 || n > SLOT_DATA as u32 {
         if rare(C_DROP_RETX_MISS) {
@@ -654,6 +687,8 @@ fn on_nack(
     let mut ft = FtHdr::new(KIND_LOG, cfg.session, node.epoch, want);
     ft.flags = FLAG_RETRANSMIT;
     ft.len.set(n as u16);
+    // The MAC it was first sent with (it does not cover FLAG_RETRANSMIT).
+    ft.aux.set(tag);
     let hdr = LogHdr {
         eth: EthHdr::ft(cfg.peer_log_mac, cfg.own_log_mac),
         ft,

@@ -13,7 +13,10 @@ use std::{
 };
 
 use anyhow::Result;
-use ft_common::wire::{EthHdr, FtHdr, KIND_LOG, LOG_OVERHEAD, LogHdr};
+use ft_common::{
+    siphash::SipKey,
+    wire::{EthHdr, FtHdr, KIND_LOG, LOG_OVERHEAD, LogHdr, payload_mac},
+};
 use ft_testbed::{Appliance, ApplianceOptions, RawSock, Testbed, blast, names::*, udp_frame};
 use serde::{Deserialize, Serialize};
 use zerocopy::IntoBytes;
@@ -339,7 +342,8 @@ fn xdp_run(
 }
 
 /// Userspace baseline: no daemon; a forwarder thread in host A's namespace reads frames
-/// for the VM from cli0 and sends each, with a log header prepended, out of log0.
+/// for the VM from cli0 and sends each, with a log header prepended, out of log0. The
+/// header carries the frame's MAC, as the XDP path's does (wire v4), so both pay for it.
 fn userspace_run(tb: &Testbed, frames: &[Vec<u8>], also_vm: bool) -> Result<TputResult> {
     let rx = Arc::new(RawSock::open(&tb.a.ns, CLI_IF)?);
     let _ = rx.stats(); // reset the kernel's drop counter
@@ -354,6 +358,7 @@ fn userspace_run(tb: &Testbed, frames: &[Vec<u8>], also_vm: bool) -> Result<Tput
     let stop = Arc::new(AtomicBool::new(false));
     let fwd_stop = stop.clone();
     let (dst, src) = (tb.b.log_mac, tb.a.log_mac);
+    let mac_key = SipKey::from_bytes(&[0x5a; 16]);
     let fwd = std::thread::Builder::new()
         .name("us-forwarder".into())
         .spawn(move || -> (u64, u64) {
@@ -383,6 +388,11 @@ fn userspace_run(tb: &Testbed, frames: &[Vec<u8>], also_vm: bool) -> Result<Tput
                     seq += 1;
                     let mut ft = FtHdr::new(KIND_LOG, 0, 1, seq);
                     ft.len.set(len as u16);
+                    ft.aux.set(payload_mac(
+                        &mac_key,
+                        &ft,
+                        &buf[LOG_OVERHEAD..LOG_OVERHEAD + len],
+                    ));
                     let hdr = LogHdr {
                         eth: EthHdr::ft(dst, src),
                         ft,

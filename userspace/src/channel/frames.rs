@@ -5,8 +5,8 @@ use zerocopy::IntoBytes;
 use super::auth::ChannelKey;
 
 /// Builds a control frame (ack, nack, VMNACK, leave, heartbeat) with header `ft`. The
-/// backup's kinds (`kind_is_tagged`) get `len` = `TAG_LEN` and their tag under `key` as
-/// the payload; a heartbeat has no payload.
+/// control kinds (`kind_is_tagged`: all of these) get `len` = `TAG_LEN` and their tag
+/// under `key` as the payload.
 pub fn control_frame(key: &ChannelKey, src: [u8; 6], dst: [u8; 6], mut ft: FtHdr) -> Vec<u8> {
     let tagged = kind_is_tagged(ft.kind);
     if tagged {
@@ -78,10 +78,11 @@ mod tests {
             &h.ft,
             payload
         ));
-        // Heartbeats are not tagged.
+        // Heartbeats (the primary's) are tagged too.
         let hb = control_frame(&key(), [1; 6], [2; 6], hdr(KIND_HEARTBEAT, 1, 9, 77, 5));
-        assert_eq!(hb.len(), 60);
+        assert_eq!(hb.len(), TAGGED_HLEN);
         let (h, payload) = parse_log_frame(&hb).unwrap();
-        assert_eq!((h.ft.len.get(), payload.len()), (0, 0));
+        assert_eq!((h.ft.kind, h.ft.aux.get()), (KIND_HEARTBEAT, 5));
+        assert!(tag_valid(&key().sip(), &h.ft, payload));
     }
 }

@@ -168,12 +168,26 @@ impl TestNode {
         self.udp(self.client_mac, self.vm_mac, ips, len)
     }
 
-    /// A frame from the primary (LOG, VMLOG, HEARTBEAT) carrying `payload`, as this
-    /// (backup) node receives it.
+    /// A frame from the primary carrying `payload`, as this (backup) node receives it: a
+    /// LOG or VMLOG frame with its MAC in `aux` (the `aux` given is not used), or a
+    /// HEARTBEAT with `aux` and its tag (the payload given is not used).
     pub fn primary_frame(&self, kind: u8, seq: u64, aux: u64, payload: &[u8]) -> Vec<u8> {
         let mut ft = FtHdr::new(kind, self.session, self.epoch, seq);
-        ft.aux.set(aux);
+        if kind_is_tagged(kind) {
+            ft.aux.set(aux);
+            ft.len.set(TAG_LEN as u16);
+            let mut f = TaggedHdr {
+                eth: self.eth(self.own_log_mac, self.peer_log_mac, ETHERTYPE_FT),
+                ft,
+                tag: frame_tag(&self.key, &ft).into(),
+            }
+            .as_bytes()
+            .to_vec();
+            f.resize(f.len().max(60), 0);
+            return f;
+        }
         ft.len.set(payload.len() as u16);
+        ft.aux.set(payload_mac(&self.key, &ft, payload));
         let hdr = LogHdr {
             eth: self.eth(self.own_log_mac, self.peer_log_mac, ETHERTYPE_FT),
             ft,

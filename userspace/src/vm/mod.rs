@@ -390,6 +390,7 @@ pub fn start_primary(
         Mode::Record
     };
     let window = cfg.channel.vmlog_window;
+    let key = cfg.channel.key.sip();
     *state.kick.lock().unwrap() = Some(tap.try_clone()?);
     let sock = RawSocket::open(&dp.nics.logging)?;
     let (src, dst) = (dp.nics.logging.mac, cfg.interfaces.peer_log_mac.0);
@@ -406,6 +407,7 @@ pub fn start_primary(
                 src,
                 dst,
                 session,
+                key,
                 epoch,
                 window,
                 store,
@@ -413,6 +415,7 @@ pub fn start_primary(
                 stop: stop.clone(),
                 roles,
                 buf: Vec::with_capacity(ft_common::wire::MAX_FRAME),
+                fault: crate::fault::CorruptClock::from_env(),
                 next_seq: 1,
             };
             let run = (|| -> ft_vmm::error::Result<RunReport> {

@@ -105,6 +105,8 @@ pub struct ChannelSink {
     pub src: [u8; 6],
     pub dst: [u8; 6],
     pub session: u64,
+    /// The channel key (every VMLOG frame carries a MAC under it).
+    pub key: ft_common::siphash::SipKey,
     /// The epoch of this log (the node's when the log began; a new epoch means SOLO,
     /// where entries are discarded, or a new log from a join's cut).
     pub epoch: u64,
@@ -117,6 +119,8 @@ pub struct ChannelSink {
     pub roles: Arc<Roles>,
     /// Entries of the frame being filled.
     pub buf: Vec<u8>,
+    /// Test-only fault injection (see [`crate::fault`]); unarmed in production.
+    pub fault: crate::fault::CorruptClock,
     pub next_seq: u64,
 }
 
@@ -161,8 +165,16 @@ impl ChannelSink {
         if epoch == 0 {
             return Err(io_err(SinkError::NotLive));
         }
+        if self.fault.apply(&mut self.buf) {
+            tracing::warn!(
+                seq,
+                "fault injected: the leading CLOCK entry of VMLOG frame {seq} changed before it was tagged"
+            );
+        }
         let mut ft = FtHdr::new(KIND_VMLOG, self.session, epoch, seq);
         ft.len.set(self.buf.len() as u16);
+        // The MAC the backup's XDP checks before it buffers or acks anything of it.
+        ft.aux.set(payload_mac(&self.key, &ft, &self.buf));
         let hdr = LogHdr {
             eth: EthHdr::ft(self.dst, self.src),
             ft,

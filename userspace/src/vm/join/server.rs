@@ -189,6 +189,7 @@ impl JoinServer {
             src: self.dp.nics.logging.mac,
             dst: self.cfg.interfaces.peer_log_mac.0,
             session: self.status.session.load(Relaxed),
+            key: self.cfg.channel.key.sip(),
             epoch,
             window: self.cfg.channel.vmlog_window,
             store: self.vm.log_store.clone(),
@@ -196,6 +197,7 @@ impl JoinServer {
             stop: self.vm_stop.clone(),
             roles: self.roles.clone(),
             buf: Vec::with_capacity(ft_common::wire::MAX_FRAME),
+            fault: crate::fault::CorruptClock::from_env(),
             next_seq,
         };
         let cut_ran = Arc::new(AtomicBool::new(false));
