@@ -186,6 +186,34 @@ fn frame_missing_only_when_the_store_is_closed_or_after_the_timeout() {
     }
 }
 
+/// A frame the input stream skipped (a backup that acked input it never received: the
+/// stream's start moved past it) can never come: a store fed in order tells the replay
+/// so, which fails at once and names the frame instead of waiting for ever (no timeout
+/// is set).
+#[test]
+fn a_frame_the_input_stream_skipped_fails_the_replay_at_once() {
+    let rec = recording(300, 0);
+    let first = refs(&rec.entries)[0].1;
+    let store = MemFrameStore::in_order();
+    for (key, f) in rec.sent.iter().filter(|(k, _)| **k != first) {
+        store.put(*key, f);
+    }
+    let t = Instant::now();
+    match replay(&rec, &store, Control::new(), |c| {
+        c.frame_wait_timeout = None
+    }) {
+        Err(e @ Error::FrameMissing { .. }) => {
+            assert!(e.to_string().contains("never received"), "{e}");
+            let Error::FrameMissing { key, .. } = e else {
+                unreachable!()
+            };
+            assert_eq!(key, first);
+            assert!(t.elapsed() < Duration::from_secs(30), "{:?}", t.elapsed());
+        }
+        other => panic!("expected FrameMissing, got {:?}", other.map(|r| r.outcome)),
+    }
+}
+
 /// The daemon keeps at most 64 frames ahead of the replay (it would run out of memory
 /// otherwise); a replay that does not evict what it consumed — and frames the primary's
 /// VM never got, which are never referenced — stalls and fails.

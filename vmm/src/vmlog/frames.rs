@@ -13,7 +13,12 @@
 //!   different order than their sequence numbers were assigned (XDP runs on several
 //!   CPUs); see `VmmConfig::frame_reorder_window`;
 //! - a closed store ([`FrameStore::close`]: the daemon abandons the replay) ends a wait
-//!   at once.
+//!   at once;
+//! - so does a frame the store knows will never come ([`FrameWait::Never`]): one at or
+//!   below what it evicted (later puts of such keys are ignored), or, in a store fed in
+//!   key order ([`MemFrameStore::in_order`]: the backup's daemon puts input in sequence
+//!   order, exactly once), one below a key already put. Waiting would stall the replay
+//!   for ever; the VMM fails instead and says which frame.
 use std::collections::BTreeMap;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -40,6 +45,8 @@ pub enum FrameWait {
     NotYet,
     /// Not there, and the store was closed: it never will.
     Closed,
+    /// Not there, and it never will be: why.
+    Never(&'static str),
 }
 
 /// Where the replaying VMM finds the frames that RX_FRAME_REF entries refer to.
@@ -72,6 +79,9 @@ struct State {
     peak: usize,
     floor: Option<FrameKey>,
     closed: bool,
+    /// Frames are put in key order (see [`MemFrameStore::in_order`]).
+    in_order: bool,
+    last_put: Option<FrameKey>,
     /// Readers inside `wait` for a frame that was not here.
     waiters: usize,
 }
@@ -89,6 +99,14 @@ pub struct MemFrameStore {
 }
 
 impl MemFrameStore {
+    /// A store whose frames are put in key order, each once (the backup's input stream):
+    /// a missing frame below one already put will never come.
+    pub fn in_order() -> MemFrameStore {
+        let s = MemFrameStore::default();
+        s.lock().in_order = true;
+        s
+    }
+
     fn lock(&self) -> MutexGuard<'_, State> {
         // A panic while holding the lock leaves the map consistent (single operations).
         self.shared.state.lock().unwrap_or_else(|e| e.into_inner())
@@ -142,6 +160,7 @@ impl FrameStore for MemFrameStore {
         if s.closed || s.floor.is_some_and(|f| key <= f) {
             return;
         }
+        s.last_put = s.last_put.max(Some(key));
         if let Some(old) = s.frames.insert(key, frame.to_vec()) {
             s.bytes -= old.len();
         }
@@ -164,6 +183,16 @@ impl FrameStore for MemFrameStore {
             }
             if s.closed {
                 break FrameWait::Closed;
+            }
+            if s.floor.is_some_and(|f| key <= f) {
+                break FrameWait::Never(
+                    "it was evicted (it is older than the reorder window behind a frame the replay delivered)",
+                );
+            }
+            if s.in_order && s.last_put.is_some_and(|l| key < l) {
+                break FrameWait::Never(
+                    "the input stream delivered later frames without it (this backup acked input it never received)",
+                );
             }
             let left = match deadline {
                 Some(d) => d.saturating_duration_since(Instant::now()),
@@ -250,6 +279,30 @@ mod tests {
         s.put(k(1, 11), &[1]);
         assert_eq!(s.len(), 6);
         assert_eq!(s.peak_len(), 20);
+    }
+
+    #[test]
+    fn a_frame_that_can_never_come_is_not_waited_for() {
+        let s = MemFrameStore::in_order();
+        s.put(k(1, 5), b"x");
+        assert_eq!(s.wait(k(1, 6), Duration::ZERO), FrameWait::NotYet);
+        assert!(matches!(
+            s.wait(k(1, 4), Duration::from_secs(10)),
+            FrameWait::Never(w) if w.contains("later frames")
+        ));
+        assert!(matches!(
+            s.wait(k(0, 9), Duration::from_secs(10)),
+            FrameWait::Never(_)
+        ));
+        // Without the order promise a gap may still be filled.
+        let s = MemFrameStore::default();
+        s.put(k(1, 5), b"x");
+        assert_eq!(s.wait(k(1, 4), Duration::ZERO), FrameWait::NotYet);
+        s.evict_through(k(1, 5));
+        assert!(matches!(
+            s.wait(k(1, 4), Duration::from_secs(10)),
+            FrameWait::Never(w) if w.contains("evicted")
+        ));
     }
 
     #[test]

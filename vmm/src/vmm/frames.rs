@@ -83,6 +83,7 @@ impl Vmm {
                 FrameWait::Ready(f) => return Ok(Some(f)),
                 FrameWait::NotYet => false,
                 FrameWait::Closed => true,
+                FrameWait::Never(why) => return Err(missing(self, why)),
             };
             if self.control.stop_requested() {
                 return Err(Error::Stopped);
