@@ -425,7 +425,7 @@ fn the_join_service_refuses_stale_foreign_and_malformed_hellos() {
     .unwrap();
     let config_hash = st["vm"]["config_hash"].as_u64().unwrap();
     let hello = |epoch: u64, config_hash: u64| ftd::vm::join::protocol::Hello {
-        version: 2,
+        version: ftd::vm::join::protocol::JOIN_VERSION,
         node: "joiner".into(),
         epoch,
         config_hash,

@@ -162,6 +162,12 @@ impl ChannelKey {
         m
     }
 
+    /// 32 bytes derived from the key for `label` and `parts` (HMAC-SHA256 as a PRF): a
+    /// key for one purpose that reveals nothing of the channel key.
+    pub fn derive(&self, label: &str, parts: &[&[u8]]) -> [u8; 32] {
+        self.hmac(label, parts).finalize().into_bytes().into()
+    }
+
     /// The MAC of `parts` under `label` (hex).
     pub fn mac_hex(&self, label: &str, parts: &[&[u8]]) -> String {
         hex(&self.hmac(label, parts).finalize().into_bytes())

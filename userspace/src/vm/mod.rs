@@ -467,7 +467,9 @@ pub fn start_backup(
     // Up to 2048 VMLOG frames (~3 MiB) queued for replay; beyond it the receive loop
     // takes no more from the kernel's ring (see `feed`).
     let (chan_sink, chan_source) = ft_vmm::vmlog::channel(feed::REPLAY_QUEUE_FRAMES);
-    let frames = MemFrameStore::default();
+    // Input is put in sequence order, once: a referenced frame below one already put
+    // never comes (the replay fails and says so instead of waiting for ever).
+    let frames = MemFrameStore::in_order();
     *state.frames.lock().unwrap() = Some(frames.clone());
     let store: Arc<dyn FrameStore> = Arc::new(frames.clone());
     let input = feed::FrameStoreSink(store.clone());
@@ -500,7 +502,11 @@ pub fn start_backup(
                         &stop,
                     );
                     match joined {
-                        Ok(join::client::Joined::FromBoot) => {
+                        Ok(join::client::Joined::FromBoot { session }) => {
+                            // Log frames of the live node's run only (a replay of an
+                            // earlier run's frames cannot capture this backup).
+                            status.peer_session.store(session, Relaxed);
+                            dp.set_peer_session(session);
                             start.set(1, 1);
                             Vmm::new(vcfg, &image, control.clone())?
                         }

@@ -5,7 +5,7 @@
 //! joiner told `retry` after the live node went solo in a new epoch asks again at that
 //! epoch, and joins).
 use std::{
-    io::BufReader,
+    io::{BufReader, Write},
     net::{SocketAddr, TcpStream},
     sync::{
         Arc,
@@ -20,6 +20,7 @@ use tracing::{info, warn};
 
 use super::{
     protocol::{Answer, Asked, Confirm, CutInfo, ask, send_line},
+    secure,
     server::progress_json,
 };
 use crate::{
@@ -30,8 +31,9 @@ use crate::{
 
 /// What a joining backup got.
 pub enum Joined {
-    /// Follow the log from the VM's boot, as always.
-    FromBoot,
+    /// Follow the log from the VM's boot, as always: the frames of `session` only (the
+    /// live node named it in its authenticated answer).
+    FromBoot { session: u64 },
     /// The state at the cut, and where the log starts.
     Transfer { vmm: Box<ft_vmm::Vmm>, cut: CutInfo },
 }
@@ -97,7 +99,7 @@ pub fn join(
         // The epoch the supervisor follows now (it moves with the live node while this
         // backup has no state).
         let epoch = roles.epoch();
-        let reply = match ask(
+        let (reply, binding) = match ask(
             &cfg.channel.key,
             &mut w,
             &mut r,
@@ -107,7 +109,7 @@ pub fn join(
         )
         .map_err(JoinError::Refused)?
         {
-            Asked::Reply(reply) => reply,
+            Asked::Reply(reply, binding) => (reply, binding),
             Asked::Retry(e) => {
                 warn!(%peer, "join: {e}; retrying");
                 std::thread::sleep(pause);
@@ -116,8 +118,14 @@ pub fn join(
         };
         match reply.answer {
             Answer::FollowFromBoot => {
-                info!(reason = %reply.reason, "join: following the log from the VM's boot");
-                return Ok(Joined::FromBoot);
+                info!(
+                    reason = %reply.reason,
+                    session = format_args!("{:#018x}", reply.session),
+                    "join: following the log from the VM's boot"
+                );
+                return Ok(Joined::FromBoot {
+                    session: reply.session,
+                });
             }
             Answer::Retry => {
                 vm.set_phase(VmPhase::Joining(format!(
@@ -136,11 +144,13 @@ pub fn join(
                 let started = crate::role::unix_ms();
                 vm.set_phase(VmPhase::Joining("receiving the VM's state".into()));
                 info!(%peer, epoch, "join: receiving the VM's state");
+                let mut secure = secure::initiate(&cfg.channel.key, &binding, w, r)
+                    .map_err(|e| JoinError::Failed(e.to_string()))?;
                 let (vmm, rep) = ft_vmm::Vmm::receive(
                     vcfg,
                     image,
                     control,
-                    &mut r,
+                    &mut secure.reader,
                     Some(store),
                     &mut |p: &Progress| {
                         *vm.join.lock().unwrap() = Some(progress_json("primary", started, p));
@@ -155,6 +165,13 @@ pub fn join(
                 // this joiner and went solo in a new epoch) logs in an epoch this
                 // replica's state is not part of.
                 let now = roles.epoch();
+                if cut.session != reply.session {
+                    return Err(JoinError::Failed(format!(
+                        "the cut names session {:#018x}, the live node's answer {:#018x}: \
+                         not following either",
+                        cut.session, reply.session
+                    )));
+                }
                 if cut.epoch != epoch || now != epoch {
                     return Err(JoinError::Failed(format!(
                         "the live node moved on during the transfer (asked at epoch {epoch}, \
@@ -162,9 +179,11 @@ pub fn join(
                         cut.epoch
                     )));
                 }
-                send_line(&mut w, &Confirm { received: true }).map_err(|e| {
-                    JoinError::Failed(format!("cannot confirm the state to the primary: {e}"))
-                })?;
+                send_line(&mut secure.writer, &Confirm { received: true })
+                    .and_then(|()| secure.writer.flush())
+                    .map_err(|e| {
+                        JoinError::Failed(format!("cannot confirm the state to the primary: {e}"))
+                    })?;
                 info!(
                     ?cut,
                     cut_exit = rep.cut_exit,

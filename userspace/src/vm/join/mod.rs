@@ -17,4 +17,5 @@
 pub mod client;
 pub mod policy;
 pub mod protocol;
+pub mod secure;
 pub mod server;

@@ -7,12 +7,14 @@
 //!    key (`[channel] key_file`) of the live node's challenge and the hello. A hello
 //!    whose MAC does not verify is refused before anything is decided or told.
 //! 3. The live node answers a [`Reply`] (`transfer`, `follow-from-boot`, `retry` or
-//!    `refused` with the reason; see `policy`), MACed over the joiner's challenge: the
-//!    joiner takes state only from a node with the key.
-//! 4. On `transfer`, the VMM's state streams over (`ft_vmm::transfer`); the live node's
-//!    cut information ([`CutInfo`]) ends it, and the joiner's [`Confirm`] says it holds
-//!    it all. (Not protected: the state stream after the answer is neither encrypted nor
-//!    MACed; see ARCHITECTURE.md.)
+//!    `refused` with the reason; see `policy`) and names the session its log frames
+//!    carry, MACed over the joiner's challenge: the joiner takes state only from a node
+//!    with the key, and follows that session only (its XDP drops frames of any other,
+//!    so a replay of an earlier run's frames cannot capture it).
+//! 4. On `transfer`, both sides run a Noise handshake under a key derived from the
+//!    channel key and bound to the two challenges (`secure`); inside it the VMM's state
+//!    streams over (`ft_vmm::transfer`), the live node's cut information ([`CutInfo`])
+//!    ends it, and the joiner's [`Confirm`] says it holds it all.
 use std::{
     io::{BufRead, Write},
     time::Duration,
@@ -26,8 +28,9 @@ use crate::channel::auth::{ChannelKey, fill_random, hex};
 #[derive(Debug)]
 pub(super) struct BadRequest(pub String);
 
-/// 2: challenge-response under the channel key.
-pub(super) const JOIN_VERSION: u32 = 2;
+/// 2: challenge-response under the channel key. 3: the reply names the session; the
+/// transfer runs inside a Noise session.
+pub const JOIN_VERSION: u32 = 3;
 /// Longest hello or reply line.
 const MAX_LINE: u64 = 4096;
 /// Random bytes of a challenge.
@@ -112,19 +115,23 @@ pub enum Answer {
 pub struct Reply {
     pub answer: Answer,
     pub reason: String,
-    /// HMAC-SHA256 (hex) of the joiner's challenge, the primary's and the answer; empty
-    /// when the hello was not authenticated (a refusal).
+    /// The session of the live node's log frames (0 in a refusal).
+    #[serde(default)]
+    pub session: u64,
+    /// HMAC-SHA256 (hex) of the joiner's challenge, the primary's, the answer and the
+    /// session; empty when the hello was not authenticated (a refusal).
     #[serde(default)]
     pub mac: String,
 }
 
 impl Reply {
-    fn mac_parts(&self, hello_nonce: &str, challenge: &str) -> [Vec<u8>; 4] {
+    fn mac_parts(&self, hello_nonce: &str, challenge: &str) -> [Vec<u8>; 5] {
         [
             hello_nonce.as_bytes().to_vec(),
             challenge.as_bytes().to_vec(),
             serde_json::to_vec(&self.answer).unwrap_or_default(),
             self.reason.as_bytes().to_vec(),
+            self.session.to_be_bytes().to_vec(),
         ]
     }
 
@@ -187,15 +194,31 @@ pub(super) fn send_line(w: &mut impl Write, v: &impl Serialize) -> std::io::Resu
 pub(super) const UNAUTHENTICATED: &str = "the join request is not authenticated: the joining host does \
      not hold this node's channel key (both hosts need the same [channel] key_file)";
 
+/// What binds a transfer's Noise session to one handshake (its prologue): both
+/// challenges.
+pub(super) fn binding(challenge: &str, hello_nonce: &str) -> Vec<u8> {
+    format!("ft-join v{JOIN_VERSION} {challenge} {hello_nonce}").into_bytes()
+}
+
+/// An authenticated hello and what it was answered.
+pub(super) struct Answered {
+    pub hello: Hello,
+    pub answer: Answer,
+    pub reason: String,
+    /// See [`binding`].
+    pub binding: Vec<u8>,
+}
+
 /// The primary's half of the handshake: its challenge, the backup's hello, the answer
-/// (`decide`, for an authenticated hello of this version), MACed under `key`. None: the
-/// hello did not prove the key; it was refused (to be counted).
+/// (`decide`, for an authenticated hello of this version) naming `session`, MACed under
+/// `key`. None: the hello did not prove the key; it was refused (to be counted).
 pub(super) fn serve_handshake(
     key: &ChannelKey,
+    session: u64,
     w: &mut impl Write,
     r: &mut impl BufRead,
     decide: impl FnOnce(&Hello) -> (Answer, String),
-) -> Result<Option<(Hello, Answer, String)>, BadRequest> {
+) -> Result<Option<Answered>, BadRequest> {
     let bad = BadRequest;
     let challenge = new_nonce();
     send_line(
@@ -216,6 +239,7 @@ pub(super) fn serve_handshake(
         let reply = Reply {
             answer: Answer::Refused,
             reason: UNAUTHENTICATED.into(),
+            session: 0,
             mac: String::new(),
         };
         send_line(w, &reply).map_err(|e| bad(e.to_string()))?;
@@ -226,17 +250,24 @@ pub(super) fn serve_handshake(
     let reply = Reply {
         answer,
         reason: reason.clone(),
+        session,
         mac: String::new(),
     }
     .sign(key, &hello.nonce, &challenge);
     send_line(w, &reply).map_err(|e| bad(e.to_string()))?;
-    Ok(Some((hello, answer, reason)))
+    let binding = binding(&challenge, &hello.nonce);
+    Ok(Some(Answered {
+        hello,
+        answer,
+        reason,
+        binding,
+    }))
 }
 
 /// What the joining backup's handshake got.
 pub(super) enum Asked {
-    /// The primary's authenticated answer.
-    Reply(Reply),
+    /// The primary's authenticated answer, and the binding of a transfer's session.
+    Reply(Reply, Vec<u8>),
     /// The connection broke before an answer: ask again.
     Retry(String),
 }
@@ -300,7 +331,8 @@ pub(super) fn ask(
     if reply.answer == Answer::Refused {
         return Err(format!("the primary refused the join: {}", reply.reason));
     }
-    Ok(Asked::Reply(reply))
+    let binding = binding(&challenge.nonce, &hello.nonce);
+    Ok(Asked::Reply(reply, binding))
 }
 
 pub(super) fn version_refusal(version: u32) -> (Answer, String) {
@@ -324,7 +356,7 @@ mod tests {
 
     /// What the primary's handshake got: the authenticated hello and answer, None when
     /// refused as unauthenticated, or the bad request.
-    type Served = Result<Option<(Hello, Answer, String)>, String>;
+    type Served = Result<Option<(Hello, Answer, String, u64)>, String>;
 
     /// Runs the primary's handshake on one end of a socket pair (answering `transfer`)
     /// and `client` on the other; returns what both got.
@@ -340,10 +372,11 @@ mod tests {
         });
         let mut w = a.try_clone().unwrap();
         let mut r = BufReader::new(a);
-        let served = serve_handshake(&primary_key, &mut w, &mut r, |h| {
+        let served = serve_handshake(&primary_key, 0x5e55, &mut w, &mut r, |h| {
             assert_eq!(h.node, "host-b");
             (Answer::Transfer, String::new())
         })
+        .map(|a| a.map(|a| (a.hello, a.answer, a.reason, a.binding.len() as u64)))
         .map_err(|BadRequest(e)| e);
         drop((w, r));
         (served, c.join().unwrap())
@@ -358,11 +391,14 @@ mod tests {
     #[test]
     fn a_backup_with_the_key_is_answered_and_checks_the_answer() {
         let (served, asked) = handshake(key(1), ask_as(key(1)));
-        let (hello, answer, _) = served.unwrap().expect("authenticated");
+        let (hello, answer, _, binding_len) = served.unwrap().expect("authenticated");
         assert_eq!((hello.epoch, hello.config_hash), (7, 0x1234));
         assert_eq!(answer, Answer::Transfer);
         match asked.unwrap() {
-            Asked::Reply(r) => assert_eq!(r.answer, Answer::Transfer),
+            Asked::Reply(r, binding) => {
+                assert_eq!((r.answer, r.session), (Answer::Transfer, 0x5e55));
+                assert_eq!(binding.len() as u64, binding_len);
+            }
             Asked::Retry(e) => panic!("retry: {e}"),
         }
     }
@@ -384,7 +420,7 @@ mod tests {
         // No MAC at all (the version-1 hello of an intruder, with this version).
         let (served, reply) = handshake(key(1), |w, r| {
             let _challenge = read_line(r).unwrap();
-            w.write_all(b"{\"version\":2,\"node\":\"host-b\",\"epoch\":7,\"config_hash\":4660}\n")
+            w.write_all(b"{\"version\":3,\"node\":\"host-b\",\"epoch\":7,\"config_hash\":4660}\n")
                 .unwrap();
             read_line(r).unwrap()
         });
@@ -419,7 +455,7 @@ mod tests {
                 .unwrap();
             read_line(r).unwrap()
         });
-        let (_, answer, reason) = served.unwrap().expect("answered");
+        let (_, answer, reason, _) = served.unwrap().expect("answered");
         assert_eq!(answer, Answer::Refused);
         assert!(reason.contains("join protocol version 1"), "{reason}");
         assert!(reply.contains("join protocol version 1"), "{reply}");
@@ -428,6 +464,27 @@ mod tests {
             w.write_all(b"GET / HTTP/1.0\r\n\r\n").unwrap();
         });
         assert!(served.unwrap_err().contains("not a join hello"));
+    }
+
+    #[test]
+    fn a_reply_with_another_session_or_answer_does_not_verify() {
+        let signed = || {
+            Reply {
+                answer: Answer::FollowFromBoot,
+                reason: "from boot".into(),
+                session: 0x5e55,
+                mac: String::new(),
+            }
+            .sign(&key(1), "hello-nonce", "challenge")
+        };
+        assert!(signed().mac_valid(&key(1), "hello-nonce", "challenge"));
+        let mut r = signed();
+        r.session = 0x0bad;
+        assert!(!r.mac_valid(&key(1), "hello-nonce", "challenge"));
+        let mut r = signed();
+        r.answer = Answer::Transfer;
+        assert!(!r.mac_valid(&key(1), "hello-nonce", "challenge"));
+        assert!(!signed().mac_valid(&key(1), "hello-nonce", "another challenge"));
     }
 
     #[test]
@@ -450,6 +507,7 @@ mod tests {
             let reply = Reply {
                 answer: Answer::Transfer,
                 reason: String::new(),
+                session: 1,
                 mac: String::new(),
             }
             .sign(&key(9), &hello.nonce, &challenge);

@@ -28,8 +28,10 @@ use tracing::{info, warn};
 use super::{
     policy::{self, NodeView},
     protocol::{
-        Answer, BadRequest, CONFIRM_TIMEOUT, Confirm, CutInfo, Hello, read_line, serve_handshake,
+        Answer, Answered, BadRequest, CONFIRM_TIMEOUT, Confirm, CutInfo, Hello, read_line,
+        serve_handshake,
     },
+    secure,
 };
 use crate::{
     channel::status::ChannelStatus,
@@ -144,34 +146,46 @@ impl JoinServer {
         let _ = s.set_nodelay(true);
         let mut w = s.try_clone().map_err(|e| bad(e.to_string()))?;
         let mut r = BufReader::new(s);
-        let Some((hello, answer, reason)) =
-            serve_handshake(&self.cfg.channel.key, &mut w, &mut r, |h| self.decide(h))
-                .map_err(HandleError::from)?
+        let session = self.status.session.load(Relaxed);
+        let Some(answered) = serve_handshake(&self.cfg.channel.key, session, &mut w, &mut r, |h| {
+            self.decide(h)
+        })
+        .map_err(HandleError::from)?
         else {
             self.vm.join_auth_failures.fetch_add(1, Relaxed);
             warn!(%peer, "join service: refused a hello that is not authenticated (no channel key)");
             return Ok(());
         };
-        self.transfer(hello, answer, reason, w, r, peer, started)
+        self.transfer(answered, w, r, peer, started)
             .map_err(HandleError::Failed)
     }
 
-    /// After the answer: nothing more, or the state transfer.
-    #[allow(clippy::too_many_arguments)]
+    /// After the answer: nothing more, or the state transfer (inside the Noise session
+    /// bound to this handshake).
     fn transfer(
         &self,
-        hello: Hello,
-        answer: Answer,
-        reason: String,
+        answered: Answered,
         w: TcpStream,
-        mut r: BufReader<TcpStream>,
+        r: BufReader<TcpStream>,
         peer: SocketAddr,
         started: u64,
     ) -> Result<(), String> {
+        let Answered {
+            hello,
+            answer,
+            reason,
+            binding,
+        } = answered;
         if answer != Answer::Transfer {
             info!(%peer, node = %hello.node, ?answer, %reason, "join request answered");
             return Ok(());
         }
+        let tcp = w.try_clone().map_err(|e| e.to_string())?;
+        let session = secure::respond(&self.cfg.channel.key, &binding, w, r).map_err(|e| {
+            self.vm.join_auth_failures.fetch_add(1, Relaxed);
+            e.to_string()
+        })?;
+        let (w, mut r) = (session.writer, BufReader::new(session.reader));
         let src = self
             .vm
             .transfer
@@ -270,7 +284,7 @@ impl JoinServer {
         // The backup confirms it holds the whole state (a link cut after the stop phase
         // is noticed here, at once, instead of by the missing first ack).
         let res = res.and_then(|rep| {
-            let _ = r.get_ref().set_read_timeout(Some(CONFIRM_TIMEOUT));
+            let _ = tcp.set_read_timeout(Some(CONFIRM_TIMEOUT));
             match read_line(&mut r).map(|l| serde_json::from_str::<Confirm>(&l)) {
                 Ok(Ok(Confirm { received: true })) => Ok(rep),
                 other => Err(ft_vmm::Error::Transfer(format!(
