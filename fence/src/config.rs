@@ -51,8 +51,13 @@ pub struct FenceConfig {
     pub etcd_prefix: String,
     /// Embedded arbiter: a file holding the shared secret (at least 16 bytes; the
     /// arbiter's `--secret-file`). Requests and replies then carry its MAC, and the
-    /// arbiter refuses any other client. Empty: no authentication.
+    /// arbiter refuses any other client. Required for the embedded backend unless
+    /// `insecure = true`.
     pub secret_file: String,
+    /// Embedded arbiter only: run without `secret_file` (anyone who reaches the arbiter
+    /// can then take or refuse the VM's lease). Only for an isolated test network; the
+    /// arbiter must be started with `--insecure` as well.
+    pub insecure: bool,
     /// etcd only: PEM file of the CA that signed the members' certificates. Set: the
     /// members are reached over TLS (`https://host:port` or `host:port` endpoints) and
     /// their certificates must name the endpoint's host. Empty: plain http.
@@ -84,6 +89,7 @@ impl Default for FenceConfig {
             peer: String::new(),
             etcd_prefix: DEFAULT_PREFIX.to_string(),
             secret_file: String::new(),
+            insecure: false,
             etcd_ca_file: String::new(),
             etcd_cert_file: String::new(),
             etcd_key_file: String::new(),
@@ -311,6 +317,25 @@ impl FenceConfig {
                 "fence.drift_margin_ms must be above 0 (clocks drift; e.g. 100 for a 3000 ms lease)",
             );
         }
+        if self.backend == Some(Backend::Embedded) {
+            match (self.secret_file.is_empty(), self.insecure) {
+                (true, false) => {
+                    return bad(
+                        "fence.backend = \"embedded\" without fence.secret_file: anyone who reaches the arbiter could take or refuse this VM's lease. Write a secret once (head -c 32 /dev/urandom | base64 > /etc/ft/arbiter.secret), give the same file to ft-arbiter --secret-file and set fence.secret_file to it on both nodes (on an isolated test network only: insecure = true)",
+                    );
+                }
+                (false, true) => {
+                    return bad(
+                        "fence.insecure = true and fence.secret_file are both set: remove insecure (the secret is used)",
+                    );
+                }
+                _ => {}
+            }
+        } else if self.insecure {
+            return bad(
+                "fence.insecure is for the embedded arbiter (etcd is secured with fence.etcd_ca_file, etcd_cert_file/etcd_key_file and etcd_user/etcd_password_file)",
+            );
+        }
         if !self.secret_file.is_empty() {
             if self.backend != Some(Backend::Embedded) {
                 return bad(
@@ -481,6 +506,7 @@ mod tests {
             vm: "vm1".into(),
             node: "host-a".into(),
             peer: "host-b".into(),
+            insecure: true,
             ..Default::default()
         }
     }
@@ -497,6 +523,13 @@ mod tests {
         let good = dir.path().join("good");
         std::fs::write(&good, "a shared secret of enough bytes\n").unwrap();
         let mut c = base();
+        c.insecure = false;
+        // The embedded arbiter needs a secret, or an explicit insecure = true.
+        let e = err(&c);
+        assert!(
+            e.contains("without fence.secret_file") && e.contains("insecure = true"),
+            "{e}"
+        );
         c.secret_file = dir.path().join("missing").display().to_string();
         assert!(err(&c).contains("cannot read"), "{}", err(&c));
         c.secret_file = short.display().to_string();
@@ -507,9 +540,19 @@ mod tests {
             c.secret().unwrap().unwrap(),
             b"a shared secret of enough bytes"
         );
+        c.insecure = true;
+        assert!(err(&c).contains("both set"), "{}", err(&c));
+        c.insecure = false;
         c.backend = Some(Backend::Etcd);
         c.arbiters = vec!["10.0.0.2:2379".into()];
         assert!(err(&c).contains("for the embedded arbiter"), "{}", err(&c));
+        c.secret_file.clear();
+        c.insecure = true;
+        assert!(
+            err(&c).contains("fence.insecure is for the embedded"),
+            "{}",
+            err(&c)
+        );
     }
 
     /// An etcd config with every security option set to files in `dir`.
@@ -536,6 +579,7 @@ mod tests {
             ),
             etcd_user: "ft-node".into(),
             etcd_password_file: w("pw", "s3cret\n"),
+            insecure: false,
             ..base()
         }
     }

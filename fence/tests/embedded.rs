@@ -810,6 +810,7 @@ async fn a_missing_state_file_needs_init_and_init_never_overwrites() {
             .args(["--listen", &format!("127.0.0.1:{}", free_port())])
             .arg("--state-dir")
             .arg(dir.path())
+            .arg("--insecure")
             .args(args)
             .env("RUST_LOG", "warn")
             .output()
@@ -930,4 +931,36 @@ async fn a_shared_secret_keeps_other_clients_out() {
     })
     .await
     .expect("test budget exceeded");
+}
+
+/// `ft-arbiter` never serves unauthenticated by accident: without `--secret-file` it
+/// refuses to start unless told `--insecure`, and the two together are refused too. It
+/// exits before it binds anything.
+#[test]
+fn the_arbiter_refuses_to_start_without_a_secret_unless_told_insecure() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |extra: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_ft-arbiter"))
+            .args(["--listen", "127.0.0.1:1", "--state-dir"])
+            .arg(dir.path())
+            .args(["--init"])
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let out = run(&[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "started without a secret: {err}");
+    assert!(
+        err.contains("--secret-file") && err.contains("required"),
+        "{err}"
+    );
+    let secret = dir.path().join("secret");
+    std::fs::write(&secret, "a shared secret of enough bytes\n").unwrap();
+    let out = run(&["--insecure", "--secret-file", secret.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("cannot be used with"), "{err}");
+    // Nothing was created.
+    assert!(std::fs::read_dir(dir.path()).unwrap().count() == 1);
 }

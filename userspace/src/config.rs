@@ -782,9 +782,16 @@ backend = "none"
         assert!(err(Config::parse(&no_backend)).contains("fence"));
         let other = good().replace(
             "backend = \"none\"",
-            "backend = \"embedded\"\narbiters = [\"10.0.0.2:7700\"]\nvm = \"vm1\"\nnode = \"b\"\npeer = \"c\"",
+            "backend = \"embedded\"\narbiters = [\"10.0.0.2:7700\"]\nvm = \"vm1\"\nnode = \"b\"\npeer = \"c\"\ninsecure = true",
         );
         assert!(err(Config::parse(&other)).contains("differs from node.name"));
+        // An embedded arbiter without its secret is refused unless told insecure.
+        let open = other.replace("\ninsecure = true", "");
+        let e = err(Config::parse(&open));
+        assert!(
+            e.contains("without fence.secret_file") && e.contains("ft-arbiter --secret-file"),
+            "{e}"
+        );
     }
 
     #[test]

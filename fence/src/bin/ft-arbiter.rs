@@ -1,5 +1,5 @@
-//! `ft-arbiter --listen ADDR --state-dir DIR [--secret-file F]`: the embedded split-brain
-//! arbiter.
+//! `ft-arbiter --listen ADDR --state-dir DIR (--secret-file F | --insecure)`: the
+//! embedded split-brain arbiter.
 use std::path::PathBuf;
 
 use anyhow::Context;
@@ -11,7 +11,8 @@ use tracing_subscriber::EnvFilter;
 #[derive(Parser, Debug)]
 #[command(version)]
 struct Args {
-    /// Address to listen on, e.g. 0.0.0.0:7700.
+    /// Address to listen on: one address of this host that both nodes reach, e.g.
+    /// 10.0.0.3:7700 (not 0.0.0.0: the arbiter decides who may run the VM).
     #[arg(long)]
     listen: String,
     /// Directory for the durable state (local disk; never shared by two arbiters).
@@ -24,8 +25,13 @@ struct Args {
     init: bool,
     /// A file holding the shared secret (at least 16 bytes): clients must authenticate
     /// every request with it (the nodes' fence.secret_file), and replies are too.
-    #[arg(long)]
+    #[arg(long, required_unless_present = "insecure")]
     secret_file: Option<PathBuf>,
+    /// Serve without a secret: any host that reaches the arbiter can then take or refuse
+    /// the VM's lease. Only for an isolated test network (the nodes need
+    /// `fence.insecure = true`).
+    #[arg(long, conflicts_with = "secret_file")]
+    insecure: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -36,7 +42,13 @@ fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let secret = match &args.secret_file {
         Some(p) => Some(ft_fence::config::read_secret(p).map_err(anyhow::Error::msg)?),
-        None => None,
+        None => {
+            tracing::warn!(
+                "--insecure: requests are not authenticated; any host that reaches {} can take or refuse the VM's lease",
+                args.listen
+            );
+            None
+        }
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

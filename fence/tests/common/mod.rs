@@ -41,6 +41,8 @@ impl ArbiterProc {
             .arg("--state-dir")
             .arg(state_dir)
             .args(init.then_some("--init"))
+            // Loopback only, inside the test process's own host.
+            .arg("--insecure")
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
