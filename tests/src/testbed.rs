@@ -43,6 +43,11 @@ pub mod names {
     pub const WIRE_TABLE: &str = "wire";
     /// Bridge joining `la` and `lb` in the wire namespace.
     pub const WIRE_BRIDGE: &str = "wbr";
+    /// Wire-ns veth peered with the forger's `FORGER_IF` (a third host on the logging
+    /// link, [`crate::TestbedOptions::forger`]).
+    pub const WIRE_F: &str = "lf";
+    /// The forger's NIC on the logging wire.
+    pub const FORGER_IF: &str = "fg0";
 
     pub const CLIENT_NET_PREFIX: u8 = 24;
     /// Client host address (on br0).
@@ -82,6 +87,11 @@ pub struct TestbedOptions {
     pub keep_logs: bool,
     /// Path of the `ft-standin` binary (default: see [`standin_bin`]).
     pub standin_bin: Option<PathBuf>,
+    /// A third host on the logging wire (namespace [`Testbed::forger_ns`], NIC
+    /// `FORGER_IF`): it can send any frame to either host, with any source MAC (its
+    /// bridge port does not learn, so a forged source never draws A's or B's traffic
+    /// away). Default false.
+    pub forger: bool,
 }
 
 impl Default for TestbedOptions {
@@ -92,6 +102,7 @@ impl Default for TestbedOptions {
             full_checksums: true,
             keep_logs: std::env::var_os("FT_KEEP_LOGS").is_some(),
             standin_bin: None,
+            forger: false,
         }
     }
 }
@@ -128,6 +139,8 @@ struct WireState {
     block_vmlog: bool,
     /// Overwrite two bytes of the value of the first CLOCK entry of one VMLOG frame A→B.
     corrupt_vmlog: bool,
+    /// Overwrite four bytes of one state-transfer segment (TCP from port 7480).
+    corrupt_transfer: bool,
     /// Random loss and reordering of every frame on the wire, both directions.
     impairment: Option<Impairment>,
 }
@@ -157,6 +170,8 @@ pub struct Testbed {
     pub arbiter_ns: String,
     /// Logging wire between A.log0 and B.log0 (veths la, lb on a bridge; nftables bridge filter).
     pub wire_ns: String,
+    /// The forger on the logging wire (empty unless [`TestbedOptions::forger`]).
+    pub forger_ns: String,
     pub a: Host,
     pub b: Host,
     /// MAC of br0 (the client host's MAC).
@@ -297,6 +312,11 @@ impl Testbed {
             client_ns: format!("{prefix}c"),
             arbiter_ns: format!("{prefix}r"),
             wire_ns: format!("{prefix}w"),
+            forger_ns: if opts.forger {
+                format!("{prefix}f")
+            } else {
+                String::new()
+            },
             a: host("a", HOST_A_CLI_IP, HOST_A_LOG_IP),
             b: host("b", HOST_B_CLI_IP, HOST_B_LOG_IP),
             prefix,
@@ -452,6 +472,22 @@ impl Testbed {
             ip(&w, &["link", "set", l, "master", WIRE_BRIDGE])?;
         }
         ip(&w, &["link", "set", WIRE_BRIDGE, "up"])?;
+        if self.opts.forger {
+            let f = self.forger_ns.clone();
+            self.add_ns(&f)?;
+            veth(&f, FORGER_IF, &w, WIRE_F, &["mtu", &mtu], &["mtu", &mtu])?;
+            ip(&w, &["link", "set", WIRE_F, "master", WIRE_BRIDGE])?;
+            // A forged source MAC must not move A's or B's MAC to this port (that would
+            // be another attack: cutting the link, which the tests do by other means).
+            run_cmd(
+                "ip",
+                &[
+                    "netns", "exec", &w, "bridge", "link", "set", "dev", WIRE_F, "learning", "off",
+                ],
+            )?;
+            ip(&w, &["link", "set", WIRE_F, "up"])?;
+            ip(&f, &["link", "set", FORGER_IF, "up"])?;
+        }
         self._wire_xdp = Some(attach_wire_pass(&w)?);
         self.apply_wire()?;
         // Read back MACs / ifindexes.
@@ -527,6 +563,13 @@ impl Testbed {
         } else {
             String::new()
         };
+        let corrupt_transfer = if st.corrupt_transfer {
+            "tcp sport 7480 meta length > 1400 limit rate 1/hour burst 1 packets \
+             @th,800,32 set 0x5a5a5a5a counter comment \"corrupt-transfer\"\n"
+                .to_string()
+        } else {
+            String::new()
+        };
         // Random loss and reordering of everything on the wire (log, acks, the join's
         // TCP), each direction with its own counters. Priority 1:20 is the slow HTB
         // class that `set_log_impairment` puts on both wire ports.
@@ -546,7 +589,7 @@ impl Testbed {
         format!(
             "table bridge {WIRE_TABLE}\ndelete table bridge {WIRE_TABLE}\n\
              table bridge {WIRE_TABLE} {{\n\
-             chain forward {{ type filter hook forward priority 0; policy accept;\n{drop_all}{vmlog}{corrupt}{loss}{impair}}}\n}}\n"
+             chain forward {{ type filter hook forward priority 0; policy accept;\n{drop_all}{vmlog}{corrupt}{corrupt_transfer}{loss}{impair}}}\n}}\n"
         )
     }
 
@@ -583,6 +626,18 @@ impl Testbed {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .block_vmlog = blocked;
+        self.apply_wire()
+    }
+
+    /// Overwrites four bytes of one state-transfer segment (TCP from port 7480, either
+    /// host, at least 1,400 bytes long, 100 bytes into the TCP header: in the payload),
+    /// once per call; the TCP checksum is fixed up, so only the transfer's own
+    /// authentication can tell.
+    pub fn corrupt_one_transfer_segment(&self) -> Result<()> {
+        self.wire
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .corrupt_transfer = true;
         self.apply_wire()
     }
 
