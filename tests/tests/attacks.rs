@@ -381,3 +381,116 @@ fn an_altered_state_transfer_is_refused_and_the_next_join_succeeds() {
     let logs = clients.finish();
     check_history(&tb, &logs, t_kill);
 }
+
+/// The forger holds a key: a heartbeat in A's name tagged under `key`.
+fn heartbeat_under(t: &Target, key: &ftd::channel::auth::ChannelKey) -> Vec<u8> {
+    let mut ft = FtHdr::new(KIND_HEARTBEAT, t.session, t.epoch, t.seq.saturating_sub(1));
+    ft.aux.set(t.vm_seq.saturating_sub(1));
+    ft.key_id = ft_common::wire::key_id(&key.sip());
+    ft.key_adv = ft.key_id;
+    ft.len.set(TAG_LEN as u16);
+    let mut v = LogHdr {
+        eth: EthHdr::ft(t.dst, t.src),
+        ft,
+    }
+    .as_bytes()
+    .to_vec();
+    v.extend_from_slice(&key.tag(&ft).to_be_bytes());
+    v
+}
+
+/// Key rotation without downtime, while clients write: `ftd keygen --rotate` (the
+/// testbed's hosts share the key file, as if it were copied), then SIGHUP to A and later
+/// to B. A advertises the new key but sends under the old one until B holds it too;
+/// then both send under the new key, and the old one is still accepted within the
+/// overlap. Ending the overlap (the `.prev` file removed, SIGHUP) makes both refuse the
+/// old key. No frame is lost to the rotation: the pair stays paired and no client
+/// stalls.
+#[test]
+fn the_channel_key_is_rotated_without_downtime() {
+    let _s = serial();
+    let tb = testbed();
+    let (_arb, app) = pair(&tb);
+    let clients = Clients::start(&tb, 4, T);
+    assert!(clients.wait_ops(200, T), "clients made no progress");
+    let t0 = Instant::now();
+    let key_file = ft_testbed::appliance::channel_key_file(&tb).unwrap();
+    let old = ftd::channel::auth::ChannelKey::load(&key_file).unwrap();
+    let old_id = ft_common::wire::key_id(&old.sip()) as u64;
+    let keys = |h: char| app.status(h).unwrap()["keys"].clone();
+    assert_eq!(keys('a')["send"], old_id);
+    let out = std::process::Command::new(ft_testbed::ftd_bin().unwrap())
+        .args(["keygen", "--rotate"])
+        .arg(&key_file)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let new = ftd::channel::auth::ChannelKey::load(&key_file).unwrap();
+    let new_id = ft_common::wire::key_id(&new.sip()) as u64;
+    assert_ne!(old_id, new_id);
+    let downs0 = app.status('b').unwrap()["peer_down_events"].clone();
+    // A first: it holds both and advertises the new key, but B does not hold it yet.
+    app.guard('a').send_signal(libc::SIGHUP).unwrap();
+    assert!(
+        Appliance::wait_until(T, || keys('a')["newest"] == new_id),
+        "{:#}",
+        keys('a')
+    );
+    let at = clients.ops();
+    assert!(clients.wait_ops(at + 100, T), "clients stalled");
+    let ka = keys('a');
+    assert_eq!(ka["send"], old_id, "A sends under a key B lacks: {ka:#}");
+    assert_eq!(ka["rotation"], "in-progress", "{ka:#}");
+    // Then B: each sees the other hold the new key and switches to it.
+    app.guard('b').send_signal(libc::SIGHUP).unwrap();
+    assert!(
+        Appliance::wait_until(T, || keys('a')["send"] == new_id
+            && keys('b')["send"] == new_id),
+        "A {:#} B {:#}",
+        keys('a'),
+        keys('b')
+    );
+    let at = clients.ops();
+    assert!(clients.wait_ops(at + 100, T), "clients stalled");
+    // Within the overlap the old key is still accepted (a heartbeat under it).
+    let target = target_of_a(&tb, app.sock_a.clone())().unwrap();
+    let forger = RawSock::open(&tb.forger_ns, FORGER_IF).unwrap();
+    let bad0 = app.counter('b', "bad_mac").unwrap();
+    for _ in 0..20 {
+        forger.send(&heartbeat_under(&target, &old)).unwrap();
+    }
+    assert_eq!(
+        app.counter('b', "bad_mac").unwrap(),
+        bad0,
+        "B refused heartbeats under the old key within the overlap: B {:#}",
+        keys('b'),
+    );
+    // The overlap ends early: both forget the old key; it is refused from now on.
+    std::fs::remove_file(ftd::channel::keys::prev_path(&key_file)).unwrap();
+    for h in ['a', 'b'] {
+        app.guard(h).send_signal(libc::SIGHUP).unwrap();
+    }
+    assert!(
+        Appliance::wait_until(T, || keys('a')["older"].is_null()
+            && keys('b')["older"].is_null()),
+        "A {:#} B {:#}",
+        keys('a'),
+        keys('b')
+    );
+    for _ in 0..20 {
+        forger.send(&heartbeat_under(&target, &old)).unwrap();
+    }
+    assert!(
+        Appliance::wait_until(T, || app.counter('b', "bad_mac").unwrap() == bad0 + 20),
+        "B refused {} heartbeats under the old key, 20 were sent",
+        app.counter('b', "bad_mac").unwrap() - bad0
+    );
+    assert_eq!(keys('b')["rotation"], "none");
+    // Nobody noticed: still paired, no silence, clients on their connections.
+    assert_eq!(app.status('a').unwrap()["role"], "primary");
+    assert_eq!(app.status('b').unwrap()["role"], "backup");
+    assert_eq!(app.status('b').unwrap()["peer_down_events"], downs0);
+    assert!(clients.wait_each_goes_on(), "a client stalled");
+    let logs = clients.finish();
+    check_history(&tb, &logs, t0);
+}

@@ -367,12 +367,24 @@ pub struct Channel {
     /// starts with the VM's boot.
     pub join_peer: String,
     /// File with the 16-byte key of the logging link, the same on both hosts (required):
-    /// the backup's acks, nacks, VMNACKs and LEAVEs carry a MAC under it (checked in
-    /// XDP), and a joining backup proves it holds it. `ftd keygen <file>` makes one.
+    /// every frame on the link carries a tag or MAC under it (checked in XDP), and the
+    /// join and the state transfer are authenticated with it. `ftd keygen <file>` makes
+    /// one; `ftd keygen --rotate <file>` replaces it and keeps the old one beside it as
+    /// `<file>.prev` (see `channel::keys`).
     pub key_file: PathBuf,
-    /// The key read from `key_file` by [`Config::parse`].
+    /// Key rotation: how long after `ftd keygen --rotate` the old key
+    /// (`<key_file>.prev`) is still accepted. Both hosts must hold the new key within it.
+    pub key_overlap_s: u64,
+    /// The keys read from `key_file` (and `<key_file>.prev`) by [`Config::parse`],
+    /// shared by every clone of this configuration (a reload changes them for all).
     #[serde(skip)]
-    pub key: crate::channel::auth::ChannelKey,
+    pub keys: std::sync::Arc<crate::channel::keys::ChannelKeys>,
+}
+
+impl Channel {
+    pub fn key_overlap(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.key_overlap_s)
+    }
 }
 
 impl Default for Channel {
@@ -393,7 +405,8 @@ impl Default for Channel {
             join_listen: String::new(),
             join_peer: String::new(),
             key_file: PathBuf::new(),
-            key: Default::default(),
+            key_overlap_s: 3600,
+            keys: Default::default(),
         }
     }
 }
@@ -445,7 +458,10 @@ impl Config {
             cfg.fence.vm = "vm".into();
         }
         cfg.validate()?;
-        cfg.channel.key = crate::channel::auth::ChannelKey::load(&cfg.channel.key_file)?;
+        cfg.channel.keys = std::sync::Arc::new(crate::channel::keys::ChannelKeys::load(
+            &cfg.channel.key_file,
+            cfg.channel.key_overlap(),
+        )?);
         Ok(cfg)
     }
 
@@ -518,6 +534,12 @@ impl Config {
         }
         if c.key_file.as_os_str().is_empty() {
             return Err(crate::channel::auth::KeyError::NotSet.into());
+        }
+        if c.key_overlap_s < 60 {
+            return invalid(format!(
+                "channel.key_overlap_s = {}: both hosts must read the new key within the overlap; give them at least 60 s (default 3600)",
+                c.key_overlap_s
+            ));
         }
         if c.nack_retry_ms == 0 || c.nack_burst == 0 {
             return invalid("channel.nack_retry_ms and channel.nack_burst must be >= 1");
@@ -798,7 +820,7 @@ backend = "none"
     fn the_channel_key_is_required_and_checked() {
         let c = Config::parse(&good()).unwrap();
         assert_eq!(
-            c.channel.key,
+            c.channel.keys.sender().key,
             crate::channel::auth::ChannelKey::from_bytes([0x5a; 16])
         );
         let no_key = good().replace(&format!("key_file = \"{}\"", test_key().display()), "");

@@ -27,6 +27,16 @@ pub fn status_json(sh: &Shared) -> Value {
     let node = dp.node_state().ok();
     let s = &sh.status;
     let role = sh.roles.current();
+    let keys = {
+        let h = sh.keys.held();
+        json!({
+            "newest": h.newest.id,
+            "older": h.older.as_ref().map(|(k, _)| k.id),
+            "send": h.send,
+            "peer_newest": dp.keys.peer_newest(),
+            "rotation": *s.key_rotation.lock().unwrap(),
+        })
+    };
     let peer = sh.roles.peer();
     json!({
         "node": sh.node_name,
@@ -44,6 +54,7 @@ pub fn status_json(sh: &Shared) -> Value {
         },
         "session": format!("{:#018x}", s.session.load(Relaxed)),
         "peer_session": format!("{:#018x}", s.peer_session.load(Relaxed)),
+        "keys": keys,
         "log": {
             "last_seq": seq.last_seq, "acked": seq.acked, "delivered": chan.delivered,
             "vm_last": chan.vm_last, "vm_acked": seq.vm_acked,

@@ -102,7 +102,17 @@ pub async fn run(cfg: Config, bootstrap: Bootstrap) -> anyhow::Result<Exit> {
         vm,
         roles: roles.clone(),
         previous_exit: previous_exit(&cfg.api.control_socket),
+        keys: cfg.channel.keys.clone(),
     });
+    let (reload_keys, reload_rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(crate::channel::keys::run(
+        cfg.channel.key_file.clone(),
+        cfg.channel.key_overlap(),
+        cfg.channel.keys.clone(),
+        dp.clone(),
+        status.clone(),
+        reload_rx,
+    ));
     if !cfg.api.metrics_listen.is_empty() {
         let listener = tokio::net::TcpListener::bind(&cfg.api.metrics_listen)
             .await
@@ -124,11 +134,17 @@ pub async fn run(cfg: Config, bootstrap: Bootstrap) -> anyhow::Result<Exit> {
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut usr1 = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1())?;
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
     let ended = loop {
         tokio::select! {
             r = &mut node => break r,
             _ = tokio::signal::ctrl_c() => info!("SIGINT: shutting down"),
             _ = term.recv() => info!("SIGTERM: shutting down"),
+            _ = hup.recv() => {
+                info!("SIGHUP: reading the channel keys again (key rotation)");
+                let _ = reload_keys.send(());
+                continue;
+            }
             _ = usr1.recv() => {
                 match crate::control::switchover_refusal(&sh) {
                     Some(why) => warn!("switchover refused: {why}"),

@@ -71,10 +71,17 @@ enum Cmd {
     /// Validate a config file and print what is wrong with it.
     CheckConfig { file: PathBuf },
     /// Write a new channel key (16 random bytes, mode 0600) for `[channel] key_file`;
-    /// copy the same file to the peer host. Never overwrites an existing file.
+    /// copy the same file to the peer host. Never overwrites an existing file, except
+    /// with --rotate.
     Keygen {
         /// Where to write it, e.g. /etc/ftd/channel.key.
         file: PathBuf,
+        /// Key rotation without downtime: the key in FILE moves to FILE.prev and a new
+        /// one replaces it. Copy both files to the peer, then `systemctl reload ftd` (SIGHUP)
+        /// on both hosts: each sends under the new key once the other holds it, and
+        /// refuses the old one `[channel] key_overlap_s` after this command.
+        #[arg(long)]
+        rotate: bool,
     },
 }
 
@@ -159,7 +166,21 @@ fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Cmd::Keygen { file } => {
+        Cmd::Keygen { file, rotate: true } => {
+            let (old, new) = ftd::channel::keys::rotate(&file)?;
+            println!(
+                "{}: new channel key (id {new}) written, the old one (id {old}) kept as {}; \
+                 copy both files to the peer host, then run `systemctl reload ftd` (SIGHUP) \
+                 on both hosts within [channel] key_overlap_s; `ftd status` shows the rotation",
+                file.display(),
+                ftd::channel::keys::prev_path(&file).display()
+            );
+            Ok(())
+        }
+        Cmd::Keygen {
+            file,
+            rotate: false,
+        } => {
             ftd::channel::auth::ChannelKey::generate(&file)?;
             println!(
                 "{}: new channel key written; copy this file to the peer host and set \

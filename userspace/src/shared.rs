@@ -15,4 +15,6 @@ pub struct Shared {
     pub roles: Arc<Roles>,
     /// How the previous run of this daemon ended (`daemon::last_exit_path`), if known.
     pub previous_exit: Option<serde_json::Value>,
+    /// The channel keys (status shows their ids, never the keys).
+    pub keys: Arc<crate::channel::keys::ChannelKeys>,
 }

@@ -128,7 +128,6 @@ fn config() -> MapConfig {
         own_log_mac: OWN,
         peer_log_mac: PEER,
         session: SESSION,
-        tag_key: [tag_key().k0, tag_key().k1],
         ..Default::default()
     }
 }
@@ -149,12 +148,26 @@ fn tag_key() -> SipKey {
     SipKey::from_bytes(b"bpf-prog-run-key")
 }
 
+/// Its id (`wire::key_id`): every frame names it (`key_id`) and advertises it as the
+/// newest held (`key_adv`).
+fn kid() -> u8 {
+    key_id(&tag_key())
+}
+
+/// A header naming the key (what every sender makes).
+fn hdr(kind: u8, session: u64, epoch: u64, seq: u64) -> FtHdr {
+    let mut ft = FtHdr::new(kind, session, epoch, seq);
+    ft.key_id = kid();
+    ft.key_adv = kid();
+    ft
+}
+
 /// A frame the backup sends to the primary (ACK, NACK, VMNACK, LEAVE), as its daemon
 /// builds it (`channel::frames::control_frame`): headers, `len` = the tag's length, the
 /// tag (keyed SipHash of the header), then padding (a NACK to a full log frame, so the
 /// primary's repair only shrinks it).
 fn backup_frame(kind: u8, session: u64, epoch: u64, seq: u64, aux: u64) -> Vec<u8> {
-    let mut ft = FtHdr::new(kind, session, epoch, seq);
+    let mut ft = hdr(kind, session, epoch, seq);
     ft.aux.set(aux);
     ft.len.set(TAG_LEN as u16);
     let mut f = TaggedHdr {
@@ -195,8 +208,11 @@ fn sign(f: &mut [u8]) {
 }
 
 /// The primary accepts a backup frame only with the right tag (`wire::tag_valid`).
+/// It is checked with the key its header names: one the node does not hold fails.
 fn tag_ok(f: &[u8], ft: &FtHdr) -> bool {
-    f.len() >= TAGGED_HLEN && tag_valid(&tag_key(), ft, &f[LOG_OVERHEAD..TAGGED_HLEN])
+    ft.key_id == kid()
+        && f.len() >= TAGGED_HLEN
+        && tag_valid(&tag_key(), ft, &f[LOG_OVERHEAD..TAGGED_HLEN])
 }
 
 // ---- other frames ------------------------------------------------------------------------
@@ -214,7 +230,7 @@ fn eth(dst: [u8; 6], src: [u8; 6], ethertype: u16) -> EthHdr {
 /// HEARTBEAT with `aux` and its tag as the payload (when `payload` is empty; with a
 /// payload, that payload instead of the tag: a malformed one).
 fn primary_frame(kind: u8, seq: u64, aux: u64, flags: u8, payload: &[u8]) -> Vec<u8> {
-    let mut ft = FtHdr::new(kind, SESSION, EPOCH, seq);
+    let mut ft = hdr(kind, SESSION, EPOCH, seq);
     ft.aux.set(aux);
     ft.flags = flags;
     let tag;
@@ -244,7 +260,8 @@ fn primary_frame(kind: u8, seq: u64, aux: u64, flags: u8, payload: &[u8]) -> Vec
 /// (`wire::payload_mac_valid`); the caller checked that `len` is within the frame.
 fn mac_ok(f: &[u8], ft: &FtHdr) -> bool {
     let len = ft.len.get() as usize;
-    f.len() >= LOG_OVERHEAD + len
+    ft.key_id == kid()
+        && f.len() >= LOG_OVERHEAD + len
         && payload_mac_valid(&tag_key(), ft, &f[LOG_OVERHEAD..LOG_OVERHEAD + len])
 }
 
@@ -358,6 +375,7 @@ struct Plane {
     retx: Array<MapData, RetxSlot>,
     counters: PerCpuArray<MapData, u64>,
     kack: Array<MapData, KernelAck>,
+    keys: Array<MapData, KeyRing>,
     ring: RefCell<RingBuf<MapData>>,
 }
 
@@ -404,10 +422,14 @@ impl Plane {
             retx: take!("RETX"),
             counters: take!("COUNTERS"),
             kack: take!("KACK"),
+            keys: take!("KEYS"),
             ring: RefCell::new(take!("LOG_RING")),
             ebpf,
         };
         p.config.set(0, config(), 0).unwrap();
+        p.keys
+            .set(0, KeyRing::single(&tag_key(), kid()), 0)
+            .unwrap();
         p
     }
 
@@ -868,7 +890,7 @@ fn log_rx_expect(sc: &Scene, f: &[u8]) -> Vec<Expect> {
     // interval's end); any other is consumed.
     type Field = fn(&mut KernelAck) -> &mut u64;
     let ack_out = |k: &KernelAck| {
-        let mut ft = FtHdr::new(
+        let mut ft = hdr(
             KIND_ACK,
             st.chan.peer_session,
             st.node.epoch,
@@ -971,7 +993,7 @@ fn log_rx_expect(sc: &Scene, f: &[u8]) -> Vec<Expect> {
                 let Some(stored) = sc.retx.get(&seq) else {
                     return vec![drop("nack not in store", C_DROP_RETX_MISS)];
                 };
-                let mut ft = FtHdr::new(KIND_LOG, cfg.session, st.node.epoch, seq);
+                let mut ft = hdr(KIND_LOG, cfg.session, st.node.epoch, seq);
                 ft.flags = FLAG_RETRANSMIT;
                 ft.len.set(stored.len() as u16);
                 // The MAC the entry was first sent with (it does not cover the flag).
@@ -2148,6 +2170,66 @@ fn logging_link_each_check_drops_with_its_reason() {
         after.counters[C_LOG_RX as usize],
         before.counters[C_LOG_RX as usize] + 1
     );
+    // Key rotation: a frame under a key the node does not hold (its id named, its MAC
+    // right under it) is refused; once the node holds that key too, a frame under
+    // either key is received, and the newest key the peer advertises is recorded; when
+    // the old key is forgotten, frames under it are refused again.
+    let new_key = SipKey::from_bytes(b"the-rotated-key!");
+    let under = |k: &SipKey, seq: u64, adv: u8| {
+        let mut f = log(seq);
+        let mut ft = FtHdr::read_from_bytes(&f[ETH_HLEN..LOG_OVERHEAD]).unwrap();
+        (ft.key_id, ft.key_adv) = (key_id(k), adv);
+        let len = ft.len.get() as usize;
+        ft.aux
+            .set(payload_mac(k, &ft, &f[LOG_OVERHEAD..LOG_OVERHEAD + len]));
+        f[ETH_HLEN..LOG_OVERHEAD].copy_from_slice(ft.as_bytes());
+        f
+    };
+    let received = |bp: &mut Plane, f: &[u8]| {
+        bp.put(&bsc.st).unwrap();
+        let before = bp.snap().unwrap();
+        bp.run("ft_log_rx", f).unwrap();
+        let after = bp.snap().unwrap();
+        let d = |c: u32| after.counters[c as usize] - before.counters[c as usize];
+        match (d(C_LOG_RX), d(C_DROP_BAD_MAC)) {
+            (1, 0) => true,
+            (0, 1) => false,
+            other => panic!("neither received nor dropped as bad_mac: {other:?}"),
+        }
+    };
+    assert_ne!(key_id(&new_key), kid());
+    assert!(!received(&mut bp, &under(&new_key, 101, key_id(&new_key))));
+    let mut two = KeyRing::single(&tag_key(), kid());
+    two.slots[1] = KeySlot {
+        k0: new_key.k0,
+        k1: new_key.k1,
+        id: key_id(&new_key) as u64,
+    };
+    two.newest = key_id(&new_key) as u64;
+    bp.keys.set(0, two, 0).unwrap();
+    assert!(received(&mut bp, &under(&tag_key(), 101, kid())));
+    assert_eq!(bp.keys.get(&0, 0).unwrap().peer_newest, kid() as u64);
+    assert!(received(&mut bp, &under(&new_key, 101, key_id(&new_key))));
+    assert_eq!(
+        bp.keys.get(&0, 0).unwrap().peer_newest,
+        key_id(&new_key) as u64
+    );
+    // The advert of a frame that does not verify is not believed.
+    let mut forged = under(&new_key, 101, 0x77);
+    forged[LOG_OVERHEAD + 3] ^= 1;
+    assert!(!received(&mut bp, &forged));
+    assert_eq!(
+        bp.keys.get(&0, 0).unwrap().peer_newest,
+        key_id(&new_key) as u64
+    );
+    let mut only_new = KeyRing::single(&new_key, key_id(&new_key));
+    only_new.peer_newest = key_id(&new_key) as u64;
+    bp.keys.set(0, only_new, 0).unwrap();
+    assert!(!received(&mut bp, &under(&tag_key(), 101, kid())));
+    assert!(received(&mut bp, &under(&new_key, 101, key_id(&new_key))));
+    bp.keys
+        .set(0, KeyRing::single(&tag_key(), kid()), 0)
+        .unwrap();
     // The length checks drop only what they must: the largest frames (len = MAX_FRAME,
     // with or without padding after them) and a heartbeat (len 0) are received.
     for (f, what) in [
@@ -2285,7 +2367,7 @@ fn client_rx_expect(sc: &Scene, f: &[u8]) -> Vec<Expect> {
                 return vec![e("window full", XDP_DROP, &[C_DROP_WINDOW_FULL])];
             }
             let s = st.seq.last_seq + 1;
-            let mut ft = FtHdr::new(KIND_LOG, cfg.session, st.node.epoch, s);
+            let mut ft = hdr(KIND_LOG, cfg.session, st.node.epoch, s);
             ft.len.set(f.len() as u16);
             ft.aux.set(payload_mac(&tag_key(), &ft, f));
             let mut out = LogHdr {

@@ -38,4 +38,7 @@ mod pod {
     // SAFETY: KernelAck is #[repr(C)] (two u64 fields), has no padding (IntoBytes derive)
     // and every bit pattern is a valid value (FromBytes derive).
     unsafe impl aya::Pod for KernelAck {}
+    // SAFETY: KeyRing is #[repr(C)] of u64 fields and KeySlots (three u64 each), has no
+    // padding (IntoBytes derive) and every bit pattern is a valid value (FromBytes).
+    unsafe impl aya::Pod for KeyRing {}
 }

@@ -69,10 +69,6 @@ pub struct Config {
     /// This daemon run's session number (random, non-zero): carried by every frame this
     /// node sends as primary; acks of another session are dropped.
     pub session: u64,
-    /// SipHash key of the logging link's tags (`k0`, `k1`; from `[channel] key_file`):
-    /// the backup's frames whose tag does not verify are dropped
-    /// (`ft_common::wire::frame_tag`).
-    pub tag_key: [u64; 2],
     /// Backup: least time between two acks XDP sends for one stream (ns). A frame that
     /// arrives sooner is acked in `KACK` but not sent: the daemon's next ack (one per
     /// wake-up) carries it, or XDP's next ack after the interval. Bounds the ack rate
@@ -100,12 +96,66 @@ impl core::fmt::Debug for Config {
     }
 }
 
-impl Config {
-    #[inline(always)]
-    pub fn tag_key(&self) -> crate::siphash::SipKey {
-        crate::siphash::SipKey {
-            k0: self.tag_key[0],
-            k1: self.tag_key[1],
+/// One channel key (map `KEYS`, in a [`KeyRing`]). `id` 0: the slot is empty.
+#[repr(C)]
+#[derive(Clone, Copy, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
+pub struct KeySlot {
+    pub k0: u64,
+    pub k1: u64,
+    /// `ft_common::wire::key_id` of the key; 0 = empty.
+    pub id: u64,
+}
+
+impl core::fmt::Debug for KeySlot {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("KeySlot")
+            .field("id", &self.id)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The channel keys the logging link's tags and MACs are under (map `KEYS`, 1 entry,
+/// mmapable): at most two, so that a key rotation needs no downtime (see
+/// `userspace/src/channel/keys.rs`).
+/// - The daemon owns `slots`, `send` and `newest`. It fills an empty slot (key words
+///   first, `id` last) and empties one (`id` first) only while no frame names it: a
+///   slot is emptied once both hosts send under the newer key, and filled before its id
+///   is used or advertised. A program that reads a slot the daemon is changing at that
+///   moment drops one frame as `bad_mac` (it is repaired), never accepts a wrong one.
+/// - `ft_log_rx` (XDP) owns `peer_newest`: the `key_adv` of the peer's last frame whose
+///   tag or MAC verified.
+///
+/// Programs check a received frame with the slot whose `id` is the frame's `key_id`, and
+/// make frames (LOG duplicates, kernel acks) under slot `send`, advertising `newest`.
+#[repr(C)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
+pub struct KeyRing {
+    pub slots: [KeySlot; 2],
+    /// Index of the slot this node's frames are made under.
+    pub send: u64,
+    /// The id of the newest key this node holds (its frames' `key_adv`).
+    pub newest: u64,
+    /// The newest key id the peer says it holds (written by XDP).
+    pub peer_newest: u64,
+}
+
+impl KeyRing {
+    /// One key (`id` its `wire::key_id`), sent under and advertised.
+    pub fn single(k: &crate::siphash::SipKey, id: u8) -> KeyRing {
+        KeyRing {
+            slots: [
+                KeySlot {
+                    k0: k.k0,
+                    k1: k.k1,
+                    id: id as u64,
+                },
+                KeySlot::default(),
+            ],
+            send: 0,
+            newest: id as u64,
+            peer_newest: 0,
         }
     }
 }
@@ -264,7 +314,9 @@ pub struct HoldSlot {
 pub struct RetxSlot {
     pub seq: u64,
     pub len: u32,
-    pub _pad: u32,
+    /// `key_id | key_adv << 8` of the header the entry was first sent with (its MAC
+    /// covers them): a repair sends them again.
+    pub key_ids: u32,
     /// The entry's MAC as first sent (`wire::payload_mac`): a repair sends it again.
     pub tag: u64,
     pub data: [u8; SLOT_DATA],

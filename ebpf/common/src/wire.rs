@@ -155,7 +155,13 @@ pub struct FtHdr {
     pub flags: u8,
     /// Payload bytes following this header.
     pub len: U16,
-    pub reserved: U16,
+    /// The id of the channel key this frame's tag or MAC is under ([`key_id`]; 0 only
+    /// in frames that carry neither). Receivers check with the key of that id, so both
+    /// keys of a rotation are accepted while both are held (`ft_common::maps::KeyRing`).
+    pub key_id: u8,
+    /// The id of the newest channel key the sender holds: a receiver switches its own
+    /// frames to its newest key once the peer says it holds it too.
+    pub key_adv: u8,
     /// The primary daemon's run (see the module docs); echoed by the backup.
     pub session: U64,
     /// Fencing epoch of the sender (frames of another epoch are dropped).
@@ -176,7 +182,8 @@ impl FtHdr {
             kind,
             flags: 0,
             len: U16::new(0),
-            reserved: U16::new(0),
+            key_id: 0,
+            key_adv: 0,
             session: U64::new(session),
             epoch: U64::new(epoch),
             seq: U64::new(seq),
@@ -263,17 +270,9 @@ pub const TAGGED_HLEN: usize = LOG_OVERHEAD + TAG_LEN;
 #[inline(always)]
 pub fn tag_words(h: &FtHdr) -> [u64; 5] {
     let len = h.len.to_bytes();
-    let reserved = h.reserved.to_bytes();
     [
         u64::from_le_bytes([
-            h.magic,
-            h.version,
-            h.kind,
-            h.flags,
-            len[0],
-            len[1],
-            reserved[0],
-            reserved[1],
+            h.magic, h.version, h.kind, h.flags, len[0], len[1], h.key_id, h.key_adv,
         ]),
         u64::from_le_bytes(h.session.to_bytes()),
         u64::from_le_bytes(h.epoch.to_bytes()),
@@ -286,6 +285,13 @@ pub fn tag_words(h: &FtHdr) -> [u64; 5] {
 #[inline(always)]
 pub fn frame_tag(key: &SipKey, h: &FtHdr) -> u64 {
     siphash24_words(key, &tag_words(h))
+}
+
+/// The id of a channel key: 1..=255, from a SipHash of a fixed message under it (the
+/// key stays secret; two keys share an id with probability 1/255, and `ftd keygen
+/// --rotate` draws again until the new key's id differs from the old one's).
+pub fn key_id(key: &SipKey) -> u8 {
+    (siphash24_words(key, &[0x6b65_792d_6964_2d31, 0, 0, 0, 0]) % 255) as u8 + 1
 }
 
 /// Userspace: `payload` (of a frame parsed by [`parse_log_frame`]) is the right tag for

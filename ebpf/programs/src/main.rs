@@ -125,10 +125,24 @@ fn duplicate(ctx: &XdpContext, cfg: &Config, node: &NodeState) -> Result<u32, u3
     ft.len.set(len as u16);
     // The entry's MAC, over its header and the client frame (still at the packet's
     // start); kept with the entry for a repair. (Cannot fail: `len` bytes are there.)
-    let tag =
-        mac::packet_mac(ctx, &cfg.tag_key(), &mac_header_words(&ft), 0, len as usize).unwrap_or(0);
+    // Without a key (the daemon sets one before it attaches) the entry goes out with
+    // MAC 0, which the backup drops as bad_mac: never silently unauthenticated.
+    let tag = match send_key() {
+        Some((key, id, adv)) => {
+            (ft.key_id, ft.key_adv) = (id, adv);
+            mac::packet_mac(ctx, &key, &mac_header_words(&ft), 0, len as usize).unwrap_or(0)
+        }
+        None => 0,
+    };
     ft.aux.set(tag);
-    store_retx(ctx, cfg, s, len, tag);
+    store_retx(
+        ctx,
+        cfg,
+        s,
+        len,
+        tag,
+        ft.key_id as u32 | (ft.key_adv as u32) << 8,
+    );
 
     // SAFETY: helper call on our own context.
     if unsafe { h::bpf_xdp_adjust_head(ctx.ctx, -(LOG_OVERHEAD as i32)) } != 0 {
@@ -164,7 +178,7 @@ fn xdp_len(ctx: &XdpContext) -> u32 {
 }
 
 #[inline(always)]
-fn store_retx(ctx: &XdpContext, cfg: &Config, s: u64, len: u32, tag: u64) {
+fn store_retx(ctx: &XdpContext, cfg: &Config, s: u64, len: u32, tag: u64, key_ids: u32) {
     let Some(slot) = RETX.get_ptr_mut((s & cfg.retx_mask) as u32) else {
         return;
     };
@@ -178,6 +192,7 @@ fn store_retx(ctx: &XdpContext, cfg: &Config, s: u64, len: u32, tag: u64) {
         if h::bpf_xdp_load_bytes(ctx.ctx, 0, (*slot).data.as_mut_ptr() as *mut _, n) == 0 {
             (*slot).len = n;
             (*slot).tag = tag;
+            (*slot).key_ids = key_ids;
             store64(&mut (*slot).seq, s);
         }
     }
@@ -259,7 +274,7 @@ fn try_log_rx(ctx: &XdpContext) -> Result<u32, u32> {
             // key): nothing about an ack, nack, VMNACK or LEAVE is believed before it
             // verifies. A forger on the link can copy the peer's MAC, the epoch, the
             // session and a plausible sequence, but not the tag.
-            if kind_is_tagged(kind) && !tag_ok(data, end, cfg, &hdr.ft) {
+            if kind_is_tagged(kind) && !tag_ok(data, end, &hdr.ft) {
                 return bad_mac(ctx, kind);
             }
             match kind {
@@ -298,7 +313,7 @@ fn try_log_rx(ctx: &XdpContext) -> Result<u32, u32> {
                     if !payload_len_ok(len, data, end) {
                         return drop(C_DROP_MALFORMED);
                     }
-                    if !log_mac_ok(ctx, cfg, &hdr.ft) {
+                    if !log_mac_ok(ctx, &hdr.ft) {
                         return bad_mac(ctx, kind);
                     }
                     // SAFETY: live map values, aligned fields (`delivered` is written by
@@ -328,7 +343,7 @@ fn try_log_rx(ctx: &XdpContext) -> Result<u32, u32> {
                     if !payload_len_ok(len, data, end) {
                         return drop(C_DROP_MALFORMED);
                     }
-                    if !log_mac_ok(ctx, cfg, &hdr.ft) {
+                    if !log_mac_ok(ctx, &hdr.ft) {
                         return bad_mac(ctx, kind);
                     }
                     heard_primary(st);
@@ -346,7 +361,7 @@ fn try_log_rx(ctx: &XdpContext) -> Result<u32, u32> {
                     // A heartbeat carries only its tag. One without the right tag is not
                     // a frame the primary's daemon made: it must not count as received
                     // nor stamp the primary alive (`last_peer_ns`).
-                    if !tag_ok(data, end, cfg, &hdr.ft) {
+                    if !tag_ok(data, end, &hdr.ft) {
                         return bad_mac(ctx, kind);
                     }
                     heard_primary(st);
@@ -384,28 +399,39 @@ fn payload_len_ok(len: u16, data: usize, end: usize) -> bool {
 /// The frame at `data` carries the right tag for its header: `len` = TAG_LEN and the
 /// payload's first 8 bytes are `frame_tag(key, ft)`.
 #[inline(always)]
-fn tag_ok(data: usize, end: usize, cfg: &Config, ft: &FtHdr) -> bool {
+fn tag_ok(data: usize, end: usize, ft: &FtHdr) -> bool {
     if ft.len.get() as usize != TAG_LEN || data + TAGGED_HLEN > end {
         return false;
     }
     // SAFETY: TAGGED_HLEN bytes are in bounds (checked above); TaggedHdr is Unaligned.
     let tag = unsafe { (*(data as *const TaggedHdr)).tag.get() };
-    // The key is in CONFIG, which the daemon writes once, before it attaches any program
-    // (the map update returns before the attach): never written while a program reads it.
-    tag == frame_tag(&cfg.tag_key(), ft)
+    let Some(key) = key_by_id(ft.key_id) else {
+        return false;
+    };
+    let ok = tag == frame_tag(&key, ft);
+    if ok {
+        heard_key_adv(ft.key_adv);
+    }
+    ok
 }
 
 /// A `LOG` or `VMLOG` frame (its `len` checked) carries the right MAC in `aux`.
 #[inline(always)]
-fn log_mac_ok(ctx: &XdpContext, cfg: &Config, ft: &FtHdr) -> bool {
-    // The key is in CONFIG, which the daemon writes once, before it attaches any program.
-    mac::packet_mac(
+fn log_mac_ok(ctx: &XdpContext, ft: &FtHdr) -> bool {
+    let Some(key) = key_by_id(ft.key_id) else {
+        return false;
+    };
+    let ok = mac::packet_mac(
         ctx,
-        &cfg.tag_key(),
+        &key,
         &mac_header_words(ft),
         LOG_OVERHEAD,
         ft.len.get() as usize,
-    ) == Some(ft.aux.get())
+    ) == Some(ft.aux.get());
+    if ok {
+        heard_key_adv(ft.key_adv);
+    }
+    ok
 }
 
 /// A frame whose tag or MAC does not verify: dropped and counted, never believed.
@@ -565,10 +591,14 @@ fn send_ack(
     let mut ft = FtHdr::new(KIND_ACK, session, node.epoch, input & !KACK_STOP);
     ft.aux.set(vm & !KACK_STOP);
     ft.len.set(TAG_LEN as u16);
+    let Some((key, id, adv)) = send_key() else {
+        return drop(C_DROP_RETX_ERR);
+    };
+    (ft.key_id, ft.key_adv) = (id, adv);
     let ack = TaggedHdr {
         eth: EthHdr::ft(cfg.peer_log_mac, cfg.own_log_mac),
         ft,
-        tag: frame_tag(&cfg.tag_key(), &ft).into(),
+        tag: frame_tag(&key, &ft).into(),
     };
     // SAFETY: TAGGED_HLEN bytes are in bounds (checked above); TaggedHdr is Unaligned.
     unsafe { core::ptr::write_unaligned(data as *mut TaggedHdr, ack) };
@@ -652,7 +682,14 @@ fn on_nack(
         .get_ptr((want & cfg.retx_mask) as u32)
         .ok_or(xdp_action::XDP_DROP)?;
     // SAFETY: live map value.
-    let (sseq, slen, tag) = unsafe { (load64(&(*slot).seq), (*slot).len, (*slot).tag) };
+    let (sseq, slen, tag, key_ids) = unsafe {
+        (
+            load64(&(*slot).seq),
+            (*slot).len,
+            (*slot).tag,
+            (*slot).key_ids,
+        )
+    };
     let n = slen & 0x7ff;
     if sseq != want || n == 0 || n > SLOT_DATA as u32 {
         if rare(C_DROP_RETX_MISS) {
@@ -687,7 +724,9 @@ fn on_nack(
     let mut ft = FtHdr::new(KIND_LOG, cfg.session, node.epoch, want);
     ft.flags = FLAG_RETRANSMIT;
     ft.len.set(n as u16);
-    // The MAC it was first sent with (it does not cover FLAG_RETRANSMIT).
+    // The MAC it was first sent with (it does not cover FLAG_RETRANSMIT), and the key
+    // ids it covers.
+    (ft.key_id, ft.key_adv) = (key_ids as u8, (key_ids >> 8) as u8);
     ft.aux.set(tag);
     let hdr = LogHdr {
         eth: EthHdr::ft(cfg.peer_log_mac, cfg.own_log_mac),

@@ -7,7 +7,7 @@ use aya_ebpf::{
     macros::map,
     maps::{Array, DevMapHash, PerCpuArray, ProgramArray, RingBuf},
 };
-use ft_common::maps::*;
+use ft_common::{maps::*, siphash::SipKey};
 
 /// Static configuration (userspace writes once before attaching).
 #[map]
@@ -50,6 +50,64 @@ pub static LOG_RING: RingBuf = RingBuf::with_byte_size(LOG_RING_BYTES, 0);
 /// (`KernelAck`).
 #[map]
 pub static KACK: Array<KernelAck> = Array::with_max_entries(1, BPF_F_MMAPABLE);
+
+/// The channel keys (`KeyRing`: the daemon owns the slots, XDP `peer_newest`).
+#[map]
+pub static KEYS: Array<KeyRing> = Array::with_max_entries(1, BPF_F_MMAPABLE);
+
+/// The key in the slot whose id is `id` (never the empty id 0).
+#[inline(always)]
+pub fn key_by_id(id: u8) -> Option<SipKey> {
+    let r = KEYS.get_ptr(0)?;
+    if id == 0 {
+        return None;
+    }
+    let mut i = 0;
+    while i < 2 {
+        // SAFETY: live map value; aligned u64 fields written by the daemon (see
+        // `KeyRing` for the order of its writes: an id is stored after its key words).
+        let slot = unsafe { &raw const (*r).slots[i] };
+        if unsafe { load64(&raw const (*slot).id) } == id as u64 {
+            return Some(unsafe {
+                SipKey {
+                    k0: load64(&raw const (*slot).k0),
+                    k1: load64(&raw const (*slot).k1),
+                }
+            });
+        }
+        i += 1;
+    }
+    None
+}
+
+/// The key this node makes frames under, its id, and the newest id it holds (the
+/// frames' `key_id`, `key_adv`).
+#[inline(always)]
+pub fn send_key() -> Option<(SipKey, u8, u8)> {
+    let r = KEYS.get_ptr(0)?;
+    // SAFETY: live map value, aligned fields written by the daemon.
+    let (send, newest) = unsafe { (load64(&raw const (*r).send), load64(&raw const (*r).newest)) };
+    let slot = unsafe { &raw const (*r).slots[(send & 1) as usize] };
+    // SAFETY: as above.
+    let (k0, k1, id) = unsafe {
+        (
+            load64(&raw const (*slot).k0),
+            load64(&raw const (*slot).k1),
+            load64(&raw const (*slot).id),
+        )
+    };
+    (id != 0).then_some((SipKey { k0, k1 }, id as u8, newest as u8))
+}
+
+/// Records the newest key id the peer holds (from a frame that verified).
+#[inline(always)]
+pub fn heard_key_adv(adv: u8) {
+    if let Some(r) = KEYS.get_ptr_mut(0) {
+        // SAFETY: live map value; XDP is this field's only writer (racing CPUs write
+        // the same peer's adverts: any of them is right).
+        unsafe { store64(&raw mut (*r).peer_newest, adv as u64) };
+    }
+}
 
 #[inline(always)]
 pub fn config() -> Option<&'static Config> {

@@ -121,6 +121,12 @@ impl ChannelKey {
     pub fn generate(path: &Path) -> Result<(), KeyError> {
         let mut key = [0u8; KEY_LEN];
         fill_random(&mut key);
+        ChannelKey::write_new(path, &ChannelKey(key))
+    }
+
+    /// Writes `key` to a new file `path` (mode 0600, synced).
+    pub fn write_new(path: &Path, key: &ChannelKey) -> Result<(), KeyError> {
+        let key = key.0;
         let werr = |source| KeyError::Write {
             path: path.into(),
             source,
@@ -141,7 +147,7 @@ impl ChannelKey {
         f.sync_all().map_err(werr)
     }
 
-    /// The SipHash key of the frame tags (what the daemon writes into `CONFIG`).
+    /// The SipHash key of the frame tags and MACs (what the daemon writes into `KEYS`).
     pub fn sip(&self) -> SipKey {
         SipKey::from_bytes(&self.0)
     }

@@ -21,8 +21,8 @@ use ft_common::{maps::LOG_REC_HDR, wire::*};
 use tracing::{debug, info, warn};
 
 use super::{
-    auth::ChannelKey,
     frames::{control_frame, hdr},
+    keys::ChannelKeys,
     reorder::{Outcome, Reorder},
     status::ChannelStatus,
 };
@@ -123,7 +123,7 @@ pub struct BackupParams {
     pub own_mac: [u8; 6],
     pub peer_mac: [u8; 6],
     /// Tags the acks and nacks (the primary's XDP drops frames without the right tag).
-    pub key: ChannelKey,
+    pub keys: Arc<ChannelKeys>,
     pub heartbeat: Duration,
     pub nack_retry: Duration,
     pub nack_burst: usize,
@@ -260,7 +260,7 @@ pub fn run(
         let acked = (held.0.max(k_in), held.1.max(k_vm));
         if acked != last_ack_sent.0 || now.duration_since(last_ack_sent.1) >= params.heartbeat {
             let f = control_frame(
-                &params.key,
+                &params.keys,
                 params.own_mac,
                 params.peer_mac,
                 hdr(KIND_ACK, session, epoch, acked.0, acked.1),
@@ -280,7 +280,7 @@ pub fn run(
             .map(|s| (KIND_VMNACK, s));
         for (kind, s) in nacks.chain(vm_nacks) {
             let f = control_frame(
-                &params.key,
+                &params.keys,
                 params.own_mac,
                 params.peer_mac,
                 hdr(kind, session, epoch, s, 0),

@@ -16,8 +16,8 @@ use ft_common::wire::KIND_HEARTBEAT;
 use tracing::{info, warn};
 
 use super::{
-    auth::ChannelKey,
     frames::{control_frame, hdr},
+    keys::ChannelKeys,
     status::ChannelStatus,
 };
 use crate::{
@@ -28,8 +28,8 @@ use crate::{
 
 pub struct HeartbeatParams {
     pub peer_mac: [u8; 6],
-    /// The channel key (heartbeats are not tagged; kept for the frame builder).
-    pub key: ChannelKey,
+    /// The channel keys (heartbeats are tagged: a forged one is no sign of life).
+    pub keys: Arc<ChannelKeys>,
     /// This run's session (the backup follows one session).
     pub session: u64,
     pub period: Duration,
@@ -59,7 +59,7 @@ pub fn run(
         };
         let seq = dp.seq_state();
         let f = control_frame(
-            &p.key,
+            &p.keys,
             iface.mac,
             p.peer_mac,
             hdr(

@@ -7,6 +7,7 @@ pub mod auth;
 pub mod backup;
 pub mod frames;
 pub mod heartbeat;
+pub mod keys;
 pub mod reorder;
 pub mod status;
 pub mod vmrepair;

@@ -8,6 +8,8 @@ pub struct ChannelStatus {
     /// Primary: this run's session. Backup: the primary session followed (0 = none yet).
     pub session: AtomicU64,
     pub peer_session: AtomicU64,
+    /// Where a channel-key rotation stands (`channel::keys::Rotation::name`).
+    pub key_rotation: std::sync::Mutex<&'static str>,
     /// Backup: highest entry delivered in order (= cumulative ack).
     pub delivered: AtomicU64,
     /// Backup: highest entry known to exist.

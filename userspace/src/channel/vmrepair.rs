@@ -13,7 +13,7 @@ use std::{
 use ft_common::wire::*;
 use tracing::{debug, warn};
 
-use super::auth::ChannelKey;
+use super::keys::ChannelKeys;
 use crate::{
     netif::{Interface, NetifError, RawSocket},
     vm::sink::{VmLogStats, VmLogStore},
@@ -24,7 +24,7 @@ pub type OnLeave = Box<dyn Fn(u64) + Send>;
 
 pub fn run(
     iface: &Interface,
-    key: &ChannelKey,
+    keys: &ChannelKeys,
     store: Arc<VmLogStore>,
     stats: Arc<VmLogStats>,
     on_leave: OnLeave,
@@ -32,7 +32,6 @@ pub fn run(
 ) -> Result<(), NetifError> {
     let sock = RawSocket::open_rx(iface, ETHERTYPE_FT)?;
     let mut buf = vec![0u8; 4096];
-    let sip = key.sip();
     while !stop.load(Relaxed) {
         let Ok(Some(n)) = sock.recv(&mut buf, Duration::from_millis(50)) else {
             continue;
@@ -41,7 +40,11 @@ pub fn run(
         let Ok((hdr, payload)) = parse_log_frame(&buf[..n]) else {
             continue;
         };
-        if kind_is_tagged(hdr.ft.kind) && !tag_valid(&sip, &hdr.ft, payload) {
+        if kind_is_tagged(hdr.ft.kind)
+            && !keys
+                .by_id(hdr.ft.key_id)
+                .is_some_and(|k| tag_valid(&k.sip(), &hdr.ft, payload))
+        {
             stats.bad_tags.fetch_add(1, Relaxed);
             warn!(
                 kind = hdr.ft.kind,

@@ -2,6 +2,7 @@
 //! access to its maps. The daemon owns the program links: they detach when it exits.
 use std::sync::Mutex;
 
+pub mod keys;
 mod mapped;
 pub mod testrun;
 use mapped::Mapped;
@@ -112,6 +113,8 @@ pub struct DataPlane {
     kack: Mapped<KernelAck>,
     /// The daemon stopped the kernel's acks (`kack_stop`): never started again.
     kack_stopped: std::sync::atomic::AtomicBool,
+    /// The channel keys the programs check and make frames with (`KEYS`).
+    pub keys: keys::KernelKeys,
     pub nics: Nics,
 }
 
@@ -175,10 +178,6 @@ impl DataPlane {
             peer_log_mac: cfg.interfaces.peer_log_mac.0,
             _pad: [0; 2],
             session,
-            tag_key: {
-                let k = cfg.channel.key.sip();
-                [k.k0, k.k1]
-            },
             kack_interval_ns: cfg.channel.kernel_ack_interval_us * 1000,
         };
         let mut cfg_map: Array<MapData, Config_> =
@@ -201,6 +200,9 @@ impl DataPlane {
             .map_err(map_err("LOG_RING"))?;
         let kack: Mapped<KernelAck> =
             Mapped::new("KACK", ebpf.take_map("KACK").expect("KACK map"), true)?;
+        // The channel keys, before any program is attached.
+        let keys = keys::KernelKeys::new(ebpf.take_map("KEYS").expect("KEYS map"))?;
+        keys.write(&cfg.channel.keys.held());
         // Nothing is acked by the kernel until the daemon knows where the log starts.
         // SAFETY (of the closures): field projections of the mapped value, no reads.
         kack.store(|p| unsafe { &raw const (*p).input }, KACK_STOP);
@@ -298,6 +300,7 @@ impl DataPlane {
             log_ring: Mutex::new(Some(log_ring)),
             kack,
             kack_stopped: Default::default(),
+            keys,
             nics,
         })
     }

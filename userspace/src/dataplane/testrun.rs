@@ -162,6 +162,14 @@ impl TestNode {
         self.udp(self.vm_mac, self.client_mac, ips, len)
     }
 
+    /// A header of this node's run, naming its key (`key_id`, `key_adv`).
+    pub fn hdr(&self, kind: u8, seq: u64) -> FtHdr {
+        let mut ft = FtHdr::new(kind, self.session, self.epoch, seq);
+        ft.key_id = key_id(&self.key);
+        ft.key_adv = ft.key_id;
+        ft
+    }
+
     /// A frame the VM emits for a client, `len` bytes.
     pub fn vm_frame(&self, len: usize) -> Vec<u8> {
         let ips = (self.vm_ipv4, self.client_ipv4);
@@ -172,7 +180,7 @@ impl TestNode {
     /// LOG or VMLOG frame with its MAC in `aux` (the `aux` given is not used), or a
     /// HEARTBEAT with `aux` and its tag (the payload given is not used).
     pub fn primary_frame(&self, kind: u8, seq: u64, aux: u64, payload: &[u8]) -> Vec<u8> {
-        let mut ft = FtHdr::new(kind, self.session, self.epoch, seq);
+        let mut ft = self.hdr(kind, seq);
         if kind_is_tagged(kind) {
             ft.aux.set(aux);
             ft.len.set(TAG_LEN as u16);
@@ -212,7 +220,7 @@ impl TestNode {
     /// A tagged frame from the backup (ACK, NACK, VMNACK, LEAVE), as its daemon builds it
     /// and this (primary) node receives it.
     pub fn backup_frame(&self, kind: u8, seq: u64, aux: u64) -> Vec<u8> {
-        let mut ft = FtHdr::new(kind, self.session, self.epoch, seq);
+        let mut ft = self.hdr(kind, seq);
         ft.aux.set(aux);
         ft.len.set(TAG_LEN as u16);
         let mut f = TaggedHdr {
@@ -267,6 +275,8 @@ pub struct TestPlane {
     pub hold_ctl: Array<MapData, HoldCtl>,
     pub counters: PerCpuArray<MapData, u64>,
     pub kack: Option<Array<MapData, KernelAck>>,
+    /// `KEYS` (absent in objects older than wire v4 key rotation).
+    pub keys: Option<Array<MapData, KeyRing>>,
     pub log_ring: Option<RingBuf<MapData>>,
 }
 
@@ -319,6 +329,10 @@ impl TestPlane {
             Some(m) => Some(m.try_into().map_err(map_err("KACK"))?),
             None => None,
         };
+        let keys = match ebpf.take_map("KEYS") {
+            Some(m) => Some(m.try_into().map_err(map_err("KEYS"))?),
+            None => None,
+        };
         let log_ring = match ebpf.take_map("LOG_RING") {
             Some(m) => Some(m.try_into().map_err(map_err("LOG_RING"))?),
             None => None,
@@ -333,6 +347,7 @@ impl TestPlane {
             hold_ctl: take!("HOLD_CTL"),
             counters: take!("COUNTERS"),
             kack,
+            keys,
             log_ring,
             ebpf,
         })
@@ -366,7 +381,6 @@ impl TestPlane {
             peer_log_mac: n.peer_log_mac,
             _pad: [0; 2],
             session: n.session,
-            tag_key: [n.key.k0, n.key.k1],
             kack_interval_ns: n.kack_interval_ns,
         }
     }
@@ -386,6 +400,10 @@ impl TestPlane {
             ..Default::default()
         };
         self.set_state(SeqState::default(), chan, HoldCtl::default())?;
+        if let Some(k) = &mut self.keys {
+            k.set(0, KeyRing::single(&n.key, key_id(&n.key)), 0)
+                .map_err(map_err("KEYS"))?;
+        }
         self.set_kack(KernelAck::default())
     }
 

@@ -389,7 +389,7 @@ impl Supervisor {
         let p = backup_channel::BackupParams {
             own_mac: self.dp.nics.logging.mac,
             peer_mac: self.cfg.interfaces.peer_log_mac.0,
-            key: ch.key.clone(),
+            keys: ch.keys.clone(),
             heartbeat: Duration::from_millis(ch.heartbeat_ms),
             nack_retry: Duration::from_millis(ch.nack_retry_ms),
             nack_burst: ch.nack_burst as usize,
@@ -480,7 +480,7 @@ impl Supervisor {
         if self.workers.heartbeat.is_none() {
             let p = heartbeat::HeartbeatParams {
                 peer_mac: self.cfg.interfaces.peer_log_mac.0,
-                key: ch.key.clone(),
+                keys: ch.keys.clone(),
                 session: self.session,
                 period: Duration::from_millis(ch.heartbeat_ms),
             };
@@ -492,14 +492,14 @@ impl Supervisor {
         if self.workers.vmlog_repair.is_none()
             && let Some(vm) = self.vm.clone()
         {
-            let (iface, key) = (self.dp.nics.logging.clone(), ch.key.clone());
+            let (iface, keys) = (self.dp.nics.logging.clone(), ch.keys.clone());
             self.workers.vmlog_repair = Some(Worker::spawn("ft-vmlog-repair", move |stop| {
                 let (store, stats) = (vm.log_store.clone(), vm.stats.clone());
                 let on_leave = Box::new(move |reason: u64| {
                     *vm.leave.lock().unwrap() = Some(leave_reason(reason).into());
                 });
                 if let Err(e) =
-                    crate::channel::vmrepair::run(&iface, &key, store, stats, on_leave, stop)
+                    crate::channel::vmrepair::run(&iface, &keys, store, stats, on_leave, stop)
                 {
                     error!("VMLOG repair stopped: {e}");
                 }
@@ -591,7 +591,7 @@ impl Supervisor {
         };
         if let Ok(sock) = RawSocket::open(&self.dp.nics.logging) {
             let f = crate::channel::frames::control_frame(
-                &self.cfg.channel.key,
+                &self.cfg.channel.keys,
                 self.dp.nics.logging.mac,
                 self.cfg.interfaces.peer_log_mac.0,
                 crate::channel::frames::hdr(

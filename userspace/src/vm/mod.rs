@@ -390,7 +390,7 @@ pub fn start_primary(
         Mode::Record
     };
     let window = cfg.channel.vmlog_window;
-    let key = cfg.channel.key.sip();
+    let keys = cfg.channel.keys.clone();
     *state.kick.lock().unwrap() = Some(tap.try_clone()?);
     let sock = RawSocket::open(&dp.nics.logging)?;
     let (src, dst) = (dp.nics.logging.mac, cfg.interfaces.peer_log_mac.0);
@@ -407,7 +407,7 @@ pub fn start_primary(
                 src,
                 dst,
                 session,
-                key,
+                keys,
                 epoch,
                 window,
                 store,

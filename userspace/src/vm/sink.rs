@@ -105,8 +105,8 @@ pub struct ChannelSink {
     pub src: [u8; 6],
     pub dst: [u8; 6],
     pub session: u64,
-    /// The channel key (every VMLOG frame carries a MAC under it).
-    pub key: ft_common::siphash::SipKey,
+    /// The channel keys (every VMLOG frame carries a MAC under the one sent under).
+    pub keys: Arc<crate::channel::keys::ChannelKeys>,
     /// The epoch of this log (the node's when the log began; a new epoch means SOLO,
     /// where entries are discarded, or a new log from a join's cut).
     pub epoch: u64,
@@ -174,7 +174,9 @@ impl ChannelSink {
         let mut ft = FtHdr::new(KIND_VMLOG, self.session, epoch, seq);
         ft.len.set(self.buf.len() as u16);
         // The MAC the backup's XDP checks before it buffers or acks anything of it.
-        ft.aux.set(payload_mac(&self.key, &ft, &self.buf));
+        let sender = self.keys.sender();
+        (ft.key_id, ft.key_adv) = (sender.id, sender.adv);
+        ft.aux.set(payload_mac(&sender.key.sip(), &ft, &self.buf));
         let hdr = LogHdr {
             eth: EthHdr::ft(self.dst, self.src),
             ft,

@@ -69,6 +69,7 @@ pub fn join(
         .map_err(|e| JoinError::Refused(format!("channel.join_peer: {e}")))?;
     let config_hash = vcfg.config_hash(image);
     let mut waited_since = None;
+    let mut attempt = 0usize;
     let pause = Duration::from_millis(200);
     loop {
         if stop.load(Relaxed) {
@@ -99,15 +100,13 @@ pub fn join(
         // The epoch the supervisor follows now (it moves with the live node while this
         // backup has no state).
         let epoch = roles.epoch();
-        let (reply, binding) = match ask(
-            &cfg.channel.key,
-            &mut w,
-            &mut r,
-            &cfg.node.name,
-            epoch,
-            config_hash,
-        )
-        .map_err(JoinError::Refused)?
+        // During a key rotation the live node may hold only one of this node's keys:
+        // each attempt proves another one.
+        attempt += 1;
+        let keys = cfg.channel.keys.all();
+        let key = keys[attempt % keys.len()].clone();
+        let (reply, binding) = match ask(&key, &mut w, &mut r, &cfg.node.name, epoch, config_hash)
+            .map_err(JoinError::Refused)?
         {
             Asked::Reply(reply, binding) => (reply, binding),
             Asked::Retry(e) => {
@@ -144,7 +143,7 @@ pub fn join(
                 let started = crate::role::unix_ms();
                 vm.set_phase(VmPhase::Joining("receiving the VM's state".into()));
                 info!(%peer, epoch, "join: receiving the VM's state");
-                let mut secure = secure::initiate(&cfg.channel.key, &binding, w, r)
+                let mut secure = secure::initiate(&key, &binding, w, r)
                     .map_err(|e| JoinError::Failed(e.to_string()))?;
                 let (vmm, rep) = ft_vmm::Vmm::receive(
                     vcfg,

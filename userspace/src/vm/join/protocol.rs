@@ -207,13 +207,17 @@ pub(super) struct Answered {
     pub reason: String,
     /// See [`binding`].
     pub binding: Vec<u8>,
+    /// The key the hello proved (one of the node's keys during a rotation): the reply
+    /// and the transfer's session are under it.
+    pub key: ChannelKey,
 }
 
 /// The primary's half of the handshake: its challenge, the backup's hello, the answer
 /// (`decide`, for an authenticated hello of this version) naming `session`, MACed under
-/// `key`. None: the hello did not prove the key; it was refused (to be counted).
+/// the one of `keys` the hello proved. None: the hello proved none of them; it was
+/// refused (to be counted).
 pub(super) fn serve_handshake(
-    key: &ChannelKey,
+    keys: &[ChannelKey],
     session: u64,
     w: &mut impl Write,
     r: &mut impl BufRead,
@@ -234,7 +238,7 @@ pub(super) fn serve_handshake(
         serde_json::from_str(&line).map_err(|e| bad(format!("not a join hello: {e}")))?;
     let (answer, reason) = if hello.version != JOIN_VERSION {
         version_refusal(hello.version)
-    } else if !hello.mac_valid(key, &challenge) {
+    } else if !keys.iter().any(|k| hello.mac_valid(k, &challenge)) {
         // Nothing about this node is told to a host without the key, nothing is sent.
         let reply = Reply {
             answer: Answer::Refused,
@@ -247,13 +251,20 @@ pub(super) fn serve_handshake(
     } else {
         decide(&hello)
     };
+    // A refusal by version is answered under the first key (nothing was proved).
+    let key = keys
+        .iter()
+        .find(|k| hello.mac_valid(k, &challenge))
+        .or(keys.first())
+        .cloned()
+        .unwrap_or_default();
     let reply = Reply {
         answer,
         reason: reason.clone(),
         session,
         mac: String::new(),
     }
-    .sign(key, &hello.nonce, &challenge);
+    .sign(&key, &hello.nonce, &challenge);
     send_line(w, &reply).map_err(|e| bad(e.to_string()))?;
     let binding = binding(&challenge, &hello.nonce);
     Ok(Some(Answered {
@@ -261,6 +272,7 @@ pub(super) fn serve_handshake(
         answer,
         reason,
         binding,
+        key,
     }))
 }
 
@@ -372,7 +384,7 @@ mod tests {
         });
         let mut w = a.try_clone().unwrap();
         let mut r = BufReader::new(a);
-        let served = serve_handshake(&primary_key, 0x5e55, &mut w, &mut r, |h| {
+        let served = serve_handshake(&[primary_key], 0x5e55, &mut w, &mut r, |h| {
             assert_eq!(h.node, "host-b");
             (Answer::Transfer, String::new())
         })

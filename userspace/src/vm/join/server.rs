@@ -147,10 +147,9 @@ impl JoinServer {
         let mut w = s.try_clone().map_err(|e| bad(e.to_string()))?;
         let mut r = BufReader::new(s);
         let session = self.status.session.load(Relaxed);
-        let Some(answered) = serve_handshake(&self.cfg.channel.key, session, &mut w, &mut r, |h| {
-            self.decide(h)
-        })
-        .map_err(HandleError::from)?
+        let keys = self.cfg.channel.keys.all();
+        let Some(answered) = serve_handshake(&keys, session, &mut w, &mut r, |h| self.decide(h))
+            .map_err(HandleError::from)?
         else {
             self.vm.join_auth_failures.fetch_add(1, Relaxed);
             warn!(%peer, "join service: refused a hello that is not authenticated (no channel key)");
@@ -175,13 +174,14 @@ impl JoinServer {
             answer,
             reason,
             binding,
+            key,
         } = answered;
         if answer != Answer::Transfer {
             info!(%peer, node = %hello.node, ?answer, %reason, "join request answered");
             return Ok(());
         }
         let tcp = w.try_clone().map_err(|e| e.to_string())?;
-        let session = secure::respond(&self.cfg.channel.key, &binding, w, r).map_err(|e| {
+        let session = secure::respond(&key, &binding, w, r).map_err(|e| {
             self.vm.join_auth_failures.fetch_add(1, Relaxed);
             e.to_string()
         })?;
@@ -203,7 +203,7 @@ impl JoinServer {
             src: self.dp.nics.logging.mac,
             dst: self.cfg.interfaces.peer_log_mac.0,
             session: self.status.session.load(Relaxed),
-            key: self.cfg.channel.key.sip(),
+            keys: self.cfg.channel.keys.clone(),
             epoch,
             window: self.cfg.channel.vmlog_window,
             store: self.vm.log_store.clone(),
