@@ -56,6 +56,9 @@ fn ft_frame(
     seq: u64,
 ) -> Vec<u8> {
     let mut ft = FtHdr::new(kind, session, epoch, seq);
+    // The key it is under (wire v4: receivers check with the key a frame names).
+    ft.key_id = key_id(key);
+    ft.key_adv = ft.key_id;
     let tagged = kind_is_tagged(kind);
     if tagged {
         ft.len.set(TAG_LEN as u16);

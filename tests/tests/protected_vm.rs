@@ -691,8 +691,9 @@ fn a_join_hello_without_the_channel_key_is_refused_and_counted() {
             let mut challenge = String::new();
             r.read_line(&mut challenge).unwrap();
             let hello = format!(
-                "{{\"version\":2,\"node\":\"intruder\",\"epoch\":{epoch},\"config_hash\":{},\
+                "{{\"version\":{},\"node\":\"intruder\",\"epoch\":{epoch},\"config_hash\":{},\
                  \"nonce\":\"00112233445566778899aabbccddeeff\",\"mac\":\"{mac}\"}}\n",
+                ftd::vm::join::protocol::JOIN_VERSION,
                 st["vm"]["config_hash"].as_u64().unwrap()
             );
             w.write_all(hello.as_bytes()).unwrap();

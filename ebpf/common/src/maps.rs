@@ -442,7 +442,8 @@ mod tests {
 
     #[test]
     fn layouts_have_expected_sizes() {
-        assert_eq!(core::mem::size_of::<Config>(), 96);
+        assert_eq!(core::mem::size_of::<Config>(), 80);
+        assert_eq!(core::mem::size_of::<KeyRing>(), 2 * 24 + 24);
         assert_eq!(core::mem::size_of::<SeqState>(), 32);
         assert_eq!(core::mem::size_of::<ChanState>(), 32);
         assert_eq!(core::mem::size_of::<KernelAck>(), 32);

@@ -31,12 +31,12 @@
 //!   Payload: the tag.
 //! - `HEARTBEAT`: primary -> backup every heartbeat period while replicating; `seq` =
 //!   highest input sequence assigned, `aux` = highest VMLOG sequence sent, so the
-//!   backup notices lost tail frames of either stream. No payload: `len` = 0.
+//!   backup notices lost tail frames of either stream. Payload: the tag.
 //! - `LEAVE`: backup -> primary: "I stopped following this log" (it diverged or shuts
 //!   down); `aux` = a reason code. Payload: the tag.
 //!
 //! The backup's XDP drops a `LOG` or `VMLOG` frame whose `len` is above [`MAX_FRAME`] or
-//! runs past the frame's end, and a `HEARTBEAT` whose `len` is not 0, as malformed
+//! runs past the frame's end as malformed
 //! (`ft_drops_total{reason="malformed"}`): such a frame never counts as received, never
 //! stamps the primary alive and never reaches the daemon (whose parser,
 //! [`parse_log_frame`], would refuse the first two anyway).
@@ -64,8 +64,12 @@
 //!   from the primary) have `len` = [`TAG_LEN`] and carry an 8-byte **tag** as their
 //!   payload (big-endian, like every field; [`TaggedHdr`]): SipHash-2-4 over the whole
 //!   40-byte `FtHdr` as it is on the wire ([`frame_tag`]): magic, version, kind, flags,
-//!   len, reserved, session, epoch, seq and aux. The daemon checks VMNACK and LEAVE tags
-//!   again. A NACK's padding is not covered (meaningless).
+//!   len, key_id, key_adv, session, epoch, seq and aux. The daemon checks VMNACK and
+//!   LEAVE tags again. A NACK's padding is not covered (meaningless).
+//! - **Keys.** Every frame names the key its tag or MAC is under (`key_id`, [`key_id`]
+//!   of the key) and the newest key its sender holds (`key_adv`); receivers check with
+//!   the key named, so during a rotation both keys are accepted
+//!   (`ft_common::maps::KeyRing`, `userspace/src/channel/keys.rs`).
 //!
 //! **Replays.** The MAC covers session, epoch and sequence. A replayed log entry of this
 //! session is a duplicate (dropped); one of another run has another session (a backup
