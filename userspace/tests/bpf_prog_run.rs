@@ -148,6 +148,12 @@ fn tag_key() -> SipKey {
     SipKey::from_bytes(b"bpf-prog-run-key")
 }
 
+/// The log frames' MAC key of [`tag_key`] (derived once).
+fn mac_key() -> &'static MacKey {
+    static K: std::sync::OnceLock<MacKey> = std::sync::OnceLock::new();
+    K.get_or_init(|| MacKey::derive(&tag_key()))
+}
+
 /// Its id (`wire::key_id`): every frame names it (`key_id`) and advertises it as the
 /// newest held (`key_adv`).
 fn kid() -> u8 {
@@ -196,7 +202,7 @@ fn sign(f: &mut [u8]) {
         let len = ft.len.get() as usize;
         if f.len() >= LOG_OVERHEAD + len {
             ft.aux.set(payload_mac(
-                &tag_key(),
+                mac_key(),
                 &ft,
                 &f[LOG_OVERHEAD..LOG_OVERHEAD + len],
             ));
@@ -241,7 +247,7 @@ fn primary_frame(kind: u8, seq: u64, aux: u64, flags: u8, payload: &[u8]) -> Vec
     } else {
         ft.len.set(payload.len() as u16);
         if matches!(kind, KIND_LOG | KIND_VMLOG) {
-            ft.aux.set(payload_mac(&tag_key(), &ft, payload));
+            ft.aux.set(payload_mac(mac_key(), &ft, payload));
         }
         payload
     };
@@ -262,7 +268,7 @@ fn mac_ok(f: &[u8], ft: &FtHdr) -> bool {
     let len = ft.len.get() as usize;
     ft.key_id == kid()
         && f.len() >= LOG_OVERHEAD + len
-        && payload_mac_valid(&tag_key(), ft, &f[LOG_OVERHEAD..LOG_OVERHEAD + len])
+        && payload_mac_valid(mac_key(), ft, &f[LOG_OVERHEAD..LOG_OVERHEAD + len])
 }
 
 /// An IPv4/UDP frame from `src` to `dst` with `n` payload bytes (content `tag`).
@@ -427,9 +433,7 @@ impl Plane {
             ebpf,
         };
         p.config.set(0, config(), 0).unwrap();
-        p.keys
-            .set(0, KeyRing::single(&tag_key(), kid()), 0)
-            .unwrap();
+        p.keys.set(0, KeyRing::single(mac_key(), kid()), 0).unwrap();
         p
     }
 
@@ -997,7 +1001,7 @@ fn log_rx_expect(sc: &Scene, f: &[u8]) -> Vec<Expect> {
                 ft.flags = FLAG_RETRANSMIT;
                 ft.len.set(stored.len() as u16);
                 // The MAC the entry was first sent with (it does not cover the flag).
-                ft.aux.set(payload_mac(&tag_key(), &ft, stored));
+                ft.aux.set(payload_mac(mac_key(), &ft, stored));
                 let mut out = LogHdr {
                     eth: eth(cfg.peer_log_mac, cfg.own_log_mac, ETHERTYPE_FT),
                     ft,
@@ -2126,7 +2130,11 @@ fn logging_link_each_check_drops_with_its_reason() {
                 let ft = FtHdr::read_from_bytes(&f[ETH_HLEN..LOG_OVERHEAD]).unwrap();
                 let len = ft.len.get() as usize;
                 let other = SipKey::from_bytes(b"a-forgers-key-00");
-                let m = payload_mac(&other, &ft, &f[LOG_OVERHEAD..LOG_OVERHEAD + len]);
+                let m = payload_mac(
+                    &MacKey::derive(&other),
+                    &ft,
+                    &f[LOG_OVERHEAD..LOG_OVERHEAD + len],
+                );
                 f[Field::Aux.range()].copy_from_slice(&m.to_be_bytes());
                 f
             },
@@ -2180,8 +2188,11 @@ fn logging_link_each_check_drops_with_its_reason() {
         let mut ft = FtHdr::read_from_bytes(&f[ETH_HLEN..LOG_OVERHEAD]).unwrap();
         (ft.key_id, ft.key_adv) = (key_id(k), adv);
         let len = ft.len.get() as usize;
-        ft.aux
-            .set(payload_mac(k, &ft, &f[LOG_OVERHEAD..LOG_OVERHEAD + len]));
+        ft.aux.set(payload_mac(
+            &MacKey::derive(k),
+            &ft,
+            &f[LOG_OVERHEAD..LOG_OVERHEAD + len],
+        ));
         f[ETH_HLEN..LOG_OVERHEAD].copy_from_slice(ft.as_bytes());
         f
     };
@@ -2199,12 +2210,8 @@ fn logging_link_each_check_drops_with_its_reason() {
     };
     assert_ne!(key_id(&new_key), kid());
     assert!(!received(&mut bp, &under(&new_key, 101, key_id(&new_key))));
-    let mut two = KeyRing::single(&tag_key(), kid());
-    two.slots[1] = KeySlot {
-        k0: new_key.k0,
-        k1: new_key.k1,
-        id: key_id(&new_key) as u64,
-    };
+    let mut two = KeyRing::single(mac_key(), kid());
+    two.slots[1] = KeySlot::new(&MacKey::derive(&new_key), key_id(&new_key));
     two.newest = key_id(&new_key) as u64;
     bp.keys.set(0, two, 0).unwrap();
     assert!(received(&mut bp, &under(&tag_key(), 101, kid())));
@@ -2222,13 +2229,13 @@ fn logging_link_each_check_drops_with_its_reason() {
         bp.keys.get(&0, 0).unwrap().peer_newest,
         key_id(&new_key) as u64
     );
-    let mut only_new = KeyRing::single(&new_key, key_id(&new_key));
+    let mut only_new = KeyRing::single(&MacKey::derive(&new_key), key_id(&new_key));
     only_new.peer_newest = key_id(&new_key) as u64;
     bp.keys.set(0, only_new, 0).unwrap();
     assert!(!received(&mut bp, &under(&tag_key(), 101, kid())));
     assert!(received(&mut bp, &under(&new_key, 101, key_id(&new_key))));
     bp.keys
-        .set(0, KeyRing::single(&tag_key(), kid()), 0)
+        .set(0, KeyRing::single(mac_key(), kid()), 0)
         .unwrap();
     // The length checks drop only what they must: the largest frames (len = MAX_FRAME,
     // with or without padding after them) and a heartbeat (len 0) are received.
@@ -2369,7 +2376,7 @@ fn client_rx_expect(sc: &Scene, f: &[u8]) -> Vec<Expect> {
             let s = st.seq.last_seq + 1;
             let mut ft = hdr(KIND_LOG, cfg.session, st.node.epoch, s);
             ft.len.set(f.len() as u16);
-            ft.aux.set(payload_mac(&tag_key(), &ft, f));
+            ft.aux.set(payload_mac(mac_key(), &ft, f));
             let mut out = LogHdr {
                 eth: eth(cfg.peer_log_mac, cfg.own_log_mac, ETHERTYPE_FT),
                 ft,

@@ -98,12 +98,21 @@ impl core::fmt::Debug for Config {
 
 /// One channel key (map `KEYS`, in a [`KeyRing`]). `id` 0: the slot is empty.
 #[repr(C)]
-#[derive(Clone, Copy, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[derive(Clone, Copy, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
 pub struct KeySlot {
+    /// The SipHash key (`k0`, `k1`): tags, and the MAC's last step.
     pub k0: u64,
     pub k1: u64,
     /// `ft_common::wire::key_id` of the key; 0 = empty.
     pub id: u64,
+    /// The NH key of the log frames' MAC (`wire::MacKey::derive`).
+    pub nh: [u64; crate::wire::NH_KEY_WORDS],
+}
+
+impl Default for KeySlot {
+    fn default() -> Self {
+        zerocopy::FromZeros::new_zeroed()
+    }
 }
 
 impl core::fmt::Debug for KeySlot {
@@ -111,6 +120,18 @@ impl core::fmt::Debug for KeySlot {
         f.debug_struct("KeySlot")
             .field("id", &self.id)
             .finish_non_exhaustive()
+    }
+}
+
+impl KeySlot {
+    /// The slot of key `k` with id `id`.
+    pub fn new(k: &crate::wire::MacKey, id: u8) -> KeySlot {
+        KeySlot {
+            k0: k.sip.k0,
+            k1: k.sip.k1,
+            id: id as u64,
+            nh: k.nh,
+        }
     }
 }
 
@@ -128,9 +149,7 @@ impl core::fmt::Debug for KeySlot {
 /// Programs check a received frame with the slot whose `id` is the frame's `key_id`, and
 /// make frames (LOG duplicates, kernel acks) under slot `send`, advertising `newest`.
 #[repr(C)]
-#[derive(
-    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
-)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
 pub struct KeyRing {
     pub slots: [KeySlot; 2],
     /// Index of the slot this node's frames are made under.
@@ -141,18 +160,17 @@ pub struct KeyRing {
     pub peer_newest: u64,
 }
 
+impl Default for KeyRing {
+    fn default() -> Self {
+        zerocopy::FromZeros::new_zeroed()
+    }
+}
+
 impl KeyRing {
     /// One key (`id` its `wire::key_id`), sent under and advertised.
-    pub fn single(k: &crate::siphash::SipKey, id: u8) -> KeyRing {
+    pub fn single(k: &crate::wire::MacKey, id: u8) -> KeyRing {
         KeyRing {
-            slots: [
-                KeySlot {
-                    k0: k.k0,
-                    k1: k.k1,
-                    id: id as u64,
-                },
-                KeySlot::default(),
-            ],
+            slots: [KeySlot::new(k, id), KeySlot::default()],
             send: 0,
             newest: id as u64,
             peer_newest: 0,
@@ -443,7 +461,10 @@ mod tests {
     #[test]
     fn layouts_have_expected_sizes() {
         assert_eq!(core::mem::size_of::<Config>(), 80);
-        assert_eq!(core::mem::size_of::<KeyRing>(), 2 * 24 + 24);
+        assert_eq!(
+            core::mem::size_of::<KeyRing>(),
+            2 * (24 + 8 * crate::wire::NH_KEY_WORDS) + 24
+        );
         assert_eq!(core::mem::size_of::<SeqState>(), 32);
         assert_eq!(core::mem::size_of::<ChanState>(), 32);
         assert_eq!(core::mem::size_of::<KernelAck>(), 32);

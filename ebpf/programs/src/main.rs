@@ -128,9 +128,9 @@ fn duplicate(ctx: &XdpContext, cfg: &Config, node: &NodeState) -> Result<u32, u3
     // Without a key (the daemon sets one before it attaches) the entry goes out with
     // MAC 0, which the backup drops as bad_mac: never silently unauthenticated.
     let tag = match send_key() {
-        Some((key, id, adv)) => {
+        Some((slot, id, adv)) => {
             (ft.key_id, ft.key_adv) = (id, adv);
-            mac::packet_mac(ctx, &key, &mac_header_words(&ft), 0, len as usize).unwrap_or(0)
+            mac::packet_mac(ctx, slot, &mac_header_words(&ft), 0, len as usize).unwrap_or(0)
         }
         None => 0,
     };
@@ -405,10 +405,10 @@ fn tag_ok(data: usize, end: usize, ft: &FtHdr) -> bool {
     }
     // SAFETY: TAGGED_HLEN bytes are in bounds (checked above); TaggedHdr is Unaligned.
     let tag = unsafe { (*(data as *const TaggedHdr)).tag.get() };
-    let Some(key) = key_by_id(ft.key_id) else {
+    let Some(slot) = key_by_id(ft.key_id) else {
         return false;
     };
-    let ok = tag == frame_tag(&key, ft);
+    let ok = tag == frame_tag(&slot_sip(slot), ft);
     if ok {
         heard_key_adv(ft.key_adv);
     }
@@ -418,12 +418,12 @@ fn tag_ok(data: usize, end: usize, ft: &FtHdr) -> bool {
 /// A `LOG` or `VMLOG` frame (its `len` checked) carries the right MAC in `aux`.
 #[inline(always)]
 fn log_mac_ok(ctx: &XdpContext, ft: &FtHdr) -> bool {
-    let Some(key) = key_by_id(ft.key_id) else {
+    let Some(slot) = key_by_id(ft.key_id) else {
         return false;
     };
     let ok = mac::packet_mac(
         ctx,
-        &key,
+        slot,
         &mac_header_words(ft),
         LOG_OVERHEAD,
         ft.len.get() as usize,
@@ -591,14 +591,14 @@ fn send_ack(
     let mut ft = FtHdr::new(KIND_ACK, session, node.epoch, input & !KACK_STOP);
     ft.aux.set(vm & !KACK_STOP);
     ft.len.set(TAG_LEN as u16);
-    let Some((key, id, adv)) = send_key() else {
+    let Some((slot, id, adv)) = send_key() else {
         return drop(C_DROP_RETX_ERR);
     };
     (ft.key_id, ft.key_adv) = (id, adv);
     let ack = TaggedHdr {
         eth: EthHdr::ft(cfg.peer_log_mac, cfg.own_log_mac),
         ft,
-        tag: frame_tag(&key, &ft).into(),
+        tag: frame_tag(&slot_sip(slot), &ft).into(),
     };
     // SAFETY: TAGGED_HLEN bytes are in bounds (checked above); TaggedHdr is Unaligned.
     unsafe { core::ptr::write_unaligned(data as *mut TaggedHdr, ack) };

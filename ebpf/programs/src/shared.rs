@@ -55,48 +55,50 @@ pub static KACK: Array<KernelAck> = Array::with_max_entries(1, BPF_F_MMAPABLE);
 #[map]
 pub static KEYS: Array<KeyRing> = Array::with_max_entries(1, BPF_F_MMAPABLE);
 
-/// The key in the slot whose id is `id` (never the empty id 0).
+/// The slot of the key whose id is `id` (never the empty id 0).
 #[inline(always)]
-pub fn key_by_id(id: u8) -> Option<SipKey> {
+pub fn key_by_id(id: u8) -> Option<*const KeySlot> {
     let r = KEYS.get_ptr(0)?;
     if id == 0 {
         return None;
     }
     let mut i = 0;
     while i < 2 {
-        // SAFETY: live map value; aligned u64 fields written by the daemon (see
-        // `KeyRing` for the order of its writes: an id is stored after its key words).
+        // SAFETY: live map value; aligned u64 field written by the daemon (see `KeyRing`
+        // for the order of its writes: an id is stored after its key words).
         let slot = unsafe { &raw const (*r).slots[i] };
         if unsafe { load64(&raw const (*slot).id) } == id as u64 {
-            return Some(unsafe {
-                SipKey {
-                    k0: load64(&raw const (*slot).k0),
-                    k1: load64(&raw const (*slot).k1),
-                }
-            });
+            return Some(slot);
         }
         i += 1;
     }
     None
 }
 
-/// The key this node makes frames under, its id, and the newest id it holds (the
-/// frames' `key_id`, `key_adv`).
+/// The SipHash key of a slot.
 #[inline(always)]
-pub fn send_key() -> Option<(SipKey, u8, u8)> {
+pub fn slot_sip(slot: *const KeySlot) -> SipKey {
+    // SAFETY: `slot` points into the live KEYS value (from `key_by_id`/`send_key`);
+    // aligned u64 fields written by the daemon.
+    unsafe {
+        SipKey {
+            k0: load64(&raw const (*slot).k0),
+            k1: load64(&raw const (*slot).k1),
+        }
+    }
+}
+
+/// The slot of the key this node makes frames under, its id, and the newest id it
+/// holds (the frames' `key_id`, `key_adv`).
+#[inline(always)]
+pub fn send_key() -> Option<(*const KeySlot, u8, u8)> {
     let r = KEYS.get_ptr(0)?;
     // SAFETY: live map value, aligned fields written by the daemon.
     let (send, newest) = unsafe { (load64(&raw const (*r).send), load64(&raw const (*r).newest)) };
     let slot = unsafe { &raw const (*r).slots[(send & 1) as usize] };
     // SAFETY: as above.
-    let (k0, k1, id) = unsafe {
-        (
-            load64(&raw const (*slot).k0),
-            load64(&raw const (*slot).k1),
-            load64(&raw const (*slot).id),
-        )
-    };
-    (id != 0).then_some((SipKey { k0, k1 }, id as u8, newest as u8))
+    let id = unsafe { load64(&raw const (*slot).id) };
+    (id != 0).then_some((slot, id as u8, newest as u8))
 }
 
 /// Records the newest key id the peer holds (from a frame that verified).

@@ -15,7 +15,7 @@ use std::{
 use anyhow::Result;
 use ft_common::{
     siphash::SipKey,
-    wire::{EthHdr, FtHdr, KIND_LOG, LOG_OVERHEAD, LogHdr, payload_mac},
+    wire::{EthHdr, FtHdr, KIND_LOG, LOG_OVERHEAD, LogHdr, MacKey, payload_mac},
 };
 use ft_testbed::{Appliance, ApplianceOptions, RawSock, Testbed, blast, names::*, udp_frame};
 use serde::{Deserialize, Serialize};
@@ -358,7 +358,7 @@ fn userspace_run(tb: &Testbed, frames: &[Vec<u8>], also_vm: bool) -> Result<Tput
     let stop = Arc::new(AtomicBool::new(false));
     let fwd_stop = stop.clone();
     let (dst, src) = (tb.b.log_mac, tb.a.log_mac);
-    let mac_key = SipKey::from_bytes(&[0x5a; 16]);
+    let mac_key = MacKey::derive(&SipKey::from_bytes(&[0x5a; 16]));
     let fwd = std::thread::Builder::new()
         .name("us-forwarder".into())
         .spawn(move || -> (u64, u64) {

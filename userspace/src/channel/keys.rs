@@ -27,21 +27,23 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use ft_common::wire::key_id;
+use ft_common::wire::{MacKey, key_id};
 
 use super::auth::{ChannelKey, KeyError};
 
-/// A key and its id.
+/// A key, its id and the log frames' MAC key derived from it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HeldKey {
     pub id: u8,
     pub key: ChannelKey,
+    pub mac: std::sync::Arc<MacKey>,
 }
 
 impl HeldKey {
     pub fn new(key: ChannelKey) -> HeldKey {
         HeldKey {
             id: key_id(&key.sip()),
+            mac: std::sync::Arc::new(MacKey::derive(&key.sip())),
             key,
         }
     }
@@ -61,6 +63,8 @@ pub struct Held {
 #[derive(Clone, Debug)]
 pub struct Sender {
     pub key: ChannelKey,
+    /// The log frames' MAC key of `key`.
+    pub mac: std::sync::Arc<MacKey>,
     /// The frame's `key_id`.
     pub id: u8,
     /// The frame's `key_adv`.
@@ -153,12 +157,13 @@ impl ChannelKeys {
 
     pub fn sender(&self) -> Sender {
         let h = self.held.read().unwrap();
-        let key = match &h.older {
-            Some((k, _)) if k.id == h.send => k.key.clone(),
-            _ => h.newest.key.clone(),
+        let k = match &h.older {
+            Some((k, _)) if k.id == h.send => k,
+            _ => &h.newest,
         };
         Sender {
-            key,
+            key: k.key.clone(),
+            mac: k.mac.clone(),
             id: h.send,
             adv: h.newest.id,
         }

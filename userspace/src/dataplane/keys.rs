@@ -52,6 +52,11 @@ impl KernelKeys {
                 .store(|p| unsafe { &raw const (*p).slots[i].k0 }, s.k0);
             self.0
                 .store(|p| unsafe { &raw const (*p).slots[i].k1 }, s.k1);
+            for (j, w) in k.mac.nh.iter().enumerate() {
+                // SAFETY (of the projection): as above; `j` < NH_KEY_WORDS.
+                self.0
+                    .store(|p| unsafe { &raw const (*p).slots[i].nh[j] }, *w);
+            }
             self.0
                 .store(|p| unsafe { &raw const (*p).slots[i].id }, k.id as u64);
         }

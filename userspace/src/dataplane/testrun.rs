@@ -195,7 +195,8 @@ impl TestNode {
             return f;
         }
         ft.len.set(payload.len() as u16);
-        ft.aux.set(payload_mac(&self.key, &ft, payload));
+        ft.aux
+            .set(payload_mac(&MacKey::derive(&self.key), &ft, payload));
         let hdr = LogHdr {
             eth: self.eth(self.own_log_mac, self.peer_log_mac, ETHERTYPE_FT),
             ft,
@@ -401,8 +402,12 @@ impl TestPlane {
         };
         self.set_state(SeqState::default(), chan, HoldCtl::default())?;
         if let Some(k) = &mut self.keys {
-            k.set(0, KeyRing::single(&n.key, key_id(&n.key)), 0)
-                .map_err(map_err("KEYS"))?;
+            k.set(
+                0,
+                KeyRing::single(&MacKey::derive(&n.key), key_id(&n.key)),
+                0,
+            )
+            .map_err(map_err("KEYS"))?;
         }
         self.set_kack(KernelAck::default())
     }

@@ -176,7 +176,7 @@ impl ChannelSink {
         // The MAC the backup's XDP checks before it buffers or acks anything of it.
         let sender = self.keys.sender();
         (ft.key_id, ft.key_adv) = (sender.id, sender.adv);
-        ft.aux.set(payload_mac(&sender.key.sip(), &ft, &self.buf));
+        ft.aux.set(payload_mac(&sender.mac, &ft, &self.buf));
         let hdr = LogHdr {
             eth: EthHdr::ft(self.dst, self.src),
             ft,
