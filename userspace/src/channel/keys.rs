@@ -105,8 +105,12 @@ impl ChannelKeys {
 
     /// Reads `key_file` and, if it is there and younger than `overlap`, `<key_file>.prev`
     /// (a rotation under way: sent under until the peer holds the new key).
+    /// A node that starts during a rotation sends under the old key until the peer says
+    /// it holds the new one (the peer may not have read it yet).
     pub fn load(key_file: &Path, overlap: Duration) -> Result<ChannelKeys, KeyError> {
         let keys = ChannelKeys::single(ChannelKey::load(key_file)?);
+        // Nothing sent yet: `read` starts under the oldest key held.
+        keys.held.write().unwrap().send = 0;
         keys.reload(key_file, overlap)?;
         Ok(keys)
     }
@@ -422,6 +426,11 @@ mod tests {
         assert_eq!(h.newest.id, new);
         assert_eq!(h.older.as_ref().map(|(k, _)| k.id), Some(old));
         assert_eq!(h.send, old, "still sent under the old key");
+        // A node that starts now (a restart during the rotation) starts under the old
+        // key too: its peer may not hold the new one yet.
+        let fresh = ChannelKeys::load(&f, OVERLAP).unwrap();
+        assert_eq!(fresh.held().send, old);
+        assert_eq!(fresh.held().newest.id, new);
         // With no overlap left, the .prev file is ignored.
         keys.reload(&f, Duration::ZERO).unwrap();
         assert!(keys.held().older.is_none());

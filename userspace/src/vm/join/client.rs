@@ -102,9 +102,9 @@ pub fn join(
         let epoch = roles.epoch();
         // During a key rotation the live node may hold only one of this node's keys:
         // each attempt proves another one.
-        attempt += 1;
         let keys = cfg.channel.keys.all();
         let key = keys[attempt % keys.len()].clone();
+        attempt += 1;
         let (reply, binding) = match ask(&key, &mut w, &mut r, &cfg.node.name, epoch, config_hash)
             .map_err(JoinError::Refused)?
         {
