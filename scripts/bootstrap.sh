@@ -12,20 +12,38 @@ done
 if ((${#missing[@]})); then
   log "apt: installing ${missing[*]}"
   export DEBIAN_FRONTEND=noninteractive
+  # The packages install without starting their services (Debian's policy-rc.d: 101 =
+  # "action forbidden"): etcd-server would start a system etcd on 2379, redis-server a
+  # Redis on 6379, and the tests and benchmarks run their own, inside the testbed's
+  # namespaces. A policy the machine already has is left as it is; services the machine
+  # already ran are never touched.
+  own_policy=
+  if [[ ! -e /usr/sbin/policy-rc.d ]]; then
+    printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d
+    chmod 755 /usr/sbin/policy-rc.d
+    own_policy=1
+    trap 'rm -f /usr/sbin/policy-rc.d' EXIT
+  fi
   apt-get update -qq
-  if ! apt-get install -y -qq --no-install-recommends "${missing[@]}"; then
+  ok=1
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" || ok=
+  if [[ -n "$own_policy" ]]; then
+    rm -f /usr/sbin/policy-rc.d
+    trap - EXIT
+  fi
+  if [[ -z "$ok" ]]; then
     log "apt could not install one of: ${missing[*]} (see above)"; exit 1
   fi
+  # Nor do they start at the next boot: only the services of packages installed just now.
+  if command -v systemctl >/dev/null 2>&1; then
+    for p in "${missing[@]}"; do
+      case "$p" in
+        etcd-server) systemctl disable etcd >/dev/null 2>&1 || true ;;
+        redis-server) systemctl disable redis-server >/dev/null 2>&1 || true ;;
+      esac
+    done
+  fi
 fi
-# etcd-server's package starts a system etcd on 2379, redis-server's a system Redis on
-# 6379; tests and benchmarks run their own (redis-server is the reference the guest's
-# service is compared with).
-if command -v systemctl >/dev/null 2>&1; then
-  systemctl disable --now etcd >/dev/null 2>&1 || true
-  systemctl disable --now redis-server >/dev/null 2>&1 || true
-fi
-pkill -x etcd 2>/dev/null || true
-pkill -x redis-server 2>/dev/null || true
 
 # eBPF programs build with nightly (-Z build-std=core). Never update an existing nightly
 # here: bpf-linker below is linked against that nightly's own libLLVM.

@@ -533,6 +533,9 @@ fn a_diverging_entry_is_detected_and_the_primary_keeps_serving() {
         "the diverged backup did not halt and exit: {exit_status:?}\n{log}"
     );
     assert!(log.contains("DIVERGENCE"), "not in the backup's log: {log}");
+    // Its log is plain text when stderr is not a terminal (a file here, the journal
+    // under systemd): no colour escape sequences.
+    assert!(!log.contains('\u{1b}'), "colour codes in a log file: {log}");
     let last: Value =
         serde_json::from_slice(&std::fs::read(ftd::daemon::last_exit_path(&app.sock_b)).unwrap())
             .unwrap();
