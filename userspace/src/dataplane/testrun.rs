@@ -87,7 +87,9 @@ pub struct TestNode {
     pub vm_ipv4: [u8; 4],
     pub client_mac: [u8; 6],
     pub client_ipv4: [u8; 4],
-    pub key: SipKey,
+    /// The channel key, derived once into the log frames' MAC key (its `sip` is the
+    /// tags' key).
+    pub key: MacKey,
     /// `CFG_*` flags.
     pub flags: u32,
     /// Most log entries in flight (`Config.window`); `None`: `retx_slots - RETX_MARGIN`.
@@ -112,7 +114,7 @@ impl TestNode {
             vm_ipv4: [10, 0, 0, 100],
             client_mac: [0x02, 0xc1, 0, 0, 0, 1],
             client_ipv4: [10, 0, 0, 1],
-            key: SipKey::from_bytes(b"ft-testrun-key!!"),
+            key: MacKey::derive(&SipKey::from_bytes(b"ft-testrun-key!!")),
             flags: CFG_HOLD_OUTPUT | CFG_KERNEL_ACKS,
             window: None,
             client_ifindex: 1,
@@ -165,7 +167,7 @@ impl TestNode {
     /// A header of this node's run, naming its key (`key_id`, `key_adv`).
     pub fn hdr(&self, kind: u8, seq: u64) -> FtHdr {
         let mut ft = FtHdr::new(kind, self.session, self.epoch, seq);
-        ft.key_id = key_id(&self.key);
+        ft.key_id = key_id(&self.key.sip);
         ft.key_adv = ft.key_id;
         ft
     }
@@ -180,23 +182,12 @@ impl TestNode {
     /// LOG or VMLOG frame with its MAC in `aux` (the `aux` given is not used), or a
     /// HEARTBEAT with `aux` and its tag (the payload given is not used).
     pub fn primary_frame(&self, kind: u8, seq: u64, aux: u64, payload: &[u8]) -> Vec<u8> {
-        let mut ft = self.hdr(kind, seq);
         if kind_is_tagged(kind) {
-            ft.aux.set(aux);
-            ft.len.set(TAG_LEN as u16);
-            let mut f = TaggedHdr {
-                eth: self.eth(self.own_log_mac, self.peer_log_mac, ETHERTYPE_FT),
-                ft,
-                tag: frame_tag(&self.key, &ft).into(),
-            }
-            .as_bytes()
-            .to_vec();
-            f.resize(f.len().max(60), 0);
-            return f;
+            return self.tagged_frame(kind, seq, aux);
         }
+        let mut ft = self.hdr(kind, seq);
         ft.len.set(payload.len() as u16);
-        ft.aux
-            .set(payload_mac(&MacKey::derive(&self.key), &ft, payload));
+        ft.aux.set(payload_mac(&self.key, &ft, payload));
         let hdr = LogHdr {
             eth: self.eth(self.own_log_mac, self.peer_log_mac, ETHERTYPE_FT),
             ft,
@@ -221,13 +212,21 @@ impl TestNode {
     /// A tagged frame from the backup (ACK, NACK, VMNACK, LEAVE), as its daemon builds it
     /// and this (primary) node receives it.
     pub fn backup_frame(&self, kind: u8, seq: u64, aux: u64) -> Vec<u8> {
+        self.tagged_frame(kind, seq, aux)
+    }
+
+    /// A control frame (`kind_is_tagged`) with `aux` and its tag, as either side's daemon
+    /// builds it (`channel::frames::control_frame`): already above the Ethernet minimum,
+    /// and a NACK padded to a full log frame.
+    fn tagged_frame(&self, kind: u8, seq: u64, aux: u64) -> Vec<u8> {
+        const { assert!(TAGGED_HLEN >= 60) };
         let mut ft = self.hdr(kind, seq);
         ft.aux.set(aux);
         ft.len.set(TAG_LEN as u16);
         let mut f = TaggedHdr {
             eth: self.eth(self.own_log_mac, self.peer_log_mac, ETHERTYPE_FT),
             ft,
-            tag: frame_tag(&self.key, &ft).into(),
+            tag: frame_tag(&self.key.sip, &ft).into(),
         }
         .as_bytes()
         .to_vec();
@@ -402,12 +401,8 @@ impl TestPlane {
         };
         self.set_state(SeqState::default(), chan, HoldCtl::default())?;
         if let Some(k) = &mut self.keys {
-            k.set(
-                0,
-                KeyRing::single(&MacKey::derive(&n.key), key_id(&n.key)),
-                0,
-            )
-            .map_err(map_err("KEYS"))?;
+            k.set(0, KeyRing::single(&n.key, key_id(&n.key.sip)), 0)
+                .map_err(map_err("KEYS"))?;
         }
         self.set_kack(KernelAck::default())
     }

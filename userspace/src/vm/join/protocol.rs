@@ -236,9 +236,11 @@ pub(super) fn serve_handshake(
     let line = read_line(r).map_err(|e| bad(e.to_string()))?;
     let hello: Hello =
         serde_json::from_str(&line).map_err(|e| bad(format!("not a join hello: {e}")))?;
+    // The key the hello proves, if any (one MAC check per key held).
+    let proved = keys.iter().find(|k| hello.mac_valid(k, &challenge));
     let (answer, reason) = if hello.version != JOIN_VERSION {
         version_refusal(hello.version)
-    } else if !keys.iter().any(|k| hello.mac_valid(k, &challenge)) {
+    } else if proved.is_none() {
         // Nothing about this node is told to a host without the key, nothing is sent.
         let reply = Reply {
             answer: Answer::Refused,
@@ -252,12 +254,7 @@ pub(super) fn serve_handshake(
         decide(&hello)
     };
     // A refusal by version is answered under the first key (nothing was proved).
-    let key = keys
-        .iter()
-        .find(|k| hello.mac_valid(k, &challenge))
-        .or(keys.first())
-        .cloned()
-        .unwrap_or_default();
+    let key = proved.or(keys.first()).cloned().unwrap_or_default();
     let reply = Reply {
         answer,
         reason: reason.clone(),
