@@ -499,6 +499,25 @@ impl Appliance {
         })
     }
 
+    /// Starts the pair ([`Appliance::start`]) and waits (bounded by `timeout`) until it
+    /// replicates ([`Appliance::wait_replicating`]); an error that shows both nodes'
+    /// status otherwise.
+    pub fn start_replicating(
+        tb: &Testbed,
+        o: &ApplianceOptions,
+        timeout: Duration,
+    ) -> Result<Appliance> {
+        let app = Appliance::start(tb, o)?;
+        if !app.wait_replicating(timeout) {
+            bail!(
+                "not up:\nA: {:#}\nB: {:#}",
+                app.status('a').unwrap_or_default(),
+                app.status('b').unwrap_or_default()
+            );
+        }
+        Ok(app)
+    }
+
     /// `host` runs the VM alone after taking over: role solo, its VMM live.
     pub fn live_after_take_over(&self, host: char) -> bool {
         self.status(host)

@@ -70,6 +70,28 @@ pub fn embedded_fence(lease_ms: u64, renew_ms: u64) -> String {
     )
 }
 
+/// The embedded arbiter ([`start_arbiter`], lease `lease_ms`, renewed every fifth of
+/// it) and a pair running `vm`, both serving joins, replicating within `timeout`.
+pub fn fenced_pair(
+    tb: &Testbed,
+    vm: crate::VmOptions,
+    lease_ms: u64,
+    timeout: Duration,
+) -> Result<(ChildGuard, Appliance)> {
+    let arb = start_arbiter(tb)?;
+    let app = Appliance::start_replicating(
+        tb,
+        &crate::ApplianceOptions {
+            vm,
+            fence: embedded_fence(lease_ms, lease_ms / 5),
+            join: true,
+            ..Default::default()
+        },
+        timeout,
+    )?;
+    Ok((arb, app))
+}
+
 /// An etcd cluster of `n` members in the arbiter namespace (10.77.0.2, one client and one
 /// peer port each), data in the testbed's temp dir; killed when dropped.
 pub fn start_etcd(tb: &Testbed, n: usize) -> Result<EtcdCluster> {

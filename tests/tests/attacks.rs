@@ -19,9 +19,8 @@ use std::{
 use ft_common::wire::{EthHdr, FtHdr, KIND_HEARTBEAT, KIND_LOG, KIND_VMLOG, LogHdr, TAG_LEN};
 use ft_testbed::{
     Appliance, ApplianceOptions, ChildGuard, RawSock, Testbed, TestbedOptions, VmOptions,
-    embedded_fence,
+    fenced_pair,
     names::FORGER_IF,
-    start_arbiter,
     workload::{Clients, check_history},
 };
 use zerocopy::IntoBytes;
@@ -44,24 +43,7 @@ fn testbed() -> Testbed {
 
 /// A fenced pair running the VMM, replicating, re-protection on.
 fn pair(tb: &Testbed) -> (ChildGuard, Appliance) {
-    let arb = start_arbiter(tb).unwrap();
-    let app = Appliance::start(
-        tb,
-        &ApplianceOptions {
-            vm: VmOptions::vmm(),
-            fence: embedded_fence(2000, 400),
-            join: true,
-            ..Default::default()
-        },
-    )
-    .unwrap();
-    assert!(
-        app.wait_replicating(T),
-        "not up:\nA: {:#}\nB: {:#}",
-        app.status('a').unwrap(),
-        app.status('b').unwrap()
-    );
-    (arb, app)
+    fenced_pair(tb, VmOptions::vmm(), 2000, T).unwrap()
 }
 
 /// xorshift64*: the forger's MACs, tags and payload bytes.
@@ -277,20 +259,15 @@ fn a_backup_follows_no_forger_that_speaks_first() {
     assert!(Appliance::wait_until(T, || forger.sent() >= 500));
     // Unfenced pair (static epoch 1, both hosts), without re-protection: the backup
     // takes the session of the first frame it accepts.
-    let app = Appliance::start(
+    let app = Appliance::start_replicating(
         &tb,
         &ApplianceOptions {
             vm: VmOptions::vmm(),
             ..Default::default()
         },
+        T,
     )
-    .unwrap();
-    assert!(
-        app.wait_replicating(T),
-        "not replicating with a forger on the link:\nA: {:#}\nB: {:#}",
-        app.status('a').unwrap(),
-        app.status('b').unwrap()
-    );
+    .unwrap_or_else(|e| panic!("not replicating with a forger on the link: {e:#}"));
     let sb = app.status('b').unwrap();
     assert_eq!(
         sb["peer_session"],
@@ -382,21 +359,21 @@ fn an_altered_state_transfer_is_refused_and_the_next_join_succeeds() {
     check_history(&tb, &logs, t_kill);
 }
 
-/// The forger holds a key: a heartbeat in A's name tagged under `key`.
+/// The forger holds a key: a heartbeat in A's name tagged under `key`, made as A's
+/// daemon makes one (`channel::frames::control_frame`).
 fn heartbeat_under(t: &Target, key: &ftd::channel::auth::ChannelKey) -> Vec<u8> {
-    let mut ft = FtHdr::new(KIND_HEARTBEAT, t.session, t.epoch, t.seq.saturating_sub(1));
-    ft.aux.set(t.vm_seq.saturating_sub(1));
-    ft.key_id = ft_common::wire::key_id(&key.sip());
-    ft.key_adv = ft.key_id;
-    ft.len.set(TAG_LEN as u16);
-    let mut v = LogHdr {
-        eth: EthHdr::ft(t.dst, t.src),
-        ft,
-    }
-    .as_bytes()
-    .to_vec();
-    v.extend_from_slice(&key.tag(&ft).to_be_bytes());
-    v
+    ftd::channel::frames::control_frame(
+        &ftd::channel::keys::ChannelKeys::single(key.clone()),
+        t.src,
+        t.dst,
+        ftd::channel::frames::hdr(
+            KIND_HEARTBEAT,
+            t.session,
+            t.epoch,
+            t.seq.saturating_sub(1),
+            t.vm_seq.saturating_sub(1),
+        ),
+    )
 }
 
 /// Key rotation without downtime, while clients write: `ftd keygen --rotate` (the

@@ -43,22 +43,16 @@ fn testbed() -> Testbed {
 
 /// The pair fenced by `fence`, both VMMs up, host A live.
 fn setup(tb: &Testbed, fence: String) -> Appliance {
-    let app = Appliance::start(
+    Appliance::start_replicating(
         tb,
         &ApplianceOptions {
             vm: VmOptions::vmm(),
             fence,
             ..Default::default()
         },
+        T,
     )
-    .unwrap();
-    assert!(
-        app.wait_replicating(T),
-        "not up:\nA: {:#}\nB: {:#}",
-        app.status('a').unwrap(),
-        app.status('b').unwrap()
-    );
-    app
+    .unwrap()
 }
 
 /// Runs the clients, injects `fault` once they are busy, waits for `recovered`, lets

@@ -37,20 +37,15 @@ fn setup(o: ApplianceOptions) -> (Testbed, Appliance) {
         ..Default::default()
     })
     .unwrap();
-    let app = Appliance::start(
+    let app = Appliance::start_replicating(
         &tb,
         &ApplianceOptions {
             vm: VmOptions::vmm(),
             ..o
         },
+        T,
     )
     .unwrap();
-    assert!(
-        app.wait_replicating(T),
-        "VMMs not up:\nA: {:#}\nB: {:#}",
-        app.status('a').unwrap(),
-        app.status('b').unwrap()
-    );
     assert_eq!(redis(&tb, &["PING"]), "PONG");
     (tb, app)
 }

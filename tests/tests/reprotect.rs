@@ -5,8 +5,7 @@
 use std::time::{Duration, Instant};
 
 use ft_testbed::{
-    Appliance, ApplianceOptions, ChildGuard, Testbed, TestbedOptions, VmEmitters, VmOptions,
-    embedded_fence, start_arbiter,
+    Appliance, ChildGuard, Testbed, TestbedOptions, VmEmitters, VmOptions, fenced_pair,
     workload::{Clients, check_history},
 };
 use serde_json::Value;
@@ -25,23 +24,7 @@ fn pair(vm: VmOptions) -> (Testbed, ChildGuard, Appliance) {
         ..Default::default()
     })
     .unwrap();
-    let arb = start_arbiter(&tb).unwrap();
-    let app = Appliance::start(
-        &tb,
-        &ApplianceOptions {
-            vm,
-            fence: embedded_fence(2000, 400),
-            join: true,
-            ..Default::default()
-        },
-    )
-    .unwrap();
-    assert!(
-        app.wait_replicating(T),
-        "not up:\nA: {:#}\nB: {:#}",
-        app.status('a').unwrap(),
-        app.status('b').unwrap()
-    );
+    let (arb, app) = fenced_pair(&tb, vm, 2000, T).unwrap();
     (tb, arb, app)
 }
 

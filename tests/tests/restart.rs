@@ -8,10 +8,10 @@
 use std::time::{Duration, Instant};
 
 use ft_testbed::{
-    Appliance, ApplianceOptions, ChildGuard, CpuThrottle, Testbed, TestbedOptions, VmEmitters,
-    VmOptions, embedded_fence,
+    Appliance, ChildGuard, CpuThrottle, Testbed, TestbedOptions, VmEmitters, VmOptions,
+    fenced_pair,
     names::{ARBITER_IP, VM_IP},
-    ns_exec, start_arbiter,
+    ns_exec,
     workload::{Clients, check_history},
 };
 use serde_json::Value;
@@ -36,23 +36,7 @@ fn pair_with_lease(lease_ms: u64) -> (Testbed, ChildGuard, Appliance) {
         ..Default::default()
     })
     .unwrap();
-    let arb = start_arbiter(&tb).unwrap();
-    let app = Appliance::start(
-        &tb,
-        &ApplianceOptions {
-            vm: VmOptions::vmm(),
-            fence: embedded_fence(lease_ms, lease_ms / 5),
-            join: true,
-            ..Default::default()
-        },
-    )
-    .unwrap();
-    assert!(
-        app.wait_replicating(T),
-        "not up:\nA: {:#}\nB: {:#}",
-        app.status('a').unwrap(),
-        app.status('b').unwrap()
-    );
+    let (arb, app) = fenced_pair(&tb, VmOptions::vmm(), lease_ms, T).unwrap();
     (tb, arb, app)
 }
 
