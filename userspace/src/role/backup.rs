@@ -48,6 +48,12 @@ impl Supervisor {
                 .delivery_failed
                 .load(std::sync::atomic::Ordering::Relaxed)
             {
+                // A replica that stopped (a divergence, a failed replay) stops taking
+                // entries too: its own error, recorded before its feed closed, is the
+                // cause to name.
+                if let Some(why) = self.vm.as_ref().and_then(|v| v.error()) {
+                    return Next::Halt(format!("this backup's replica stopped ({why})"));
+                }
                 return Next::Halt(
                     "this backup could not hand an acked log entry on (see the log above): it \
                      confirms nothing more and can never take over"
