@@ -939,14 +939,27 @@ async fn a_shared_secret_keeps_other_clients_out() {
 #[test]
 fn the_arbiter_refuses_to_start_without_a_secret_unless_told_insecure() {
     let dir = tempfile::tempdir().unwrap();
+    // Bounded: an arbiter that does start would serve for ever; it is killed after 10 s
+    // and the test fails.
     let run = |extra: &[&str]| {
-        std::process::Command::new(env!("CARGO_BIN_EXE_ft-arbiter"))
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_ft-arbiter"))
             .args(["--listen", "127.0.0.1:1", "--state-dir"])
             .arg(dir.path())
             .args(["--init"])
             .args(extra)
-            .output()
-            .unwrap()
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let t0 = std::time::Instant::now();
+        while child.try_wait().unwrap().is_none() {
+            if t0.elapsed() > Duration::from_secs(10) {
+                let _ = child.kill();
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        child.wait_with_output().unwrap()
     };
     let out = run(&[]);
     let err = String::from_utf8_lossy(&out.stderr);
