@@ -4,7 +4,7 @@
 set -euo pipefail
 log() { printf '[bootstrap] %s\n' "$*"; }
 
-APT_PKGS=(iproute2 ethtool nftables tcpdump bpftool redis-tools redis-server etcd-server iperf3 python3 protobuf-compiler libprotobuf-dev)
+APT_PKGS=(iproute2 ethtool nftables tcpdump bpftool redis-tools redis-server etcd-server iperf3 python3 protobuf-compiler libprotobuf-dev prometheus systemd)
 missing=()
 for p in "${APT_PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -40,6 +40,8 @@ if ((${#missing[@]})); then
       case "$p" in
         etcd-server) systemctl disable etcd >/dev/null 2>&1 || true ;;
         redis-server) systemctl disable redis-server >/dev/null 2>&1 || true ;;
+        # Only promtool is used (the alert rules' checks), never the server.
+        prometheus) systemctl disable prometheus >/dev/null 2>&1 || true ;;
       esac
     done
   fi

@@ -551,11 +551,7 @@ fn wait_socket(sock: &Path, g: &ChildGuard) -> Result<()> {
     bail!("ftd did not come up within 15 s:\n{}", g.log_contents())
 }
 
+/// The status of the daemon at `sock`, through ftd's own control client.
 pub fn query(sock: &Path) -> Result<Value> {
-    let mut s = std::os::unix::net::UnixStream::connect(sock)
-        .with_context(|| format!("connect {}", sock.display()))?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf)?;
-    Ok(serde_json::from_slice(&buf)?)
+    Ok(ftd::control::client::query(sock)?)
 }

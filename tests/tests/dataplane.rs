@@ -673,6 +673,36 @@ fn metrics_endpoint_and_cli() {
     assert!(value("ft_output_hold_seconds_bucket{le=\"+Inf\"} ") >= 11);
     let _ = value("ft_drops_total{reason=\"hold_full\"} ");
     assert!(m.contains("# TYPE ft_output_hold_seconds histogram"));
+    // `_sum` is the kernel's own sum of the hold times: between what the buckets' lower
+    // and upper bounds allow for the counts in them (a request waits at least a
+    // kernel-to-kernel round trip, so it is not 0).
+    let fval = |l: &str| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap();
+    let sum = fval(
+        m.lines()
+            .find(|l| l.starts_with("ft_output_hold_seconds_sum "))
+            .unwrap(),
+    );
+    let (mut lo, mut hi, mut below, mut prev_le) = (0.0, 0.0, 0.0, 0.0);
+    for l in m
+        .lines()
+        .filter(|l| l.starts_with("ft_output_hold_seconds_bucket{"))
+    {
+        let le = l.split('"').nth(1).unwrap();
+        let cum = fval(l);
+        let n = cum - below;
+        lo += n * prev_le;
+        hi += if le == "+Inf" {
+            f64::INFINITY
+        } else {
+            n * le.parse::<f64>().unwrap()
+        };
+        below = cum;
+        prev_le = le.parse::<f64>().unwrap_or(f64::INFINITY);
+    }
+    assert!(
+        sum > 0.0 && lo <= sum && sum <= hi,
+        "sum {sum} not in [{lo}, {hi}]:\n{m}"
+    );
     let m404 = ft_testbed::run_in_ns(&tb.a.ns, || http_get("127.0.0.1:9477", "/nope"));
     assert!(m404.starts_with("HTTP/1.1 404"));
     let mb = ft_testbed::run_in_ns(&tb.b.ns, || http_get("127.0.0.1:9477", "/metrics"));
@@ -736,6 +766,89 @@ fn metrics_endpoint_and_cli() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("is the daemon running"));
+}
+
+/// systemd's `Type=notify`: `READY=1` comes once the data plane is attached and the
+/// control socket answers (so `systemctl start ftd` returns when `ftd status` works), and
+/// the unit's status line follows the node's health.
+#[test]
+fn the_service_manager_is_told_ready_once_the_data_plane_is_attached() {
+    let _serial = serial();
+    let tb = Testbed::new(TestbedOptions {
+        quiet_standins: true,
+        ..Default::default()
+    })
+    .unwrap();
+    let path = tb.tmp_dir.join("notify.sock");
+    let _ = std::fs::remove_file(&path);
+    let notify = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+    notify
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let (ns, sock) = (tb.a.ns.clone(), tb.tmp_dir.join("ftd-a.sock"));
+    // Watches the notify socket from before the start: what holds when READY=1 arrives.
+    let watcher = std::thread::spawn(move || {
+        let mut at_ready = None;
+        let mut statuses = Vec::new();
+        let end = std::time::Instant::now() + Duration::from_secs(30);
+        let mut buf = [0u8; 4096];
+        while std::time::Instant::now() < end {
+            let Ok(n) = notify.recv(&mut buf) else {
+                continue;
+            };
+            let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+            for line in msg.lines() {
+                if line == "READY=1" && at_ready.is_none() {
+                    let xdp = ft_testbed::netns::ip(&ns, &["link", "show", "dev", CLI_IF]);
+                    let answers = ftd::control::client::query(&sock).map(|v| v["node"].clone());
+                    at_ready = Some((xdp, answers.map_err(|e| e.to_string())));
+                }
+                if let Some(st) = line.strip_prefix("STATUS=") {
+                    statuses.push(st.to_string());
+                }
+            }
+            if at_ready.is_some() && statuses.iter().any(|s| s.starts_with("FT OK")) {
+                break;
+            }
+        }
+        (at_ready, statuses)
+    });
+    let app = Appliance::start(
+        &tb,
+        &ApplianceOptions {
+            env_a: vec![("NOTIFY_SOCKET".into(), path.display().to_string())],
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let (at_ready, statuses) = watcher.join().unwrap();
+    let (xdp, answers) = at_ready.expect("no READY=1 within 30 s");
+    let xdp = xdp.unwrap();
+    assert!(
+        xdp.contains("xdp"),
+        "READY=1 before XDP was attached: {xdp}"
+    );
+    assert_eq!(
+        answers,
+        Ok(serde_json::json!("host-a")),
+        "status at READY=1"
+    );
+    assert!(
+        statuses
+            .iter()
+            .any(|s| s.starts_with("FT OK - node host-a: primary")),
+        "{statuses:?}"
+    );
+    // The VM's MAC is in the client NIC's unicast filter while ftd runs (a physical NIC
+    // would drop the VM's frames before XDP otherwise), and gone once it died.
+    let uc = format!("{} self permanent", ft_testbed::netns::fmt_mac(&VM_MAC));
+    let fdb = || {
+        ft_testbed::netns::run_cmd("bridge", &["-n", &tb.a.ns, "fdb", "show", "dev", CLI_IF])
+            .unwrap()
+    };
+    assert!(fdb().contains(&uc), "{}", fdb());
+    app.guard('a').kill().unwrap();
+    assert!(!fdb().contains(&uc), "{}", fdb());
 }
 
 /// VM output longer than a hold slot is dropped and counted, never held and released

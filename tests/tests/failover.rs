@@ -114,6 +114,14 @@ fn the_backup_takes_over_when_the_primary_dies() {
     let _s = serial();
     let (tb, _arb, app) = pair();
     let epoch = app.status('a').unwrap()["epoch"].as_u64().unwrap();
+    // A protected pair, as monitoring sees it (`ftd status --check`: exit status 0).
+    let line = status_cmd(&app, 'a', &["--check"], 0);
+    assert!(
+        line.starts_with(&format!("FT OK - node host-a: primary, epoch {epoch}")),
+        "{line}"
+    );
+    let line = status_cmd(&app, 'b', &["--check"], 0);
+    assert!(line.starts_with("FT OK - node host-b: backup"), "{line}");
     let out = under_load(
         &tb,
         &app,
@@ -146,10 +154,14 @@ fn the_backup_takes_over_when_the_primary_dies() {
     // No waiting for the old primary's lease (2 s): it paired this backup.
     assert!(f["test_and_set_ms"].as_f64().unwrap() < 1000.0, "{f:#}");
     // What an operator sees: `ftd status` and the metrics.
-    let text = status_text(&app, 'b');
+    // Unprotected now: a warning (exit status 1), and the arbiter's record names B.
+    let text = status_text(&app, 'b', 1);
     assert!(
         text.starts_with(&format!("node host-b: SOLO, epoch {}", epoch + 1))
-            && text.contains("last failover: took over"),
+            && text.contains("last failover: took over")
+            && text.contains(&format!("owned by host-b at epoch {}", epoch + 1))
+            && text.contains("FT WARNING - node host-b: solo")
+            && text.contains("unprotected"),
         "{text}"
     );
     let m = app.metrics('b').unwrap();
@@ -474,14 +486,25 @@ fn a_power_cut_of_the_primary_fails_over() {
     assert_eq!(st["vm"]["divergence"], Value::Null);
 }
 
-/// `ftd status` (the operator's summary) of host `h`.
-fn status_text(app: &Appliance, h: char) -> String {
+/// `ftd status` (the operator's summary) of host `h`, which must exit with `code` (0
+/// protected, 1 warning, 2 critical: the Nagios convention).
+fn status_text(app: &Appliance, h: char, code: i32) -> String {
+    status_cmd(app, h, &[], code)
+}
+
+/// `ftd status ARGS` of host `h`: its output, once it exited with `code`.
+fn status_cmd(app: &Appliance, h: char, args: &[&str], code: i32) -> String {
     let sock = if h == 'a' { &app.sock_a } else { &app.sock_b };
     let out = std::process::Command::new(ft_testbed::ftd_bin().unwrap())
         .args(["status", "--socket", sock.to_str().unwrap()])
+        .args(args)
         .output()
         .unwrap();
-    assert!(out.status.success(), "ftd status: {out:?}");
+    assert_eq!(
+        out.status.code(),
+        Some(code),
+        "ftd status {args:?}: {out:?}"
+    );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
@@ -520,8 +543,11 @@ fn with_the_arbiter_unreachable_nobody_goes_live_until_it_is_back() {
                 "{w:#}"
             );
             assert!(!w["error"].as_str().unwrap().is_empty(), "{w:#}");
-            let text = status_text(&app, 'b');
-            assert!(text.contains("BLOCKED"), "{text}");
+            let text = status_text(&app, 'b', 1);
+            assert!(
+                text.contains("BLOCKED") && text.contains("NOT ANSWERING"),
+                "{text}"
+            );
             let m = app.metrics('b').unwrap();
             let blocked_s: f64 = m
                 .lines()

@@ -430,6 +430,33 @@ impl Default for Api {
 }
 
 impl Config {
+    /// The control socket a config names (`api.control_socket`, or its default), read
+    /// without validating the rest: `ftd status` needs no keys or interfaces, and may
+    /// run as a monitoring user who cannot read them.
+    pub fn control_socket_of(path: &std::path::Path) -> Result<PathBuf, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.into(),
+            source,
+        })?;
+        #[derive(Deserialize)]
+        struct Only {
+            #[serde(default)]
+            api: Option<toml::Table>,
+        }
+        let only: Only = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.into(),
+            message: e.to_string(),
+        })?;
+        match only.api.as_ref().and_then(|a| a.get("control_socket")) {
+            None => Ok(Api::default().control_socket),
+            Some(toml::Value::String(s)) if !s.is_empty() => Ok(s.into()),
+            Some(_) => Err(ConfigError::Parse {
+                path: path.into(),
+                message: "api.control_socket must be a path".into(),
+            }),
+        }
+    }
+
     pub fn load(path: &std::path::Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.into(),

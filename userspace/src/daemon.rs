@@ -1,6 +1,6 @@
 //! `ftd run`: load the data plane, start the role supervisor (which decides how this node
 //! starts and runs its role's workers), serve metrics and status, and stop on
-//! SIGINT/SIGTERM or `ftd switchover`.
+//! SIGINT/SIGTERM or `ftd switchover` (a request on the control socket).
 use std::{
     sync::{
         Arc,
@@ -88,7 +88,7 @@ pub async fn run(cfg: Config, bootstrap: Bootstrap) -> anyhow::Result<Exit> {
         roles.clone(),
         liveness,
         vm.clone(),
-        arbiter,
+        arbiter.clone(),
         session,
         tap,
         stop.clone(),
@@ -103,6 +103,8 @@ pub async fn run(cfg: Config, bootstrap: Bootstrap) -> anyhow::Result<Exit> {
         roles: roles.clone(),
         previous_exit: previous_exit(&cfg.api.control_socket),
         keys: cfg.channel.keys.clone(),
+        arbiter,
+        vm_id: cfg.fence.vm.clone(),
     });
     let (reload_keys, reload_rx) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(crate::channel::keys::run(
@@ -122,18 +124,33 @@ pub async fn run(cfg: Config, bootstrap: Bootstrap) -> anyhow::Result<Exit> {
     }
     let ctl_path = cfg.api.control_socket.clone();
     {
-        let sh = sh.clone();
+        let ctl = Arc::new(crate::control::Control {
+            sh: sh.clone(),
+            switchover,
+            bad_requests: Default::default(),
+        });
         let p = ctl_path.clone();
+        let listener = crate::control::bind(&p)
+            .with_context(|| format!("binding api.control_socket {}", p.display()))?;
         tokio::spawn(async move {
-            if let Err(e) = crate::control::serve(&p, sh).await {
+            if let Err(e) = crate::control::serve(listener, ctl).await {
                 error!("control socket {}: {e}", p.display());
             }
         });
     }
     info!(node = %cfg.node.name, "ftd running");
+    // systemd (Type=notify): started once the data plane is attached and the control
+    // socket answers; then the role and health as the unit's status line.
+    notify(&[sd_notify::NotifyState::Ready]);
+    tokio::spawn(notify_status(sh.clone()));
+    tokio::spawn(async {
+        loop {
+            tokio::time::sleep(Duration::from_secs(10)).await;
+            crate::logging::report_suppressed();
+        }
+    });
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    let mut usr1 = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1())?;
     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
     let ended = loop {
         tokio::select! {
@@ -145,24 +162,35 @@ pub async fn run(cfg: Config, bootstrap: Bootstrap) -> anyhow::Result<Exit> {
                 let _ = reload_keys.send(());
                 continue;
             }
-            _ = usr1.recv() => {
-                match crate::control::switchover_refusal(&sh) {
-                    Some(why) => warn!("switchover refused: {why}"),
-                    None => {
-                        info!("switchover: handing the VM to the backup (graceful stop), then rejoining");
-                        // The supervisor checks again, on the role it has then.
-                        switchover.store(true, Relaxed);
-                    }
-                }
-                continue;
-            }
         }
+        notify(&[sd_notify::NotifyState::Stopping]);
         stop.store(true, Relaxed);
     };
     let _ = std::fs::remove_file(&ctl_path);
     let exit = ended.context("the role supervisor panicked")?;
     record_exit(&ctl_path, &exit, &roles);
     Ok(exit)
+}
+
+/// Tells the service manager (systemd's `NOTIFY_SOCKET`; nothing without one).
+fn notify(state: &[sd_notify::NotifyState]) {
+    if let Err(e) = sd_notify::notify(false, state) {
+        warn!("cannot notify the service manager: {e}");
+    }
+}
+
+/// Keeps the unit's status line (`systemctl status ftd`) at this node's health:
+/// `FT OK - node host-a: primary, epoch 3: the backup follows`, sent when it changes.
+async fn notify_status(sh: Arc<Shared>) {
+    let mut last = String::new();
+    loop {
+        let (_, line) = crate::control::report::check_line(&crate::control::status_json(&sh));
+        if line != last {
+            notify(&[sd_notify::NotifyState::Status(&line)]);
+            last = line;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 }
 
 /// Where the last run's end is recorded: beside the control socket.

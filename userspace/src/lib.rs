@@ -6,6 +6,7 @@ pub mod daemon;
 pub mod dataplane;
 pub mod fault;
 pub mod liveness;
+pub mod logging;
 pub mod metrics;
 pub mod netif;
 pub mod role;

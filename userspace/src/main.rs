@@ -2,12 +2,35 @@
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
-use ftd::{daemon::Exit, role::start::Bootstrap};
+use ftd::{control::report::Level, daemon::Exit, role::start::Bootstrap};
 
 /// sysexits.h: a configuration error (systemd's `RestartPreventExitStatus=78` keeps a
 /// service manager from restarting a node that refuses for a reason a restart does not
 /// change).
 const EX_CONFIG: i32 = 78;
+
+/// Where a packaged ftd reads its configuration.
+const DEFAULT_CONFIG: &str = "/etc/ftd/ftd.toml";
+
+/// Which daemon a command talks to: its control socket, given or read from its config.
+#[derive(clap::Args)]
+struct DaemonAt {
+    /// The daemon's config (its api.control_socket is used).
+    #[arg(long, short, default_value = DEFAULT_CONFIG)]
+    config: PathBuf,
+    /// The daemon's control socket, instead of the one its config names.
+    #[arg(long)]
+    socket: Option<PathBuf>,
+}
+
+impl DaemonAt {
+    fn socket(&self) -> anyhow::Result<PathBuf> {
+        match &self.socket {
+            Some(s) => Ok(s.clone()),
+            None => Ok(ftd::config::Config::control_socket_of(&self.config)?),
+        }
+    }
+}
 
 #[derive(Parser)]
 #[command(
@@ -16,6 +39,10 @@ const EX_CONFIG: i32 = 78;
     about = "Primary/backup fault-tolerance daemon (VMware-FT style)"
 )]
 struct Cli {
+    /// Where the log goes: the journal under systemd, text otherwise (auto); or force
+    /// text, one JSON object a line, or the journal.
+    #[arg(long, global = true, value_enum, default_value = "auto")]
+    log_format: ftd::logging::LogFormat,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -30,7 +57,7 @@ enum Cmd {
     /// should start it again, it then joins the live node) or failed to start; 78
     /// (EX_CONFIG) when it refuses to run for a reason a restart does not change.
     Run {
-        #[arg(long, short)]
+        #[arg(long, short, default_value = DEFAULT_CONFIG)]
         config: PathBuf,
         /// Start in this way instead of the config's node.role (`ftd switchover` starts
         /// the old primary again as `auto` this way).
@@ -51,25 +78,38 @@ enum Cmd {
     /// (graceful stop: the backup gets the whole log and goes live), then this node's ftd
     /// starts again as backup and joins the new primary by state transfer.
     Switchover {
-        /// The primary's api.control_socket.
-        #[arg(long, default_value = "/run/ftd/ftd.sock")]
-        socket: PathBuf,
+        #[command(flatten)]
+        at: DaemonAt,
     },
     /// Print the status of a running daemon: a summary, or everything as JSON.
+    ///
+    /// Exit status (the Nagios plugin convention): 0 the pair is protected; 1 WARNING:
+    /// unprotected, the peer silent, a join running, the arbiter not answering; 2
+    /// CRITICAL: halted, fenced, or the replicas diverged; 3 UNKNOWN: the daemon could
+    /// not be asked.
     Status {
-        /// The daemon's api.control_socket.
-        #[arg(long, default_value = "/run/ftd/ftd.sock")]
-        socket: PathBuf,
+        #[command(flatten)]
+        at: DaemonAt,
         /// The whole status as JSON (for scripts).
         #[arg(long)]
         json: bool,
-        /// Show a progress bar of the running join (re-protection by state transfer)
-        /// until it ends (at most 10 minutes).
-        #[arg(long, conflicts_with = "json")]
+        /// One line and the exit status, for monitoring (Nagios, Icinga, a systemd timer).
+        #[arg(long, conflicts_with_all = ["json", "watch"])]
+        check: bool,
+        /// Show the status again every SECONDS (default 2) until interrupted.
+        #[arg(long, value_name = "SECONDS", num_args = 0..=1, default_missing_value = "2",
+              conflicts_with = "json")]
+        watch: Option<f64>,
+        /// Follow the running join (re-protection by state transfer) until it ends (at
+        /// most 10 minutes): a progress bar on a terminal, a line a second otherwise.
+        #[arg(long, conflicts_with_all = ["json", "check", "watch"])]
         follow_join: bool,
     },
     /// Validate a config file and print what is wrong with it.
-    CheckConfig { file: PathBuf },
+    CheckConfig {
+        #[arg(default_value = DEFAULT_CONFIG)]
+        file: PathBuf,
+    },
     /// Write a new channel key (16 random bytes, mode 0600) for `[channel] key_file`;
     /// copy the same file to the peer host. Never overwrites an existing file, except
     /// with --rotate.
@@ -87,16 +127,7 @@ enum Cmd {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        // Colours only on a terminal: the journal (and any log file) gets plain text.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
-    let _ = tracing_log::LogTracer::init();
+    ftd::logging::init(cli.log_format);
     match cli.cmd {
         Cmd::Run {
             config,
@@ -153,20 +184,27 @@ fn main() -> anyhow::Result<()> {
                 }
             }
         }
-        Cmd::Switchover { socket } => ftd::control::switchover(&socket),
+        Cmd::Switchover { at } => ftd::control::client::switchover(&at.socket()?),
         Cmd::Status {
-            socket,
+            at,
             follow_join: true,
             ..
-        } => ftd::control::follow_join(&socket, std::time::Duration::from_secs(600)),
-        Cmd::Status { socket, json, .. } => {
-            let v = ftd::control::query(&socket)?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&v)?);
-            } else {
-                print!("{}", ftd::control::summary(&v));
-            }
-            Ok(())
+        } => ftd::control::client::follow_join(&at.socket()?, std::time::Duration::from_secs(600)),
+        Cmd::Status {
+            at,
+            json,
+            check,
+            watch,
+            ..
+        } => {
+            let socket = match at.socket() {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("ftd status: {e:#}");
+                    std::process::exit(Level::Unknown.exit_code());
+                }
+            };
+            std::process::exit(status(&socket, json, check, watch).exit_code())
         }
         Cmd::Keygen { file, rotate: true } => {
             let (old, new) = ftd::channel::keys::rotate(&file)?;
@@ -201,5 +239,49 @@ fn main() -> anyhow::Result<()> {
             );
             Ok(())
         }
+    }
+}
+
+/// `ftd status`: prints the status (once, or every `watch` seconds) and returns its
+/// health level, the command's exit status.
+fn status(socket: &std::path::Path, json: bool, check: bool, watch: Option<f64>) -> Level {
+    use ftd::control::{client, report};
+    loop {
+        let level = match client::query(socket) {
+            Err(e) if check => {
+                println!("FT UNKNOWN - {e}");
+                Level::Unknown
+            }
+            Err(e) => {
+                eprintln!("ftd status: {e}");
+                Level::Unknown
+            }
+            Ok(mut v) => {
+                // The arbiter's record, asked by the daemon (it holds the credentials).
+                match client::request(socket, ftd::control::protocol::Request::Arbiter) {
+                    Ok(ftd::control::protocol::Response::Arbiter { arbiter }) => {
+                        v["arbiter"] = arbiter
+                    }
+                    Ok(other) => v["arbiter"] = serde_json::json!({"error": format!("{other:?}")}),
+                    Err(e) => v["arbiter"] = serde_json::json!({"error": e.to_string()}),
+                }
+                let (level, line) = report::check_line(&v);
+                if check {
+                    println!("{line}");
+                } else if json {
+                    println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+                } else {
+                    if watch.is_some() && std::io::IsTerminal::is_terminal(&std::io::stdout()) {
+                        // Clear the screen and go home, as watch(1) does.
+                        print!("\x1b[2J\x1b[H");
+                    }
+                    print!("{}", report::summary(&v));
+                    println!("{line}");
+                }
+                level
+            }
+        };
+        let Some(every) = watch else { return level };
+        std::thread::sleep(std::time::Duration::from_secs_f64(every.max(0.2)));
     }
 }

@@ -213,3 +213,57 @@ impl RawSocket {
         }
     }
 }
+
+/// The VM's MAC in a NIC's unicast filter, for as long as this value lives.
+///
+/// A physical NIC drops unicast frames for MACs it was not told about before XDP runs
+/// (the hardware filter); the VM's MAC is not the NIC's own. This is an `AF_PACKET`
+/// socket's `PACKET_MR_UNICAST` membership: the kernel adds the address to the NIC's
+/// unicast list (`dev_uc_add`; a NIC without unicast filtering goes promiscuous
+/// instead) and removes it when the socket closes, so it goes away when ftd stops or
+/// dies, whatever the way. `bridge fdb show dev NIC` lists it as `self permanent`.
+#[derive(Debug)]
+pub struct UnicastFilterEntry {
+    _fd: OwnedFd,
+}
+
+impl UnicastFilterEntry {
+    pub fn add(iface: &Interface, mac: [u8; 6]) -> Result<UnicastFilterEntry, NetifError> {
+        let err = |source| NetifError::Ioctl {
+            op: "PACKET_ADD_MEMBERSHIP (PACKET_MR_UNICAST)",
+            name: iface.name.clone(),
+            source,
+        };
+        // Protocol 0: the socket receives nothing; it only holds the membership.
+        // SAFETY: plain socket(2) call.
+        let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0) };
+        if fd < 0 {
+            return Err(NetifError::Socket {
+                name: iface.name.clone(),
+                source: io::Error::last_os_error(),
+            });
+        }
+        // SAFETY: `fd` is a fresh descriptor we own.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        // SAFETY: packet_mreq is plain old data.
+        let mut mreq: libc::packet_mreq = unsafe { std::mem::zeroed() };
+        mreq.mr_ifindex = iface.ifindex as i32;
+        mreq.mr_type = libc::PACKET_MR_UNICAST as u16;
+        mreq.mr_alen = 6;
+        mreq.mr_address[..6].copy_from_slice(&mac);
+        // SAFETY: `mreq` is a valid packet_mreq for the duration of the call.
+        let r = unsafe {
+            libc::setsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_PACKET,
+                libc::PACKET_ADD_MEMBERSHIP,
+                &mreq as *const _ as *const libc::c_void,
+                std::mem::size_of::<libc::packet_mreq>() as u32,
+            )
+        };
+        if r < 0 {
+            return Err(err(io::Error::last_os_error()));
+        }
+        Ok(UnicastFilterEntry { _fd: fd })
+    }
+}

@@ -17,4 +17,9 @@ pub struct Shared {
     pub previous_exit: Option<serde_json::Value>,
     /// The channel keys (status shows their ids, never the keys).
     pub keys: Arc<crate::channel::keys::ChannelKeys>,
+    /// The arbiter client (None: `[fence] backend = "none"`), for `ftd status`'s view
+    /// of the record; the role supervisor has its own handle and makes every decision.
+    pub arbiter: Option<Arc<dyn ft_fence::Arbiter>>,
+    /// The pair's VM id at the arbiter (`fence.vm`).
+    pub vm_id: String,
 }

@@ -358,6 +358,11 @@ pub const RETX_MARGIN: u64 = 512;
 /// Bucket `i` counts hold times in `[2^(i-1), 2^i)` microseconds; bucket 0 is `< 1 us`;
 /// the last bucket is open-ended.
 pub const HIST_BUCKETS: u32 = 28;
+/// The entry of `HOLD_HIST` after the buckets: the sum of the hold times counted, in
+/// nanoseconds (the histogram's `_sum`; per CPU like the buckets, summed by the reader).
+pub const HIST_SUM_SLOT: u32 = HIST_BUCKETS;
+/// Entries of `HOLD_HIST`: the buckets and the sum.
+pub const HIST_ENTRIES: u32 = HIST_BUCKETS + 1;
 
 /// Upper bound (exclusive), in microseconds, of histogram bucket `i` (None for the last).
 pub fn hist_upper_us(i: u32) -> Option<u64> {

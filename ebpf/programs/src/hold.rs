@@ -218,12 +218,17 @@ fn release_one(
     true
 }
 
-/// Hold-time histogram: bucket = bit length of the microseconds (no loop).
+/// Hold-time histogram: bucket = bit length of the microseconds (no loop), and the sum
+/// of the hold times in `HIST_SUM_SLOT`.
 #[inline(always)]
 fn hist(ns: u64) {
     let us = ns / 1000;
     let bits = 64 - us.leading_zeros();
     count_hist(bits.min(HIST_BUCKETS - 1));
+    if let Some(p) = HOLD_HIST.get_ptr_mut(HIST_SUM_SLOT) {
+        // SAFETY: per-CPU slot; only this CPU writes it (readers sum all CPUs' copies).
+        unsafe { *p = (*p).wrapping_add(ns) };
+    }
 }
 
 #[inline(always)]

@@ -34,7 +34,7 @@ pub static RETX: Array<RetxSlot> = Array::with_max_entries(4096, 0);
 pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_SLOTS, 0);
 /// Per-CPU hold-time histogram (log2 microsecond buckets).
 #[map]
-pub static HOLD_HIST: PerCpuArray<u64> = PerCpuArray::with_max_entries(HIST_BUCKETS, 0);
+pub static HOLD_HIST: PerCpuArray<u64> = PerCpuArray::with_max_entries(HIST_ENTRIES, 0);
 /// Broadcast group of the primary's duplication: the VM-side NIC (with `ft_strip`
 /// unless the VM reads tagged input) and the logging NIC. Filled by userspace.
 #[map]

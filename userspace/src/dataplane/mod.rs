@@ -17,7 +17,7 @@ use tracing::{info, warn};
 
 use crate::{
     config::{Config, XdpAttachMode},
-    netif::{Interface, NetifError},
+    netif::{Interface, NetifError, UnicastFilterEntry},
 };
 
 pub type EbpfLogger = aya_log::EbpfLogger<&'static dyn log::Log>;
@@ -116,6 +116,8 @@ pub struct DataPlane {
     /// The channel keys the programs check and make frames with (`KEYS`).
     pub keys: keys::KernelKeys,
     pub nics: Nics,
+    /// The VM's MAC in the client NIC's unicast filter (removed when this is dropped).
+    _vm_mac_filter: UnicastFilterEntry,
 }
 
 impl DataPlane {
@@ -284,6 +286,8 @@ impl DataPlane {
         )?;
         attach_xdp(&mut ebpf, "ft_log_rx", &nics.logging.name, mode)?;
         attach_xdp(&mut ebpf, "ft_client_rx", &nics.client.name, mode)?;
+        // The client NIC must pass frames for the VM's MAC up to XDP.
+        let vm_mac_filter = UnicastFilterEntry::add(&nics.client, cfg.vm.mac.0)?;
         info!(
             client = %nics.client.name, logging = %nics.logging.name, vm = %nics.vm.name,
             role = role_name(node.role), epoch = node.epoch, "data plane attached"
@@ -302,6 +306,7 @@ impl DataPlane {
             kack_stopped: Default::default(),
             keys,
             nics,
+            _vm_mac_filter: vm_mac_filter,
         })
     }
 
@@ -423,8 +428,10 @@ impl DataPlane {
             .collect()
     }
 
+    /// `HOLD_HIST` summed over CPUs: the bucket counts, then the sum of the hold times
+    /// in ns (`HIST_SUM_SLOT`).
     pub fn hold_histogram(&self) -> Result<Vec<u64>, DataPlaneError> {
-        (0..HIST_BUCKETS)
+        (0..HIST_ENTRIES)
             .map(|i| {
                 Ok(self
                     .hist

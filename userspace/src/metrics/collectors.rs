@@ -6,7 +6,7 @@ use std::{
     sync::{Arc, atomic::Ordering::Relaxed},
 };
 
-use ft_common::maps::{COUNTER_INFO, HIST_BUCKETS, hist_upper_us};
+use ft_common::maps::{COUNTER_INFO, HIST_BUCKETS, HIST_SUM_SLOT, hist_upper_us};
 use prometheus_client::{
     collector::Collector,
     encoding::{DescriptorEncoder, EncodeCounterValue, EncodeGaugeValue, EncodeMetric, NoLabelSet},
@@ -105,8 +105,7 @@ pub(super) fn counter_help(family: &str) -> Option<&'static str> {
     })
 }
 
-const HOLD_HELP: &str = "Time VM output frames were held by the output rule \
-     (_sum is a lower bound from the bucket boundaries: the data plane counts buckets only)";
+const HOLD_HELP: &str = "Time VM output frames were held by the output rule";
 
 /// The BPF maps: `COUNTERS`, `HOLD_HIST`, and the sequence, hold-ring and node state.
 pub(super) struct DataPlaneMetrics {
@@ -211,18 +210,16 @@ fn encode_counters(e: &mut DescriptorEncoder, counters: &[u64]) -> Res {
 
 /// `ft_output_hold_seconds` from `HOLD_HIST`: bucket `i` counts hold times below
 /// `hist_upper_us(i)` microseconds (and at least the previous bound), the last one is
-/// open-ended.
+/// open-ended; `_sum` is the data plane's own sum of the hold times.
 fn encode_hold_histogram(e: &mut DescriptorEncoder, hist: &[u64]) -> Res {
-    let (mut buckets, mut count, mut sum) = (Vec::new(), 0u64, 0.0);
-    let mut lower_s = 0.0;
+    let (mut buckets, mut count) = (Vec::new(), 0u64);
     for i in 0..HIST_BUCKETS {
         let n = hist.get(i as usize).copied().unwrap_or(0);
         let upper_s = hist_upper_us(i).map_or(f64::INFINITY, |us| us as f64 / 1e6);
         buckets.push((upper_s, n));
         count += n;
-        sum += n as f64 * lower_s;
-        lower_s = upper_s;
     }
+    let sum = hist.get(HIST_SUM_SLOT as usize).copied().unwrap_or(0) as f64 / 1e9;
     let mut m = e.encode_descriptor(
         "ft_output_hold_seconds",
         HOLD_HELP,
@@ -566,5 +563,41 @@ impl Collector for RoleMetrics {
             )?;
         }
         Ok(())
+    }
+}
+
+/// The build and the process: which versions of the protocols this ftd speaks (an
+/// upgrade's dashboards show both hosts' builds side by side) and the log's rate limit.
+#[derive(Debug)]
+pub(super) struct ProcessMetrics;
+
+impl Collector for ProcessMetrics {
+    fn encode(&self, mut e: DescriptorEncoder) -> Res {
+        let mut m = e.encode_descriptor(
+            "ft_build_info",
+            "This ftd's version and the versions of the protocols it speaks (always 1)",
+            None,
+            MetricType::Gauge,
+        )?;
+        let (wire, vmlog, join, control) = (
+            ft_common::wire::FT_VERSION.to_string(),
+            ft_common::vmlog::VMLOG_VERSION.to_string(),
+            crate::vm::join::protocol::JOIN_VERSION.to_string(),
+            crate::control::protocol::CONTROL_VERSION.to_string(),
+        );
+        let labels = [
+            ("version", env!("CARGO_PKG_VERSION")),
+            ("wire", wire.as_str()),
+            ("vmlog", vmlog.as_str()),
+            ("join", join.as_str()),
+            ("control", control.as_str()),
+        ];
+        ConstGauge::new(1u64).encode(m.encode_family(&labels)?)?;
+        counter(
+            &mut e,
+            "ft_log_suppressed_total",
+            "Repeated warnings the log's rate limit dropped (at most 5 a minute per call site are logged)",
+            crate::logging::suppressed_total(),
+        )
     }
 }

@@ -33,7 +33,8 @@ mod tests;
 pub trait DataPlaneView: Send + Sync + 'static {
     /// `COUNTERS`, summed over CPUs, by index (`ft_common::maps::COUNTER_INFO`).
     fn counters(&self) -> anyhow::Result<Vec<u64>>;
-    /// `HOLD_HIST`, summed over CPUs: per-bucket counts (not cumulative).
+    /// `HOLD_HIST`, summed over CPUs: per-bucket counts (not cumulative), then the sum of
+    /// the hold times in ns (`HIST_SUM_SLOT`).
     fn hold_histogram(&self) -> anyhow::Result<Vec<u64>>;
     fn seq_state(&self) -> SeqState;
     fn chan_state(&self) -> ChanState;
@@ -123,6 +124,7 @@ pub fn registry(src: Sources) -> Registry {
         r.register_collector(Box::new(collectors::VmMetrics(vm)));
     }
     r.register_collector(Box::new(collectors::RoleMetrics(src.roles)));
+    r.register_collector(Box::new(collectors::ProcessMetrics));
     r
 }
 

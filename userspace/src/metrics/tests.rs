@@ -14,7 +14,7 @@ use std::{
 
 use ft_common::maps::{
     C_ACK_RX, C_DROP_HOLD_FULL, C_DUP_FRAMES, COUNTER_INFO, COUNTER_SLOTS, ChanState, HIST_BUCKETS,
-    HoldCtl, NodeState, ROLE_PRIMARY, SeqState, hist_upper_us,
+    HIST_ENTRIES, HIST_SUM_SLOT, HoldCtl, NodeState, ROLE_PRIMARY, SeqState, hist_upper_us,
 };
 use prometheus_parse::{LineInfo, Scrape, Value};
 
@@ -38,7 +38,7 @@ impl FakeDataPlane {
         let zeros = |n| (0..n).map(|_| AtomicU64::new(0)).collect();
         FakeDataPlane {
             counters: zeros(COUNTER_SLOTS),
-            hist: zeros(HIST_BUCKETS),
+            hist: zeros(HIST_ENTRIES),
             last_seq: AtomicU64::new(0),
             tail: AtomicU64::new(0),
         }
@@ -335,6 +335,7 @@ fn the_endpoint_serves_what_the_sources_hold_at_scrape_time() {
     dp.hist[0].fetch_add(5, Relaxed); // < 1 us
     dp.hist[4].fetch_add(2, Relaxed); // [8, 16) us
     dp.hist[HIST_BUCKETS as usize - 1].fetch_add(1, Relaxed); // open-ended
+    dp.hist[HIST_SUM_SLOT as usize].fetch_add(1_234_567_891, Relaxed); // ns
     status.acks_sent.fetch_add(5, Relaxed);
     vm.live.exits.fetch_add(1000, Relaxed);
     vm.stats.stall_ns.fetch_add(1_500_000_000, Relaxed);
@@ -387,7 +388,7 @@ fn the_endpoint_serves_what_the_sources_hold_at_scrape_time() {
     ] {
         assert_eq!(m.value(name, labels), want, "{name}{labels:?}");
     }
-    // The histogram keeps the data plane's bucket boundaries; _sum is the lower bound.
+    // The histogram keeps the data plane's bucket boundaries.
     let h = m.histogram("ft_output_hold_seconds");
     assert_eq!(h.len(), HIST_BUCKETS as usize);
     for (i, (le, cum)) in h.iter().enumerate() {
@@ -400,9 +401,9 @@ fn the_endpoint_serves_what_the_sources_hold_at_scrape_time() {
         };
         assert_eq!(*cum, want_cum, "bucket {i}");
     }
-    let open_lower_s = hist_upper_us(HIST_BUCKETS - 2).unwrap() as f64 / 1e6;
+    // _sum is the data plane's own sum of the hold times (ns), not derived from buckets.
     let sum = m.value("ft_output_hold_seconds_sum", &[]);
-    assert!((sum - (2.0 * 8e-6 + open_lower_s)).abs() < 1e-9, "{sum}");
+    assert!((sum - 1.234_567_891).abs() < 1e-12, "{sum}");
 
     let (head, _) = http_get(addr, "/nope");
     assert!(head.starts_with("HTTP/1.1 404"), "{head}");
@@ -422,4 +423,67 @@ fn every_data_plane_counter_has_a_name_and_help() {
             "{family}: no help"
         );
     }
+}
+
+/// Every series the shipped alert rules and dashboard (`deploy/`) query is one ftd
+/// serves: a renamed metric or a misspelled name in a rule would otherwise be an alert
+/// that never fires.
+#[test]
+fn the_alert_rules_and_the_dashboard_query_only_metrics_that_exist() {
+    let (dp, roles) = (
+        Arc::new(FakeDataPlane::new()),
+        Arc::new(FakeRoles::default()),
+    );
+    let vm = Arc::new(VmState::default());
+    *roles.failover.lock().unwrap() = Some(FailoverReport::default());
+    let sources = || Sources {
+        dp: dp.clone(),
+        status: Arc::new(ChannelStatus::default()),
+        vm: Some(vm.clone()),
+        roles: roles.clone(),
+    };
+    // A running join's gauges and a finished one's are exclusive: scrape both.
+    let mut served = HashSet::new();
+    for join in [
+        serde_json::json!({"phase": "memory", "bytes_sent": 1}),
+        serde_json::json!({"phase": "done", "bytes": 1, "pause_ms": 1.0, "total_ms": 2.0}),
+    ] {
+        *vm.join.lock().unwrap() = Some(join);
+        let text = super::encode(&registry(sources())).unwrap();
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            let name = line.split(['{', ' ']).next().unwrap();
+            served.insert(name.to_string());
+        }
+    }
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy");
+    let mut queried = HashSet::new();
+    for file in [
+        "prometheus/ft-alerts.yml",
+        "prometheus/ft-alerts.test.yml",
+        "grafana/ft-appliance.json",
+    ] {
+        let text = std::fs::read_to_string(format!("{root}/{file}")).unwrap();
+        let mut rest = text.as_str();
+        while let Some(i) = rest.find("ft_") {
+            // A metric name starts at a word boundary ("ft_" inside a word is not one).
+            let boundary = rest[..i]
+                .chars()
+                .next_back()
+                .is_none_or(|c| !(c.is_ascii_alphanumeric() || c == '_' || c == '-'));
+            let name: String = rest[i..]
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            rest = &rest[i + name.len()..];
+            if boundary {
+                queried.insert((file, name));
+            }
+        }
+    }
+    assert!(queried.len() > 20, "{queried:?}");
+    let missing: Vec<_> = queried
+        .iter()
+        .filter(|(_, n)| !served.contains(n))
+        .collect();
+    assert!(missing.is_empty(), "not served by ftd: {missing:?}");
 }
