@@ -48,12 +48,15 @@ pub fn start_arbiter(tb: &Testbed) -> Result<ChildGuard> {
 /// The shared secret of the testbeds' embedded arbiters: one fixed file in the system's
 /// temp dir (written if missing; every testbed uses the same secret).
 pub fn arbiter_secret() -> Result<std::path::PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
     let p = std::env::temp_dir().join("ft-testbed-arbiter.secret");
     if !p.exists() {
         let tmp = p.with_extension(format!("{}.tmp", std::process::id()));
         std::fs::write(&tmp, "ft-testbed shared arbiter secret\n")?;
         std::fs::rename(&tmp, &p)?;
     }
+    // Readable by its owner only, as a deployment's (`ftd preflight` checks it).
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600))?;
     Ok(p)
 }
 

@@ -760,11 +760,35 @@ fn metrics_endpoint_and_cli() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // The control socket answers what it does not understand with an error, and goes on:
+    // a line that is not a request, another protocol version, and silence.
+    let raw = |req: &[u8]| -> String {
+        use std::io::{Read, Write};
+        let mut s = std::os::unix::net::UnixStream::connect(&app.sock_a).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(req).unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    };
+    let bad = [
+        raw(b"GET / HTTP/1.1\r\n\r\n"),
+        raw(b"{\"v\":9,\"request\":\"status\"}\n"),
+        raw(b""),
+    ];
+    assert!(
+        bad[0].contains("\"answer\": \"error\"") && bad[0].contains("not a control request"),
+        "{}",
+        bad[0]
+    );
+    assert!(bad[1].contains("version 9"), "{}", bad[1]);
+    assert!(bad[2].contains("no request within 2 s"), "{}", bad[2]);
+    assert_eq!(app.status('a').unwrap()["control_bad_requests"], 3);
     let out = std::process::Command::new(&ftd)
         .args(["status", "--socket", "/nonexistent.sock"])
         .output()
         .unwrap();
-    assert!(!out.status.success());
+    assert_eq!(out.status.code(), Some(3), "UNKNOWN: {out:?}");
     assert!(String::from_utf8_lossy(&out.stderr).contains("is the daemon running"));
 }
 
@@ -849,6 +873,76 @@ fn the_service_manager_is_told_ready_once_the_data_plane_is_attached() {
     assert!(fdb().contains(&uc), "{}", fdb());
     app.guard('a').kill().unwrap();
     assert!(!fdb().contains(&uc), "{}", fdb());
+}
+
+/// `ftd preflight` on a host of the testbed: every check passes (the arbiter "none" and
+/// an empty join_peer are warnings), both hosts' configs agree; a config with a missing
+/// client NIC and its own MAC as the peer's fails with the fixes, and so does the host
+/// check the unit runs before every start.
+#[test]
+fn preflight_checks_the_host_and_says_how_to_fix_it() {
+    let _serial = serial();
+    let (tb, app, _c) = setup(ApplianceOptions::default());
+    let ftd = ft_testbed::ftd_bin().unwrap();
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new("ip")
+            .args(["netns", "exec", &tb.a.ns])
+            .arg(&ftd)
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    let (a, b) = (
+        app.config_a.to_str().unwrap(),
+        app.config_b.to_str().unwrap(),
+    );
+    let (code, out) = run(&["preflight", "--config", a, "--peer-config", b]);
+    eprintln!("{out}");
+    assert_eq!(code, Some(0), "{out}");
+    for want in [
+        &format!("ok    client NIC {CLI_IF}: up, carrier (veth)")[..],
+        &format!("ok    logging NIC {LOG_IF} MTU: ")[..],
+        "ok    client NIC cli0 XDP: native: basic, redirect",
+        "ok    VM configuration hash",
+        "ok    channel key on both hosts: the same key",
+        "WARN  arbiter: none",
+        "ready (",
+    ] {
+        assert!(out.contains(want), "{want:?} missing:\n{out}");
+    }
+    // A broken config: the client NIC does not exist, the peer's MAC is our own.
+    let own_mac = ft_testbed::netns::fmt_mac(&ft_testbed::mac(&tb.a.ns, LOG_IF).unwrap());
+    let text = std::fs::read_to_string(&app.config_a).unwrap();
+    let peer_mac = text
+        .lines()
+        .find(|l| l.starts_with("peer_log_mac"))
+        .unwrap()
+        .to_string();
+    let bad = text
+        .replace(&format!("client = \"{CLI_IF}\""), "client = \"nosuch0\"")
+        .replace(&peer_mac, &format!("peer_log_mac = \"{own_mac}\""));
+    let bad_path = tb.tmp_dir.join("bad-host.toml");
+    std::fs::write(&bad_path, bad).unwrap();
+    let bad_path = bad_path.to_str().unwrap();
+    for args in [
+        &["preflight", "--config", bad_path][..],
+        &["check-config", "--host", bad_path],
+    ] {
+        let (code, out) = run(args);
+        assert_eq!(code, Some(1), "{args:?}: {out}");
+        for want in [
+            "FAIL  client NIC nosuch0: no such interface",
+            "fix: name the NIC in [interfaces]",
+            "FAIL  interfaces.peer_log_mac: is this host's own logging NIC's MAC",
+            "failed",
+        ] {
+            assert!(out.contains(want), "{args:?}: {want:?} missing:\n{out}");
+        }
+    }
 }
 
 /// VM output longer than a hold slot is dropped and counted, never held and released

@@ -508,6 +508,47 @@ fn status_cmd(app: &Appliance, h: char, args: &[&str], code: i32) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// `ftd preflight` on the live primary: the arbiter answers it with the pair's record
+/// (this node, its epoch) and the peer's config agrees; with the arbiter cut off, the
+/// same preflight fails and says what to check.
+#[test]
+fn preflight_asks_the_arbiter_with_the_nodes_credentials() {
+    let _s = serial();
+    let (tb, _arb, app) = pair();
+    let epoch = app.status('a').unwrap()["epoch"].as_u64().unwrap();
+    let ftd = ft_testbed::ftd_bin().unwrap();
+    let preflight = || {
+        let out = std::process::Command::new("ip")
+            .args(["netns", "exec", &tb.a.ns])
+            .arg(&ftd)
+            .args(["preflight", "--config"])
+            .arg(&app.config_a)
+            .arg("--peer-config")
+            .arg(&app.config_b)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    let (code, out) = preflight();
+    eprintln!("{out}");
+    assert_eq!(code, Some(0), "{out}");
+    assert!(
+        out.contains(&format!("owned by host-a at epoch {epoch}")),
+        "{out}"
+    );
+    tb.set_link(&tb.arbiter_ns, ARB_IF, false).unwrap();
+    let (code, out) = preflight();
+    tb.set_link(&tb.arbiter_ns, ARB_IF, true).unwrap();
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        out.contains("FAIL  arbiter") && out.contains("fix: check"),
+        "{out}"
+    );
+}
+
 /// The arbiter unreachable when the primary dies: the backup notices, stops acking and
 /// asks the arbiter, which does not answer, so it does not go live, and it says why
 /// (status, `ftd status`, metrics). Once the arbiter is back the take-over completes and

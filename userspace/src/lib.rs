@@ -9,6 +9,7 @@ pub mod liveness;
 pub mod logging;
 pub mod metrics;
 pub mod netif;
+pub mod preflight;
 pub mod role;
 pub mod shared;
 pub mod vm;

@@ -109,6 +109,23 @@ enum Cmd {
     CheckConfig {
         #[arg(default_value = DEFAULT_CONFIG)]
         file: PathBuf,
+        /// Check this host too (NICs, MTU, XDP support, /dev/kvm, key files): what the
+        /// unit runs before every start. Exit status 1 if anything would fail.
+        #[arg(long)]
+        host: bool,
+    },
+    /// Everything this host and its network need before `ftd run`, at once, each with
+    /// its fix: the config, the NICs (present, up, MTU, native XDP), /dev/kvm, the key
+    /// files, the arbiter (it answers, with this node's credentials) and the peer over
+    /// the logging link; with --peer-config, both hosts' configs held against each other.
+    /// Exit status 1 if anything would fail.
+    Preflight {
+        #[arg(long, short, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+        /// The other host's config (copied here): the VM, the key and the settings that
+        /// must match, and the addresses that must mirror.
+        #[arg(long)]
+        peer_config: Option<PathBuf>,
     },
     /// Write a new channel key (16 random bytes, mode 0600) for `[channel] key_file`;
     /// copy the same file to the peer host. Never overwrites an existing file, except
@@ -229,7 +246,7 @@ fn main() -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Cmd::CheckConfig { file } => {
+        Cmd::CheckConfig { file, host } => {
             let cfg = ftd::config::Config::load(&file)?;
             println!(
                 "{}: ok (node {}, role {:?})",
@@ -237,6 +254,28 @@ fn main() -> anyhow::Result<()> {
                 cfg.node.name,
                 cfg.node.role
             );
+            if host {
+                let findings = ftd::preflight::host(&cfg);
+                exit_with_findings(&findings);
+            }
+            Ok(())
+        }
+        Cmd::Preflight {
+            config,
+            peer_config,
+        } => {
+            let cfg = ftd::config::Config::load(&config)?;
+            println!("preflight of {} ({}):", cfg.node.name, config.display());
+            let mut findings = ftd::preflight::host(&cfg);
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            findings.extend(rt.block_on(ftd::preflight::network(&cfg)));
+            if let Some(p) = peer_config {
+                let peer = ftd::preflight::load_peer(&p)?;
+                findings.extend(ftd::preflight::compare(&cfg, &peer));
+            }
+            exit_with_findings(&findings);
             Ok(())
         }
     }
@@ -284,4 +323,19 @@ fn status(socket: &std::path::Path, json: bool, check: bool, watch: Option<f64>)
         let Some(every) = watch else { return level };
         std::thread::sleep(std::time::Duration::from_secs_f64(every.max(0.2)));
     }
+}
+
+/// Prints findings and a verdict; exits with status 1 if any failed.
+fn exit_with_findings(findings: &[ftd::preflight::Finding]) {
+    use ftd::preflight::Verdict;
+    for f in findings {
+        println!("  {f}");
+    }
+    let n = |v| findings.iter().filter(|f| f.verdict == v).count();
+    let (fail, warn) = (n(Verdict::Fail), n(Verdict::Warn));
+    if fail > 0 {
+        println!("{fail} failed, {warn} warnings: fix what failed before `ftd run`");
+        std::process::exit(1);
+    }
+    println!("ready ({warn} warnings)");
 }

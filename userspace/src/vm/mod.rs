@@ -359,7 +359,7 @@ impl VmState {
     }
 }
 
-fn guest_image(cfg: &Config) -> anyhow::Result<Vec<u8>> {
+pub fn guest_image(cfg: &Config) -> anyhow::Result<Vec<u8>> {
     if cfg.vm.image.as_os_str().is_empty() {
         return Ok(ft_vmm::GUEST_ELF.to_vec());
     }
