@@ -85,5 +85,12 @@ if ! command -v bpf-linker >/dev/null 2>&1 || [[ "$(cat "$STAMP" 2>/dev/null)" !
   echo "$LIBLLVM" > "$STAMP"
 fi
 
+# The packages (`cargo xtask package`, and the test that installs them) are built with
+# cargo-deb.
+if [[ "$(cargo deb --version 2>/dev/null)" != *"3.8.0"* ]]; then
+  log "cargo: cargo-deb 3.8.0 (~1 min)"
+  cargo install cargo-deb --version 3.8.0 --locked --force
+fi
+
 mountpoint -q /sys/fs/bpf || mount -t bpf bpf /sys/fs/bpf || log "warning: could not mount bpffs"
 log "prerequisites present"

@@ -79,6 +79,7 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 
 mod arbiter;
+pub mod cli;
 pub mod config;
 pub mod embedded;
 pub mod error;

@@ -49,6 +49,9 @@ pub struct ApplianceOptions {
     pub auto: bool,
     /// Environment of host A's first `ftd run` (fault injection: `ftd::fault`).
     pub env_a: Vec<(String, String)>,
+    /// The `ftd` binary both hosts run (default: [`ftd_bin`], the build's); the package
+    /// test runs the installed one.
+    pub ftd: Option<PathBuf>,
 }
 
 /// What runs as the protected VM.
@@ -97,6 +100,7 @@ impl Default for ApplianceOptions {
             join: false,
             auto: false,
             env_a: Vec::new(),
+            ftd: None,
         }
     }
 }
@@ -112,6 +116,8 @@ pub struct Appliance {
     /// Extra `ftd run` arguments of each host (kept for restarts).
     pub args_a: Vec<String>,
     pub args_b: Vec<String>,
+    /// The `ftd` binary the hosts run (and restarts use).
+    pub bin: PathBuf,
 }
 
 /// The `ftd` binary: `$FTD_BIN`, or next to the running test executable.
@@ -294,7 +300,7 @@ impl Appliance {
         let ns = if host == 'a' { &tb.a.ns } else { &tb.b.ns };
         let mut argv = vec!["run", "--config", cfg.to_str().unwrap()];
         argv.extend_from_slice(args);
-        let g = tb.spawn(ns, ftd_bin()?, argv)?;
+        let g = tb.spawn(ns, &self.bin, argv)?;
         wait_socket(sock, &g)?;
         if host == 'a' {
             self.a = Some(g);
@@ -325,7 +331,10 @@ impl Appliance {
     }
 
     pub fn start(tb: &Testbed, o: &ApplianceOptions) -> Result<Appliance> {
-        let bin = ftd_bin()?;
+        let bin = match &o.ftd {
+            Some(b) => b.clone(),
+            None => ftd_bin()?,
+        };
         let (role_a, role_b) = if o.solo {
             ("solo", "backup")
         } else if o.auto {
@@ -382,6 +391,7 @@ impl Appliance {
             config_b,
             args_a,
             args_b: Vec::new(),
+            bin,
         })
     }
 

@@ -13,7 +13,11 @@ pub const ARBITER_ADDR: &str = "10.77.0.2:7700";
 
 /// Starts `ft-arbiter` in the testbed's arbiter namespace (state in the temp dir).
 pub fn start_arbiter(tb: &Testbed) -> Result<ChildGuard> {
-    let bin = workspace_bin("ft-arbiter", "FT_ARBITER_BIN")?;
+    start_arbiter_bin(tb, &workspace_bin("ft-arbiter", "FT_ARBITER_BIN")?)
+}
+
+/// [`start_arbiter`] with another `ft-arbiter` binary (the installed package's).
+pub fn start_arbiter_bin(tb: &Testbed, bin: &std::path::Path) -> Result<ChildGuard> {
     let dir = tb.tmp_dir.join("arbiter-state");
     std::fs::create_dir_all(&dir)?;
     let g = tb.spawn(

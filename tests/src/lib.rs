@@ -46,7 +46,8 @@ pub mod workload;
 
 pub use appliance::{Appliance, ApplianceOptions, VmOptions, ftd_bin};
 pub use arbiter::{
-    ARBITER_ADDR, embedded_fence, etcd_fence, etcd_leader, fenced_pair, start_arbiter, start_etcd,
+    ARBITER_ADDR, embedded_fence, etcd_fence, etcd_leader, fenced_pair, start_arbiter,
+    start_arbiter_bin, start_etcd,
 };
 pub use attribution::{Emission, Emissions, VmEmitters};
 pub use child::ChildGuard;

@@ -91,7 +91,7 @@ fn the_systemd_units_verify_and_stay_sandboxed() {
     for (unit, threshold) in [("ftd.service", 37), ("ft-arbiter.service", 14)] {
         let text = std::fs::read_to_string(root().join("configs/systemd").join(unit))
             .unwrap()
-            .replace("/usr/local/bin/", &format!("{}/", bin_dir.display()));
+            .replace("/usr/bin/", &format!("{}/", bin_dir.display()));
         let path = dir.join(unit);
         std::fs::write(&path, text).unwrap();
         tool(Command::new("systemd-analyze").arg("verify").arg(&path));

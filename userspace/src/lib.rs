@@ -1,5 +1,6 @@
 //! ftd: the fault-tolerance daemon. See ARCHITECTURE.md for the packet and log paths.
 pub mod channel;
+pub mod cli;
 pub mod config;
 pub mod control;
 pub mod daemon;

@@ -16,6 +16,7 @@ use clap::{Parser, Subcommand};
 use ft_testbed::chaos::nemesis::FaultKind;
 
 mod demo;
+mod package;
 mod plots;
 
 #[derive(Parser)]
@@ -30,6 +31,13 @@ enum Cmd {
     Demo,
     /// Formatting, clippy, build and every test (CI).
     Test,
+    /// The Debian packages of ftd and ft-arbiter, in target/debian/.
+    Package {
+        /// Optimized and stripped (what an operator installs); the default is the debug
+        /// build the tests install.
+        #[arg(long)]
+        release: bool,
+    },
     /// Formatting and clippy only.
     Lint,
     /// Redraw every committed benchmark plot from perf/results/<name>/results.json.
@@ -118,6 +126,8 @@ fn test() -> Result<()> {
     let t0 = Instant::now();
     lint()?;
     run(cargo().args(["build", "--bins"]))?;
+    // The packages the package test installs (after the build: same binaries).
+    package::package(false)?;
     // Test binaries run one after another; tests that share the testbed serialize
     // themselves. Root, KVM, BPF and namespaces are used for real.
     run(cargo().args(["test", "--no-fail-fast"]))?;
@@ -189,6 +199,7 @@ fn main() -> Result<()> {
     match Cli::parse().cmd {
         Cmd::Demo => demo(),
         Cmd::Test => test(),
+        Cmd::Package { release } => package::package(release).map(|_| ()),
         Cmd::Lint => lint(),
         Cmd::Plots => plots::run(&root()),
         Cmd::Chaos {
