@@ -22,7 +22,7 @@ pub fn start_arbiter_bin(tb: &Testbed, bin: &std::path::Path) -> Result<ChildGua
     std::fs::create_dir_all(&dir)?;
     let g = tb.spawn(
         &tb.arbiter_ns,
-        &bin,
+        bin,
         [
             "--listen",
             ARBITER_ADDR,
