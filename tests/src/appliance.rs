@@ -52,6 +52,8 @@ pub struct ApplianceOptions {
     /// The `ftd` binary both hosts run (default: [`ftd_bin`], the build's); the package
     /// test runs the installed one.
     pub ftd: Option<PathBuf>,
+    /// Host B's `ftd` binary, if not the same as host A's (each host's own install).
+    pub ftd_b: Option<PathBuf>,
 }
 
 /// What runs as the protected VM.
@@ -101,6 +103,7 @@ impl Default for ApplianceOptions {
             auto: false,
             env_a: Vec::new(),
             ftd: None,
+            ftd_b: None,
         }
     }
 }
@@ -116,8 +119,9 @@ pub struct Appliance {
     /// Extra `ftd run` arguments of each host (kept for restarts).
     pub args_a: Vec<String>,
     pub args_b: Vec<String>,
-    /// The `ftd` binary the hosts run (and restarts use).
-    pub bin: PathBuf,
+    /// The `ftd` binary each host runs (and its restarts use).
+    pub bin_a: PathBuf,
+    pub bin_b: PathBuf,
 }
 
 /// The `ftd` binary: `$FTD_BIN`, or next to the running test executable.
@@ -300,7 +304,12 @@ impl Appliance {
         let ns = if host == 'a' { &tb.a.ns } else { &tb.b.ns };
         let mut argv = vec!["run", "--config", cfg.to_str().unwrap()];
         argv.extend_from_slice(args);
-        let g = tb.spawn(ns, &self.bin, argv)?;
+        let bin = if host == 'a' {
+            &self.bin_a
+        } else {
+            &self.bin_b
+        };
+        let g = tb.spawn(ns, bin, argv)?;
         wait_socket(sock, &g)?;
         if host == 'a' {
             self.a = Some(g);
@@ -335,6 +344,7 @@ impl Appliance {
             Some(b) => b.clone(),
             None => ftd_bin()?,
         };
+        let bin_b = o.ftd_b.clone().unwrap_or_else(|| bin.clone());
         let (role_a, role_b) = if o.solo {
             ("solo", "backup")
         } else if o.auto {
@@ -355,7 +365,7 @@ impl Appliance {
         if o.start_backup && !o.solo {
             let g = tb.spawn(
                 &tb.b.ns,
-                &bin,
+                &bin_b,
                 ["run", "--config", config_b.to_str().unwrap()],
             )?;
             wait_socket(&sock_b, &g)?;
@@ -391,7 +401,8 @@ impl Appliance {
             config_b,
             args_a,
             args_b: Vec::new(),
-            bin,
+            bin_a: bin,
+            bin_b,
         })
     }
 

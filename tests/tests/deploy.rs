@@ -105,3 +105,47 @@ fn the_systemd_units_verify_and_stay_sandboxed() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Every `ftd` and `ft-arbiter` command the deployment guide and the README show parses
+/// with the command lines of this build: a renamed flag or subcommand fails here, not
+/// in an operator's terminal.
+#[test]
+fn every_command_in_the_guide_and_the_readme_parses() {
+    use clap::Parser;
+    let mut checked = 0;
+    for doc in ["docs/deploy.md", "README.md"] {
+        let text = std::fs::read_to_string(root().join(doc)).unwrap();
+        let mut in_code = false;
+        let mut pending = String::new();
+        for line in text.lines() {
+            if line.trim_start().starts_with("```") {
+                in_code = !in_code;
+                continue;
+            }
+            if !in_code {
+                continue;
+            }
+            // Comments end a line; a trailing backslash continues it.
+            let code = line.split(" #").next().unwrap().trim();
+            if let Some(head) = code.strip_suffix('\\') {
+                pending.push_str(head);
+                pending.push(' ');
+                continue;
+            }
+            let full = std::mem::take(&mut pending) + code;
+            for cmd in full.split("&&").map(str::trim) {
+                let words: Vec<&str> = cmd.split_whitespace().collect();
+                let parsed = match words.first() {
+                    Some(&"ftd") => ftd::cli::Cli::try_parse_from(&words).map(|_| ()),
+                    Some(&"ft-arbiter") => ft_fence::cli::Args::try_parse_from(&words).map(|_| ()),
+                    _ => continue,
+                };
+                if let Err(e) = parsed {
+                    panic!("{doc}: `{cmd}` does not parse:\n{e}");
+                }
+                checked += 1;
+            }
+        }
+    }
+    assert!(checked >= 20, "only {checked} commands found");
+}

@@ -5,12 +5,13 @@
 use std::{
     path::{Path, PathBuf},
     process::Command,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use ft_testbed::{
-    Appliance, ApplianceOptions, Testbed, TestbedOptions, VmOptions, embedded_fence, resp,
+    Appliance, ApplianceOptions, Testbed, TestbedOptions, VmOptions, embedded_fence,
     start_arbiter_bin,
+    workload::{Clients, check_history},
 };
 
 const T: Duration = Duration::from_secs(60);
@@ -51,25 +52,203 @@ fn mode(p: &Path) -> u32 {
     std::fs::metadata(p).unwrap().permissions().mode() & 0o7777
 }
 
-#[test]
-fn the_packages_install_and_the_appliance_runs_from_them() {
-    let (ftd_deb, arb_deb) = debs();
-    let root = std::env::temp_dir().join(format!("ft-pkgroot-{}", std::process::id()));
+/// An empty root for `dpkg --root` (a host's filesystem, as far as dpkg is concerned).
+fn new_root(name: &str) -> PathBuf {
+    let root = std::env::temp_dir().join(format!("ft-pkgroot-{}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&root);
     for d in ["var/lib/dpkg/info", "var/lib/dpkg/updates"] {
         std::fs::create_dir_all(root.join(d)).unwrap();
     }
     std::fs::write(root.join("var/lib/dpkg/status"), "").unwrap();
-    dpkg(
-        &root,
-        &["-i", ftd_deb.to_str().unwrap(), arb_deb.to_str().unwrap()],
-    );
-    let list = dpkg(&root, &["-l"]);
-    for p in ["ii  ftd ", "ii  ft-arbiter "] {
-        assert!(list.contains(p), "{p} not installed:\n{list}");
-    }
+    root
+}
 
-    // What the packages put where.
+/// The same package with another Debian revision (`0.1.0-2`): the "new release" of the
+/// rolling upgrade (the binary is this build's; the procedure is what is under test).
+fn next_revision(deb: &Path) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("ft-deb-next-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let st = Command::new("dpkg-deb")
+        .arg("-R")
+        .arg(deb)
+        .arg(&dir)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let control = dir.join("DEBIAN/control");
+    let text = std::fs::read_to_string(&control).unwrap();
+    std::fs::write(
+        &control,
+        text.replace("Version: 0.1.0-1", "Version: 0.1.0-2"),
+    )
+    .unwrap();
+    let out = std::env::temp_dir().join(format!("ft-next-{}.deb", std::process::id()));
+    let st = Command::new("dpkg-deb")
+        .args(["-Zgzip", "-z1", "-b"])
+        .arg(&dir)
+        .arg(&out)
+        .stdout(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let _ = std::fs::remove_dir_all(&dir);
+    out
+}
+
+fn installed_version(root: &Path, pkg: &str) -> String {
+    let out = Command::new("dpkg-query")
+        .arg(format!(
+            "--admindir={}",
+            root.join("var/lib/dpkg").display()
+        ))
+        .args(["-W", "-f", "${Version}", pkg])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The deployment guide (docs/deploy.md) on the testbed, from the packages: install on
+/// two "hosts" (a dpkg root each), first start, clients writing throughout, the failover
+/// drill, re-protection, and the rolling upgrade (the backup first, a switchover, then
+/// the other host); every acknowledged write survives (the history is linearizable);
+/// purged, nothing is left.
+#[test]
+fn the_packages_install_and_the_guide_runs_from_them() {
+    let (ftd_deb, arb_deb) = debs();
+    let (root_a, root_b) = (new_root("a"), new_root("b"));
+    for root in [&root_a, &root_b] {
+        dpkg(
+            root,
+            &["-i", ftd_deb.to_str().unwrap(), arb_deb.to_str().unwrap()],
+        );
+        let list = dpkg(root, &["-l"]);
+        for p in ["ii  ftd ", "ii  ft-arbiter "] {
+            assert!(list.contains(p), "{p} not installed:\n{list}");
+        }
+    }
+    check_files(&root_a);
+
+    // §6 First start, from the installed binaries: the arbiter and both hosts.
+    let (ftd_a, ftd_b) = (root_a.join("usr/bin/ftd"), root_b.join("usr/bin/ftd"));
+    let tb = Testbed::new(TestbedOptions {
+        start_standins: false,
+        ..Default::default()
+    })
+    .unwrap();
+    let _arb = start_arbiter_bin(&tb, &root_a.join("usr/bin/ft-arbiter")).unwrap();
+    let mut app = Appliance::start_replicating(
+        &tb,
+        &ApplianceOptions {
+            vm: VmOptions::vmm(),
+            fence: embedded_fence(2000, 400),
+            ftd: Some(ftd_a.clone()),
+            ftd_b: Some(ftd_b.clone()),
+            join: true,
+            ..Default::default()
+        },
+        T,
+    )
+    .unwrap();
+    let (sock_a, sock_b) = (app.sock_a.clone(), app.sock_b.clone());
+    let check = |h: char| {
+        let (bin, sock) = if h == 'a' {
+            (&ftd_a, &sock_a)
+        } else {
+            (&ftd_b, &sock_b)
+        };
+        let out = Command::new(bin)
+            .args(["status", "--check", "--socket"])
+            .arg(sock)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    let (code, line) = check('a');
+    assert_eq!(code, Some(0), "{line}");
+    assert!(line.starts_with("FT OK - node host-a: primary"), "{line}");
+    let clients = Clients::start(&tb, 4, T);
+    assert!(clients.wait_ops(200, T), "clients made no progress");
+    let t0 = Instant::now();
+    let rejoined = |live: char| {
+        assert!(
+            Appliance::wait_until(T, || check(live).0 == Some(0)),
+            "not protected again: {:?}",
+            check(live)
+        );
+    };
+
+    // §8 The failover drill: the primary dies, B takes over, A rejoins.
+    app.guard('a').kill().unwrap();
+    assert!(
+        Appliance::wait_until(T, || app.live_after_take_over('b')),
+        "B did not take over: {:#}",
+        app.status('b').unwrap_or_default()
+    );
+    assert_eq!(check('b').0, Some(1), "unprotected is a warning");
+    app.restart_as_backup(&tb, 'a').unwrap();
+    rejoined('b');
+
+    // §11 The rolling upgrade: the backup (A) first.
+    let next = next_revision(&ftd_deb);
+    let conf = root_a.join("etc/ftd/ftd.toml");
+    let edited = std::fs::read_to_string(&conf).unwrap() + "\n# edited by the operator\n";
+    std::fs::write(&conf, &edited).unwrap();
+    app.guard('a').send_signal(libc::SIGTERM).unwrap();
+    assert!(
+        Appliance::wait_until(T, || !app.guard('a').is_running()),
+        "A did not stop on SIGTERM"
+    );
+    dpkg(&root_a, &["-i", next.to_str().unwrap()]);
+    assert_eq!(installed_version(&root_a, "ftd"), "0.1.0-2");
+    // The operator's edit of the conffile survives the upgrade.
+    assert_eq!(std::fs::read_to_string(&conf).unwrap(), edited);
+    app.restart_as_backup(&tb, 'a').unwrap();
+    rejoined('b');
+    // A switchover on the primary (B, old build) hands the VM to the upgraded A.
+    let out = Command::new(&ftd_b)
+        .args(["switchover", "--socket"])
+        .arg(&app.sock_b)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "ftd switchover: {out:?}");
+    assert_eq!(app.status('a').unwrap()["role"], "primary");
+    // Then the other host.
+    app.guard('b').send_signal(libc::SIGTERM).unwrap();
+    assert!(
+        Appliance::wait_until(T, || !app.guard('b').is_running()),
+        "B did not stop on SIGTERM"
+    );
+    dpkg(&root_b, &["-i", next.to_str().unwrap()]);
+    assert_eq!(installed_version(&root_b, "ftd"), "0.1.0-2");
+    app.restart_as_backup(&tb, 'b').unwrap();
+    rejoined('a');
+    assert!(clients.wait_each_goes_on(), "clients stalled");
+    let logs = clients.finish();
+    check_history(&tb, &logs, t0);
+    drop(app);
+    drop(tb);
+    let _ = std::fs::remove_file(&next);
+
+    // Purged, nothing of them is left.
+    for root in [&root_a, &root_b] {
+        dpkg(root, &["-P", "ftd", "ft-arbiter"]);
+        for f in [
+            "usr/bin/ftd",
+            "usr/bin/ft-arbiter",
+            "etc/ftd/ftd.toml",
+            "usr/lib/systemd/system/ftd.service",
+        ] {
+            assert!(!root.join(f).exists(), "{f} left after purge");
+        }
+        let _ = std::fs::remove_dir_all(root);
+    }
+}
+
+/// What the packages put where (a root they were installed into).
+fn check_files(root: &Path) {
     let r = |p: &str| root.join(p);
     for f in [
         "usr/bin/ftd",
@@ -115,79 +294,4 @@ fn the_packages_install_and_the_appliance_runs_from_them() {
             .unwrap();
         assert!(st.success(), "{c}'s bash completion does not parse");
     }
-
-    // The appliance from the installed binaries: the arbiter and both hosts.
-    let (ftd, arbiter) = (r("usr/bin/ftd"), r("usr/bin/ft-arbiter"));
-    let tb = Testbed::new(TestbedOptions {
-        start_standins: false,
-        ..Default::default()
-    })
-    .unwrap();
-    let _arb = start_arbiter_bin(&tb, &arbiter).unwrap();
-    let mut app = Appliance::start_replicating(
-        &tb,
-        &ApplianceOptions {
-            vm: VmOptions::vmm(),
-            fence: embedded_fence(2000, 400),
-            ftd: Some(ftd.clone()),
-            join: true,
-            ..Default::default()
-        },
-        T,
-    )
-    .unwrap();
-    let mut c = resp::connect(&tb, Duration::from_secs(10)).unwrap();
-    assert_eq!(
-        resp::call(&mut c, &[b"SET", b"installed", b"yes"]).unwrap(),
-        b"+OK\r\n"
-    );
-    let check = |sock: &Path| {
-        let out = Command::new(&ftd)
-            .args(["status", "--check", "--socket"])
-            .arg(sock)
-            .output()
-            .unwrap();
-        (
-            out.status.code(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-        )
-    };
-    let (code, line) = check(&app.sock_a);
-    assert_eq!(code, Some(0), "{line}");
-    assert!(line.starts_with("FT OK - node host-a: primary"), "{line}");
-    // The installed pair fails over: B takes over with what A acknowledged.
-    app.guard('a').kill().unwrap();
-    assert!(
-        Appliance::wait_until(T, || app.live_after_take_over('b')),
-        "B did not take over: {:#}",
-        app.status('b').unwrap_or_default()
-    );
-    let mut c = resp::connect(&tb, Duration::from_secs(10)).unwrap();
-    assert_eq!(
-        resp::call(&mut c, &[b"GET", b"installed"]).unwrap(),
-        b"$3\r\nyes\r\n"
-    );
-    let (code, line) = check(&app.sock_b);
-    assert_eq!(code, Some(1), "unprotected is a warning: {line}");
-    // A restarted A runs the installed binary again and rejoins.
-    app.restart_as_backup(&tb, 'a').unwrap();
-    assert!(
-        Appliance::wait_until(T, || check(&app.sock_b).0 == Some(0)),
-        "A did not rejoin: {:?}",
-        check(&app.sock_b)
-    );
-    drop(app);
-    drop(tb);
-
-    // Purged, nothing of them is left.
-    dpkg(&root, &["-P", "ftd", "ft-arbiter"]);
-    for f in [
-        "usr/bin/ftd",
-        "usr/bin/ft-arbiter",
-        "etc/ftd/ftd.toml",
-        "usr/lib/systemd/system/ftd.service",
-    ] {
-        assert!(!r(f).exists(), "{f} left after purge");
-    }
-    let _ = std::fs::remove_dir_all(&root);
 }
