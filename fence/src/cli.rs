@@ -30,4 +30,8 @@ pub struct Args {
     /// `fence.insecure = true`).
     #[arg(long, conflicts_with = "secret_file")]
     pub insecure: bool,
+    /// Serve Prometheus metrics at http://ADDR/metrics (requests by operation and
+    /// answer, refused requests, state writes, each VM's epoch, owner and lease).
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<String>,
 }

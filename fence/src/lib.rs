@@ -92,7 +92,7 @@ pub use arbiter::{
     TasOutcome, monotonic_now_ns, try_acquire, validate_name,
 };
 pub use config::{Backend, ConfigError, EtcdAccessError, FenceConfig};
-pub use embedded::{EmbeddedArbiter, ServerOptions, serve, serve_with};
+pub use embedded::{EmbeddedArbiter, ServerOptions, serve, serve_with, serve_with_metrics};
 pub use error::{FenceError, ServeError};
 pub use etcd::{EtcdArbiter, EtcdTls};
 pub use keeper::{LeaseKeeper, LeaseState, LeaseTiming};

@@ -977,3 +977,87 @@ fn the_arbiter_refuses_to_start_without_a_secret_unless_told_insecure() {
     // Nothing was created.
     assert!(std::fs::read_dir(dir.path()).unwrap().count() == 1);
 }
+
+/// `ft-arbiter --metrics-listen`: requests by operation and answer, refused requests,
+/// durable writes, and each VM's epoch, owner, follower and lease, as Prometheus reads
+/// them (parsed with prometheus-parse).
+#[tokio::test]
+async fn the_metrics_show_requests_and_each_vms_record() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().unwrap();
+    timeout(TEST_BUDGET, async {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let m = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (addr, maddr) = (l.local_addr().unwrap().to_string(), m.local_addr().unwrap());
+        let opts = ft_fence::ServerOptions {
+            init: true,
+            secret: Some(b"0123456789abcdef".to_vec()),
+            ..Default::default()
+        };
+        let path = dir.path().to_path_buf();
+        let srv = tokio::spawn(ft_fence::serve_with_metrics(l, path, opts, Some(m)));
+        let a = secure_client(&addr, b"0123456789abcdef");
+        let g = a.test_and_set("vm1", "a", 0).await.unwrap().won().unwrap();
+        a.pair("vm1", "a", g.epoch, "b").await.unwrap();
+        a.renew("vm1", "a", g.epoch).await.unwrap();
+        let b = secure_client(&addr, b"0123456789abcdef");
+        assert!(b.test_and_set("vm1", "c", 0).await.unwrap().won().is_none());
+        // Another secret: refused as unauthenticated.
+        let forger = secure_client(&addr, b"fedcba9876543210");
+        assert!(forger.read("vm1").await.is_err());
+
+        let mut c = tokio::net::TcpStream::connect(maddr).await.unwrap();
+        c.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut text = String::new();
+        c.read_to_string(&mut text).await.unwrap();
+        let body = text.split("\r\n\r\n").nth(1).unwrap();
+        let scrape =
+            prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_string()))).unwrap();
+        let value = |name: &str, labels: &[(&str, &str)]| -> f64 {
+            let s = scrape
+                .samples
+                .iter()
+                .find(|s| {
+                    s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v))
+                })
+                .unwrap_or_else(|| panic!("no {name}{labels:?} in:\n{body}"));
+            match s.value {
+                prometheus_parse::Value::Counter(v)
+                | prometheus_parse::Value::Gauge(v)
+                | prometheus_parse::Value::Untyped(v) => v,
+                _ => panic!("{name}: {:?}", s.value),
+            }
+        };
+        let req = |op, answer| {
+            value(
+                "ft_arbiter_requests_total",
+                &[("op", op), ("answer", answer)],
+            )
+        };
+        assert_eq!(req("test_and_set", "won"), 1.0);
+        assert_eq!(req("test_and_set", "held"), 1.0);
+        assert_eq!(req("pair", "paired"), 1.0);
+        assert_eq!(req("renew", "renewed"), 1.0);
+        assert_eq!(value("ft_arbiter_unauthenticated_requests_total", &[]), 1.0);
+        assert!(value("ft_arbiter_state_writes_total", &[]) >= 2.0);
+        assert_eq!(
+            value("ft_arbiter_vm_epoch", &[("vm", "vm1")]),
+            g.epoch as f64
+        );
+        assert_eq!(
+            value("ft_arbiter_vm_owner", &[("vm", "vm1"), ("node", "a")]),
+            1.0
+        );
+        assert_eq!(
+            value("ft_arbiter_vm_follower", &[("vm", "vm1"), ("node", "b")]),
+            1.0
+        );
+        let left = value("ft_arbiter_vm_lease_remaining_seconds", &[("vm", "vm1")]);
+        assert!(left > 0.0, "{left}");
+        srv.abort();
+    })
+    .await
+    .expect("test budget exceeded");
+}

@@ -32,8 +32,18 @@ fn main() -> anyhow::Result<()> {
             .await
             .with_context(|| format!("cannot listen on {}", args.listen))?;
         tracing::info!(listen = %listener.local_addr()?, state_dir = %args.state_dir.display(), "ft-arbiter up");
+        let metrics = match &args.metrics_listen {
+            Some(addr) => {
+                let l = tokio::net::TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("cannot serve metrics on {addr}"))?;
+                tracing::info!("metrics on http://{addr}/metrics");
+                Some(l)
+            }
+            None => None,
+        };
         tokio::select! {
-            r = ft_fence::serve_with(
+            r = ft_fence::serve_with_metrics(
                 listener,
                 &args.state_dir,
                 ft_fence::ServerOptions {
@@ -41,6 +51,7 @@ fn main() -> anyhow::Result<()> {
                     secret,
                     ..Default::default()
                 },
+                metrics,
             ) => r.map_err(anyhow::Error::from),
             _ = tokio::signal::ctrl_c() => { tracing::info!("interrupted"); Ok(()) }
         }

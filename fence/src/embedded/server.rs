@@ -5,7 +5,7 @@ use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -79,6 +79,17 @@ pub async fn serve_with(
     state_dir: impl AsRef<Path>,
     opts: ServerOptions,
 ) -> Result<(), ServeError> {
+    serve_with_metrics(listener, state_dir, opts, None).await
+}
+
+/// [`serve_with`], and GET /metrics (Prometheus) on `metrics` if given
+/// (`ft-arbiter --metrics-listen`).
+pub async fn serve_with_metrics(
+    listener: TcpListener,
+    state_dir: impl AsRef<Path>,
+    opts: ServerOptions,
+    metrics: Option<TcpListener>,
+) -> Result<(), ServeError> {
     let store = Store::open(state_dir.as_ref())?;
     let core = store.load(opts.init)?;
     if opts.init {
@@ -95,7 +106,11 @@ pub async fn serve_with(
         core: Mutex::new(core),
         store,
         opts: opts.clone(),
+        stats: Default::default(),
     });
+    if let Some(l) = metrics {
+        tokio::spawn(super::metrics::serve(l, shared.clone()));
+    }
     let slots = Arc::new(Semaphore::new(opts.max_connections));
     let mut conns = JoinSet::new();
     loop {
@@ -110,6 +125,7 @@ pub async fn serve_with(
             }
         };
         let Ok(permit) = slots.clone().try_acquire_owned() else {
+            shared.stats.connections_refused.fetch_add(1, Relaxed);
             tracing::warn!(%peer, "too many connections; closing new one");
             drop(sock);
             continue;
@@ -125,10 +141,28 @@ pub async fn serve_with(
     }
 }
 
-struct Shared {
+pub(super) struct Shared {
     core: Mutex<Core>,
     store: Store,
     opts: ServerOptions,
+    pub(super) stats: super::metrics::Stats,
+}
+
+impl Shared {
+    /// Every VM's record as the metrics show it, at `now`.
+    pub(super) async fn vm_view(&self, now: Instant) -> Vec<super::metrics::VmView> {
+        let core = self.core.lock().await;
+        core.vms
+            .iter()
+            .map(|(vm, r)| super::metrics::VmView {
+                vm: vm.clone(),
+                epoch: r.epoch,
+                owner: r.owner.clone(),
+                follower: r.follower.clone(),
+                lease_remaining_s: r.remaining(now).as_secs_f64(),
+            })
+            .collect()
+    }
 }
 
 async fn connection(mut sock: TcpStream, sh: &Shared) -> Result<(), &'static str> {
@@ -140,6 +174,7 @@ async fn connection(mut sock: TcpStream, sh: &Shared) -> Result<(), &'static str
             Ok(Ok(l)) => l,
         };
         if len == 0 || len as usize > MAX_FRAME {
+            sh.stats.bad_requests.fetch_add(1, Relaxed);
             let msg = format!("frame length {len} outside 1..={MAX_FRAME}; closing connection");
             reply(&mut sock, opts, 0, error(ErrorCode::FrameTooLarge, msg)).await?;
             return Err("bad frame length");
@@ -153,6 +188,7 @@ async fn connection(mut sock: TcpStream, sh: &Shared) -> Result<(), &'static str
         let mut req: Request = match serde_json::from_slice(&body) {
             Ok(r) => r,
             Err(e) => {
+                sh.stats.bad_requests.fetch_add(1, Relaxed);
                 let msg = format!("not a valid v{PROTO_VERSION} request ({e}); closing connection");
                 reply(&mut sock, opts, 0, error(ErrorCode::BadRequest, msg)).await?;
                 return Err("bad request");
@@ -161,6 +197,7 @@ async fn connection(mut sock: TcpStream, sh: &Shared) -> Result<(), &'static str
         if let Some(key) = &opts.secret
             && !req.verify(key)
         {
+            sh.stats.unauthenticated.fetch_add(1, Relaxed);
             let msg = "the request carries no valid MAC of this arbiter's shared secret: give the node the same fence.secret_file as the arbiter's --secret-file; closing connection".to_string();
             reply(
                 &mut sock,
@@ -171,8 +208,9 @@ async fn connection(mut sock: TcpStream, sh: &Shared) -> Result<(), &'static str
             .await?;
             return Err("unauthenticated request");
         }
-        let id = req.id;
+        let (id, op) = (req.id, req.op.clone());
         let answer = handle(sh, req).await;
+        sh.stats.count(&op, &answer);
         reply(&mut sock, opts, id, answer).await?;
     }
 }
@@ -369,7 +407,13 @@ async fn handle(sh: &Shared, req: Request) -> Reply {
         let mut snapshot = core.snapshot();
         snapshot.vms.insert(req.vm.clone(), next.persisted());
         snapshot.last_request.insert(req.node.clone(), req.id);
-        if let Err(e) = sh.store.persist(&snapshot).await {
+        let t0 = Instant::now();
+        let persisted = sh.store.persist(&snapshot).await;
+        sh.stats.persists.fetch_add(1, Relaxed);
+        sh.stats
+            .persist_ns
+            .fetch_add(t0.elapsed().as_nanos() as u64, Relaxed);
+        if let Err(e) = persisted {
             tracing::error!(error = %e, "state not persisted; request refused");
             return error(ErrorCode::Storage, e.to_string());
         }
