@@ -840,7 +840,11 @@ fn the_service_manager_is_told_ready_once_the_data_plane_is_attached() {
     let app = Appliance::start(
         &tb,
         &ApplianceOptions {
-            env_a: vec![("NOTIFY_SOCKET".into(), path.display().to_string())],
+            env_a: vec![
+                ("NOTIFY_SOCKET".into(), path.display().to_string()),
+                // And logs as JSON, one object a line (for a log shipper).
+                ("FTD_LOG_FORMAT".into(), "json".into()),
+            ],
             ..Default::default()
         },
     )
@@ -862,6 +866,18 @@ fn the_service_manager_is_told_ready_once_the_data_plane_is_attached() {
             .iter()
             .any(|s| s.starts_with("FT OK - node host-a: primary")),
         "{statuses:?}"
+    );
+    let log = app.guard('a').log_contents();
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    assert!(
+        lines
+            .iter()
+            .any(|v| v["level"] == "INFO" && v["fields"]["message"] == "ftd running"),
+        "{log}"
     );
     // The VM's MAC is in the client NIC's unicast filter while ftd runs (a physical NIC
     // would drop the VM's frames before XDP otherwise), and gone once it died.
