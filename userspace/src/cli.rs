@@ -35,7 +35,13 @@ impl DaemonAt {
 pub struct Cli {
     /// Where the log goes: the journal under systemd, text otherwise (auto); or force
     /// text, one JSON object a line, or the journal.
-    #[arg(long, global = true, value_enum, default_value = "auto", env = "FTD_LOG_FORMAT")]
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value = "auto",
+        env = "FTD_LOG_FORMAT"
+    )]
     pub log_format: crate::logging::LogFormat,
     #[command(subcommand)]
     pub cmd: Cmd,
