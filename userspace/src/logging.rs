@@ -7,8 +7,11 @@
 //! a log shipper.
 //!
 //! A warning that repeats (an arbiter that does not answer, a peer that keeps sending
-//! frames under an old key) would fill the journal: each warning's call site passes
-//! [`BURST`] events per [`WINDOW`], and drops the rest. What was dropped is counted
+//! frames under an old key) would fill the journal: each warning passes [`BURST`] times
+//! per [`WINDOW`], and the rest are dropped. "Each warning" is its call site and its
+//! message with the numbers taken out: the data plane's warnings all reach tracing
+//! through one call site of the `log` bridge (aya-log), and "frame of epoch 0 dropped" and
+//! "frame of epoch 2 dropped" are the same warning, "frame from unexpected source" another. What was dropped is counted
 //! ([`suppressed_total`], the metric `ft_log_suppressed_total`) and said once per window
 //! by [`report_suppressed`], which the daemon calls periodically.
 use std::{
@@ -20,7 +23,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use tracing::{Event, Level, Subscriber, callsite::Identifier};
+use tracing::{Event, Level, Subscriber, field::Visit};
+use tracing_log::NormalizeEvent;
 use tracing_subscriber::{EnvFilter, layer::Context, prelude::*};
 
 /// Warnings one call site may log per window.
@@ -141,11 +145,44 @@ pub fn suppressed_total() -> u64 {
 /// Drops a warning's repeats beyond [`BURST`] per [`WINDOW`] (per call site).
 #[derive(Default)]
 pub struct RateLimit {
-    sites: Mutex<HashMap<Identifier, Site>>,
+    /// Per warning (see the module doc): its window.
+    sites: Mutex<HashMap<String, Window>>,
 }
 
-/// A call site's window and where it is (for the report of what it dropped).
-type Site = (Window, &'static str, Option<u32>);
+/// The message of an event, its digits taken out.
+#[derive(Default)]
+struct Shape(String);
+
+impl Visit for Shape {
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        if field.name() == "message" {
+            self.0 = format!("{value:?}")
+                .chars()
+                .filter(|c| !c.is_ascii_digit())
+                .collect();
+        }
+    }
+}
+
+/// The warning an event is: where it was logged (through the `log` bridge: the original
+/// record's target, file and line) and its message's shape.
+fn warning_key(event: &Event<'_>) -> String {
+    let mut shape = Shape::default();
+    event.record(&mut shape);
+    let site = match event.normalized_metadata() {
+        Some(m) => format!(
+            "{} {}:{}",
+            m.target(),
+            m.file().unwrap_or("?"),
+            m.line().unwrap_or(0)
+        ),
+        None => {
+            let m = event.metadata();
+            format!("{}:{}", m.file().unwrap_or("?"), m.line().unwrap_or(0))
+        }
+    };
+    format!("{site}: {}", shape.0)
+}
 
 /// Per call site: what windows that ended dropped, not yet said.
 static UNSAID: Mutex<Vec<(String, u64)>> = Mutex::new(Vec::new());
@@ -157,17 +194,22 @@ impl<S: Subscriber> tracing_subscriber::Layer<S> for RateLimit {
             return true;
         }
         let now = Instant::now();
+        let key = warning_key(event);
         let mut sites = self.sites.lock().unwrap_or_else(|p| p.into_inner());
-        let (w, file, line) = sites
-            .entry(meta.callsite())
-            .or_insert_with(|| (Window::new(now), meta.file().unwrap_or("?"), meta.line()));
-        let (pass, ended) = w.admit(now);
+        // Bounded: warnings whose numbers are not digits (names, addresses) could each
+        // be new; past this many, the oldest windows are forgotten.
+        if sites.len() >= 4096 && !sites.contains_key(&key) {
+            sites.clear();
+        }
+        let (pass, ended) = sites
+            .entry(key.clone())
+            .or_insert_with(|| Window::new(now))
+            .admit(now);
         if let Some(n) = ended {
-            let site = format!("{file}:{}", line.unwrap_or(0));
             UNSAID
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .push((site, n));
+                .push((key, n));
         }
         if !pass {
             SUPPRESSED.fetch_add(1, Relaxed);
@@ -182,7 +224,7 @@ pub fn report_suppressed() {
     let unsaid = std::mem::take(&mut *UNSAID.lock().unwrap_or_else(|p| p.into_inner()));
     for (site, n) in unsaid {
         tracing::info!(
-            "{n} more warnings from {site} were not logged (at most {BURST} a minute each)"
+            "{n} more warnings like \"{site}\" were not logged (at most {BURST} a minute each)"
         );
     }
 }
@@ -231,8 +273,26 @@ mod tests {
             for _ in 0..20 {
                 tracing::error!("errors are never limited");
             }
+            // The data plane's warnings, through the `log` bridge (one call site for
+            // all): each kind is limited on its own, whatever its numbers.
+            for i in 0..20 {
+                for args in [
+                    format_args!("frame of epoch {i} dropped (ours is 1)"),
+                    format_args!("frame from unexpected source 02:09:09:09:09:0{i}"),
+                    format_args!("ack {i} beyond what was sent"),
+                ] {
+                    tracing_log::format_trace(
+                        &log::Record::builder()
+                            .level(log::Level::Warn)
+                            .target("ft")
+                            .args(args)
+                            .build(),
+                    )
+                    .unwrap();
+                }
+            }
         });
-        assert_eq!(seen.load(Relaxed), 2 * BURST as u64 + 20);
-        assert!(suppressed_total() - before >= 2 * (20 - BURST as u64));
+        assert_eq!(seen.load(Relaxed), 5 * BURST as u64 + 20);
+        assert!(suppressed_total() - before >= 5 * (20 - BURST as u64));
     }
 }
