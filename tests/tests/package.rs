@@ -63,8 +63,9 @@ fn new_root(name: &str) -> PathBuf {
     root
 }
 
-/// The same package with another Debian revision (`0.1.0-2`): the "new release" of the
-/// rolling upgrade (the binary is this build's; the procedure is what is under test).
+/// The same package with another Debian revision (`0.1.0-2`) and another guest image:
+/// the "new release" of the rolling upgrade. (The binary is this build's: the procedure,
+/// and that a pinned guest survives the upgrade, are what is under test.)
 fn next_revision(deb: &Path) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("ft-deb-next-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -82,6 +83,36 @@ fn next_revision(deb: &Path) -> PathBuf {
         text.replace("Version: 0.1.0-1", "Version: 0.1.0-2"),
     )
     .unwrap();
+    // A new guest: any other bytes (a trailing byte does not change what it runs, but
+    // it is another image: another hash, and a replica of it could not join).
+    let guest = dir.join("usr/lib/ftd/guest.elf");
+    let mut bytes = std::fs::read(&guest).unwrap();
+    bytes.push(0);
+    std::fs::write(&guest, bytes).unwrap();
+    // dpkg checks the payload against md5sums.
+    let sums = dir.join("DEBIAN/md5sums");
+    if sums.exists() {
+        let out = Command::new("md5sum")
+            .arg("usr/lib/ftd/guest.elf")
+            .current_dir(&dir)
+            .output()
+            .unwrap();
+        let line = String::from_utf8_lossy(&out.stdout).trim_end().to_string();
+        let text = std::fs::read_to_string(&sums).unwrap();
+        let text: String = text
+            .lines()
+            .map(|l| {
+                if l.ends_with("usr/lib/ftd/guest.elf") {
+                    line.clone()
+                } else {
+                    l.to_string()
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+            + "\n";
+        std::fs::write(&sums, text).unwrap();
+    }
     let out = std::env::temp_dir().join(format!("ft-next-{}.deb", std::process::id()));
     let st = Command::new("dpkg-deb")
         .args(["-Zgzip", "-z1", "-b"])
@@ -127,6 +158,15 @@ fn the_packages_install_and_the_guide_runs_from_them() {
         }
     }
     check_files(&root_a);
+    // The package's guest is kept in the store under its hash; the configs pin it.
+    let guest = std::fs::read(root_a.join("usr/lib/ftd/guest.elf")).unwrap();
+    let sum = ftd::config::image_sha256(&guest);
+    let stored = |root: &Path, sum: &str| root.join(format!("var/lib/ftd/guests/{sum}.elf"));
+    assert_eq!(std::fs::read(stored(&root_a, &sum)).unwrap(), guest);
+    let pin = format!(
+        "image = {:?}\nimage_sha256 = \"{sum}\"",
+        stored(&root_a, &sum).display().to_string()
+    );
 
     // §6 First start, from the installed binaries: the arbiter and both hosts.
     let (ftd_a, ftd_b) = (root_a.join("usr/bin/ftd"), root_b.join("usr/bin/ftd"));
@@ -139,7 +179,10 @@ fn the_packages_install_and_the_guide_runs_from_them() {
     let mut app = Appliance::start_replicating(
         &tb,
         &ApplianceOptions {
-            vm: VmOptions::vmm(),
+            vm: VmOptions::Vmm {
+                ram_mib: 256,
+                extra: pin.clone(),
+            },
             fence: embedded_fence(2000, 400),
             ftd: Some(ftd_a.clone()),
             ftd_b: Some(ftd_b.clone()),
@@ -203,6 +246,30 @@ fn the_packages_install_and_the_guide_runs_from_them() {
     );
     dpkg(&root_a, &["-i", next.to_str().unwrap()]);
     assert_eq!(installed_version(&root_a, "ftd"), "0.1.0-2");
+    // The new release ships another guest; the pinned one is still in the store, so
+    // the upgraded host can join the VM that runs it. The new guest would be refused.
+    let new_guest = std::fs::read(root_a.join("usr/lib/ftd/guest.elf")).unwrap();
+    let new_sum = ftd::config::image_sha256(&new_guest);
+    assert_ne!(new_sum, sum);
+    assert_eq!(std::fs::read(stored(&root_a, &sum)).unwrap(), guest);
+    assert_eq!(std::fs::read(stored(&root_a, &new_sum)).unwrap(), new_guest);
+    let wrong = std::fs::read_to_string(&app.config_a).unwrap().replace(
+        &stored(&root_a, &sum).display().to_string(),
+        &root_a.join("usr/lib/ftd/guest.elf").display().to_string(),
+    );
+    let wrong_path =
+        std::env::temp_dir().join(format!("ft-wrong-guest-{}.toml", std::process::id()));
+    std::fs::write(&wrong_path, wrong).unwrap();
+    let out = Command::new(&ftd_a)
+        .arg("check-config")
+        .arg(&wrong_path)
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_file(&wrong_path);
+    assert!(
+        !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("pins"),
+        "{out:?}"
+    );
     // The operator's edit of the conffile survives the upgrade.
     assert_eq!(std::fs::read_to_string(&conf).unwrap(), edited);
     app.restart_as_backup(&tb, 'a').unwrap();
@@ -223,6 +290,7 @@ fn the_packages_install_and_the_guide_runs_from_them() {
     );
     dpkg(&root_b, &["-i", next.to_str().unwrap()]);
     assert_eq!(installed_version(&root_b, "ftd"), "0.1.0-2");
+    assert_eq!(std::fs::read(stored(&root_b, &sum)).unwrap(), guest);
     app.restart_as_backup(&tb, 'b').unwrap();
     rejoined('a');
     assert!(clients.wait_each_goes_on(), "clients stalled");
@@ -240,6 +308,7 @@ fn the_packages_install_and_the_guide_runs_from_them() {
             "usr/bin/ft-arbiter",
             "etc/ftd/ftd.toml",
             "usr/lib/systemd/system/ftd.service",
+            "var/lib/ftd",
         ] {
             assert!(!root.join(f).exists(), "{f} left after purge");
         }

@@ -178,6 +178,12 @@ pub struct VmSection {
     /// Guest image (ELF); empty = the built-in guest. Same file on both hosts.
     #[serde(default)]
     pub image: PathBuf,
+    /// The guest image's SHA-256 (hex), if pinned: ftd refuses to start with any other
+    /// (the packages keep every guest they shipped in /var/lib/ftd/guests/<sha256>.elf,
+    /// so a pinned guest survives upgrades of ftd, which is what lets an upgraded host
+    /// join the running VM).
+    #[serde(default)]
+    pub image_sha256: String,
     /// Guest RAM in MiB (64 to 3072, even).
     #[serde(default = "default_ram")]
     pub ram_mib: u64,
@@ -298,6 +304,29 @@ impl VmSection {
                 self.image
             ));
         }
+        if !self.image_sha256.is_empty() {
+            let pinned = self.image_sha256.to_ascii_lowercase();
+            if pinned.len() != 64 || !pinned.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return invalid(format!(
+                    "vm.image_sha256 = {:?} is not a SHA-256 (64 hex digits)",
+                    self.image_sha256
+                ));
+            }
+            let actual = image_sha256(&self.image_bytes()?);
+            if actual != pinned {
+                return invalid(format!(
+                    "vm.image {} has SHA-256 {actual}, but vm.image_sha256 pins {pinned}: the pair runs \
+                     the pinned guest, and a replica of another guest cannot join it. Point vm.image \
+                     at the pinned file (/var/lib/ftd/guests/{pinned}.elf), or change the pin when \
+                     the VM may restart",
+                    if self.image.as_os_str().is_empty() {
+                        "(the built-in guest)".to_string()
+                    } else {
+                        format!("{:?}", self.image)
+                    }
+                ));
+            }
+        }
         if self.checkpoint_interval == 0 {
             return invalid(
                 "vm.checkpoint_interval must be >= 1 (the backup verifies the replica at every checkpoint)",
@@ -310,6 +339,26 @@ impl VmSection {
             .validate()
             .map_err(|e| ConfigError::Invalid(format!("[vm]: {e}")))
     }
+
+    /// The guest image's bytes: `vm.image`, or the built-in guest.
+    pub fn image_bytes(&self) -> Result<Vec<u8>, ConfigError> {
+        if self.image.as_os_str().is_empty() {
+            return Ok(ft_vmm::GUEST_ELF.to_vec());
+        }
+        std::fs::read(&self.image).map_err(|source| ConfigError::Read {
+            path: self.image.clone(),
+            source,
+        })
+    }
+}
+
+/// SHA-256 of a guest image, lowercase hex (what `vm.image_sha256` pins).
+pub fn image_sha256(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -796,6 +845,29 @@ backend = "none"
         assert_eq!(v.checkpoint_interval, 1000);
         assert_eq!(v.pin_cpu, None);
         assert_eq!(with_vm("cpu = 3").unwrap().vm.vmm_config().pin_cpu, Some(3));
+    }
+
+    #[test]
+    fn a_pinned_guest_image_must_be_the_one_configured() {
+        let built_in = image_sha256(ft_vmm::GUEST_ELF);
+        with_vm(&format!("image_sha256 = \"{built_in}\"")).unwrap();
+        with_vm(&format!("image_sha256 = \"{}\"", built_in.to_uppercase())).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let other = dir.path().join("other.elf");
+        let mut bytes = ft_vmm::GUEST_ELF.to_vec();
+        bytes.push(0);
+        std::fs::write(&other, &bytes).unwrap();
+        let e = err(with_vm(&format!(
+            "image = {:?}\nimage_sha256 = \"{built_in}\"",
+            other.display().to_string()
+        )));
+        assert!(
+            e.contains(&image_sha256(&bytes))
+                && e.contains(&format!("/var/lib/ftd/guests/{built_in}.elf")),
+            "{e}"
+        );
+        let e = err(with_vm("image_sha256 = \"abc\""));
+        assert!(e.contains("64 hex digits"), "{e}");
     }
 
     #[test]

@@ -23,7 +23,15 @@ fn main() -> anyhow::Result<()> {
             bootstrap,
             force,
         } => {
-            let mut cfg = ftd::config::Config::load(&config)?;
+            // A config that does not load is not fixed by a restart (status 78: systemd
+            // does not restart it, RestartPreventExitStatus=78).
+            let mut cfg = match ftd::config::Config::load(&config) {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::error!("refused: {e}; exiting with status 78 (EX_CONFIG)");
+                    std::process::exit(EX_CONFIG);
+                }
+            };
             if let Some(r) = role {
                 cfg.node.role = match r.as_str() {
                     "auto" => ftd::config::Role::Auto,

@@ -19,6 +19,9 @@ pub fn package(release: bool) -> Result<Vec<PathBuf>> {
         .args(["--bins", "-p", "ftd", "-p", "ft-fence"]))?;
     let dist = root().join("target/dist");
     render_docs(&dist)?;
+    // The built-in guest, shipped beside the binary too: the package keeps every guest
+    // it shipped (postinst), for configs that pin theirs (vm.image_sha256).
+    std::fs::write(dist.join("guest.elf"), ft_vmm::GUEST_ELF)?;
     let out = root().join("target/debian");
     std::fs::create_dir_all(&out)?;
     let mut debs = Vec::new();

@@ -360,10 +360,7 @@ impl VmState {
 }
 
 pub fn guest_image(cfg: &Config) -> anyhow::Result<Vec<u8>> {
-    if cfg.vm.image.as_os_str().is_empty() {
-        return Ok(ft_vmm::GUEST_ELF.to_vec());
-    }
-    std::fs::read(&cfg.vm.image).with_context(|| format!("reading vm.image {:?}", cfg.vm.image))
+    Ok(cfg.vm.image_bytes()?)
 }
 
 /// The live node's VMM, started once the node won test-and-set (its epoch is set: log
