@@ -51,16 +51,7 @@ impl Interface {
         if ifindex == 0 {
             return Err(NetifError::NoSuchInterface(name.into()));
         }
-        // SAFETY: plain socket(2) call; the fd is owned below.
-        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
-        if fd < 0 {
-            return Err(NetifError::Socket {
-                name: name.into(),
-                source: io::Error::last_os_error(),
-            });
-        }
-        // SAFETY: `fd` is a fresh descriptor we own.
-        let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+        let sock = inet_socket(name)?;
         let mut req = ifreq(name);
         // SAFETY: SIOCGIFHWADDR reads into the ifreq we pass, which outlives the call.
         if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFHWADDR, &mut req) } < 0 {
