@@ -361,6 +361,64 @@ fn switchover_under_load_moves_the_live_role_and_loses_nothing() {
     );
 }
 
+/// `ftd standby` (maintenance of a host): on the paired primary it hands the VM to the
+/// backup and the daemon stops with status 0 (a service manager leaves it stopped); the
+/// clients lose nothing. On the node that now runs the VM alone it is refused, with the
+/// reason; started again, the stopped host rejoins, and standby on the backup just stops
+/// it.
+#[test]
+fn standby_hands_the_vm_over_and_stops_and_is_refused_where_it_would_stop_the_vm() {
+    let _s = serial();
+    let (tb, _arb, mut app) = pair(VmOptions::vmm());
+    let clients = Clients::start(&tb, CLIENTS, T);
+    assert!(clients.wait_ops(300, T), "clients made no progress");
+    let t0 = Instant::now();
+    let ftd = ft_testbed::ftd_bin().unwrap();
+    let standby = |sock: &std::path::Path| {
+        std::process::Command::new(&ftd)
+            .args(["standby", "--socket"])
+            .arg(sock)
+            .output()
+            .unwrap()
+    };
+    let out = standby(&app.sock_a);
+    assert!(out.status.success(), "ftd standby: {out:?}");
+    let st = app.guard('a').wait_exit(T).unwrap();
+    assert_eq!(st.and_then(|s| s.code()), Some(0), "A's exit: {st:?}");
+    let b = app.status('b').unwrap();
+    assert_eq!(b["role"], "solo", "{b:#}");
+    let f = &b["role_history"]["last_failover"];
+    assert!(
+        f["what"]
+            .as_str()
+            .is_some_and(|w| w.contains("END verified")),
+        "a handover, not a failure detection: {f:#}"
+    );
+    // B runs the VM alone: standby there would stop the VM.
+    let out = standby(&app.sock_b);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("runs the VM alone"),
+        "{out:?}"
+    );
+    assert!(app.guard('b').is_running());
+    assert!(clients.wait_each_goes_on(), "clients stalled after standby");
+    // Started again, A rejoins; standby on the backup stops it at once.
+    app.restart_as_backup(&tb, 'a').unwrap();
+    assert!(
+        Appliance::wait_until(Duration::from_secs(60), || rejoined(&app, 'b', 'a')),
+        "A did not rejoin: {:#}",
+        app.status('a').unwrap_or_default()
+    );
+    let out = standby(&app.sock_a);
+    assert!(out.status.success(), "ftd standby on the backup: {out:?}");
+    let st = app.guard('a').wait_exit(T).unwrap();
+    assert_eq!(st.and_then(|s| s.code()), Some(0), "A's exit: {st:?}");
+    assert!(app.guard('b').is_running());
+    let logs = clients.finish();
+    check_history(&tb, &logs, t0);
+}
+
 /// The join service answers what it is sent, and nothing else: every connection gets a
 /// challenge; a hello signed with the channel key for another epoch is asked to retry
 /// (it must read the live epoch again), one for another guest is refused with the

@@ -81,6 +81,14 @@ pub enum Cmd {
         #[command(flatten)]
         at: DaemonAt,
     },
+    /// Maintenance of this host: it leaves the pair and its daemon stops (exit status 0,
+    /// so systemd does not restart it). A paired primary hands the VM to its backup
+    /// first (as `switchover`); a backup just leaves. Refused on a node that runs the VM
+    /// alone. `systemctl start ftd` rejoins.
+    Standby {
+        #[command(flatten)]
+        at: DaemonAt,
+    },
     /// Print the status of a running daemon: a summary, or everything as JSON.
     ///
     /// Exit status (the Nagios plugin convention): 0 the pair is protected; 1 WARNING:

@@ -94,6 +94,8 @@ pub async fn run(cfg: Config, bootstrap: Bootstrap) -> anyhow::Result<Exit> {
         stop.clone(),
     );
     let switchover = supervisor.switchover.clone();
+    let standby = Arc::new(AtomicBool::new(false));
+    let stop_request = Arc::new(tokio::sync::Notify::new());
     let mut node = tokio::spawn(supervisor.run());
     let sh = Arc::new(Shared {
         dp: dp.clone(),
@@ -127,6 +129,8 @@ pub async fn run(cfg: Config, bootstrap: Bootstrap) -> anyhow::Result<Exit> {
         let ctl = Arc::new(crate::control::Control {
             sh: sh.clone(),
             switchover,
+            standby: standby.clone(),
+            stop: stop_request.clone(),
             bad_requests: Default::default(),
         });
         let p = ctl_path.clone();
@@ -157,6 +161,7 @@ pub async fn run(cfg: Config, bootstrap: Bootstrap) -> anyhow::Result<Exit> {
             r = &mut node => break r,
             _ = tokio::signal::ctrl_c() => info!("SIGINT: shutting down"),
             _ = term.recv() => info!("SIGTERM: shutting down"),
+            _ = stop_request.notified() => info!("standby: shutting down"),
             _ = hup.recv() => {
                 info!("SIGHUP: reading the channel keys again (key rotation)");
                 let _ = reload_keys.send(());
@@ -167,7 +172,11 @@ pub async fn run(cfg: Config, bootstrap: Bootstrap) -> anyhow::Result<Exit> {
         stop.store(true, Relaxed);
     };
     let _ = std::fs::remove_file(&ctl_path);
-    let exit = ended.context("the role supervisor panicked")?;
+    let mut exit = ended.context("the role supervisor panicked")?;
+    if standby.load(Relaxed) && matches!(exit, Exit::Switchover) {
+        info!("standby: the VM was handed over; stopping (start ftd again to rejoin)");
+        exit = Exit::Stopped;
+    }
     record_exit(&ctl_path, &exit, &roles);
     Ok(exit)
 }

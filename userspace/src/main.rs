@@ -81,6 +81,7 @@ fn main() -> anyhow::Result<()> {
             }
         }
         Cmd::Switchover { at } => ftd::control::client::switchover(&at.socket()?),
+        Cmd::Standby { at } => ftd::control::client::standby(&at.socket()?),
         Cmd::Status {
             at,
             follow_join: true,

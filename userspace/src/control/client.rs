@@ -133,6 +133,29 @@ pub fn follow_join(socket: &Path, limit: Duration) -> anyhow::Result<()> {
     }
 }
 
+/// `ftd standby`: asks the daemon to leave the pair and stop (a paired primary hands
+/// its VM over first), and waits until it has stopped (at most 2 minutes).
+pub fn standby(socket: &Path) -> anyhow::Result<()> {
+    match request(socket, Request::Standby)? {
+        Response::Accepted { what } => println!("{what}"),
+        Response::Refused { why } => anyhow::bail!("standby refused: {why}"),
+        Response::Error { error } => anyhow::bail!("{error}"),
+        other => anyhow::bail!("unexpected answer to standby: {other:?}"),
+    }
+    let t0 = std::time::Instant::now();
+    while query(socket).is_ok() {
+        if t0.elapsed() > Duration::from_secs(120) {
+            anyhow::bail!("ftd did not stop within 2 minutes: see its log");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    println!(
+        "standby: ftd stopped after {:.1} s; `systemctl start ftd` (or ftd run) rejoins the pair",
+        t0.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
 /// `ftd switchover`, on the primary: asks the daemon to hand its VM to the in-sync
 /// backup (it refuses, saying why, unless it is the paired primary of a following
 /// backup with its VM recording), and follows it until it runs again as a backup in

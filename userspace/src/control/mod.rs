@@ -132,6 +132,11 @@ pub struct Control {
     pub sh: Arc<Shared>,
     /// Set on an accepted `ftd switchover`; the role supervisor takes it.
     pub switchover: Arc<AtomicBool>,
+    /// Set on an accepted `ftd standby`: the daemon stops after it (instead of starting
+    /// again after a switchover).
+    pub standby: Arc<AtomicBool>,
+    /// Asks the daemon to stop (a backup's `ftd standby`), as SIGTERM does.
+    pub stop: Arc<tokio::sync::Notify>,
     /// Connections whose request was not understood (answered with an error).
     pub bad_requests: AtomicU64,
 }
@@ -198,6 +203,7 @@ async fn answer(ctl: &Control, req: Request) -> Response {
         Request::Arbiter => Response::Arbiter {
             arbiter: arbiter_json(sh).await,
         },
+        Request::Standby => standby(ctl),
         Request::Switchover => match switchover_refusal(sh) {
             Some(why) => {
                 warn!("switchover refused: {why}");
@@ -212,6 +218,44 @@ async fn answer(ctl: &Control, req: Request) -> Response {
                 }
             }
         },
+    }
+}
+
+/// `ftd standby`, decided on the current role.
+fn standby(ctl: &Control) -> Response {
+    let sh = &ctl.sh;
+    let role = sh.roles.current();
+    let refused = |why: String| {
+        warn!("standby refused: {why}");
+        Response::Refused { why }
+    };
+    match role {
+        NodeRole::Primary { .. } => match switchover_refusal(sh) {
+            Some(why) => refused(format!("{why} (standby hands the VM to the backup first)")),
+            None => {
+                info!("standby: handing the VM to the backup (graceful stop), then stopping");
+                ctl.standby.store(true, Relaxed);
+                ctl.switchover.store(true, Relaxed);
+                Response::Accepted {
+                    what: "standby: the VM goes to the backup, then this node's ftd stops".into(),
+                }
+            }
+        },
+        NodeRole::Backup { .. } => {
+            info!("standby: leaving the pair and stopping");
+            ctl.standby.store(true, Relaxed);
+            ctl.stop.notify_one();
+            Response::Accepted {
+                what: "standby: this node leaves the pair and its ftd stops; the primary runs unprotected until it is started again".into(),
+            }
+        }
+        NodeRole::Solo { .. } => refused(
+            "this node runs the VM alone: standby would stop the VM; start a backup first (or `systemctl stop ftd` to stop the VM)".into(),
+        ),
+        other => refused(format!(
+            "this node is {}, not in the pair: `systemctl stop ftd` stops it",
+            other.name()
+        )),
     }
 }
 

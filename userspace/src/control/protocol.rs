@@ -26,6 +26,11 @@ pub enum Request {
     /// Planned switchover, on the paired primary: hand the VM to the in-sync backup
     /// (graceful stop), then start again as its backup.
     Switchover,
+    /// Maintenance of this host: it leaves the pair without the VM losing anything and
+    /// its daemon stops (exit status 0: a service manager does not restart it). A paired
+    /// primary first hands the VM over (as a switchover); a backup just leaves. Refused
+    /// where it would stop the VM (a node that runs it alone).
+    Standby,
     /// What the arbiter records for this pair's VM: owner, epoch, lease (asked of the
     /// arbiter now, with the daemon's credentials; bounded by 2 s).
     Arbiter,
@@ -113,7 +118,12 @@ mod tests {
 
     #[test]
     fn requests_round_trip() {
-        for r in [Request::Status, Request::Switchover, Request::Arbiter] {
+        for r in [
+            Request::Status,
+            Request::Switchover,
+            Request::Standby,
+            Request::Arbiter,
+        ] {
             let line = serde_json::to_vec(&Envelope::new(r.clone())).unwrap();
             assert_eq!(parse(&line), Ok(r));
         }
