@@ -122,6 +122,15 @@ fn the_backup_takes_over_when_the_primary_dies() {
     );
     let line = status_cmd(&app, 'b', &["--check"], 0);
     assert!(line.starts_with("FT OK - node host-b: backup"), "{line}");
+    // Both nodes, as the primary sees them, and the arbiter's record.
+    let text = status_text(&app, 'a', 0);
+    assert!(
+        text.contains("backup host-b: alive")
+            && text.contains(&format!("owned by host-a at epoch {epoch}")),
+        "{text}"
+    );
+    let text = status_text(&app, 'b', 0);
+    assert!(text.contains("primary host-a: alive"), "{text}");
     let out = under_load(
         &tb,
         &app,

@@ -107,6 +107,7 @@ pub async fn run(cfg: Config, bootstrap: Bootstrap) -> anyhow::Result<Exit> {
         keys: cfg.channel.keys.clone(),
         arbiter,
         vm_id: cfg.fence.vm.clone(),
+        peer_name: cfg.fence.peer.clone(),
     });
     let (reload_keys, reload_rx) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(crate::channel::keys::run(

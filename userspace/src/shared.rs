@@ -22,4 +22,6 @@ pub struct Shared {
     pub arbiter: Option<Arc<dyn ft_fence::Arbiter>>,
     /// The pair's VM id at the arbiter (`fence.vm`).
     pub vm_id: String,
+    /// The peer's node name (`fence.peer`; empty if not configured).
+    pub peer_name: String,
 }

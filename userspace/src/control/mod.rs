@@ -77,6 +77,7 @@ pub fn status_json(sh: &Shared) -> Value {
             "vm_last": chan.vm_last, "vm_acked": seq.vm_acked,
         },
         "held_frames": ctl.map(|c| c.tail.wrapping_sub(c.head)),
+        "peer_name": (!sh.peer_name.is_empty()).then_some(&sh.peer_name),
         "peer_alive": peer.map(|p| p.alive),
         "peer_silent_ms": peer.map(|p| p.silent_for.as_secs_f64() * 1e3),
         "peer_down_events": s.peer_down_events.load(Relaxed),

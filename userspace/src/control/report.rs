@@ -181,7 +181,8 @@ pub fn summary(v: &Value) -> String {
         Some("backup") => {
             let _ = writeln!(
                 o,
-                "primary: {peer}; log received: input {} of {}, VMM {} of {}",
+                "primary{}: {peer}; log received: input {} of {}, VMM {} of {}",
+                peer_name(v),
                 s(&v["log"]["delivered"]),
                 s(&v["channel"]["high"]),
                 s(&v["channel"]["vm_delivered"]),
@@ -196,7 +197,8 @@ pub fn summary(v: &Value) -> String {
             };
             let _ = writeln!(
                 o,
-                "backup: {peer}{}; unacked: input {}, VMM {}; held output frames: {}",
+                "backup{}: {peer}{}; unacked: input {}, VMM {}; held output frames: {}",
+                peer_name(v),
                 v["backup_left"]
                     .as_str()
                     .map_or(String::new(), |w| format!(" (left: {w})")),
@@ -299,6 +301,13 @@ pub fn summary(v: &Value) -> String {
         }
     }
     o
+}
+
+/// " host-b" when the status names the peer.
+fn peer_name(v: &Value) -> String {
+    v["peer_name"]
+        .as_str()
+        .map_or(String::new(), |n| format!(" {n}"))
 }
 
 /// One line about the running or last join (state transfer to or from the peer).
