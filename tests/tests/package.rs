@@ -343,6 +343,12 @@ fn check_files(root: &Path) {
             .contains("/etc/ftd/ftd.toml")
     );
     assert_eq!(mode(&r("etc/ftd")), 0o700);
+    // dpkg never restarts a running ftd (an upgrade is the operator's rolling step).
+    let postinst = std::fs::read_to_string(r("var/lib/dpkg/info/ftd.postinst")).unwrap();
+    assert!(
+        !postinst.contains("restart"),
+        "the package restarts ftd:\n{postinst}"
+    );
     assert_eq!(mode(&r("etc/ft")), 0o700);
     let passwd = std::fs::read_to_string(r("etc/passwd")).unwrap();
     assert!(passwd.contains("ft-arbiter:x:"), "{passwd}");

@@ -105,7 +105,11 @@ pub async fn run(cfg: Config, bootstrap: Bootstrap) -> anyhow::Result<Exit> {
         roles: roles.clone(),
         previous_exit: previous_exit(&cfg.api.control_socket),
         keys: cfg.channel.keys.clone(),
-        arbiter,
+        // A client of its own: `ftd status` polls must never wait behind, or delay, the
+        // lease renewals on the supervisor's connection.
+        arbiter: arbiter
+            .as_ref()
+            .and_then(|_| cfg.fence.build_arbiter().ok()),
         vm_id: cfg.fence.vm.clone(),
         peer_name: cfg.fence.peer.clone(),
     });

@@ -55,7 +55,7 @@ pub fn init(format: LogFormat) {
     };
     let registry = tracing_subscriber::registry()
         .with(filter())
-        .with(RateLimit::default());
+        .with(RateLimit);
     let journald = match format {
         LogFormat::Journald => match tracing_journald::layer() {
             Ok(l) => Some(l.with_syslog_identifier("ftd".into())),
@@ -142,14 +142,65 @@ pub fn suppressed_total() -> u64 {
     SUPPRESSED.load(Relaxed)
 }
 
-/// Drops a warning's repeats beyond [`BURST`] per [`WINDOW`] (per call site).
+/// Most warnings with a window of their own; the rest share one (a flood of warnings
+/// that differ in something other than numbers cannot grow the table, nor reset it).
+pub const MAX_KEYS: usize = 1024;
+const OTHER: &str = "(other warnings)";
+
+/// The rate limit's state: a window per warning, and what ended windows dropped that
+/// has not been reported. Pure: time is passed in.
 #[derive(Default)]
-pub struct RateLimit {
-    /// Per warning (see the module doc): its window.
-    sites: Mutex<HashMap<String, Window>>,
+pub struct Limiter {
+    windows: HashMap<String, Window>,
+    unsaid: Vec<(String, u64)>,
 }
 
-/// The message of an event, its digits taken out.
+impl Limiter {
+    /// Whether the warning `key` at `now` is logged.
+    pub fn admit(&mut self, key: String, now: Instant) -> bool {
+        let key = if self.windows.len() >= MAX_KEYS && !self.windows.contains_key(&key) {
+            OTHER.to_string()
+        } else {
+            key
+        };
+        let w = self
+            .windows
+            .entry(key.clone())
+            .or_insert_with(|| Window::new(now));
+        let (pass, ended) = w.admit(now);
+        if let Some(n) = ended {
+            self.unsaid.push((key, n));
+        }
+        pass
+    }
+
+    /// What windows that ended by `now` dropped, once each: those a later warning
+    /// rolled over, and those of warnings that stopped.
+    pub fn report(&mut self, now: Instant) -> Vec<(String, u64)> {
+        let mut out = std::mem::take(&mut self.unsaid);
+        for (key, w) in self.windows.iter_mut() {
+            if now.duration_since(w.start) >= WINDOW && w.dropped > 0 {
+                out.push((key.clone(), w.dropped));
+                *w = Window::new(now);
+            }
+        }
+        out
+    }
+}
+
+static LIMITER: Mutex<Option<Limiter>> = Mutex::new(None);
+
+fn with_limiter<T>(f: impl FnOnce(&mut Limiter) -> T) -> T {
+    let mut g = LIMITER.lock().unwrap_or_else(|p| p.into_inner());
+    f(g.get_or_insert_with(Limiter::default))
+}
+
+/// Drops a warning's repeats beyond [`BURST`] per [`WINDOW`] (see the module doc).
+#[derive(Default)]
+pub struct RateLimit;
+
+/// The message of an event, every word with a digit in it (numbers, addresses, MACs,
+/// ids) replaced by `#`.
 #[derive(Default)]
 struct Shape(String);
 
@@ -157,9 +208,16 @@ impl Visit for Shape {
     fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
         if field.name() == "message" {
             self.0 = format!("{value:?}")
-                .chars()
-                .filter(|c| !c.is_ascii_digit())
-                .collect();
+                .split_whitespace()
+                .map(|w| {
+                    if w.chars().any(|c| c.is_ascii_digit()) {
+                        "#"
+                    } else {
+                        w
+                    }
+                })
+                .collect::<Vec<_>>()
+                .join(" ");
         }
     }
 }
@@ -184,33 +242,13 @@ fn warning_key(event: &Event<'_>) -> String {
     format!("{site}: {}", shape.0)
 }
 
-/// Per call site: what windows that ended dropped, not yet said.
-static UNSAID: Mutex<Vec<(String, u64)>> = Mutex::new(Vec::new());
-
 impl<S: Subscriber> tracing_subscriber::Layer<S> for RateLimit {
     fn event_enabled(&self, event: &Event<'_>, _cx: Context<'_, S>) -> bool {
-        let meta = event.metadata();
-        if *meta.level() != Level::WARN {
+        if *event.metadata().level() != Level::WARN {
             return true;
         }
-        let now = Instant::now();
         let key = warning_key(event);
-        let mut sites = self.sites.lock().unwrap_or_else(|p| p.into_inner());
-        // Bounded: warnings whose numbers are not digits (names, addresses) could each
-        // be new; past this many, the oldest windows are forgotten.
-        if sites.len() >= 4096 && !sites.contains_key(&key) {
-            sites.clear();
-        }
-        let (pass, ended) = sites
-            .entry(key.clone())
-            .or_insert_with(|| Window::new(now))
-            .admit(now);
-        if let Some(n) = ended {
-            UNSAID
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .push((key, n));
-        }
+        let pass = with_limiter(|l| l.admit(key, Instant::now()));
         if !pass {
             SUPPRESSED.fetch_add(1, Relaxed);
         }
@@ -221,7 +259,7 @@ impl<S: Subscriber> tracing_subscriber::Layer<S> for RateLimit {
 /// Logs what the rate limit dropped in windows that ended (call it every few seconds;
 /// the daemon does). Its own message is an `info`, never itself limited.
 pub fn report_suppressed() {
-    let unsaid = std::mem::take(&mut *UNSAID.lock().unwrap_or_else(|p| p.into_inner()));
+    let unsaid = with_limiter(|l| l.report(Instant::now()));
     for (site, n) in unsaid {
         tracing::info!(
             "{n} more warnings like \"{site}\" were not logged (at most {BURST} a minute each)"
@@ -251,6 +289,31 @@ mod tests {
     }
 
     #[test]
+    fn a_storm_that_stops_is_reported_once_and_the_table_is_bounded() {
+        let t0 = Instant::now();
+        let mut l = Limiter::default();
+        for _ in 0..12 {
+            l.admit("w".into(), t0);
+        }
+        assert_eq!(l.report(t0 + Duration::from_secs(1)), vec![]);
+        // No further warning: the ended window is reported anyway, once.
+        assert_eq!(
+            l.report(t0 + WINDOW),
+            vec![("w".to_string(), 12 - BURST as u64)]
+        );
+        assert_eq!(l.report(t0 + 3 * WINDOW), vec![]);
+        // Past MAX_KEYS, new warnings share one window; the old ones keep theirs.
+        let mut l = Limiter::default();
+        for i in 0..MAX_KEYS {
+            assert!(l.admit(format!("k{i}"), t0));
+        }
+        let passed = (0..100).filter(|i| l.admit(format!("new{i}"), t0)).count();
+        assert_eq!(passed, BURST as usize);
+        assert!(l.admit("k0".into(), t0));
+        assert_eq!(l.windows.len(), MAX_KEYS + 1);
+    }
+
+    #[test]
     fn repeated_warnings_are_limited_per_call_site_and_errors_never() {
         let seen = std::sync::Arc::new(AtomicU64::new(0));
         struct Count(std::sync::Arc<AtomicU64>);
@@ -260,7 +323,7 @@ mod tests {
             }
         }
         let sub = tracing_subscriber::registry()
-            .with(RateLimit::default())
+            .with(RateLimit)
             .with(Count(seen.clone()));
         let before = suppressed_total();
         tracing::subscriber::with_default(sub, || {

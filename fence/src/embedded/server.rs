@@ -409,10 +409,12 @@ async fn handle(sh: &Shared, req: Request) -> Reply {
         snapshot.last_request.insert(req.node.clone(), req.id);
         let t0 = Instant::now();
         let persisted = sh.store.persist(&snapshot).await;
-        sh.stats.persists.fetch_add(1, Relaxed);
-        sh.stats
-            .persist_ns
-            .fetch_add(t0.elapsed().as_nanos() as u64, Relaxed);
+        if persisted.is_ok() {
+            sh.stats.persists.fetch_add(1, Relaxed);
+            sh.stats
+                .persist_ns
+                .fetch_add(t0.elapsed().as_nanos() as u64, Relaxed);
+        }
         if let Err(e) = persisted {
             tracing::error!(error = %e, "state not persisted; request refused");
             return error(ErrorCode::Storage, e.to_string());

@@ -156,7 +156,15 @@ pub fn bind(path: &Path) -> std::io::Result<tokio::net::UnixListener> {
 /// reaches the daemon's state.
 pub async fn serve(listener: tokio::net::UnixListener, ctl: Arc<Control>) -> std::io::Result<()> {
     loop {
-        let (conn, _) = listener.accept().await?;
+        let conn = match listener.accept().await {
+            Ok((c, _)) => c,
+            Err(e) => {
+                // EMFILE and friends pass: the socket must outlive them.
+                warn!("control socket: accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
         let ctl = ctl.clone();
         tokio::spawn(async move {
             let (rd, mut wr) = conn.into_split();
@@ -212,7 +220,9 @@ async fn answer(ctl: &Control, req: Request) -> Response {
             }
             None => {
                 info!("switchover: handing the VM to the backup (graceful stop), then rejoining");
-                // The supervisor checks again, on the role it has then.
+                // The supervisor checks again, on the role it has then. A switchover
+                // rejoins, whatever an earlier standby that did not happen asked.
+                ctl.standby.store(false, Relaxed);
                 ctl.switchover.store(true, Relaxed);
                 Response::Accepted {
                     what: "switchover: the VM goes to the backup; this node then rejoins as its backup".into(),

@@ -78,6 +78,34 @@ pub fn health(v: &Value) -> (Level, Vec<String>) {
         "diverged" if !vm["divergence"].is_object() => {
             out.push((Level::Critical, "the replicas diverged".into()))
         }
+        // A paired node whose VM is not doing its part protects nothing.
+        p @ ("not started"
+        | "paused"
+        | "stopped"
+        | "live"
+        | "running unprotected"
+        | "recording"
+        | "replaying")
+            if vm.is_object()
+                && matches!(
+                    (v["role"].as_str(), p),
+                    (
+                        Some("primary"),
+                        "not started" | "paused" | "stopped" | "replaying" | "live"
+                    ) | (
+                        Some("backup"),
+                        "not started" | "paused" | "stopped" | "recording"
+                    )
+                ) =>
+        {
+            out.push((
+                Level::Warning,
+                format!(
+                    "the VM is {p} on this {}",
+                    v["role"].as_str().unwrap_or("node")
+                ),
+            ))
+        }
         "failed" => out.push((
             Level::Critical,
             format!(
@@ -373,6 +401,12 @@ mod tests {
         let mut j = node("backup", Some(true));
         j["vm"]["phase"] = json!("joining: memory round 2");
         assert_eq!(health(&j).0, Level::Warning);
+        let mut s = node("primary", Some(true));
+        s["vm"]["phase"] = json!("stopped");
+        assert_eq!(health(&s).0, Level::Warning);
+        let mut s = node("backup", Some(true));
+        s["vm"]["phase"] = json!("not started");
+        assert_eq!(health(&s).0, Level::Warning);
         let mut a = node("primary", Some(true));
         a["arbiter"] = json!({"backend": "etcd", "error": "connection refused"});
         let (l, why) = health(&a);
