@@ -305,27 +305,7 @@ impl VmSection {
             ));
         }
         if !self.image_sha256.is_empty() {
-            let pinned = self.image_sha256.to_ascii_lowercase();
-            if pinned.len() != 64 || !pinned.bytes().all(|b| b.is_ascii_hexdigit()) {
-                return invalid(format!(
-                    "vm.image_sha256 = {:?} is not a SHA-256 (64 hex digits)",
-                    self.image_sha256
-                ));
-            }
-            let actual = image_sha256(&self.image_bytes()?);
-            if actual != pinned {
-                return invalid(format!(
-                    "vm.image {} has SHA-256 {actual}, but vm.image_sha256 pins {pinned}: the pair runs \
-                     the pinned guest, and a replica of another guest cannot join it. Point vm.image \
-                     at the pinned file (/var/lib/ftd/guests/{pinned}.elf), or change the pin when \
-                     the VM may restart",
-                    if self.image.as_os_str().is_empty() {
-                        "(the built-in guest)".to_string()
-                    } else {
-                        format!("{:?}", self.image)
-                    }
-                ));
-            }
+            self.checked_image_bytes()?;
         }
         if self.checkpoint_interval == 0 {
             return invalid(
@@ -338,6 +318,37 @@ impl VmSection {
         self.vmm_config()
             .validate()
             .map_err(|e| ConfigError::Invalid(format!("[vm]: {e}")))
+    }
+
+    /// The guest image's bytes, checked against `vm.image_sha256` if it is pinned: at
+    /// config load, and again when the VM starts (the file may have changed since).
+    pub fn checked_image_bytes(&self) -> Result<Vec<u8>, ConfigError> {
+        let bytes = self.image_bytes()?;
+        if self.image_sha256.is_empty() {
+            return Ok(bytes);
+        }
+        let pinned = self.image_sha256.to_ascii_lowercase();
+        if pinned.len() != 64 || !pinned.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return invalid(format!(
+                "vm.image_sha256 = {:?} is not a SHA-256 (64 hex digits)",
+                self.image_sha256
+            ));
+        }
+        let actual = image_sha256(&bytes);
+        if actual != pinned {
+            return invalid(format!(
+                "vm.image {} has SHA-256 {actual}, but vm.image_sha256 pins {pinned}: the pair runs \
+                 the pinned guest, and a replica of another guest cannot join it. Point vm.image \
+                 at the pinned file (/var/lib/ftd/guests/{pinned}.elf), or change the pin when \
+                 the VM may restart",
+                if self.image.as_os_str().is_empty() {
+                    "(the built-in guest)".to_string()
+                } else {
+                    format!("{:?}", self.image)
+                }
+            ));
+        }
+        Ok(bytes)
     }
 
     /// The guest image's bytes: `vm.image`, or the built-in guest.

@@ -157,7 +157,7 @@ fn main() -> anyhow::Result<()> {
                 .build()?;
             findings.extend(rt.block_on(ftd::preflight::network(&cfg)));
             if let Some(p) = peer_config {
-                let peer = ftd::preflight::load_peer(&p)?;
+                let peer = ftd::config::Config::load(&p)?;
                 findings.extend(ftd::preflight::compare(&cfg, &peer));
             }
             exit_with_findings(&findings);

@@ -583,11 +583,6 @@ pub fn compare(a: &Config, b: &Config) -> Vec<Finding> {
     out
 }
 
-/// Reads a config for `compare` (the peer's, copied here).
-pub fn load_peer(path: &Path) -> Result<Config, crate::config::ConfigError> {
-    Config::load(path)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -78,34 +78,6 @@ pub fn health(v: &Value) -> (Level, Vec<String>) {
         "diverged" if !vm["divergence"].is_object() => {
             out.push((Level::Critical, "the replicas diverged".into()))
         }
-        // A paired node whose VM is not doing its part protects nothing.
-        p @ ("not started"
-        | "paused"
-        | "stopped"
-        | "live"
-        | "running unprotected"
-        | "recording"
-        | "replaying")
-            if vm.is_object()
-                && matches!(
-                    (v["role"].as_str(), p),
-                    (
-                        Some("primary"),
-                        "not started" | "paused" | "stopped" | "replaying" | "live"
-                    ) | (
-                        Some("backup"),
-                        "not started" | "paused" | "stopped" | "recording"
-                    )
-                ) =>
-        {
-            out.push((
-                Level::Warning,
-                format!(
-                    "the VM is {p} on this {}",
-                    v["role"].as_str().unwrap_or("node")
-                ),
-            ))
-        }
         "failed" => out.push((
             Level::Critical,
             format!(
@@ -114,6 +86,26 @@ pub fn health(v: &Value) -> (Level, Vec<String>) {
             ),
         )),
         _ => {}
+    }
+    // A paired node whose VM is not doing its part protects nothing.
+    let idle = matches!(
+        (v["role"].as_str(), phase),
+        (
+            Some("primary"),
+            "not started" | "paused" | "stopped" | "replaying" | "live"
+        ) | (
+            Some("backup"),
+            "not started" | "paused" | "stopped" | "recording"
+        )
+    );
+    if vm.is_object() && idle {
+        out.push((
+            Level::Warning,
+            format!(
+                "the VM is {phase} on this {}",
+                v["role"].as_str().unwrap_or("node")
+            ),
+        ));
     }
     let w = &v["role_history"]["waiting_for_arbiter"];
     if w.is_object() {

@@ -362,17 +362,7 @@ impl VmState {
 /// The guest image the VM boots or joins with, checked against `vm.image_sha256` now
 /// (the file may have changed since the config was loaded).
 pub fn guest_image(cfg: &Config) -> anyhow::Result<Vec<u8>> {
-    let bytes = cfg.vm.image_bytes()?;
-    let pin = cfg.vm.image_sha256.to_ascii_lowercase();
-    if !pin.is_empty() {
-        let actual = crate::config::image_sha256(&bytes);
-        anyhow::ensure!(
-            actual == pin,
-            "vm.image {:?} changed since ftd started: SHA-256 {actual}, pinned {pin}",
-            cfg.vm.image
-        );
-    }
-    Ok(bytes)
+    Ok(cfg.vm.checked_image_bytes()?)
 }
 
 /// The live node's VMM, started once the node won test-and-set (its epoch is set: log
